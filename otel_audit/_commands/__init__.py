@@ -1,0 +1,1 @@
+"""One module per ``otel-audit`` subcommand, each with ``register(subparsers)``."""

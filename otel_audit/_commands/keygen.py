@@ -1,0 +1,26 @@
+"""``otel-audit keygen``: write an Ed25519 key pair for signing checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..keys import generate_keypair
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("keygen", help="write an Ed25519 key pair (private key mode 0600)")
+    p.add_argument(
+        "--out",
+        metavar="PREFIX",
+        default="audit-signing",
+        help="writes PREFIX.key (private) and PREFIX.pub (public); default audit-signing",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    private, public = f"{args.out}.key", f"{args.out}.pub"
+    kid = generate_keypair(private, public)
+    print(f"wrote {private} (private, mode 0600) and {public} (public); key id {kid}")
+    print("keep the private key out of the ledger's directory; give reviewers the .pub file")
+    return 0

@@ -1,0 +1,35 @@
+"""``otel-audit verify``: check every chain, checkpoint and signature of a ledger."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..keys import load_public_key
+from ..verify import verify_ledger
+from ._common import add_ledger_argument, open_for_reading
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("verify", help="verify a ledger (exit 0 intact, 1 damaged, 2 unusable)")
+    add_ledger_argument(p)
+    p.add_argument("--public-key", metavar="PATH", help="Ed25519 public key that signs checkpoints")
+    p.add_argument("--quiet", "-q", action="store_true", help="print nothing when intact")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    public_key = load_public_key(args.public_key) if args.public_key else None
+    with open_for_reading(args) as ledger:
+        report = verify_ledger(ledger, public_key)
+    if args.quiet:
+        return 0
+    for c in report.chains:
+        tail = f", {c.unanchored} after the last checkpoint" if c.unanchored else ""
+        print(
+            f"chain {c.chain!r}: {c.records} records, {c.checkpoints} checkpoints"
+            f" ({c.signatures_checked} signatures verified){tail}"
+        )
+    if public_key is None:
+        print("signatures not checked: pass --public-key to detect a recomputed chain")
+    print(f"ok: {report.records} records in {len(report.chains)} chains intact")
+    return 0

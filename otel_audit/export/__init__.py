@@ -1,0 +1,27 @@
+"""Exports of ledger records to the formats reviewers' tools read.
+
+Each format is a module here exposing ``NAME`` and ``write(records, out)``,
+where ``records`` yields ``StoredRecord`` and ``out`` is a text stream. The
+registry is filled by discovery so a new format is one new module.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Callable, Iterable, TextIO
+
+from ..ledger import StoredRecord
+
+Writer = Callable[[Iterable[StoredRecord], TextIO], int]
+
+
+def formats() -> dict[str, Writer]:
+    """Format name -> writer function (returns the number of records written)."""
+    found: dict[str, Writer] = {}
+    for info in pkgutil.iter_modules(__path__):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        found[module.NAME] = module.write
+    return found

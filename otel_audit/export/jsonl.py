@@ -1,0 +1,38 @@
+"""JSON Lines: one record per line, the canonical fields plus its place in the ledger."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Any, Iterable, TextIO
+
+from ..ledger import StoredRecord
+
+NAME = "jsonl"
+
+
+def iso(ns: int) -> str:
+    """Unix nanoseconds as ISO 8601 UTC with microseconds."""
+    return datetime.fromtimestamp(ns / 1e9, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def as_dict(stored: StoredRecord) -> dict[str, Any]:
+    rec = stored.record.to_dict()
+    out: dict[str, Any] = {
+        "chain": stored.chain,
+        "seq": stored.seq,
+        "hash": stored.hash.hex(),
+        "prev_hash": stored.prev_hash.hex(),
+    }
+    out.update(rec)
+    out["time"] = iso(rec["start"])
+    return out
+
+
+def write(records: Iterable[StoredRecord], out: TextIO) -> int:
+    n = 0
+    for stored in records:
+        out.write(json.dumps(as_dict(stored), ensure_ascii=False, sort_keys=True))
+        out.write("\n")
+        n += 1
+    return n

@@ -1,0 +1,45 @@
+"""Ledger backends behind one interface; ``open_ledger(url)`` picks one by URL.
+
+URLs: ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db``, a bare
+path (SQLite), or ``postgresql://...`` (needs ``otel-audit[postgres]``).
+"""
+
+from __future__ import annotations
+
+from ..errors import ConfigError
+from .base import Appended, Ledger, Query, RawRow, StoredRecord
+
+__all__ = ["Appended", "Ledger", "Query", "RawRow", "StoredRecord", "open_ledger", "sqlite_path"]
+
+
+def sqlite_path(url: str) -> str | None:
+    """The file path of a SQLite ledger URL, or None for another scheme."""
+    if url.startswith("sqlite://"):
+        rest = url[len("sqlite://") :]
+        if not rest.startswith("/") or rest == "/":
+            raise ConfigError(f"ledger URL {url!r} has no path (use sqlite:///file.db)")
+        return rest[1:]
+    if "://" in url:
+        return None
+    return url
+
+
+def open_ledger(url: str, *, create: bool = True, readonly: bool = False) -> Ledger:
+    """Open the ledger at ``url``; ``create`` makes a new SQLite file when missing."""
+    if not url or not isinstance(url, str):
+        raise ConfigError("ledger URL is empty (set --ledger or OTEL_AUDIT_LEDGER)")
+    if url.startswith(("postgresql://", "postgres://")):
+        try:
+            from .postgres import PostgresLedger
+        except ImportError as exc:  # psycopg missing
+            raise ConfigError(
+                "postgresql ledgers need psycopg: pip install 'otel-audit[postgres]'"
+            ) from exc
+        return PostgresLedger(url, readonly=readonly)
+    path = sqlite_path(url)
+    if path is None:
+        scheme = url.split("://", 1)[0]
+        raise ConfigError(f"ledger URL scheme {scheme!r} is not supported (use sqlite or postgresql)")
+    from .sqlite import SQLiteLedger
+
+    return SQLiteLedger(path, create=create, readonly=readonly)

@@ -1,0 +1,128 @@
+"""The ledger interface: append-only chains of canonical records, and checkpoints.
+
+Every other part (writer, verify, export, serve, migrate) works through this
+interface; each backend (``sqlite``, ``postgres``) implements it and maps its
+own exceptions to ``LedgerError`` in one place. Instances are not shared
+between threads unless the backend says so; open one per thread or process.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Iterator, NamedTuple, Sequence
+
+from ..chain import Checkpoint
+from ..record import Record, decode
+
+
+@dataclass(frozen=True)
+class Appended:
+    """Where one record landed: its chain, sequence number and hash."""
+
+    chain: str
+    seq: int
+    hash: bytes
+
+
+class RawRow(NamedTuple):
+    """One stored record exactly as the backend holds it (what verify reads)."""
+
+    seq: int
+    prev_hash: bytes
+    hash: bytes
+    body: bytes
+
+
+@dataclass(frozen=True)
+class StoredRecord:
+    """A record with its place in the ledger."""
+
+    chain: str
+    seq: int
+    prev_hash: bytes
+    hash: bytes
+    body: bytes
+
+    @property
+    def record(self) -> Record:
+        return decode(self.body)
+
+
+@dataclass
+class Query:
+    """Filters for review queries; every field is optional and they combine with AND.
+
+    ``since``/``until`` are Unix nanoseconds on the record's start time.
+    ``after`` is a pagination cursor: (chain, seq) of the last row already seen.
+    """
+
+    actor: str | None = None
+    action: str | None = None
+    resource_type: str | None = None
+    resource_id: str | None = None
+    outcome: str | None = None
+    service: str | None = None
+    trail_id: str | None = None
+    trace_id: str | None = None
+    since: int | None = None
+    until: int | None = None
+    chain: str | None = None
+    after: tuple[str, int] | None = None
+    limit: int | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class Ledger(abc.ABC):
+    """An append-only store of hash-chained records and signed checkpoints."""
+
+    url: str
+
+    @abc.abstractmethod
+    def append(self, chain: str, bodies: Sequence[bytes], *, dedupe: bool = False) -> list[Appended]:
+        """Append ``bodies`` to ``chain`` in one transaction; durable when it returns.
+
+        With ``dedupe``, a body whose (trace id, span id) is already stored is
+        skipped (an OTLP retry), and only the appended ones are returned.
+        """
+
+    @abc.abstractmethod
+    def head(self, chain: str) -> Appended | None:
+        """The last record of ``chain``, or None when it is empty."""
+
+    @abc.abstractmethod
+    def chains(self) -> list[str]:
+        """Every chain id that has records or checkpoints, sorted."""
+
+    @abc.abstractmethod
+    def scan(self, chain: str, after_seq: int = 0) -> Iterator[RawRow]:
+        """Rows of ``chain`` with seq > ``after_seq``, in seq order."""
+
+    @abc.abstractmethod
+    def add_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Store a checkpoint (idempotent for the same chain and seq)."""
+
+    @abc.abstractmethod
+    def checkpoints(self, chain: str | None = None) -> list[Checkpoint]:
+        """Checkpoints, by chain then seq."""
+
+    @abc.abstractmethod
+    def query(self, query: Query) -> Iterator[StoredRecord]:
+        """Records matching ``query``, ordered by (chain, seq)."""
+
+    @abc.abstractmethod
+    def count(self) -> int:
+        """Number of records in every chain."""
+
+    def default_chain(self, service: str) -> str:
+        """The chain a writer of ``service`` appends to when none is configured."""
+        return service
+
+    def close(self) -> None:
+        """Release the connection; the ledger object is unusable afterwards."""
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

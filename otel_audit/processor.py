@@ -1,0 +1,133 @@
+"""AuditSpanProcessor: selects audit spans, encodes them and hands them to the writer.
+
+Selected: a span with ``audit.event`` (a user action), or a span inside a
+trail whose effect the policy keeps (by default data writes, outbound calls,
+message publishes, notifications). ``on_start`` stamps the trail id and the
+context's actor on every span started inside a trail, whatever made it.
+``on_end`` never raises: a failure to commit is kept for the audited action
+that ended the span (see ``take_failure``), counted, and logged.
+Thread-safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Callable, Iterable
+
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
+
+from . import vocabulary as v
+from .context import current_actor, current_trail
+from .effects import classify
+from .errors import AuditError, LedgerWriteError
+from .record import encode, record_from_span
+from .writer import LedgerWriter
+
+_log = logging.getLogger("otel_audit")
+_failures = threading.local()
+
+#: A selector gets the span and the attributes derived so far and returns the
+#: attributes to add to the record, or None to leave the span out.
+Selector = Callable[[ReadableSpan, dict[str, Any]], "dict[str, Any] | None"]
+
+
+def take_failure(span_id: int) -> AuditError | None:
+    """The commit error of span ``span_id`` ended on this thread, if any (once)."""
+    failure = getattr(_failures, "value", None)
+    if failure is not None and failure[0] == span_id:
+        _failures.value = None
+        return failure[1]  # type: ignore[no-any-return]
+    return None
+
+
+class AuditSpanProcessor(SpanProcessor):
+    """Sends audit spans to a ledger writer; see the module docstring."""
+
+    def __init__(
+        self,
+        writer: LedgerWriter,
+        service_name: str | None = None,
+        *,
+        durability: str = "sync",
+        effects: Iterable[str] = v.DEFAULT_KEPT_EFFECTS,
+        selectors: Iterable[Selector] = (),
+    ) -> None:
+        if durability not in ("sync", "async"):
+            raise ValueError("durability must be 'sync' or 'async'.")
+        self.writer = writer
+        self.service_name = service_name
+        self.durability = durability
+        self.effects = frozenset(effects)
+        self.selectors: list[Selector] = list(selectors)
+        self.dropped_by_policy = 0
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        try:
+            trail = current_trail(parent_context)
+            if trail is None:
+                return
+            attrs = span.attributes or {}
+            if v.TRAIL_ID not in attrs:
+                span.set_attribute(v.TRAIL_ID, trail)
+            actor = current_actor(parent_context)
+            if actor is not None and v.ACTOR_ID not in attrs:
+                span.set_attributes(actor.attributes())
+        except Exception:  # on_start must never break the host application
+            _log.exception("otel-audit: on_start failed")
+
+    def select(self, span: ReadableSpan) -> dict[str, Any] | None:
+        """Attributes to add to the record of ``span``, or None when it is not audited."""
+        attrs = span.attributes or {}
+        extra: dict[str, Any] = {}
+        if attrs.get(v.EVENT) is True:
+            selected = True
+        elif v.TRAIL_ID in attrs:
+            effect = classify(attrs, span.kind, span.name)
+            if effect is not None and v.EFFECT not in attrs:
+                extra[v.EFFECT] = effect
+            selected = effect in self.effects
+        else:
+            selected = False
+        if not selected:
+            return None
+        for selector in self.selectors:
+            more = selector(span, extra)
+            if more is None:
+                self.dropped_by_policy += 1
+                return None
+            extra.update(more)
+        return extra
+
+    def _service(self, span: ReadableSpan) -> str:
+        if self.service_name:
+            return self.service_name
+        resource = span.resource
+        name = resource.attributes.get("service.name") if resource is not None else None
+        return str(name) if name else "unknown_service"
+
+    def on_end(self, span: ReadableSpan) -> None:
+        try:
+            extra = self.select(span)
+            if extra is None:
+                return
+            body = encode(record_from_span(span, self._service(span), extra))
+            if self.durability == "sync":
+                self.writer.write(body)
+            else:
+                self.writer.submit(body)
+        except AuditError as exc:
+            _failures.value = (span.context.span_id, exc)
+        except Exception as exc:  # never raise into span.end()
+            _log.exception("otel-audit: could not record span %r", span.name)
+            _failures.value = (
+                span.context.span_id,
+                LedgerWriteError(f"audit record of span {span.name!r} not written: {exc!r}"),
+            )
+
+    def shutdown(self) -> None:
+        self.writer.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.writer.flush(timeout_millis / 1000)

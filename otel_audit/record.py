@@ -1,0 +1,262 @@
+"""Canonical, versioned encoding of an audit record.
+
+A record is a finished span reduced to the fields an audit needs to rebuild
+it. ``encode`` gives deterministic bytes (same span, same bytes, on every
+backend and in every export): UTF-8 JSON with sorted keys, no whitespace,
+integers as integers, floats by their shortest repr, non-finite floats and
+bytes tagged, strings with unencodable code points escaped. The hash chain is
+computed over exactly these bytes, so they are stored as written and never
+re-encoded. Thread-safe: pure functions.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+FORMAT_VERSION = 1
+
+#: Longest string value kept whole; longer values are cut and named in ``truncated``.
+DEFAULT_MAX_VALUE_LENGTH = 65536
+
+_KINDS = ("INTERNAL", "SERVER", "CLIENT", "PRODUCER", "CONSUMER")
+_STATUSES = ("UNSET", "OK", "ERROR")
+
+_dumps = json.JSONEncoder(
+    ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False
+).encode
+
+
+@dataclass(frozen=True)
+class Link:
+    trace_id: str
+    span_id: str
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Event:
+    name: str
+    time: int
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One audit record: the fields needed to rebuild the span, already normalised."""
+
+    trace_id: str
+    span_id: str
+    parent_span_id: str | None
+    name: str
+    kind: str
+    service: str
+    start: int
+    end: int
+    status: str = "UNSET"
+    status_message: str | None = None
+    attributes: dict[str, Any] = field(default_factory=dict)
+    links: tuple[Link, ...] = ()
+    events: tuple[Event, ...] = ()
+    scope: str | None = None
+    truncated: tuple[str, ...] = ()
+    version: int = FORMAT_VERSION
+
+    # Convenience views of the vocabulary; the record itself is the source.
+    def attr(self, name: str, default: Any = None) -> Any:
+        return self.attributes.get(name, default)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as plain JSON-compatible data, in canonical field names."""
+        out: dict[str, Any] = {
+            "v": self.version,
+            "trace_id": self.trace_id,
+            "span_id": self.span_id,
+            "parent_span_id": self.parent_span_id,
+            "name": self.name,
+            "kind": self.kind,
+            "service": self.service,
+            "start": self.start,
+            "end": self.end,
+            "status": self.status,
+            "attributes": self.attributes,
+        }
+        if self.status_message:
+            out["status_message"] = self.status_message
+        if self.links:
+            out["links"] = [
+                {"trace_id": ln.trace_id, "span_id": ln.span_id, "attributes": ln.attributes}
+                for ln in self.links
+            ]
+        if self.events:
+            out["events"] = [
+                {"name": ev.name, "time": ev.time, "attributes": ev.attributes}
+                for ev in self.events
+            ]
+        if self.scope:
+            out["scope"] = self.scope
+        if self.truncated:
+            out["truncated"] = list(self.truncated)
+        return out
+
+
+def encode(record: Record) -> bytes:
+    """The canonical bytes of ``record``; the input to the hash chain."""
+    return _dumps(record.to_dict()).encode("utf-8")
+
+
+def decode(body: bytes) -> Record:
+    """Rebuild a Record from canonical bytes; raises ValueError when they are not one."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"record body is not canonical JSON: {exc}") from exc
+    if not isinstance(data, dict) or "v" not in data:
+        raise ValueError("record body has no format version")
+    if data["v"] != FORMAT_VERSION:
+        raise ValueError(f"record format version {data['v']!r} is not supported")
+    try:
+        return Record(
+            version=data["v"],
+            trace_id=data["trace_id"],
+            span_id=data["span_id"],
+            parent_span_id=data.get("parent_span_id"),
+            name=data["name"],
+            kind=data["kind"],
+            service=data["service"],
+            start=data["start"],
+            end=data["end"],
+            status=data.get("status", "UNSET"),
+            status_message=data.get("status_message"),
+            attributes=data.get("attributes", {}),
+            links=tuple(
+                Link(ln["trace_id"], ln["span_id"], ln.get("attributes", {}))
+                for ln in data.get("links", ())
+            ),
+            events=tuple(
+                Event(ev["name"], ev["time"], ev.get("attributes", {}))
+                for ev in data.get("events", ())
+            ),
+            scope=data.get("scope"),
+            truncated=tuple(data.get("truncated", ())),
+        )
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"record body lacks field {exc}") from exc
+
+
+def _clean_str(value: str, max_len: int) -> tuple[str, bool]:
+    cut = False
+    if len(value) > max_len:
+        value, cut = value[:max_len], True
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            # Lone surrogates (from undecodable bytes) cannot be stored as UTF-8;
+            # escape them visibly rather than lose the value.
+            value = value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value, cut
+
+
+def _clean_scalar(value: Any, max_len: int) -> tuple[Any, bool]:
+    if isinstance(value, bool) or value is None:
+        return value, False
+    if isinstance(value, int):
+        return value, False
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return value, False
+        return {"double": repr(value)}, False
+    if isinstance(value, str):
+        return _clean_str(value, max_len)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        raw = bytes(value)
+        cut = len(raw) > max_len
+        return {"bytes": base64.b64encode(raw[:max_len]).decode("ascii")}, cut
+    # Anything else (a hostile object smuggled past the API) becomes its type name:
+    # calling its __repr__ could run arbitrary code or leak a secret.
+    return {"unsupported": type(value).__name__}, False
+
+
+def clean_attributes(
+    attributes: Mapping[str, Any] | None, max_len: int = DEFAULT_MAX_VALUE_LENGTH
+) -> tuple[dict[str, Any], list[str]]:
+    """Normalise OpenTelemetry attribute values for encoding; returns (values, cut names)."""
+    out: dict[str, Any] = {}
+    cut: list[str] = []
+    if not attributes:
+        return out, cut
+    for key, value in attributes.items():
+        if not isinstance(key, str):
+            key = str(key)
+        key, _ = _clean_str(key, max_len)
+        if isinstance(value, (list, tuple)):
+            items = []
+            was_cut = False
+            for item in value:
+                clean, c = _clean_scalar(item, max_len)
+                items.append(clean)
+                was_cut = was_cut or c
+            out[key] = items
+        else:
+            out[key], was_cut = _clean_scalar(value, max_len)
+        if was_cut:
+            cut.append(key)
+    return out, cut
+
+
+def hex_id(value: int, width: int) -> str:
+    return format(value, f"0{width}x")
+
+
+def record_from_span(
+    span: Any,
+    service: str,
+    extra_attributes: Mapping[str, Any] | None = None,
+    max_len: int = DEFAULT_MAX_VALUE_LENGTH,
+) -> Record:
+    """Build a Record from an SDK ReadableSpan (``extra_attributes`` override the span's)."""
+    ctx = span.context
+    attrs: dict[str, Any] = dict(span.attributes or {})
+    if extra_attributes:
+        attrs.update(extra_attributes)
+    attributes, cut = clean_attributes(attrs, max_len)
+    links = tuple(
+        Link(
+            hex_id(ln.context.trace_id, 32),
+            hex_id(ln.context.span_id, 16),
+            clean_attributes(ln.attributes, max_len)[0],
+        )
+        for ln in (span.links or ())
+    )
+    events = tuple(
+        Event(ev.name, int(ev.timestamp or 0), clean_attributes(ev.attributes, max_len)[0])
+        for ev in (span.events or ())
+    )
+    parent = span.parent
+    status = span.status
+    kind = span.kind.name if span.kind is not None else "INTERNAL"
+    scope = span.instrumentation_scope.name if span.instrumentation_scope else None
+    message = status.description if status is not None else None
+    return Record(
+        trace_id=hex_id(ctx.trace_id, 32),
+        span_id=hex_id(ctx.span_id, 16),
+        parent_span_id=hex_id(parent.span_id, 16) if parent is not None else None,
+        name=_clean_str(str(span.name), max_len)[0],
+        kind=kind if kind in _KINDS else "INTERNAL",
+        service=service,
+        start=int(span.start_time or 0),
+        end=int(span.end_time or 0),
+        status=status.status_code.name if status is not None else "UNSET",
+        status_message=_clean_str(message, max_len)[0] if message else None,
+        attributes=attributes,
+        links=links,
+        events=events,
+        scope=scope,
+        truncated=tuple(cut),
+    )
+
+

@@ -1,0 +1,214 @@
+"""One-call setup: ``configure(ledger=..., service_name=..., **options)``.
+
+Installs an AuditSpanProcessor (and wraps the sampler in an AuditSampler) on
+an SDK TracerProvider: the one passed, else the global one, else a new one
+that becomes global. Existing processors and exporters keep working.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Any
+
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.sampling import _get_from_env_or_default
+
+from . import _state, settings
+from .errors import ConfigError
+from .keys import Signer
+from .ledger import open_ledger
+from .processor import AuditSpanProcessor
+from .sampler import AuditSampler
+from .vocabulary import DEFAULT_KEPT_EFFECTS
+from .writer import LedgerWriter, WriterStats
+
+_log = logging.getLogger("otel_audit")
+
+_OPTIONS = frozenset(
+    {
+        "tracer_provider",
+        "durability",
+        "signing_key",
+        "chain",
+        "checkpoint_every",
+        "checkpoint_interval",
+        "max_queue_size",
+        "effects",
+        "install_sampler",
+        "handle_sigterm",
+    }
+)
+
+
+class AuditPipeline:
+    """What ``configure`` installed: processor, writer, provider. Thread-safe."""
+
+    def __init__(
+        self, provider: TracerProvider, processor: AuditSpanProcessor, writer: LedgerWriter
+    ) -> None:
+        self.provider = provider
+        self.processor = processor
+        self.writer = writer
+        self.tracer = provider.get_tracer("otel_audit")
+
+    @property
+    def ledger_url(self) -> str:
+        return self.writer.url
+
+    @property
+    def chain(self) -> str:
+        return self.writer.chain
+
+    def stats(self) -> WriterStats:
+        return self.writer.stats()
+
+    def flush(self, timeout: float | None = 30.0) -> bool:
+        return self.writer.flush(timeout)
+
+    def shutdown(self) -> None:
+        """Commit everything queued, write the final checkpoint, stop the writer."""
+        _state.unregister(self)
+        self.writer.shutdown()
+
+
+def _provider(given: Any, service_name: str | None) -> TracerProvider:
+    provider = given if given is not None else trace.get_tracer_provider()
+    if isinstance(provider, TracerProvider):
+        return provider
+    if given is not None:
+        raise ConfigError("tracer_provider must be an opentelemetry.sdk.trace.TracerProvider")
+    if isinstance(provider, trace.ProxyTracerProvider):
+        attrs = {SERVICE_NAME: service_name} if service_name else {}
+        created = TracerProvider(resource=Resource.create(attrs))
+        trace.set_tracer_provider(created)
+        return created
+    raise ConfigError(
+        f"the global tracer provider is a {type(provider).__name__}, not an SDK TracerProvider"
+    )
+
+
+def install_sampler(provider: TracerProvider) -> AuditSampler:
+    """Wrap ``provider``'s sampler in an AuditSampler (once), for new and existing tracers."""
+    current = provider.sampler
+    if isinstance(current, AuditSampler):
+        return current
+    sampler = AuditSampler(current or _get_from_env_or_default())
+    provider.sampler = sampler
+    # Tracers copy the sampler when created; update those made before us.
+    for tracer in list(getattr(provider, "_tracers", {}).values()):
+        if hasattr(tracer, "sampler"):
+            tracer.sampler = sampler
+    return sampler
+
+
+def _register_metrics(pipeline: AuditPipeline) -> None:
+    meter = metrics.get_meter("otel_audit")
+    writer = pipeline.writer
+
+    def observe(field: str) -> Any:
+        def callback(_options: Any) -> Any:
+            yield metrics.Observation(getattr(writer.stats(), field), {"chain": writer.chain})
+
+        return callback
+
+    meter.create_observable_gauge(
+        "otel_audit.queue.depth", [observe("queue_depth")], unit="{record}",
+        description="Audit records queued and not yet committed",
+    )  # fmt: skip
+    meter.create_observable_counter(
+        "otel_audit.records.committed", [observe("committed")], unit="{record}",
+        description="Audit records committed to the ledger",
+    )  # fmt: skip
+    meter.create_observable_counter(
+        "otel_audit.records.failed", [observe("failed")], unit="{record}",
+        description="Audit records that could not be committed",
+    )  # fmt: skip
+    histogram = meter.create_histogram(
+        "otel_audit.commit.duration", unit="s", description="Duration of one group commit"
+    )
+    writer.commit_listeners.append(
+        lambda seconds, _n: histogram.record(seconds, {"chain": writer.chain})
+    )
+
+
+def _handle_sigterm() -> None:
+    """Flush the audit pipelines on SIGTERM when nobody else handles it.
+
+    Only when the handler is still the default and we are on the main thread:
+    servers such as gunicorn install their own handlers and exit through
+    atexit, which shuts the TracerProvider (and so the writer) down cleanly.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    def on_sigterm(signum: int, _frame: Any) -> None:
+        for pipeline in _state.pipelines():
+            try:
+                pipeline.shutdown()
+            except Exception:
+                _log.exception("otel-audit: shutdown on SIGTERM failed")
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def configure(ledger: str | None = None, service_name: str | None = None, **options: Any) -> AuditPipeline:
+    """Install the audit pipeline; returns it. Raises ConfigError on a bad setting.
+
+    Options: ``tracer_provider``, ``durability`` (sync|async), ``signing_key``
+    (path), ``chain``, ``checkpoint_every``, ``checkpoint_interval`` (seconds),
+    ``max_queue_size``, ``effects`` (kept effects), ``install_sampler``
+    (default True), ``handle_sigterm`` (default True). Each falls back to its
+    ``OTEL_AUDIT_*`` variable, then a default.
+    """
+    unknown = sorted(set(options) - _OPTIONS)
+    if unknown:
+        raise ConfigError(f"configure() got unknown option {unknown[0]!r}")
+    conf = settings.load(
+        ledger=ledger,
+        durability=options.get("durability"),
+        signing_key=options.get("signing_key"),
+        chain=options.get("chain"),
+        checkpoint_every=options.get("checkpoint_every"),
+        checkpoint_interval=options.get("checkpoint_interval"),
+        max_queue_size=options.get("max_queue_size"),
+        effects=options.get("effects"),
+    )
+    signer = Signer.from_file(conf.signing_key) if conf.signing_key else None
+    provider = _provider(options.get("tracer_provider"), service_name)
+    service = service_name or str(
+        provider.resource.attributes.get(SERVICE_NAME) or "unknown_service"
+    )
+    ledger_obj = open_ledger(conf.ledger)
+    chain = conf.chain or getattr(ledger_obj, "default_chain", lambda s: s)(service)
+    writer = LedgerWriter(
+        conf.ledger,
+        chain,
+        max_queue_size=conf.max_queue_size,
+        checkpoint_every=conf.checkpoint_every,
+        checkpoint_interval=conf.checkpoint_interval,
+        signer=signer,
+        ledger=ledger_obj,
+    )
+    processor = AuditSpanProcessor(
+        writer,
+        service,
+        durability=conf.durability,
+        effects=conf.effects if conf.effects is not None else DEFAULT_KEPT_EFFECTS,
+    )
+    provider.add_span_processor(processor)
+    if options.get("install_sampler", True):
+        install_sampler(provider)
+    pipeline = AuditPipeline(provider, processor, writer)
+    _register_metrics(pipeline)
+    _state.register(pipeline)
+    if options.get("handle_sigterm", True):
+        _handle_sigterm()
+    return pipeline

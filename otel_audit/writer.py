@@ -1,0 +1,395 @@
+"""LedgerWriter: one thread that commits records in groups, and checkpoints.
+
+Producers put canonical bodies into the open batch; the writer thread takes
+the whole batch, appends it in one transaction (one fsync for all of them)
+and wakes the waiters: many threads share each fsync (group commit).
+
+* ``wait=True`` (sync durability): ``write`` returns only after the commit, or
+  raises ``LedgerWriteError``; a record that failed is never written later.
+* ``wait=False`` (async): ``submit`` returns at once. The queue is bounded and
+  never drops: past ``max_queue_size`` the producer blocks. A batch that fails
+  to commit is retried with backoff until it commits or the writer shuts down.
+* While the last commit failed, ``healthy`` is False so audited actions can
+  refuse to start (fail-closed).
+
+Thread-safe. Fork-safe: the child starts with an empty queue, its own ledger
+connection and its own thread (records queued before the fork are the
+parent's to write).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import weakref
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+from .chain import Checkpoint
+from .errors import AuditError, LedgerError, LedgerUnavailable, LedgerWriteError
+from .keys import Signer
+from .ledger import Appended, Ledger, open_ledger
+
+_log = logging.getLogger("otel_audit")
+
+_MAX_BACKOFF = 2.0
+# Connections inherited across fork are kept referenced, never used or closed:
+# closing a SQLite handle in the child could disturb the parent's locks.
+_INHERITED: list[object] = []
+
+
+class _Batch:
+    __slots__ = ("bodies", "sync", "done", "error", "appended")
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+        self.sync: list[bool] = []
+        self.done = threading.Event()
+        self.error: AuditError | None = None
+        self.appended: list[Appended] = []
+
+
+@dataclass(frozen=True)
+class WriterStats:
+    """A snapshot of the writer's counters (all since start or fork)."""
+
+    submitted: int
+    committed: int
+    failed: int
+    retries: int
+    batches: int
+    checkpoints: int
+    checkpoint_errors: int
+    queue_depth: int
+    healthy: bool
+    last_error: str | None
+    commit_latency_p50_ms: float
+    commit_latency_p99_ms: float
+
+
+class LedgerWriter:
+    """Group-commits canonical record bodies to one chain of a ledger."""
+
+    def __init__(
+        self,
+        ledger_url: str,
+        chain: str,
+        *,
+        max_queue_size: int = 8192,
+        checkpoint_every: int = 1000,
+        checkpoint_interval: float = 10.0,
+        signer: Signer | None = None,
+        ledger: Ledger | None = None,
+    ) -> None:
+        if max_queue_size <= 0:
+            raise ValueError("max_queue_size must be a positive integer.")
+        self.url = ledger_url
+        self.chain = chain
+        self.max_queue_size = max_queue_size
+        self.checkpoint_every = checkpoint_every
+        self.checkpoint_interval = checkpoint_interval
+        self.signer = signer
+        self.checkpoint_listeners: list[Callable[[Checkpoint], None]] = []
+        self.commit_listeners: list[Callable[[float, int], None]] = []
+        # Open now so a bad URL, a missing directory or a read-only file fails
+        # configure(), not the first audited action.
+        self._ledger: Ledger | None = ledger or open_ledger(ledger_url)
+        self._reset_state()
+        weak = weakref.WeakMethod(self._after_fork)
+
+        def _child() -> None:
+            method = weak()
+            if method is not None:
+                method()
+
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=_child)
+
+    def _reset_state(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._open = _Batch()
+        self._retry: _Batch | None = None
+        self._pending = 0
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._healthy = True
+        self._last_error: str | None = None
+        self._latencies: deque[float] = deque(maxlen=10_000)
+        self._counts = dict.fromkeys(
+            (
+                "submitted",
+                "committed",
+                "failed",
+                "retries",
+                "batches",
+                "checkpoints",
+                "checkpoint_errors",
+            ),
+            0,
+        )
+        self._since_checkpoint = 0
+        self._last_checkpoint = time.monotonic()
+        self._last_appended: Appended | None = None
+
+    def _after_fork(self) -> None:
+        if self._ledger is not None:
+            _INHERITED.append(self._ledger)
+        self._ledger = None
+        self._reset_state()
+
+    # -- producer side -------------------------------------------------
+
+    @property
+    def healthy(self) -> bool:
+        """False while the ledger cannot be written (or after shutdown)."""
+        return self._healthy and not self._closed
+
+    def check(self) -> None:
+        """Raise LedgerUnavailable when new audited actions should be refused."""
+        if self._closed:
+            raise LedgerUnavailable(f"audit writer for {self.url} is shut down")
+        if not self._healthy:
+            raise LedgerUnavailable(f"audit ledger {self.url} is unavailable: {self._last_error}")
+
+    def _enqueue(self, body: bytes, wait: bool) -> tuple[_Batch, int]:
+        with self._cond:
+            if self._closed:
+                raise LedgerUnavailable(f"audit writer for {self.url} is shut down")
+            while self._pending >= self.max_queue_size and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                raise LedgerUnavailable(f"audit writer for {self.url} is shut down")
+            batch = self._open
+            batch.bodies.append(body)
+            batch.sync.append(wait)
+            self._pending += 1
+            self._counts["submitted"] += 1
+            if self._thread is None:
+                self._start()
+            self._cond.notify_all()
+            return batch, len(batch.bodies) - 1
+
+    def submit(self, body: bytes) -> None:
+        """Queue ``body`` for commit (async); blocks while the queue is full, never drops."""
+        self._enqueue(body, False)
+
+    def write(self, body: bytes) -> Appended:
+        """Commit ``body`` durably (sync); raises LedgerWriteError when it was not."""
+        batch, index = self._enqueue(body, True)
+        while not batch.done.wait(1.0):
+            thread = self._thread
+            if thread is None or not thread.is_alive():
+                raise LedgerWriteError(f"audit writer for {self.url} stopped before commit")
+        if batch.error is not None:
+            raise batch.error
+        return batch.appended[index]
+
+    # -- writer thread -------------------------------------------------
+
+    def _start(self) -> None:
+        if self._ledger is None:
+            self._ledger = open_ledger(self.url)
+        self._thread = threading.Thread(target=self._run, name="otel-audit-writer", daemon=True)
+        self._thread.start()
+
+    def _take(self) -> _Batch | None:
+        with self._cond:
+            while True:
+                if self._retry is not None:
+                    batch, self._retry = self._retry, None
+                    return batch
+                if self._open.bodies:
+                    batch, self._open = self._open, _Batch()
+                    return batch
+                if self._closed:
+                    return None
+                if self._since_checkpoint:
+                    due = self._last_checkpoint + self.checkpoint_interval - time.monotonic()
+                    if due <= 0:
+                        return _Batch()  # empty: a timed checkpoint
+                    self._cond.wait(due)
+                else:
+                    self._cond.wait()
+
+    def _run(self) -> None:
+        backoff = 0.05
+        while True:
+            batch = self._take()
+            if batch is None:
+                self._checkpoint()
+                return
+            if not batch.bodies:
+                self._checkpoint()
+                continue
+            ok = self._commit(batch)
+            if ok:
+                backoff = 0.05
+                continue
+            with self._cond:
+                closing = self._closed
+                retry = self._retry if closing else None
+                if closing:
+                    self._retry = None
+            if closing:
+                if retry is not None:
+                    self._abandon(retry)
+                continue
+            time.sleep(backoff)
+            backoff = min(backoff * 2, _MAX_BACKOFF)
+
+    def _commit(self, batch: _Batch) -> bool:
+        assert self._ledger is not None
+        started = time.perf_counter()
+        try:
+            appended = self._ledger.append(self.chain, batch.bodies)
+        except AuditError as exc:
+            error: AuditError = exc
+        except Exception as exc:  # a backend bug must not kill the writer thread
+            error = LedgerWriteError(f"audit ledger write failed: {exc!r}")
+        else:
+            elapsed = time.perf_counter() - started
+            batch.appended = appended
+            self._latencies.append(elapsed)
+            for listener in self.commit_listeners:
+                _safe(listener, elapsed, len(appended))
+            with self._cond:
+                self._pending -= len(batch.bodies)
+                self._counts["committed"] += len(appended)
+                self._counts["batches"] += 1
+                self._healthy = True
+                self._since_checkpoint += len(appended)
+                if appended:
+                    self._last_appended = appended[-1]
+                self._cond.notify_all()
+            batch.done.set()
+            if self._since_checkpoint >= self.checkpoint_every:
+                self._checkpoint()
+            return True
+        return self._fail(batch, error)
+
+    def _fail(self, batch: _Batch, error: AuditError) -> bool:
+        """Fail the sync records of ``batch`` now; keep the async ones for a retry."""
+        _log.error("otel-audit: %s", error)
+        keep = _Batch()
+        for body, sync in zip(batch.bodies, batch.sync):
+            if not sync:
+                keep.bodies.append(body)
+                keep.sync.append(False)
+        failed = len(batch.bodies) - len(keep.bodies)
+        with self._cond:
+            self._healthy = False
+            self._last_error = str(error)
+            self._pending -= failed
+            self._counts["failed"] += failed
+            if keep.bodies:
+                self._counts["retries"] += 1
+                self._retry = keep
+            self._cond.notify_all()
+        batch.error = error if isinstance(error, LedgerWriteError) else LedgerWriteError(str(error))
+        batch.done.set()
+        return not keep.bodies
+
+    def _abandon(self, batch: _Batch) -> None:
+        # Shutdown while the ledger is down: these async records are lost, and
+        # that is said loudly and counted, never silently.
+        with self._cond:
+            self._pending -= len(batch.bodies)
+            self._counts["failed"] += len(batch.bodies)
+            self._cond.notify_all()
+        _log.error(
+            "otel-audit: %d audit records were not committed to %s before shutdown: %s",
+            len(batch.bodies),
+            self.url,
+            self._last_error,
+        )
+        batch.error = LedgerWriteError(f"not committed before shutdown: {self._last_error}")
+        batch.done.set()
+
+    def _checkpoint(self) -> None:
+        head = self._last_appended
+        if head is None or self._since_checkpoint == 0 or self._ledger is None:
+            self._last_checkpoint = time.monotonic()
+            return
+        checkpoint = Checkpoint(self.chain, head.seq, head.hash, time.time_ns())
+        if self.signer is not None:
+            checkpoint = Checkpoint(
+                checkpoint.chain,
+                checkpoint.seq,
+                checkpoint.head,
+                checkpoint.time,
+                self.signer.sign(checkpoint.message()),
+                self.signer.key_id,
+            )
+        try:
+            self._ledger.add_checkpoint(checkpoint)
+        except LedgerError as exc:
+            self._counts["checkpoint_errors"] += 1
+            _log.error("otel-audit: checkpoint failed: %s", exc)
+            return
+        self._counts["checkpoints"] += 1
+        self._since_checkpoint = 0
+        self._last_checkpoint = time.monotonic()
+        for listener in self.checkpoint_listeners:
+            _safe(listener, checkpoint)
+
+    # -- lifecycle -----------------------------------------------------
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything queued so far is committed (or failed)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._pending > 0:
+                if self._thread is None or not self._thread.is_alive():
+                    return False
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(remaining if remaining is not None else 0.5)
+        return True
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Commit what is queued, write a final checkpoint, stop the thread, close."""
+        self.flush(timeout)
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        elif self._since_checkpoint:
+            self._checkpoint()
+        if self._ledger is not None:
+            self._ledger.close()
+            self._ledger = None
+
+    def stats(self) -> WriterStats:
+        with self._cond:
+            counts = dict(self._counts)
+            depth = self._pending
+            latencies = sorted(self._latencies)
+        return WriterStats(
+            **counts,
+            queue_depth=depth,
+            healthy=self.healthy,
+            last_error=self._last_error,
+            commit_latency_p50_ms=_percentile(latencies, 0.50) * 1000,
+            commit_latency_p99_ms=_percentile(latencies, 0.99) * 1000,
+        )
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def _safe(fn: Callable[..., None], *args: object) -> None:
+    try:
+        fn(*args)
+    except Exception:  # a listener must never stop the writer
+        _log.exception("otel-audit: listener failed")
