@@ -34,17 +34,22 @@ class Checkpoint:
     time: int
     signature: bytes | None = None
     key_id: str | None = None
+    #: Merkle tree root (RFC 9162) over the chain's records 1..seq, when computed.
+    merkle_root: bytes | None = None
 
     def message(self) -> bytes:
-        """The canonical bytes that are signed."""
+        """The canonical bytes that are signed (the Merkle root only when present)."""
+        fields: dict[str, object] = {
+            "v": CHECKPOINT_VERSION,
+            "chain": self.chain,
+            "seq": self.seq,
+            "head": self.head.hex(),
+            "time": self.time,
+        }
+        if self.merkle_root is not None:
+            fields["merkle_root"] = self.merkle_root.hex()
         return json.dumps(
-            {
-                "v": CHECKPOINT_VERSION,
-                "chain": self.chain,
-                "seq": self.seq,
-                "head": self.head.hex(),
-                "time": self.time,
-            },
+            fields,
             sort_keys=True,
             separators=(",", ":"),
             ensure_ascii=False,
@@ -58,4 +63,5 @@ class Checkpoint:
             "time": self.time,
             "signature": self.signature.hex() if self.signature else None,
             "key_id": self.key_id,
+            "merkle_root": self.merkle_root.hex() if self.merkle_root else None,
         }

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Protocol
 
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
@@ -22,7 +23,7 @@ from . import vocabulary as v
 from .context import current_actor, current_trail
 from .effects import classify
 from .errors import AuditError, LedgerWriteError
-from .record import encode, record_from_span
+from .record import Record, encode, record_from_span
 from .writer import LedgerWriter
 
 _log = logging.getLogger("otel_audit")
@@ -31,6 +32,28 @@ _failures = threading.local()
 #: A selector gets the span and the attributes derived so far and returns the
 #: attributes to add to the record, or None to leave the span out.
 Selector = Callable[[ReadableSpan, dict[str, Any]], "dict[str, Any] | None"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What a policy decided for one selected span."""
+
+    #: ``metadata`` or ``full`` (``none`` is expressed by deciding None).
+    level: str = "full"
+    #: ``blocking``, ``sync`` or ``async``; None keeps the pipeline's durability.
+    durability: str | None = None
+    #: Attributes to add to the record (e.g. ``audit.data.classification``).
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+
+class Policy(Protocol):
+    """The hook an audit policy plugs into the processor (see otel_audit.policy)."""
+
+    def decide(self, span: ReadableSpan, derived: dict[str, Any]) -> Decision | None:
+        """None leaves the span out of the ledger."""
+
+    def apply(self, record: Record, decision: Decision) -> Record:
+        """Redact ``record`` for ``decision.level``; runs before encoding (DESIGN rule 4)."""
 
 
 def take_failure(span_id: int) -> AuditError | None:
@@ -53,6 +76,7 @@ class AuditSpanProcessor(SpanProcessor):
         durability: str = "sync",
         effects: Iterable[str] = v.DEFAULT_KEPT_EFFECTS,
         selectors: Iterable[Selector] = (),
+        policy: Policy | None = None,
     ) -> None:
         if durability not in ("sync", "async"):
             raise ValueError("durability must be 'sync' or 'async'.")
@@ -61,6 +85,7 @@ class AuditSpanProcessor(SpanProcessor):
         self.durability = durability
         self.effects = frozenset(effects)
         self.selectors: list[Selector] = list(selectors)
+        self.policy = policy
         self.dropped_by_policy = 0
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
@@ -112,8 +137,20 @@ class AuditSpanProcessor(SpanProcessor):
             extra = self.select(span)
             if extra is None:
                 return
-            body = encode(record_from_span(span, self._service(span), extra))
-            if self.durability == "sync":
+            durability = self.durability
+            decision: Decision | None = None
+            if self.policy is not None:
+                decision = self.policy.decide(span, extra)
+                if decision is None:
+                    self.dropped_by_policy += 1
+                    return
+                extra.update(decision.attributes)
+                durability = decision.durability or durability
+            record = record_from_span(span, self._service(span), extra)
+            if decision is not None and self.policy is not None:
+                record = self.policy.apply(record, decision)
+            body = encode(record)
+            if durability in ("sync", "blocking"):
                 self.writer.write(body)
             else:
                 self.writer.submit(body)

@@ -57,6 +57,7 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     time INTEGER NOT NULL,
     signature BLOB,
     key_id TEXT,
+    merkle_root BLOB,
     PRIMARY KEY (chain, seq)
 ) WITHOUT ROWID;
 """
@@ -214,8 +215,9 @@ class SQLiteLedger(Ledger):
     def add_checkpoint(self, checkpoint: Checkpoint) -> None:
         with _mapped("storing a checkpoint", LedgerWriteError):
             self._con.execute(
-                "INSERT OR IGNORE INTO checkpoints (chain, seq, head, time, signature, key_id)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO checkpoints"
+                " (chain, seq, head, time, signature, key_id, merkle_root)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     checkpoint.chain,
                     checkpoint.seq,
@@ -223,11 +225,12 @@ class SQLiteLedger(Ledger):
                     checkpoint.time,
                     checkpoint.signature,
                     checkpoint.key_id,
+                    checkpoint.merkle_root,
                 ),
             )
 
     def checkpoints(self, chain: str | None = None) -> list[Checkpoint]:
-        sql = "SELECT chain, seq, head, time, signature, key_id FROM checkpoints"
+        sql = "SELECT chain, seq, head, time, signature, key_id, merkle_root FROM checkpoints"
         args: tuple[str, ...] = ()
         if chain is not None:
             sql += " WHERE chain = ?"
@@ -242,8 +245,9 @@ class SQLiteLedger(Ledger):
                 int(t),
                 _as_bytes(sig) if sig is not None else None,
                 k,
+                _as_bytes(m) if m is not None else None,
             )
-            for c, s, h, t, sig, k in rows
+            for c, s, h, t, sig, k, m in rows
         ]
 
     def query(self, query: Query) -> Iterator[StoredRecord]:
