@@ -92,6 +92,7 @@ class LedgerWriter:
         self.checkpoint_every = checkpoint_every
         self.checkpoint_interval = checkpoint_interval
         self.signer = signer
+        self.probe_interval = 1.0
         self.checkpoint_listeners: list[Callable[[Checkpoint], None]] = []
         self.commit_listeners: list[Callable[[float, int], None]] = []
         # Open now so a bad URL, a missing directory or a read-only file fails
@@ -116,6 +117,7 @@ class LedgerWriter:
         self._closed = False
         self._thread: threading.Thread | None = None
         self._healthy = True
+        self._refuse_until = 0.0
         self._last_error: str | None = None
         self._latencies: deque[float] = deque(maxlen=10_000)
         self._counts = dict.fromkeys(
@@ -148,10 +150,16 @@ class LedgerWriter:
         return self._healthy and not self._closed
 
     def check(self) -> None:
-        """Raise LedgerUnavailable when new audited actions should be refused."""
+        """Raise LedgerUnavailable when new audited actions should be refused.
+
+        After a failed commit, actions are refused for ``probe_interval``
+        seconds; then one is let through, and its own write is the probe
+        (a circuit breaker: no action proceeds unrecorded, and the writer
+        recovers by itself once the ledger can be written again).
+        """
         if self._closed:
             raise LedgerUnavailable(f"audit writer for {self.url} is shut down")
-        if not self._healthy:
+        if not self._healthy and time.monotonic() < self._refuse_until:
             raise LedgerUnavailable(f"audit ledger {self.url} is unavailable: {self._last_error}")
 
     def _enqueue(self, body: bytes, wait: bool) -> tuple[_Batch, int]:
@@ -281,6 +289,7 @@ class LedgerWriter:
         failed = len(batch.bodies) - len(keep.bodies)
         with self._cond:
             self._healthy = False
+            self._refuse_until = time.monotonic() + self.probe_interval
             self._last_error = str(error)
             self._pending -= failed
             self._counts["failed"] += failed

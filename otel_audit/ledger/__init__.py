@@ -12,8 +12,21 @@ from .base import Appended, Ledger, Query, RawRow, StoredRecord
 __all__ = ["Appended", "Ledger", "Query", "RawRow", "StoredRecord", "open_ledger", "sqlite_path"]
 
 
+def _split_query(url: str) -> tuple[str, dict[str, str]]:
+    if "?" not in url:
+        return url, {}
+    base, _, query = url.partition("?")
+    options = {}
+    for part in query.split("&"):
+        if part:
+            key, _, value = part.partition("=")
+            options[key] = value
+    return base, options
+
+
 def sqlite_path(url: str) -> str | None:
     """The file path of a SQLite ledger URL, or None for another scheme."""
+    url, _ = _split_query(url) if url.startswith("sqlite://") else (url, {})
     if url.startswith("sqlite://"):
         rest = url[len("sqlite://") :]
         if not rest.startswith("/") or rest == "/":
@@ -42,4 +55,16 @@ def open_ledger(url: str, *, create: bool = True, readonly: bool = False) -> Led
         raise ConfigError(f"ledger URL scheme {scheme!r} is not supported (use sqlite or postgresql)")
     from .sqlite import SQLiteLedger
 
-    return SQLiteLedger(path, create=create, readonly=readonly)
+    options = _split_query(url)[1] if url.startswith("sqlite://") else {}
+    unknown = sorted(set(options) - {"busy_timeout"})
+    if unknown:
+        raise ConfigError(f"ledger URL option {unknown[0]!r} is not supported (known: busy_timeout)")
+    timeout_ms = None
+    if "busy_timeout" in options:
+        try:
+            timeout_ms = int(options["busy_timeout"])
+            if timeout_ms < 0:
+                raise ValueError
+        except ValueError:
+            raise ConfigError("ledger URL option busy_timeout must be milliseconds >= 0") from None
+    return SQLiteLedger(path, create=create, readonly=readonly, busy_timeout_ms=timeout_ms)

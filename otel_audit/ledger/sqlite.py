@@ -87,9 +87,17 @@ def _mapped(what: str, error: type[LedgerError] = LedgerError) -> Iterator[None]
 class SQLiteLedger(Ledger):
     """A ledger in one SQLite file; see the module docstring for guarantees."""
 
-    def __init__(self, path: str, *, create: bool = True, readonly: bool = False) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        create: bool = True,
+        readonly: bool = False,
+        busy_timeout_ms: int | None = None,
+    ) -> None:
         self.path = path
         self.url = "sqlite:///" + path
+        busy = _BUSY_TIMEOUT_MS if busy_timeout_ms is None else busy_timeout_ms
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):
             raise LedgerError(f"ledger directory {directory!r} does not exist")
@@ -101,11 +109,11 @@ class SQLiteLedger(Ledger):
         uri = "file:" + _quote(os.path.abspath(path)) + ("?mode=ro" if readonly else "")
         with _mapped(f"opening {path!r}"):
             self._con = sqlite3.connect(
-                uri, uri=True, isolation_level=None, check_same_thread=False, timeout=60
+                uri, uri=True, isolation_level=None, check_same_thread=False, timeout=busy / 1000
             )
         try:
             with _mapped(f"opening {path!r}"):
-                self._con.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+                self._con.execute(f"PRAGMA busy_timeout = {int(busy)}")
                 if readonly:
                     # Reading a file that is not a database fails here, not later.
                     self._con.execute("SELECT count(*) FROM sqlite_master").fetchone()
