@@ -65,10 +65,19 @@ def verify_ledger(
     for anchor in anchors:
         external.setdefault(anchor.chain, []).append(anchor)
     chains = sorted(set(ledger.chains()) | set(external))
+    damaged: list[tuple[bool, VerificationError]] = []
     for chain in chains:
-        report.chains.append(
-            _verify_chain(ledger, chain, public_key, external.get(chain, []), progress)
-        )
+        try:
+            report.chains.append(
+                _verify_chain(ledger, chain, public_key, external.get(chain, []), progress)
+            )
+        except VerificationError as exc:
+            # Every chain is checked; a chain with checkpoints is reported
+            # before one without (a stray chain is usually a record moved out
+            # of an established one, and the established chain names it).
+            damaged.append((not ledger.checkpoints(chain), exc))
+    if damaged:
+        raise min(damaged, key=lambda item: item[0])[1]
     return report
 
 

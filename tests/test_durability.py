@@ -1,0 +1,204 @@
+"""Durability with real processes: SIGKILL mid-run, several writer processes, fork, SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import otel_audit
+from otel_audit.ledger import Query, open_ledger
+from otel_audit.verify import verify_ledger
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def python(code: str, *args: str, **kw) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        **kw,
+    )
+
+
+def span_ids(db: Path) -> list[str]:
+    with open_ledger(str(db), readonly=True) as ledger:
+        return [r.record.span_id for r in ledger.query(Query())]
+
+
+def cli_verify(db: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "otel_audit", "verify", "--ledger", str(db)],
+        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )  # fmt: skip
+
+
+AUDIT_FOREVER = """
+    import sys, threading, otel_audit
+    otel_audit.configure(ledger=sys.argv[1], service_name="crashy", durability="sync")
+    lock = threading.Lock()
+    def work():
+        while True:
+            with otel_audit.audit_action("order.create") as action:
+                pass
+            sid = format(action.span.get_span_context().span_id, "016x")
+            with lock:
+                print(sid, flush=True)
+    for _ in range(8):
+        threading.Thread(target=work, daemon=True).start()
+    threading.Event().wait()
+"""
+
+
+def test_sigkill_loses_nothing_acknowledged(tmp_path):
+    db = tmp_path / "audit.db"
+    proc = python(AUDIT_FOREVER, str(db))
+    printed = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        printed.append(line.strip())
+        if len(printed) >= 400:
+            break
+    proc.send_signal(signal.SIGKILL)
+    rest, _ = proc.communicate()
+    # Lines already written by the child before it died were acknowledged too.
+    printed += [ln.strip() for ln in rest.splitlines() if len(ln.strip()) == 16]
+    assert proc.returncode == -signal.SIGKILL
+    stored = set(span_ids(db))
+    missing = [sid for sid in printed if sid not in stored]
+    assert missing == []
+    assert len(printed) >= 400
+    result = cli_verify(db)
+    assert result.returncode == 0, result.stderr
+
+
+WRITER = """
+    import sys, otel_audit
+    otel_audit.configure(ledger=sys.argv[1], service_name="shop", checkpoint_every=50)
+    for i in range(int(sys.argv[2])):
+        with otel_audit.audit_action("order.create", resource=("order", f"{sys.argv[3]}-{i}")):
+            pass
+    print("done", flush=True)
+"""
+
+
+def test_several_processes_share_one_sqlite_chain(tmp_path):
+    db = tmp_path / "audit.db"
+    procs = [python(WRITER, str(db), "150", f"p{n}") for n in range(4)]
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    with open_ledger(str(db), readonly=True) as ledger:
+        ids = sorted(r.record.attr("audit.resource.id") for r in ledger.query(Query()))
+        report = verify_ledger(ledger)
+    assert ids == sorted(f"p{n}-{i}" for n in range(4) for i in range(150))
+    assert [c.chain for c in report.chains] == ["shop"]
+    assert report.chains[0].last_seq == 600
+
+
+FORKER = """
+    import os, sys, otel_audit
+    otel_audit.configure(ledger=sys.argv[1], service_name="shop", durability="async")
+    with otel_audit.audit_action("before.fork"):
+        pass
+    pid = os.fork()
+    who = "child" if pid == 0 else "parent"
+    for i in range(50):
+        with otel_audit.audit_action(f"{who}.work"):
+            pass
+    if pid == 0:
+        # os._exit skips atexit: flush explicitly, as a worker's exit path does.
+        from opentelemetry import trace
+        trace.get_tracer_provider().force_flush()
+        os._exit(0)
+    os.waitpid(pid, 0)
+"""
+
+
+def test_fork_leaves_a_working_writer_in_the_child(tmp_path):
+    db = tmp_path / "audit.db"
+    proc = python(FORKER, str(db))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    with open_ledger(str(db), readonly=True) as ledger:
+        names = [r.record.name for r in ledger.query(Query())]
+        verify_ledger(ledger)
+    assert names.count("before.fork") == 1
+    assert names.count("child.work") == 50 and names.count("parent.work") == 50
+
+
+SIGTERMED = """
+    import sys, otel_audit
+    otel_audit.configure(ledger=sys.argv[1], service_name="shop", durability="async",
+                         checkpoint_every=100000, checkpoint_interval=3600)
+    for i in range(3000):
+        with otel_audit.audit_action("bulk.import"):
+            pass
+    print("queued", flush=True)
+    import threading; threading.Event().wait()
+"""
+
+
+def test_sigterm_flushes_the_queue_and_checkpoints(tmp_path):
+    db = tmp_path / "audit.db"
+    proc = python(SIGTERMED, str(db))
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "queued"
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGTERM
+    with open_ledger(str(db), readonly=True) as ledger:
+        assert ledger.count() == 3000
+        checkpoints = ledger.checkpoints("shop")
+    assert checkpoints and checkpoints[-1].seq == 3000
+
+
+def test_async_queue_blocks_instead_of_dropping(make_pipeline):
+    pipeline, _, _ = make_pipeline(durability="async", max_queue_size=4)
+    for i in range(500):
+        with otel_audit.audit_action("burst", resource=("n", i)):
+            pass
+    assert pipeline.flush(30)
+    stats = pipeline.stats()
+    assert (stats.submitted, stats.committed, stats.failed) == (500, 500, 0)
+
+
+def test_group_commit_shares_fsyncs_between_threads(make_pipeline):
+    import threading
+
+    pipeline, _, _ = make_pipeline()
+    barrier = threading.Barrier(16)
+
+    def work():
+        barrier.wait()
+        for _ in range(50):
+            with otel_audit.audit_action("x.y"):
+                pass
+
+    threads = [threading.Thread(target=work) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stats = pipeline.stats()
+    assert stats.committed == 800
+    assert stats.batches < 800  # several records per commit
+    assert stats.commit_latency_p99_ms > 0
+
+
+def test_shutdown_writes_a_final_checkpoint(make_pipeline, tmp_path):
+    pipeline, _, _ = make_pipeline(checkpoint_every=1000, checkpoint_interval=3600)
+    for _ in range(7):
+        with otel_audit.audit_action("x.y"):
+            pass
+    pipeline.shutdown()
+    with open_ledger(pipeline.ledger_url, readonly=True) as ledger:
+        assert [(c.seq, c.signature) for c in ledger.checkpoints()] == [(7, None)]
