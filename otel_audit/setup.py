@@ -40,6 +40,7 @@ _OPTIONS = frozenset(
         "effects",
         "install_sampler",
         "handle_sigterm",
+        "meter_provider",
     }
 )
 
@@ -105,8 +106,11 @@ def install_sampler(provider: TracerProvider) -> AuditSampler:
     return sampler
 
 
-def _register_metrics(pipeline: AuditPipeline) -> None:
-    meter = metrics.get_meter("otel_audit")
+def _register_metrics(pipeline: AuditPipeline, meter_provider: Any = None) -> None:
+    if meter_provider is not None:
+        meter = meter_provider.get_meter("otel_audit")
+    else:
+        meter = metrics.get_meter("otel_audit")
     writer = pipeline.writer
 
     def observe(field: str) -> Any:
@@ -165,7 +169,8 @@ def configure(ledger: str | None = None, service_name: str | None = None, **opti
     Options: ``tracer_provider``, ``durability`` (sync|async), ``signing_key``
     (path), ``chain``, ``checkpoint_every``, ``checkpoint_interval`` (seconds),
     ``max_queue_size``, ``effects`` (kept effects), ``install_sampler``
-    (default True), ``handle_sigterm`` (default True). Each falls back to its
+    (default True), ``handle_sigterm`` (default True), ``meter_provider``
+    (default: the global one). Each falls back to its
     ``OTEL_AUDIT_*`` variable, then a default.
     """
     unknown = sorted(set(options) - _OPTIONS)
@@ -207,7 +212,7 @@ def configure(ledger: str | None = None, service_name: str | None = None, **opti
     if options.get("install_sampler", True):
         install_sampler(provider)
     pipeline = AuditPipeline(provider, processor, writer)
-    _register_metrics(pipeline)
+    _register_metrics(pipeline, options.get("meter_provider"))
     _state.register(pipeline)
     if options.get("handle_sigterm", True):
         _handle_sigterm()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from opentelemetry import metrics
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
@@ -11,9 +10,7 @@ import otel_audit
 
 def test_queue_commit_and_error_metrics(make_pipeline):
     reader = InMemoryMetricReader()
-    metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
-    # A chain of its own: pipelines of earlier tests in this process report too.
-    pipeline, _, _ = make_pipeline(service_name="metered")
+    pipeline, _, _ = make_pipeline(meter_provider=MeterProvider(metric_readers=[reader]))
     for _ in range(5):
         with otel_audit.audit_action("a.b"):
             pass
