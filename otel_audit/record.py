@@ -190,9 +190,17 @@ def clean_attributes(
     if not attributes:
         return out, cut
     for key, value in attributes.items():
-        if not isinstance(key, str):
-            key = str(key)
-        key, _ = _clean_str(key, max_len)
+        if type(key) is not str or not key.isascii() or len(key) > max_len:
+            key, _ = _clean_str(str(key), max_len)
+        kind = type(value)
+        # Fast path for the common case: short ASCII text, ints and bools.
+        if kind is str:
+            if len(value) <= max_len and value.isascii():
+                out[key] = value
+                continue
+        elif kind is int or kind is bool:
+            out[key] = value
+            continue
         if isinstance(value, (list, tuple)):
             items = []
             was_cut = False
@@ -220,21 +228,30 @@ def record_from_span(
 ) -> Record:
     """Build a Record from an SDK ReadableSpan (``extra_attributes`` override the span's)."""
     ctx = span.context
-    attrs: dict[str, Any] = dict(span.attributes or {})
+    attributes, cut = clean_attributes(span.attributes, max_len)
     if extra_attributes:
-        attrs.update(extra_attributes)
-    attributes, cut = clean_attributes(attrs, max_len)
-    links = tuple(
-        Link(
-            hex_id(ln.context.trace_id, 32),
-            hex_id(ln.context.span_id, 16),
-            clean_attributes(ln.attributes, max_len)[0],
+        more, more_cut = clean_attributes(extra_attributes, max_len)
+        attributes.update(more)
+        cut.extend(more_cut)
+    links = (
+        tuple(
+            Link(
+                hex_id(ln.context.trace_id, 32),
+                hex_id(ln.context.span_id, 16),
+                clean_attributes(ln.attributes, max_len)[0],
+            )
+            for ln in span.links
         )
-        for ln in (span.links or ())
+        if span.links
+        else ()
     )
-    events = tuple(
-        Event(ev.name, int(ev.timestamp or 0), clean_attributes(ev.attributes, max_len)[0])
-        for ev in (span.events or ())
+    events = (
+        tuple(
+            Event(ev.name, int(ev.timestamp or 0), clean_attributes(ev.attributes, max_len)[0])
+            for ev in span.events
+        )
+        if span.events
+        else ()
     )
     parent = span.parent
     status = span.status
