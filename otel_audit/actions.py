@@ -24,6 +24,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from . import _state
 from . import vocabulary as v
 from .context import Actor, _make_actor, current_actor, current_trail, with_actor, with_trail
+from .policy import write_intent
 from .processor import take_failure
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -132,6 +133,16 @@ class AuditAction:
             span_id = span.get_span_context().span_id
             trail = format(span_id, "016x") if span_id else _state.random_trail_id()
             span.set_attribute(v.TRAIL_ID, trail)
+        try:
+            # ``blocking`` durability: the intent is committed before the body runs.
+            write_intent(span)
+        except BaseException as exc:
+            span.set_attribute(v.OUTCOME, v.FAILURE)
+            span.set_attribute(v.REASON, type(exc).__name__)
+            span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+            span.end()
+            take_failure(span.get_span_context().span_id)
+            raise
         ctx = trace.set_span_in_context(span, ctx)
         ctx = with_trail(trail, ctx)
         if self.actor is not None:

@@ -59,7 +59,7 @@ def current_trail(ctx: Context | None = None) -> str | None:
     if trail is not None:
         return str(trail)
     carried = baggage.get_baggage(v.TRAIL_ID, ctx)
-    return carried if valid_trail_id(carried) else None
+    return carried if isinstance(carried, str) and valid_trail_id(carried) else None
 
 
 def current_actor(ctx: Context | None = None) -> Actor | None:

@@ -41,6 +41,7 @@ _OPTIONS = frozenset(
         "install_sampler",
         "handle_sigterm",
         "meter_provider",
+        "policy",
     }
 )
 
@@ -186,6 +187,12 @@ def configure(ledger: str | None = None, service_name: str | None = None, **opti
         max_queue_size=options.get("max_queue_size"),
         effects=options.get("effects"),
     )
+    # Always a policy: with no file the default redaction still runs (DESIGN rule 4).
+    # Loaded before the ledger is opened so a bad file leaves nothing half-built.
+    from .boundary import install_propagator
+    from .policy import load_policy
+
+    policy = load_policy(options.get("policy"))
     signer = Signer.from_file(conf.signing_key) if conf.signing_key else None
     provider = _provider(options.get("tracer_provider"), service_name)
     service = service_name or str(
@@ -206,8 +213,13 @@ def configure(ledger: str | None = None, service_name: str | None = None, **opti
         writer,
         service,
         durability=conf.durability,
-        effects=conf.effects if conf.effects is not None else DEFAULT_KEPT_EFFECTS,
+        effects=policy.effects(conf.effects if conf.effects is not None else DEFAULT_KEPT_EFFECTS),
+        policy=policy,
     )
+    boundary = policy.boundary_processor(service, provider)
+    if boundary is not None:
+        provider.add_span_processor(boundary)  # before the audit processor: it stamps first
+        install_propagator()
     provider.add_span_processor(processor)
     if options.get("install_sampler", True):
         install_sampler(provider)
@@ -216,4 +228,9 @@ def configure(ledger: str | None = None, service_name: str | None = None, **opti
     _state.register(pipeline)
     if options.get("handle_sigterm", True):
         _handle_sigterm()
+    from .anchors import install_anchor_logging
+    from .forward import start_forwarder_from_env
+
+    install_anchor_logging(pipeline)  # checkpoints also go to the log backend (anchors)
+    start_forwarder_from_env(pipeline)  # no-op unless OTEL_AUDIT_FORWARD_ENDPOINT is set
     return pipeline

@@ -19,6 +19,7 @@ from .chain import GENESIS, Checkpoint, link_hash
 from .errors import VerificationError
 from .keys import key_id, verify_signature
 from .ledger import Ledger, RawRow
+from .merkle import Frontier
 
 
 @dataclass
@@ -109,6 +110,9 @@ def _verify_chain(
     for cp in anchors:
         due.setdefault(cp.seq, []).append((cp, f"anchor at seq {cp.seq}"))
 
+    # Merkle roots (RFC 9162) of checkpoints are checked against the records
+    # walked so far; the frontier is only kept when some checkpoint has a root.
+    frontier = Frontier() if any(cp.merkle_root for cps in due.values() for cp, _ in cps) else None
     expected = GENESIS
     before: bytes | None = None  # hash of the record before the previous one
     last_seq = 0
@@ -131,6 +135,8 @@ def _verify_chain(
             if _hash_elsewhere(ledger, chain, prev, seq):
                 raise _damage(chain, seq, "reordered", "record is out of its place in the chain")
             raise _damage(chain, seq, "modified", "previous-hash link does not match")
+        if frontier is not None:
+            frontier.append(body)
         checks = due.pop(seq, None)
         if checks:
             for cp, what in checks:
@@ -143,6 +149,14 @@ def _verify_chain(
                         f"history rewritten between seq {last_good_cp + 1} and {seq}:"
                         f" record {seq} does not match the {what}",
                     )
+                if cp.merkle_root is not None and frontier is not None:
+                    if frontier.root() != cp.merkle_root:
+                        raise _damage(
+                            chain,
+                            seq,
+                            "modified",
+                            f"merkle root of the {what} does not match records 1..{seq}",
+                        )
                 if public_key is not None:
                     if what.startswith("anchor"):
                         rep.anchors_checked += 1

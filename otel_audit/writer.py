@@ -322,7 +322,26 @@ class LedgerWriter:
         if head is None or self._since_checkpoint == 0 or self._ledger is None:
             self._last_checkpoint = time.monotonic()
             return
-        checkpoint = Checkpoint(self.chain, head.seq, head.hash, time.time_ns())
+        # Merkle root over records 1..seq. The frontier is read from the ledger
+        # (not rebuilt from this process's appends), so it stays right when
+        # several processes append to the chain; it lives in memory and costs
+        # one scan of the chain at this process's first checkpoint, then only
+        # the records since. A gap (damaged chain) means no root, not a wrong one.
+        merkle_root = None
+        try:
+            from .merkle import Frontier, advance
+
+            frontier = getattr(self, "_merkle_frontier", None)
+            if frontier is None or frontier.size > head.seq:
+                frontier = Frontier()
+            if advance(frontier, self._ledger, self.chain, head.seq):
+                self._merkle_frontier = frontier
+                merkle_root = frontier.root()
+        except Exception:  # the checkpoint still protects the chain without a root
+            _log.exception("otel-audit: merkle root not computed")
+        checkpoint = Checkpoint(
+            self.chain, head.seq, head.hash, time.time_ns(), merkle_root=merkle_root
+        )
         if self.signer is not None:
             checkpoint = Checkpoint(
                 checkpoint.chain,
@@ -331,6 +350,7 @@ class LedgerWriter:
                 checkpoint.time,
                 self.signer.sign(checkpoint.message()),
                 self.signer.key_id,
+                merkle_root,
             )
         try:
             self._ledger.add_checkpoint(checkpoint)

@@ -112,7 +112,14 @@ class PostgresServer:
         )
 
     def start(self) -> PostgresServer:
-        """Start on a free port (retrying when another process took it first)."""
+        """Start on a free port (retrying when another process took it first).
+
+        After ``stop()`` it starts again on the same port, so URLs stay valid.
+        """
+        if self.port:
+            self._run(["pg_ctl", "-D", self.data, "-l", self.log, "-w", "-t", "60",
+                       "-o", self._options(), "start"])  # fmt: skip
+            return self
         for attempt in range(5):
             self.port = _free_port()
             try:
@@ -120,6 +127,7 @@ class PostgresServer:
                            "-o", self._options(), "start"])  # fmt: skip
                 return self
             except PostgresUnavailable:
+                self.port = 0
                 if attempt == 4:
                     raise
         return self

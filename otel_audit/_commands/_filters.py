@@ -12,6 +12,7 @@ from ..ledger import Query
 
 _RELATIVE = re.compile(r"^(\d+)([smhdw])$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 def parse_time(value: str, flag: str, now: float | None = None) -> int:
@@ -31,6 +32,18 @@ def parse_time(value: str, flag: str, now: float | None = None) -> int:
     return int(parsed.timestamp() * 1e9)
 
 
+def parse_cursor(value: str) -> tuple[str, int]:
+    """A pagination cursor ``CHAIN:SEQ`` (the chain may itself contain ':')."""
+    chain, sep, seq = value.rpartition(":")
+    if not sep or not chain or not seq.isdigit():
+        raise ConfigError(f"--after {value!r} is not a cursor like CHAIN:SEQ (printed by search)")
+    return chain, int(seq)
+
+
+def format_cursor(chain: str, seq: int) -> str:
+    return f"{chain}:{seq}"
+
+
 def add_filter_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("filters")
     g.add_argument("--actor", help="audit.actor.id")
@@ -47,7 +60,10 @@ def add_filter_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def query_from_args(args: argparse.Namespace) -> Query:
-    return Query(
+    trace_id = args.trace_id.lower() if args.trace_id else None
+    if trace_id is not None and not _TRACE_ID.match(trace_id):
+        raise ConfigError(f"--trace-id {args.trace_id!r} is not 32 hexadecimal digits")
+    query = Query(
         actor=args.actor,
         action=args.action,
         resource_type=args.resource_type,
@@ -55,8 +71,11 @@ def query_from_args(args: argparse.Namespace) -> Query:
         outcome=args.outcome,
         service=args.service,
         trail_id=args.trail_id,
-        trace_id=args.trace_id,
+        trace_id=trace_id,
         chain=args.chain,
         since=parse_time(args.since, "--since") if args.since else None,
         until=parse_time(args.until, "--until") if args.until else None,
     )
+    if query.since is not None and query.until is not None and query.since >= query.until:
+        raise ConfigError("--since must be earlier than --until")
+    return query

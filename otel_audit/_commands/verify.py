@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..anchors import read_anchors
+from ..errors import ConfigError
 from ..keys import load_public_key
 from ..verify import verify_ledger
 from ._common import add_ledger_argument, open_for_reading
@@ -14,13 +16,17 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     add_ledger_argument(p)
     p.add_argument("--public-key", metavar="PATH", help="Ed25519 public key that signs checkpoints")
     p.add_argument("--quiet", "-q", action="store_true", help="print nothing when intact")
+    p.add_argument("--anchors", metavar="FILE", help="JSONL export of checkpoint log records to check against")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     public_key = load_public_key(args.public_key) if args.public_key else None
+    anchors = read_anchors(args.anchors) if args.anchors else []
+    if args.anchors and not anchors:
+        raise ConfigError(f"no checkpoint log records found in {args.anchors!r}")
     with open_for_reading(args) as ledger:
-        report = verify_ledger(ledger, public_key)
+        report = verify_ledger(ledger, public_key, anchors=anchors)
     if args.quiet:
         return 0
     for c in report.chains:
