@@ -171,7 +171,8 @@ def configure(ledger: str | None = None, service_name: str | None = None, **opti
     (path), ``chain``, ``checkpoint_every``, ``checkpoint_interval`` (seconds),
     ``max_queue_size``, ``effects`` (kept effects), ``install_sampler``
     (default True), ``handle_sigterm`` (default True), ``meter_provider``
-    (default: the global one). Each falls back to its
+    (default: the global one), ``policy`` (a file path or an
+    ``otel_audit.policy.AuditPolicy``; see docs/policy.md). Each falls back to its
     ``OTEL_AUDIT_*`` variable, then a default.
     """
     unknown = sorted(set(options) - _OPTIONS)
@@ -216,7 +217,7 @@ def configure(ledger: str | None = None, service_name: str | None = None, **opti
         effects=policy.effects(conf.effects if conf.effects is not None else DEFAULT_KEPT_EFFECTS),
         policy=policy,
     )
-    boundary = policy.boundary_processor(service, provider)
+    boundary = policy.boundary_processor(service, provider, options.get("meter_provider"))
     if boundary is not None:
         provider.add_span_processor(boundary)  # before the audit processor: it stamps first
         install_propagator()

@@ -1,0 +1,122 @@
+"""``otel-audit forward``: ship a local ledger to a remote ``otel-audit serve`` (store-and-forward)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+from ..errors import ConfigError
+from ..forward import (
+    OTEL_AUDIT_FORWARD_ENDPOINT,
+    OTEL_AUDIT_FORWARD_HEADERS,
+    OTEL_AUDIT_FORWARD_TOKEN,
+    Forwarder,
+    forwarder_from_env,
+    parse_headers,
+)
+from ._common import add_ledger_argument, ledger_url
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "forward",
+        help="send a local ledger's records to a remote OTLP receiver, resumably",
+        description="Store-and-forward: send every record of the local ledger to an OTLP/HTTP "
+        "receiver (otel-audit serve), keeping a cursor so restarts and outages lose nothing.",
+    )
+    add_ledger_argument(p)
+    p.add_argument(
+        "--endpoint", metavar="URL", help=f"receiver URL (default ${OTEL_AUDIT_FORWARD_ENDPOINT})"
+    )
+    p.add_argument(
+        "--token-file",
+        metavar="PATH",
+        help=f"bearer token file (default ${OTEL_AUDIT_FORWARD_TOKEN})",
+    )
+    p.add_argument(
+        "--header",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help=f"extra header (also ${OTEL_AUDIT_FORWARD_HEADERS})",
+    )
+    p.add_argument(
+        "--state", metavar="PATH", help="cursor file (default <ledger file>.forward.json)"
+    )
+    p.add_argument(
+        "--once", action="store_true", help="exit once everything is sent (or on the first failure)"
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    url = ledger_url(args)
+    env = dict(os.environ)
+    if args.endpoint:
+        env[OTEL_AUDIT_FORWARD_ENDPOINT] = args.endpoint
+    if args.token_file:
+        try:
+            with open(args.token_file, encoding="utf-8") as f:
+                env[OTEL_AUDIT_FORWARD_TOKEN] = f.read().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read --token-file {args.token_file!r}: {exc.strerror}"
+            ) from None
+    if args.state:
+        env["OTEL_AUDIT_FORWARD_STATE"] = args.state
+    forwarder = forwarder_from_env(url, env)
+    if forwarder is None:
+        raise ConfigError(
+            f"no receiver given: pass --endpoint URL or set {OTEL_AUDIT_FORWARD_ENDPOINT}"
+        )
+    for item in args.header:
+        forwarder.headers.update(parse_headers(item))
+    if args.once:
+        return _once(forwarder)
+    stop = threading.Event()
+
+    def on_signal(_signum: int, _frame: Any) -> None:
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        forwarder.start()
+        print(f"otel-audit forward: {url} -> {forwarder.url}", flush=True)
+        while not stop.wait(3600):
+            pass
+    finally:
+        forwarder.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    stats = forwarder.stats()
+    print(f"otel-audit forward: stopped; {stats.forwarded} records sent", file=sys.stderr)
+    return 0
+
+
+def _once(forwarder: Forwarder) -> int:
+    # The failure is reported once below; the retry warnings are for long-running forwarders.
+    logging.getLogger("otel_audit.forward").setLevel(logging.ERROR)
+    forwarder.max_backoff = 0.0  # fail at once rather than wait: the caller retries
+    forwarder.start()
+    done = _healthy_run(forwarder)
+    forwarder.stop()
+    stats = forwarder.stats()
+    if not done:
+        print(f"otel-audit: forwarding failed: {stats.last_error}", file=sys.stderr)
+        return 1
+    print(f"otel-audit forward: {stats.forwarded} records sent")
+    return 0
+
+
+def _healthy_run(forwarder: Forwarder) -> bool:
+    """Wait for the first idle pass, giving up at the first failure."""
+    while True:
+        if forwarder.flush(timeout=0.2):
+            return True
+        if forwarder.stats().failures:
+            return False

@@ -1,0 +1,497 @@
+"""Store-and-forward: ship a local ledger (the outbox) to a remote OTLP receiver.
+
+The forwarder reads every chain of the local ledger after a per-chain cursor,
+sends the records as an OTLP/HTTP protobuf trace request, and moves the cursor
+(persisted in a small JSON sidecar file, written atomically) only after the
+receiver answered success. A failure of any kind (refused connection, 5xx,
+429, a wrong token) is retried with capped exponential backoff, honouring
+``Retry-After``, for as long as it takes: nothing is skipped. A crash between
+the receiver's success and the cursor write resends the batch; the receiver
+(``otel-audit serve``) stores each (trace id, span id) once, so the receiver
+ends with every record exactly once.
+
+One forwarder per outbox: the cursor file is guarded by an exclusive lock, so
+several worker processes that all configured forwarding share the work safely
+(one sends, the others wait for the lock). Thread-safe.
+
+Settings (argument, then variable, then default), in the
+``OTEL_EXPORTER_OTLP_*`` style:
+
+* ``OTEL_AUDIT_FORWARD_ENDPOINT``: base URL (``/v1/traces`` is appended) or the
+  full ``.../v1/traces`` URL. Unset: no forwarding.
+* ``OTEL_AUDIT_FORWARD_HEADERS``: ``key=value,key2=value2`` (values URL-encoded).
+* ``OTEL_AUDIT_FORWARD_TOKEN``: sent as ``Authorization: Bearer <token>``.
+* ``OTEL_AUDIT_FORWARD_CERTIFICATE``: CA bundle (PEM) to trust for https.
+* ``OTEL_AUDIT_FORWARD_COMPRESSION``: ``gzip`` (default) or ``none``.
+* ``OTEL_AUDIT_FORWARD_TIMEOUT``: seconds per request (default 10).
+* ``OTEL_AUDIT_FORWARD_STATE``: cursor file (default ``<ledger file>.forward.json``;
+  required for a PostgreSQL outbox).
+"""
+
+from __future__ import annotations
+
+import atexit
+import fcntl
+import gzip
+import hashlib
+import http.client
+import itertools
+import json
+import logging
+import os
+import random
+import ssl
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlsplit
+
+from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+
+from .errors import AuditError, ConfigError
+from .ledger import Ledger, open_ledger, sqlite_path
+from .otlp import request_from_records
+from .record import decode
+
+if TYPE_CHECKING:
+    from .setup import AuditPipeline
+
+_log = logging.getLogger("otel_audit.forward")
+
+OTEL_AUDIT_FORWARD_ENDPOINT = "OTEL_AUDIT_FORWARD_ENDPOINT"
+OTEL_AUDIT_FORWARD_HEADERS = "OTEL_AUDIT_FORWARD_HEADERS"
+OTEL_AUDIT_FORWARD_TOKEN = "OTEL_AUDIT_FORWARD_TOKEN"
+OTEL_AUDIT_FORWARD_CERTIFICATE = "OTEL_AUDIT_FORWARD_CERTIFICATE"
+OTEL_AUDIT_FORWARD_COMPRESSION = "OTEL_AUDIT_FORWARD_COMPRESSION"
+OTEL_AUDIT_FORWARD_TIMEOUT = "OTEL_AUDIT_FORWARD_TIMEOUT"
+OTEL_AUDIT_FORWARD_STATE = "OTEL_AUDIT_FORWARD_STATE"
+
+_DEFAULT_BATCH_SIZE = 512
+_DEFAULT_TIMEOUT = 10.0
+_DEFAULT_POLL_INTERVAL = 1.0
+_DEFAULT_MAX_BACKOFF = 30.0
+_RETRYABLE = frozenset({429, 502, 503, 504})
+
+
+@dataclass(frozen=True)
+class ForwarderStats:
+    """Counters since start (a snapshot)."""
+
+    forwarded: int
+    batches: int
+    failures: int
+    rejected: int
+    last_error: str | None
+
+
+class _SendFailed(Exception):
+    def __init__(self, message: str, retry_after: float | None = None, too_large: bool = False):
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.too_large = too_large
+
+
+def traces_url(endpoint: str) -> str:
+    """The ``/v1/traces`` URL of ``endpoint`` (a base URL or already the full one)."""
+    endpoint = endpoint.strip()
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"forward endpoint {endpoint!r} is not an http(s) URL")
+    if parts.path.rstrip("/").endswith("/v1/traces"):
+        return endpoint
+    return endpoint.rstrip("/") + "/v1/traces"
+
+
+def parse_headers(value: str | None) -> dict[str, str]:
+    """``k=v,k2=v2`` (OTEL_EXPORTER_OTLP_HEADERS syntax) -> dict; raises ConfigError."""
+    headers: dict[str, str] = {}
+    for item in (value or "").split(","):
+        if not item.strip():
+            continue
+        key, sep, val = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(
+                f"{OTEL_AUDIT_FORWARD_HEADERS} item {item.strip()!r} is not key=value"
+            )
+        headers[unquote(key.strip()).lower()] = unquote(val.strip())
+    return headers
+
+
+def default_state_path(ledger_url: str) -> str:
+    path = sqlite_path(ledger_url)
+    if path is None:
+        raise ConfigError(
+            f"set {OTEL_AUDIT_FORWARD_STATE} to a cursor file path for a non-SQLite outbox"
+        )
+    return path + ".forward.json"
+
+
+class Forwarder:
+    """Ships the records of ``ledger_url`` to ``endpoint``; see the module docstring."""
+
+    def __init__(
+        self,
+        ledger_url: str,
+        endpoint: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        token: str | None = None,
+        state_path: str | None = None,
+        certificate: str | None = None,
+        compression: str = "gzip",
+        timeout: float = _DEFAULT_TIMEOUT,
+        batch_size: int = _DEFAULT_BATCH_SIZE,
+        poll_interval: float = _DEFAULT_POLL_INTERVAL,
+        max_backoff: float = _DEFAULT_MAX_BACKOFF,
+        alive: Callable[[], bool] | None = None,
+    ) -> None:
+        if batch_size <= 0:
+            raise ValueError("batch_size must be a positive integer.")
+        if compression not in ("gzip", "none"):
+            raise ConfigError(f"forward compression must be gzip or none, got {compression!r}")
+        self.ledger_url = ledger_url
+        self.url = traces_url(endpoint)
+        parts = urlsplit(self.url)
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname or ""
+        self._port = parts.port or (443 if self._https else 80)
+        self._path = parts.path + (f"?{parts.query}" if parts.query else "")
+        self.headers = {"content-type": "application/x-protobuf", **dict(headers or {})}
+        if token:
+            self.headers["authorization"] = f"Bearer {token}"
+        if compression == "gzip":
+            self.headers["content-encoding"] = "gzip"
+        self.compression = compression
+        self.timeout = timeout
+        self.batch_size = batch_size
+        self.poll_interval = poll_interval
+        self.max_backoff = max_backoff
+        self.state_path = state_path or default_state_path(ledger_url)
+        self._key = hashlib.sha256(self.url.encode()).hexdigest()[:16]
+        self._tls: ssl.SSLContext | None = None
+        if self._https:
+            self._tls = ssl.create_default_context(cafile=certificate)
+        # When ``alive`` turns False (the pipeline shut down) one last pass runs, then the thread ends.
+        self._alive = alive
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._cond = threading.Condition()
+        self._passes = 0
+        self._idle_pass = 0
+        self._thread: threading.Thread | None = None
+        self._conn: http.client.HTTPConnection | None = None
+        self._counts = {"forwarded": 0, "batches": 0, "failures": 0, "rejected": 0}
+        self._last_error: str | None = None
+
+    # -- lifecycle -----------------------------------------------------
+
+    def start(self) -> Forwarder:
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name="otel-audit-forward", daemon=True
+            )
+            self._thread.start()
+        return self
+
+    def wake(self) -> None:
+        """New records were committed: look now instead of at the next poll."""
+        self._wake.set()
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until a pass that began after this call found nothing left to send."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            target = self._passes + 1
+        self._wake.set()
+        with self._cond:
+            while self._idle_pass < target:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._thread is None or not self._thread.is_alive():
+                    return False
+                self._cond.wait(min(remaining, 0.5))
+                self._wake.set()
+        return True
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop after the current request; unsent records stay in the outbox for next time."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def stats(self) -> ForwarderStats:
+        with self._cond:
+            return ForwarderStats(**self._counts, last_error=self._last_error)
+
+    # -- the loop ------------------------------------------------------
+
+    def _run(self) -> None:
+        lock_path = self.state_path + ".lock"
+        try:
+            lock = open(lock_path, "a+")
+        except OSError as exc:
+            _log.error("otel-audit forward: cannot open %s: %s; not forwarding", lock_path, exc)
+            return
+        ledger: Ledger | None = None
+        ending = False
+        try:
+            # Several processes may forward the same outbox: one holds the lock.
+            while not self._stop.is_set():
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError:
+                    self._stop.wait(self.poll_interval)
+            while not self._stop.is_set():
+                with self._cond:
+                    self._passes += 1
+                    this_pass = self._passes
+                try:
+                    if ledger is None:
+                        ledger = open_ledger(self.ledger_url, create=False)
+                    sent = self._pass(ledger)
+                except AuditError as exc:
+                    # The outbox itself cannot be read: say so, retry later.
+                    self._note_error(f"outbox {self.ledger_url}: {exc}")
+                    if ledger is not None:
+                        ledger.close()
+                        ledger = None
+                    self._stop.wait(self.poll_interval)
+                    continue
+                if sent:
+                    continue
+                with self._cond:
+                    self._idle_pass = this_pass
+                    self._cond.notify_all()
+                if self._alive is not None and not self._alive():
+                    if ending:
+                        return
+                    ending = True  # one more pass: records committed at shutdown
+                    continue
+                self._wake.wait(self.poll_interval)
+                self._wake.clear()
+        finally:
+            if ledger is not None:
+                ledger.close()
+            if self._conn is not None:
+                self._conn.close()
+            lock.close()
+
+    def _pass(self, ledger: Ledger) -> int:
+        """Send every record after the cursors; returns how many were sent."""
+        cursors = self._load_cursors()
+        sent = 0
+        for chain in ledger.chains():
+            while not self._stop.is_set():
+                after = cursors.get(chain, 0)
+                rows = list(itertools.islice(ledger.scan(chain, after), self.batch_size))
+                if not rows:
+                    break
+                if not self._deliver(chain, [r.body for r in rows], rows[-1].seq):
+                    return sent  # stopping
+                cursors[chain] = rows[-1].seq
+                self._save_cursors(cursors)
+                sent += len(rows)
+        return sent
+
+    def _deliver(self, chain: str, bodies: list[bytes], last_seq: int) -> bool:
+        """Send one batch until the receiver takes it; False only when stopping."""
+        backoff = 0.5
+        size = len(bodies)
+        start = 0
+        while start < len(bodies):
+            part = bodies[start : start + size]
+            try:
+                rejected, message = self._send([decode(b) for b in part])
+            except _SendFailed as exc:
+                if exc.too_large and size > 1:
+                    size = max(1, size // 2)
+                    continue
+                self._note_error(f"sending chain {chain!r} up to seq {last_seq}: {exc}")
+                delay = exc.retry_after if exc.retry_after is not None else backoff
+                delay = min(delay, self.max_backoff) * random.uniform(0.9, 1.1)
+                backoff = min(backoff * 2, self.max_backoff)
+                if self._stop.wait(delay):
+                    return False
+                continue
+            with self._cond:
+                self._counts["forwarded"] += len(part) - rejected
+                self._counts["batches"] += 1
+                self._counts["rejected"] += rejected
+            if rejected:
+                # The receiver refused them for good (invalid ids); resending
+                # would block the outbox forever. Said loudly and counted.
+                _log.error(
+                    "otel-audit forward: receiver rejected %d records of chain %r: %s",
+                    rejected, chain, message,
+                )  # fmt: skip
+            start += len(part)
+            backoff = 0.5
+        return True
+
+    def _send(self, records: list) -> tuple[int, str]:  # type: ignore[type-arg]
+        payload = request_from_records(records).SerializeToString()
+        if self.compression == "gzip":
+            payload = gzip.compress(payload, compresslevel=5)
+        try:
+            conn = self._connection()
+            conn.request("POST", self._path, body=payload, headers=self.headers)
+            response = conn.getresponse()
+            body = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            self._drop_connection()
+            raise _SendFailed(f"{type(exc).__name__}: {exc}") from None
+        status = response.status
+        if response.getheader("connection", "").lower() == "close":
+            self._drop_connection()
+        if 200 <= status < 300:
+            reply = ExportTraceServiceResponse()
+            try:
+                reply.ParseFromString(body)
+            except DecodeError:  # a non-otel-audit receiver may answer an odd body
+                return 0, ""
+            return int(reply.partial_success.rejected_spans), reply.partial_success.error_message
+        retry_after = (
+            _retry_after(response.getheader("retry-after")) if status in _RETRYABLE else None
+        )
+        raise _SendFailed(
+            f"HTTP {status} from {self.url}: {_status_message(body)}",
+            retry_after=retry_after,
+            too_large=status == 413,
+        )
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._conn is None:
+            if self._https:
+                self._conn = http.client.HTTPSConnection(
+                    self._host, self._port, timeout=self.timeout, context=self._tls
+                )
+            else:
+                self._conn = http.client.HTTPConnection(
+                    self._host, self._port, timeout=self.timeout
+                )
+        return self._conn
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _note_error(self, message: str) -> None:
+        with self._cond:
+            self._counts["failures"] += 1
+            first = self._last_error != message
+            self._last_error = message
+        # Logged once per distinct error, not once per retry of a long outage.
+        if first:
+            _log.warning("otel-audit forward: %s (will retry)", message)
+
+    # -- cursor file ---------------------------------------------------
+
+    def _load_cursors(self) -> dict[str, int]:
+        try:
+            with open(self.state_path, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            # Starting again from 0 is safe (the receiver deduplicates), only slower.
+            _log.error(
+                "otel-audit forward: cursor file %s unreadable (%s); resending",
+                self.state_path,
+                exc,
+            )
+            return {}
+        chains = data.get(self._key, {}).get("chains", {}) if isinstance(data, dict) else {}
+        return {str(k): int(v) for k, v in chains.items()}
+
+    def _save_cursors(self, cursors: dict[str, int]) -> None:
+        try:
+            with open(self.state_path, encoding="utf-8") as f:
+                data = json.load(f)
+            if not isinstance(data, dict):
+                data = {}
+        except (OSError, ValueError):
+            data = {}
+        data[self._key] = {"endpoint": self.url, "chains": cursors}
+        tmp = f"{self.state_path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.state_path)
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def _status_message(body: bytes) -> str:
+    from google.rpc import status_pb2  # type: ignore[import-untyped]
+
+    status = status_pb2.Status()
+    try:
+        status.ParseFromString(body)
+    except DecodeError:
+        status.message = ""  # not a google.rpc.Status: show the raw body
+    if status.message:
+        return str(status.message)
+    return body[:200].decode("utf-8", "replace").strip() or "(no body)"
+
+
+def forwarder_from_env(
+    ledger_url: str, env: Mapping[str, str] | None = None, alive: Callable[[], bool] | None = None
+) -> Forwarder | None:
+    """A Forwarder configured from ``OTEL_AUDIT_FORWARD_*``, or None when no endpoint is set."""
+    env = os.environ if env is None else env
+    endpoint = env.get(OTEL_AUDIT_FORWARD_ENDPOINT, "").strip()
+    if not endpoint:
+        return None
+    timeout_text = env.get(OTEL_AUDIT_FORWARD_TIMEOUT, "").strip()
+    try:
+        timeout = float(timeout_text) if timeout_text else _DEFAULT_TIMEOUT
+    except ValueError:
+        raise ConfigError(
+            f"{OTEL_AUDIT_FORWARD_TIMEOUT} must be a number, got {timeout_text!r}"
+        ) from None
+    if not timeout > 0:
+        raise ConfigError(f"{OTEL_AUDIT_FORWARD_TIMEOUT} must be positive, got {timeout_text!r}")
+    return Forwarder(
+        ledger_url,
+        endpoint,
+        headers=parse_headers(env.get(OTEL_AUDIT_FORWARD_HEADERS)),
+        token=env.get(OTEL_AUDIT_FORWARD_TOKEN, "").strip() or None,
+        state_path=env.get(OTEL_AUDIT_FORWARD_STATE, "").strip() or None,
+        certificate=env.get(OTEL_AUDIT_FORWARD_CERTIFICATE, "").strip() or None,
+        compression=(env.get(OTEL_AUDIT_FORWARD_COMPRESSION, "").strip().lower() or "gzip"),
+        timeout=timeout,
+        alive=alive,
+    )
+
+
+def start_forwarder_from_env(pipeline: AuditPipeline) -> Forwarder | None:
+    """Start forwarding ``pipeline``'s ledger when ``OTEL_AUDIT_FORWARD_ENDPOINT`` is set."""
+    writer = pipeline.writer
+    # The writer has no public "shut down" flag; ``_closed`` is read, never written.
+    forwarder = forwarder_from_env(
+        pipeline.ledger_url, alive=lambda: not getattr(writer, "_closed", False)
+    )
+    if forwarder is None:
+        return None
+    forwarder.start()
+    pipeline.writer.commit_listeners.append(lambda _seconds, _n: forwarder.wake())
+    atexit.register(forwarder.stop, 2.0)
+    return forwarder
