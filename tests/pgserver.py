@@ -136,9 +136,13 @@ class PostgresServer:
         """Stop immediately-but-cleanly (fast mode: disconnects clients, flushes)."""
         self._run(["pg_ctl", "-D", self.data, "-w", "-t", "60", "-m", "fast", "stop"])
 
-    def restart(self) -> None:
-        """Stop and start again on the same port: every client connection breaks."""
-        self._run(["pg_ctl", "-D", self.data, "-l", self.log, "-w", "-t", "60", "-m", "fast",
+    def restart(self, mode: str = "fast") -> None:
+        """Stop and start again on the same port: every client connection breaks.
+
+        ``mode`` is pg_ctl's shutdown mode; ``immediate`` is a crash (no
+        shutdown checkpoint), so the restart replays the WAL.
+        """
+        self._run(["pg_ctl", "-D", self.data, "-l", self.log, "-w", "-t", "60", "-m", mode,
                    "-o", self._options(), "restart"])  # fmt: skip
 
     def close(self) -> None:

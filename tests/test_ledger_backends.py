@@ -1,0 +1,193 @@
+"""The ledger interface contract, on SQLite and on a real PostgreSQL server alike."""
+
+from __future__ import annotations
+
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from otel_audit import vocabulary as v
+from otel_audit.chain import GENESIS, Checkpoint, link_hash
+from otel_audit.ledger import Query
+from otel_audit.record import Record, encode, record_from_span
+from otel_audit.verify import verify_ledger
+
+
+def span_bodies(n: int = 1, **attrs: object) -> list[bytes]:
+    """Canonical bodies of ``n`` real SDK spans carrying awkward values."""
+    provider = TracerProvider(shutdown_on_exit=False)
+    tracer = provider.get_tracer("contract")
+    bodies = []
+    for i in range(n):
+        with tracer.start_as_current_span("order.update", kind=SpanKind.SERVER) as span:
+            span.set_attributes(
+                {
+                    v.EVENT: True,
+                    v.ACTION: "order.update",
+                    v.ACTOR_ID: "ålice \u2603",
+                    v.RESOURCE_TYPE: "order",
+                    v.RESOURCE_ID: str(i),
+                    "nul": "a\x00b",
+                    "float": 0.1,
+                    "nan": float("nan"),
+                    "list": [1, 2, 3],
+                    "blob": b"\xff\x00",
+                    **attrs,  # type: ignore[dict-item]
+                }
+            )
+            span.add_event("checked", {"ok": True})
+            span.set_status(Status(StatusCode.ERROR, "déjà \ud800 vu"))
+        bodies.append(encode(record_from_span(span, "shop")))  # type: ignore[arg-type]
+    return bodies
+
+
+def rec(i: int, *, chain_service: str = "shop", start: int = 0, **attrs: object) -> bytes:
+    return encode(
+        Record(
+            trace_id=f"{i:032x}",
+            span_id=f"{i:016x}",
+            parent_span_id=None,
+            name="op",
+            kind="INTERNAL",
+            service=chain_service,
+            start=start or 1_700_000_000_000_000_000 + i,
+            end=1_700_000_000_000_000_000 + i + 1,
+            attributes=dict(attrs),
+        )
+    )
+
+
+def test_same_span_gives_same_bytes_and_hashes_on_both_backends(make_ledger):
+    bodies = span_bodies(3)
+    results = {}
+    for kind in ("sqlite", "postgres"):
+        ledger = make_ledger(kind)
+        appended = ledger.append("shop/a", bodies)
+        rows = list(ledger.scan("shop/a"))
+        assert [r.body for r in rows] == bodies  # stored byte-exact
+        assert [r.seq for r in rows] == [1, 2, 3]
+        assert rows[0].prev_hash == GENESIS
+        assert rows[0].hash == link_hash(GENESIS, bodies[0])
+        assert [a.hash for a in appended] == [r.hash for r in rows]
+        results[kind] = rows
+        report = verify_ledger(ledger)
+        assert report.records == 3
+    assert results["sqlite"] == results["postgres"]
+
+
+def test_append_scan_head_count_chains(make_ledger, ledger_kind):
+    ledger = make_ledger(ledger_kind)
+    assert ledger.head("a") is None and ledger.count() == 0 and ledger.chains() == []
+    assert ledger.append("a", []) == []
+    first = ledger.append("a", [rec(1), rec(2)])
+    second = ledger.append("b", [rec(3)])
+    third = ledger.append("a", [rec(4)])
+    assert [(x.chain, x.seq) for x in first + second + third] == [
+        ("a", 1), ("a", 2), ("b", 1), ("a", 3),
+    ]  # fmt: skip
+    assert third[0].hash == link_hash(first[1].hash, rec(4))
+    assert ledger.head("a") == third[0]
+    assert ledger.count() == 4
+    assert ledger.chains() == ["a", "b"]
+    assert [r.seq for r in ledger.scan("a", after_seq=1)] == [2, 3]
+    assert [r.body for r in ledger.scan("a")] == [rec(1), rec(2), rec(4)]
+
+
+def test_scan_pages_through_long_chains(make_ledger, ledger_kind):
+    ledger = make_ledger(ledger_kind)
+    bodies = [rec(i) for i in range(1, 4602)]
+    ledger.append("long", bodies)
+    rows = list(ledger.scan("long"))
+    assert [r.seq for r in rows] == list(range(1, 4602))
+    assert verify_ledger(ledger).records == 4601
+    assert len(list(ledger.query(Query(chain="long")))) == 4601
+    assert len(list(ledger.query(Query(chain="long", limit=2500)))) == 2500
+
+
+def test_query_filters_order_and_cursor(make_ledger, ledger_kind):
+    ledger = make_ledger(ledger_kind)
+    ledger.append(
+        "b",
+        [
+            rec(1, **{v.ACTOR_ID: "alice", v.ACTION: "order.create", v.RESOURCE_TYPE: "order",
+                      v.RESOURCE_ID: "42", v.OUTCOME: "success", v.TRAIL_ID: "t1"}),
+            rec(2, **{v.ACTOR_ID: "bob", v.ACTION: "order.update", v.RESOURCE_TYPE: "order",
+                      v.RESOURCE_ID: "42", v.OUTCOME: "denied", v.TRAIL_ID: "t2"}),
+        ],
+    )  # fmt: skip
+    ledger.append(
+        "a",
+        [
+            rec(3, chain_service="billing", **{v.ACTOR_ID: "alice", v.ACTION: "invoice.send",
+                                              v.RESOURCE_TYPE: "invoice", v.RESOURCE_ID: "7",
+                                              v.TRAIL_ID: "t1", v.EFFECT: "notification"}),
+            rec(4, chain_service="billing", **{v.ACTOR_ID: "carol"}),
+        ],
+    )  # fmt: skip
+
+    def keys(**filters: object) -> list[tuple[str, int]]:
+        return [(r.chain, r.seq) for r in ledger.query(Query(**filters))]  # type: ignore[arg-type]
+
+    assert keys() == [("a", 1), ("a", 2), ("b", 1), ("b", 2)]
+    assert keys(actor="alice") == [("a", 1), ("b", 1)]
+    assert keys(action="order.update") == [("b", 2)]
+    assert keys(resource_type="order", resource_id="42") == [("b", 1), ("b", 2)]
+    assert keys(outcome="denied") == [("b", 2)]
+    assert keys(service="billing") == [("a", 1), ("a", 2)]
+    assert keys(trail_id="t1") == [("a", 1), ("b", 1)]
+    assert keys(trace_id=f"{2:032x}") == [("b", 2)]
+    assert keys(chain="a", actor="carol") == [("a", 2)]
+    base = 1_700_000_000_000_000_000
+    assert keys(since=base + 2, until=base + 4) == [("a", 1), ("b", 2)]
+    assert keys(after=("a", 2)) == [("b", 1), ("b", 2)]
+    assert keys(after=("a", 1), limit=2) == [("a", 2), ("b", 1)]
+    assert keys(actor="nobody") == []
+    got = next(iter(ledger.query(Query(trail_id="t1", chain="a"))))
+    assert got.record.attr(v.EFFECT) == "notification"
+    assert got.body == rec(3, chain_service="billing", **{
+        v.ACTOR_ID: "alice", v.ACTION: "invoice.send", v.RESOURCE_TYPE: "invoice",
+        v.RESOURCE_ID: "7", v.TRAIL_ID: "t1", v.EFFECT: "notification"})  # fmt: skip
+
+
+def test_awkward_span_values_are_stored_and_queryable(make_ledger, ledger_kind):
+    ledger = make_ledger(ledger_kind)
+    bodies = span_bodies(2)
+    ledger.append("x", bodies)
+    found = list(ledger.query(Query(actor="ålice \u2603", resource_id="1")))
+    assert [r.body for r in found] == [bodies[1]]
+    assert found[0].record.attributes["nul"] == "a\x00b"
+
+
+def test_dedupe_skips_stored_and_repeated_spans(make_ledger, ledger_kind):
+    ledger = make_ledger(ledger_kind)
+    ledger.append("a", [rec(1), rec(2)])
+    got = ledger.append("b", [rec(2), rec(3), rec(3), rec(4)], dedupe=True)
+    assert [(x.chain, x.seq) for x in got] == [("b", 1), ("b", 2)]
+    assert [r.body for r in ledger.scan("b")] == [rec(3), rec(4)]
+    # Without dedupe the same span may be stored twice (the writer's own retries never do).
+    assert len(ledger.append("b", [rec(4)])) == 1
+    assert ledger.count() == 5
+
+
+def test_checkpoints_round_trip_and_are_idempotent(make_ledger, ledger_kind):
+    ledger = make_ledger(ledger_kind)
+    appended = ledger.append("a", [rec(1), rec(2)])
+    ledger.append("b", [rec(3)])
+    one = Checkpoint("a", 2, appended[1].hash, 123, b"\x01" * 64, "kid", b"\x02" * 32)
+    two = Checkpoint("a", 1, appended[0].hash, 100)
+    ledger.add_checkpoint(one)
+    ledger.add_checkpoint(one)
+    ledger.add_checkpoint(two)
+    ledger.add_checkpoint(Checkpoint("zz", 5, b"\x03" * 32, 7))  # a chain with no records
+    assert ledger.checkpoints("a") == [two, one]
+    assert [c.chain for c in ledger.checkpoints()] == ["a", "a", "zz"]
+    assert ledger.chains() == ["a", "b", "zz"]
+
+
+def test_reopened_ledger_keeps_everything(make_ledger, ledger_url_for, ledger_kind):
+    url = ledger_url_for(ledger_kind)
+    first = make_ledger(ledger_kind, url=url)
+    first.append("a", [rec(1)])
+    first.close()
+    again = make_ledger(ledger_kind, url=url, readonly=True)
+    assert [r.body for r in again.scan("a")] == [rec(1)]
+    assert verify_ledger(again).records == 1
