@@ -17,6 +17,7 @@ from otel_audit.chain import link_hash
 from otel_audit.errors import VerificationError
 from otel_audit.keys import generate_keypair, load_public_key
 from otel_audit.ledger import open_ledger
+from otel_audit.merkle import root_of
 from otel_audit.verify import verify_ledger
 
 N_RECORDS = 120
@@ -190,9 +191,13 @@ def test_insider_recomputing_the_chain_is_caught_only_with_the_key(pristine, tmp
             (prev, digest, body, seq),
         )
         prev = digest
-    # The insider also rewrites every checkpoint head, but cannot sign them.
+    # The insider also rewrites every checkpoint head and Merkle root, but cannot sign them.
     for (seq,) in con.execute("SELECT seq FROM checkpoints WHERE seq >= ?", (target,)).fetchall():
-        con.execute("UPDATE checkpoints SET head=? WHERE seq=?", (row(con, seq)[1], seq))
+        bodies = [b for (b,) in con.execute("SELECT body FROM records WHERE seq <= ? ORDER BY seq", (seq,))]
+        con.execute(
+            "UPDATE checkpoints SET head=?, merkle_root=? WHERE seq=?",
+            (row(con, seq)[1], root_of(bodies), seq),
+        )
     con.commit()
     con.close()
     # Without the public key the rewritten chain is self-consistent...

@@ -50,6 +50,9 @@ CREATE TABLE IF NOT EXISTS records (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS records_trace ON records (trace_id, span_id);
 CREATE INDEX IF NOT EXISTS records_trail ON records (trail_id);
+CREATE INDEX IF NOT EXISTS records_actor ON records (actor_id);
+CREATE INDEX IF NOT EXISTS records_resource ON records (resource_type, resource_id);
+CREATE INDEX IF NOT EXISTS records_action ON records (action);
 CREATE TABLE IF NOT EXISTS checkpoints (
     chain TEXT NOT NULL,
     seq INTEGER NOT NULL,
@@ -273,8 +276,9 @@ class SQLiteLedger(Ledger):
             where.append("start_ns < ?")
             args.append(query.until)
         if query.after is not None:
-            where.append("(chain > ? OR (chain = ? AND seq > ?))")
-            args.extend([query.after[0], query.after[0], query.after[1]])
+            # A row value, so an index ending in (chain, seq) can seek to the cursor.
+            where.append("(chain, seq) > (?, ?)")
+            args.extend([query.after[0], query.after[1]])
         sql = "SELECT chain, seq, prev_hash, hash, body FROM records"
         if where:
             sql += " WHERE " + " AND ".join(where)

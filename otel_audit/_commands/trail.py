@@ -1,0 +1,70 @@
+"""``otel-audit trail``: one trail across services, as a tree, JSON or an HTML report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .._progress import Progress, atomic_output
+from ..errors import ConfigError
+from ..keys import load_public_key
+from ..trail import find_trail, render_html, render_text, to_json, verify_trail
+from ._common import add_ledger_argument, open_for_reading
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "trail",
+        help="show one trail (user action and its effects, every service) as a tree",
+    )
+    add_ledger_argument(p)
+    p.add_argument("trail_id", metavar="TRAIL_ID", help="the audit.trail.id to show")
+    p.add_argument(
+        "--format",
+        choices=["text", "json", "html"],
+        default="text",
+        help="output format (default text)",
+    )
+    p.add_argument("-o", "--output", metavar="PATH", help="write to PATH (default stdout)")
+    p.add_argument(
+        "--public-key", metavar="PATH", help="Ed25519 public key: check checkpoint signatures too"
+    )
+    p.add_argument(
+        "--verify",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="verify the chains of the trail's records (default: on for json and html)",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    public_key = load_public_key(args.public_key) if args.public_key else None
+    verify = (
+        args.verify
+        if args.verify is not None
+        else (args.format != "text" or public_key is not None)
+    )
+    with open_for_reading(args) as ledger:
+        trail = find_trail(ledger, args.trail_id)
+        if not trail.roots:
+            raise ConfigError(f"no records of trail {args.trail_id!r} in the ledger")
+        if verify:
+            chains = {node.stored.chain for _, node in trail.nodes()}
+            heads = [ledger.head(chain) for chain in chains]
+            total = sum(head.seq for head in heads if head is not None)
+            with Progress(total, "verifying") as bar:
+                verify_trail(ledger, trail, public_key, progress=bar.update)
+    if args.format == "json":
+        text = to_json(trail)
+    elif args.format == "html":
+        text = render_html(trail)
+    else:
+        text = render_text(trail)
+    with atomic_output(args.output) as out:
+        out.write(text)
+    if args.output:
+        print(
+            f"wrote trail {args.trail_id} ({len(trail)} records) to {args.output}", file=sys.stderr
+        )
+    return 0

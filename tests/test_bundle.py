@@ -1,0 +1,246 @@
+"""Evidence bundles: written from a real ledger, verified offline, and every
+single-byte change to any file of the bundle is detected."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+import zipfile
+
+import pytest
+
+from otel_audit.bundle import MANIFEST, verify_bundle
+from otel_audit.cli import main
+from otel_audit.errors import VerificationError
+from otel_audit.keys import generate_keypair, load_public_key
+
+from .test_trail import run_shop
+
+
+@pytest.fixture
+def shop(make_pipeline, tmp_path):
+    # checkpoint_every=2: orders (4 records) has roots at 2 and 4; inventory (3) at 2 and,
+    # from shutdown, 3. Records are proven against different checkpoints.
+    return run_shop(make_pipeline, tmp_path, checkpoint_every=2)
+
+
+def make_bundle(shop, tmp_path, capsys, *filters: str) -> bytes:
+    out = tmp_path / "evidence.zip"
+    args = ["bundle", "--ledger", shop.url, "-o", str(out), "--public-key", str(shop.public_key)]
+    assert main(args + list(filters)) == 0
+    capsys.readouterr()
+    return out.read_bytes()
+
+
+def members(data: bytes) -> dict[str, bytes]:
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        return {n: zf.read(n) for n in zf.namelist()}
+
+
+def rezip(files: dict[str, bytes]) -> io.BytesIO:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    buf.seek(0)
+    return buf
+
+
+def rehash(files: dict[str, bytes]) -> dict[str, bytes]:
+    """What an attacker who edits a file does next: fix the manifest's hashes."""
+    manifest = json.loads(files[MANIFEST])
+    manifest["files"] = {n: hashlib.sha256(files[n]).hexdigest() for n in manifest["files"]}
+    files = dict(files)
+    files[MANIFEST] = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+    return files
+
+
+def test_bundle_verifies_offline(shop, tmp_path, capsys) -> None:
+    data = make_bundle(shop, tmp_path, capsys)
+    files = members(data)
+    assert set(files) == {"manifest.json", "records.jsonl", "proofs.jsonl", "checkpoints.json",
+                          "public_key.pem", "info.json"}  # fmt: skip
+    assert len(files["records.jsonl"].splitlines()) == 7
+    cps = json.loads(files["checkpoints.json"])
+    assert sorted((c["chain"], c["seq"]) for c in cps["checkpoints"]) == [
+        ("inventory", 2), ("inventory", 3), ("orders", 2), ("orders", 4),
+    ]  # fmt: skip
+    assert sorted((c["chain"], c["old_seq"], c["new_seq"]) for c in cps["consistency"]) == [
+        ("inventory", 2, 3), ("orders", 2, 4),
+    ]  # fmt: skip
+    shop.path.unlink()  # offline: the ledger is gone
+    bundle = tmp_path / "evidence.zip"
+    assert main(["verify-bundle", str(bundle), "--public-key", str(shop.public_key)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("ok: 7 records in 2 chains proven against 4 checkpoints signed by key ")
+
+
+def test_a_record_proven_without_the_others(shop, tmp_path, capsys) -> None:
+    data = make_bundle(shop, tmp_path, capsys, "--actor", "alice", "--action", "order.create")
+    files = members(data)
+    (line,) = files["records.jsonl"].decode().splitlines()
+    assert json.loads(line)["chain"] == "orders" and json.loads(line)["seq"] == 3
+    report = verify_bundle(io.BytesIO(data), load_public_key(shop.public_key))
+    assert (report.records, report.chains) == (1, 1)
+
+
+def _mutations(files: dict[str, bytes], names: list[str]):
+    for name in names:
+        data = files[name]
+        for i in range(len(data)):
+            changed = dict(files)
+            changed[name] = data[:i] + bytes([data[i] ^ 0x01]) + data[i + 1 :]
+            yield name, i, changed
+
+
+def test_every_single_byte_change_is_detected(shop, tmp_path, capsys) -> None:
+    data = make_bundle(shop, tmp_path, capsys, "--trail", shop.trails[0])
+    key = load_public_key(shop.public_key)
+    files = members(data)
+    verify_bundle(rezip(files), key)  # the untouched bundle, re-zipped, is fine
+    # 1. Any edit of any file, manifest included.
+    checked = 0
+    for name, i, changed in _mutations(files, sorted(files)):
+        with pytest.raises(VerificationError):
+            verify_bundle(rezip(changed), key)
+        checked += 1
+    # 2. The same edits by someone who also fixes the manifest's hashes: records,
+    #    proofs, checkpoints, signatures and the key are still caught by the
+    #    cryptography. (info.json is for people: only the manifest protects it.)
+    evidence = [n for n in sorted(files) if n not in (MANIFEST, "info.json")]
+    for name, i, changed in _mutations(files, evidence):
+        try:
+            verify_bundle(rezip(rehash(changed)), key)
+        except VerificationError:
+            checked += 1
+            continue
+        pytest.fail(f"a change of byte {i} of {name} went unnoticed")
+    assert checked > 10_000
+    # 3. Random other byte values at random positions, both ways.
+    rnd = random.Random(6)
+    for _ in range(2000):
+        name = rnd.choice(evidence)
+        i = rnd.randrange(len(files[name]))
+        new = rnd.choice([b for b in range(256) if b != files[name][i]])
+        changed = dict(files)
+        changed[name] = files[name][:i] + bytes([new]) + files[name][i + 1 :]
+        with pytest.raises(VerificationError):
+            verify_bundle(rezip(rehash(changed)), key)
+
+
+def test_damage_is_named_and_exits_1(shop, tmp_path, capsys) -> None:
+    data = make_bundle(shop, tmp_path, capsys)
+    files = members(data)
+    lines = files["records.jsonl"].decode().splitlines()
+    rec = json.loads(lines[0])  # inventory seq 1: under the checkpoint at seq 2
+    body = json.loads(__import__("base64").b64decode(rec["body"]))
+    body["attributes"]["audit.actor.id"] = "mallory"
+    import base64
+
+    from otel_audit.chain import link_hash
+
+    new_body = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    rec["body"] = base64.b64encode(new_body).decode()
+    rec["hash"] = link_hash(bytes.fromhex(rec["prev_hash"]), new_body).hex()  # a careful forger
+    lines[0] = json.dumps(rec, sort_keys=True, separators=(",", ":"))
+    files["records.jsonl"] = ("\n".join(lines) + "\n").encode()
+    bad = tmp_path / "forged.zip"
+    bad.write_bytes(rezip(rehash(files)).getvalue())
+    assert main(["verify-bundle", str(bad), "--public-key", str(shop.public_key)]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        f"otel-audit: bundle damaged: records.jsonl line 1 (chain {rec['chain']!r} seq {rec['seq']}):"
+        " inclusion proof does not lead to the checkpoint's merkle root\n"
+    )
+    # Another key: the checkpoints are not signed by it.
+    generate_keypair(tmp_path / "other.key", tmp_path / "other.pub")
+    good = tmp_path / "evidence.zip"
+    assert main(["verify-bundle", str(good), "--public-key", str(tmp_path / "other.pub")]) == 1
+    assert "public_key.pem is not the public key given for verification" in capsys.readouterr().err
+    # Not a zip, missing file, missing key: one line each.
+    junk = tmp_path / "junk.zip"
+    junk.write_bytes(b"PK\x03\x04 not really")
+    assert main(["verify-bundle", str(junk), "--public-key", str(shop.public_key)]) == 1
+    assert capsys.readouterr().err == "otel-audit: bundle damaged: not a readable zip file\n"
+    assert (
+        main(["verify-bundle", str(tmp_path / "none.zip"), "--public-key", str(shop.public_key)])
+        == 2
+    )
+    assert capsys.readouterr().err.count("\n") == 1
+    assert main(["verify-bundle", str(good), "--public-key", str(tmp_path / "none.pub")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_records_after_the_last_checkpoint_are_left_out_and_said(
+    make_pipeline, tmp_path, capsys
+) -> None:
+    key, pub = tmp_path / "k.key", tmp_path / "k.pub"
+    generate_keypair(key, pub)
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    pipeline, provider, _ = make_pipeline(
+        url, service_name="shop", signing_key=str(key), checkpoint_every=2
+    )
+    from otel_audit import audit_action
+
+    for i in range(3):
+        with audit_action(
+            "order.create",
+            resource=("order", str(i)),
+            actor="alice",
+            tracer=provider.get_tracer("t"),
+        ):
+            pass
+    # Still running: records 1-2 are under a checkpoint, record 3 is not yet.
+    out = tmp_path / "e.zip"
+    assert main(["bundle", "--ledger", url, "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "note: 1 selected records of chain 'shop' are not covered by a signed checkpoint" in err
+    assert "wrote 2 records from 1 chains with 1 checkpoints" in err
+    assert verify_bundle(str(out), load_public_key(pub)).records == 2
+    # Nothing covered at all: an error, and no file.
+    assert (
+        main(["bundle", "--ledger", url, "-o", str(tmp_path / "f.zip"), "--resource-id", "2"]) == 2
+    )
+    assert "no selected record is covered by a signed checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "f.zip").exists()
+    pipeline.shutdown()
+
+
+def test_bundle_on_both_backends(
+    make_pipeline, tmp_path, capsys, ledger_kind, ledger_url_for
+) -> None:
+    shop = run_shop(make_pipeline, tmp_path, checkpoint_every=2, url=ledger_url_for(ledger_kind))
+    data = make_bundle(shop, tmp_path, capsys, "--actor", "alice")
+    key = load_public_key(shop.public_key)
+    report = verify_bundle(io.BytesIO(data), key)
+    assert (report.records, report.chains) == (3, 1)  # alice's action and its two effects
+    files = members(data)
+    proofs = files["proofs.jsonl"]
+    i = proofs.index(b'"path":["') + len(b'"path":["')
+    files["proofs.jsonl"] = (
+        proofs[:i] + (b"1" if proofs[i : i + 1] == b"0" else b"0") + proofs[i + 1 :]
+    )
+    with pytest.raises(VerificationError, match="inclusion proof does not lead to the checkpoint"):
+        verify_bundle(rezip(rehash(files)), key)
+
+
+def test_extra_missing_and_duplicate_files_are_named(shop, tmp_path, capsys) -> None:
+    key = load_public_key(shop.public_key)
+    files = members(make_bundle(shop, tmp_path, capsys))
+    with pytest.raises(
+        VerificationError, match=r"^bundle damaged: notes.txt is not listed in the manifest$"
+    ):
+        verify_bundle(rezip({**files, "notes.txt": b"hi"}), key)
+    without = {n: d for n, d in files.items() if n != "proofs.jsonl"}
+    with pytest.raises(
+        VerificationError, match="proofs.jsonl is listed in the manifest but missing"
+    ):
+        verify_bundle(rezip(without), key)
+    buf = rezip(files)
+    with zipfile.ZipFile(buf, "a") as zf, pytest.warns(UserWarning, match="Duplicate name"):
+        zf.writestr("records.jsonl", files["records.jsonl"])
+    buf.seek(0)
+    with pytest.raises(VerificationError, match="a file appears twice in the zip"):
+        verify_bundle(buf, key)
