@@ -79,6 +79,11 @@ def verify_ledger(
             damaged.append((not ledger.checkpoints(chain), exc))
     if damaged:
         raise min(damaged, key=lambda item: item[0])[1]
+    # A backend whose query columns are stored (not computed on read) checks
+    # that none of them disagrees with the hashed bytes.
+    check_columns = getattr(ledger, "check_generated", None)
+    if check_columns is not None:
+        check_columns()
     return report
 
 

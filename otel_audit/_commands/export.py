@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
+from typing import Iterable, Iterator
 
+from .._progress import Progress, atomic_output
 from ..export import formats
-from ..ledger import Query
+from ..ledger import Query, StoredRecord
 from ._common import add_ledger_argument, open_for_reading
 from ._filters import add_filter_arguments, query_from_args
 
@@ -29,16 +29,15 @@ def run(args: argparse.Namespace) -> int:
         if not args.output:
             write(ledger.query(query), sys.stdout)
             return 0
-        # Write beside the target and rename at the end: an interrupted export
-        # never leaves a partial file under the requested name.
-        directory = os.path.dirname(os.path.abspath(args.output))
-        fd, tmp = tempfile.mkstemp(prefix=".otel-audit-", dir=directory)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-                n = write(ledger.query(query), fh)
-            os.replace(tmp, args.output)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        # atomic_output renames into place only on success: Ctrl-C or an
+        # error never leaves a partial file under the requested name.
+        with Progress(None, f"exporting {args.format}") as bar, atomic_output(args.output) as fh:
+            n = write(_counted(ledger.query(query), bar), fh)
     print(f"wrote {n} records to {args.output}", file=sys.stderr)
     return 0
+
+
+def _counted(records: Iterable[StoredRecord], bar: Progress) -> Iterator[StoredRecord]:
+    for record in records:
+        bar.update()
+        yield record

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from .._progress import Progress
 from ..anchors import read_anchors
 from ..errors import ConfigError
 from ..keys import load_public_key
@@ -26,7 +27,10 @@ def run(args: argparse.Namespace) -> int:
     if args.anchors and not anchors:
         raise ConfigError(f"no checkpoint log records found in {args.anchors!r}")
     with open_for_reading(args) as ledger:
-        report = verify_ledger(ledger, public_key, anchors=anchors)
+        with Progress(None, "verifying") as bar:
+            if bar.enabled:
+                bar.total = ledger.count()
+            report = verify_ledger(ledger, public_key, anchors=anchors, progress=bar.update)
     if args.quiet:
         return 0
     for c in report.chains:
