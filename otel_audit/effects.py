@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
+from . import _state
 from . import vocabulary as v
 
 _WRITE_OPS = frozenset(
@@ -155,10 +156,15 @@ def effect_span(
     if effect not in v.EFFECTS:
         raise ValueError(f"effect must be one of {', '.join(v.EFFECTS)}")
     if kind is None:
-        kind = SpanKind.PRODUCER if effect in (v.MESSAGE_PUBLISH, v.NOTIFICATION) else SpanKind.INTERNAL
+        kind = (
+            SpanKind.PRODUCER
+            if effect in (v.MESSAGE_PUBLISH, v.NOTIFICATION)
+            else SpanKind.INTERNAL
+        )
     attrs = dict(attributes or {})
     attrs[v.EFFECT] = effect
-    used = tracer or trace.get_tracer("otel_audit.effects")
+    # The audit pipeline's tracer, like audit_action: the span must reach the ledger.
+    used = tracer or _state.tracer()
     with used.start_as_current_span(name, kind=kind, attributes=attrs) as span:
         yield span
 

@@ -166,15 +166,16 @@ class SQLiteLedger(Ledger):
                 seq, prev = (row[0], row[1]) if row else (0, GENESIS)
                 rows = []
                 out = []
+                keys: list[tuple[str, str]] = []
                 seen: set[tuple[str, str]] = set()
-                for body in bodies:
+                if dedupe:
+                    keys = [_span_key(body) for body in bodies]
+                    seen = self._stored_keys(keys)
+                for i, body in enumerate(bodies):
                     if dedupe:
-                        key = _span_key(body)
-                        if key in seen or con.execute(
-                            "SELECT 1 FROM records WHERE trace_id = ? AND span_id = ? LIMIT 1", key
-                        ).fetchone():
+                        if keys[i] in seen:
                             continue
-                        seen.add(key)
+                        seen.add(keys[i])
                     seq += 1
                     digest = link_hash(prev, body)
                     rows.append((chain, seq, prev, digest, body))
@@ -190,6 +191,22 @@ class SQLiteLedger(Ledger):
                     con.execute("ROLLBACK")
                 raise
         return out
+
+    def _stored_keys(self, keys: list[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Which (trace id, span id) of ``keys`` are already stored: one query per 400 keys."""
+        wanted = set(keys)
+        traces = sorted({trace for trace, _ in wanted})
+        found: set[tuple[str, str]] = set()
+        for start in range(0, len(traces), 500):
+            chunk = traces[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            # trace_id IN (...) seeks the (trace_id, span_id) index; a row-value IN does not.
+            for trace, span in self._con.execute(
+                f"SELECT trace_id, span_id FROM records WHERE trace_id IN ({marks})", chunk
+            ):
+                if (trace, span) in wanted:
+                    found.add((trace, span))
+        return found
 
     def head(self, chain: str) -> Appended | None:
         with _mapped("reading chain head"):
