@@ -1,0 +1,239 @@
+"""``otel-audit demo``: the example shop, audited with no code change, end to end.
+
+Starts the two example services (``otel_audit._demo``: shipped in the package
+so this works right after ``pip install``) as real processes on loopback
+under ``opentelemetry-instrument``, with the embedded SQLite ledger in a
+temporary (or given) directory; performs a few user actions as alice and bob
+(bob is denied); prints each trail as a tree with ``otel-audit trail``; ends
+with ``otel-audit verify``. Exit 0 when every step did what it should.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from base64 import b64encode
+from typing import Any
+
+from .. import vocabulary as v
+from ..errors import AuditError, ConfigError
+from ..ledger import Query, open_ledger
+
+# What the example services import or are instrumented by, and the pip names.
+_NEEDS = {
+    "flask": "flask",
+    "requests": "requests",
+    "opentelemetry.instrumentation.sqlite3": "opentelemetry-instrumentation-sqlite3",
+    "opentelemetry.instrumentation.requests": "opentelemetry-instrumentation-requests",
+}
+# opentelemetry-instrument, run by module so no script directory is assumed.
+_INSTRUMENT = (
+    "import sys; sys.argv[0] = 'opentelemetry-instrument';"
+    " from opentelemetry.instrumentation.auto_instrumentation import run; run()"
+)
+#: (user, password, method, path, json body, expected status)
+_STEPS: list[tuple[str, str, str, str, dict[str, Any] | None, int]] = [
+    ("alice", "alice-pw", "POST", "/orders", {"sku": "apple", "qty": 2}, 201),
+    ("bob", "bob-pw", "POST", "/orders", {"sku": "apple", "qty": 1}, 403),
+    ("alice", "alice-pw", "DELETE", "/orders/1", None, 200),
+]
+
+
+class DemoFailed(AuditError):
+    exit_code = 1
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("demo", help="run the example shop audited, print its trails, verify")
+    p.add_argument(
+        "--dir", metavar="PATH", help="where to put the ledger and shop data (default: temp)"
+    )
+    p.add_argument("--timeout", type=float, default=30.0, help=argparse.SUPPRESS)
+    p.set_defaults(func=run)
+
+
+def _check_installed() -> None:
+    missing = [pip for mod, pip in _NEEDS.items() if importlib.util.find_spec(mod) is None]
+    if missing:
+        raise ConfigError(f"the demo needs {', '.join(missing)}: pip install {' '.join(missing)}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _request(
+    url: str, method: str = "GET", body: Any = None, auth: tuple[str, str] | None = None
+) -> int:
+    import json
+
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    if auth is not None:
+        req.add_header("Authorization", "Basic " + b64encode(":".join(auth).encode()).decode())
+    try:
+        with urllib.request.urlopen(req, timeout=30) as reply:
+            return int(reply.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+class _Service:
+    def __init__(self, name: str, directory: pathlib.Path, env: dict[str, str]) -> None:
+        self.name = name
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = directory / f"{name}.log"
+        cmd = [sys.executable, "-c", _INSTRUMENT, sys.executable, "-m",
+               f"otel_audit._demo.{name}", "--port", str(self.port)]  # fmt: skip
+        with open(self.log, "wb") as out:
+            self.process = subprocess.Popen(
+                cmd, env=dict(env, OTEL_SERVICE_NAME=name), cwd=str(directory),
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise DemoFailed(f"the {self.name} service exited; see {self.log}")
+            try:
+                if _request(self.url + "/healthz") == 200:
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise DemoFailed(f"the {self.name} service did not start; see {self.log}")
+            time.sleep(0.05)
+
+    def stop(self) -> int | None:
+        """SIGTERM: the service commits what is queued and writes its last checkpoint."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        return self.process.returncode
+
+
+def _wait_for_job(ledger_url: str, timeout: float) -> None:
+    """The restock job runs after the response: wait until its record is in the ledger."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open_ledger(ledger_url, create=False, readonly=True) as ledger:
+            if any("restock" in str(r.record.attr("db.query.text") or r.record.attr("db.statement"))
+                   for r in ledger.query(Query(service="inventory"))):  # fmt: skip
+                return
+        time.sleep(0.1)
+    raise DemoFailed("the background job's record did not reach the ledger")
+
+
+def _trails(ledger_url: str) -> list[tuple[str, str]]:
+    """(trail id, one-line summary) of each user action on the orders service, in order."""
+    out = []
+    with open_ledger(ledger_url, create=False, readonly=True) as ledger:
+        for stored in ledger.query(Query(service="orders")):
+            rec = stored.record
+            if rec.attr(v.EVENT):
+                who = rec.attr(v.ACTOR_ID) or rec.attr(v.ACTOR_TYPE)
+                out.append((str(rec.attr(v.TRAIL_ID)),
+                            f"{who} did {rec.attr(v.ACTION)}: {rec.attr(v.OUTCOME)}"))  # fmt: skip
+    return out
+
+
+def _print_fallback(ledger_url: str, trail_id: str) -> None:
+    """A small tree by parent span id, for when the ``trail`` command is not available."""
+    with open_ledger(ledger_url, create=False, readonly=True) as ledger:
+        recs = [r.record for r in ledger.query(Query(trail_id=trail_id))]
+    ids = {r.span_id for r in recs}
+    children: dict[str | None, list[Any]] = {}
+    for r in sorted(recs, key=lambda r: r.start):
+        children.setdefault(r.parent_span_id if r.parent_span_id in ids else None, []).append(r)
+
+    def show(parent: str | None, depth: int) -> None:
+        for r in children.get(parent, []):
+            what = r.attr(v.ACTION) or r.attr(v.EFFECT) or r.name
+            who = r.attr(v.ACTOR_ID) or r.attr(v.ACTOR_TYPE) or ""
+            print(f"{'  ' * depth}{r.service}: {what} {r.name!r} {who} {r.attr(v.OUTCOME) or ''}")
+            show(r.span_id, depth + 1)
+
+    show(None, 1)
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_installed()
+    if args.dir:
+        directory = pathlib.Path(args.dir).resolve()
+        directory.mkdir(parents=True, exist_ok=True)
+        if (directory / "audit.db").exists():
+            raise ConfigError(f"{directory / 'audit.db'} exists: give the demo an empty --dir")
+        return _run(directory, args.timeout)
+    with tempfile.TemporaryDirectory(prefix="otel-audit-demo-") as tmp:
+        return _run(pathlib.Path(tmp), args.timeout)
+
+
+def _run(directory: pathlib.Path, timeout: float) -> int:
+    from ..cli import main
+
+    ledger_url = f"sqlite:///{directory / 'audit.db'}"
+    env = {k: val for k, val in os.environ.items() if not k.startswith(("OTEL_", "SHOP_"))}
+    env.update(
+        OTEL_AUDIT_LEDGER=ledger_url,
+        OTEL_AUDIT_TRUSTED_PEERS="127.0.0.1/32",
+        # No collector in the demo: keep the normal pipeline quiet.
+        OTEL_TRACES_EXPORTER="none", OTEL_METRICS_EXPORTER="none", OTEL_LOGS_EXPORTER="none",
+        SHOP_DATA_DIR=str(directory),
+    )  # fmt: skip
+    print(f"otel-audit demo: ledger {ledger_url}")
+    inventory = _Service("inventory", directory, env)
+    orders = _Service("orders", directory, dict(env, SHOP_INVENTORY_URL=inventory.url))
+    failed: list[str] = []
+    try:
+        inventory.wait_ready(timeout)
+        orders.wait_ready(timeout)
+        print(f"started orders on {orders.url}, inventory on {inventory.url}\n")
+        for user, password, method, path, body, expected in _STEPS:
+            status = _request(orders.url + path, method, body, (user, password))
+            print(f"  {user}: {method} {path} -> {status}")
+            if status != expected:
+                failed.append(f"{user} {method} {path}: expected {expected}, got {status}")
+        _wait_for_job(ledger_url, timeout)
+    finally:
+        codes = [orders.stop(), inventory.stop()]
+    if any(code not in (0, -signal.SIGTERM) for code in codes):
+        failed.append(f"a service exited with {codes}; see {directory}")
+    has_trail = importlib.util.find_spec("otel_audit._commands.trail") is not None
+    trails = _trails(ledger_url)
+    if len(trails) != len(_STEPS):
+        failed.append(f"expected {len(_STEPS)} audited actions, found {len(trails)}")
+    for trail_id, summary in trails:
+        print(f"\ntrail {trail_id}: {summary}")
+        sys.stdout.flush()
+        if has_trail:
+            if main(["trail", "--ledger", ledger_url, trail_id]) != 0:
+                failed.append(f"otel-audit trail {trail_id} failed")
+        else:
+            _print_fallback(ledger_url, trail_id)
+    print()
+    sys.stdout.flush()
+    if main(["verify", "--ledger", ledger_url]) != 0:
+        failed.append("otel-audit verify failed")
+    if failed:
+        raise DemoFailed("demo failed: " + "; ".join(failed))
+    return 0

@@ -1,0 +1,114 @@
+"""AuditFlask added in code (``AuditFlask(app)``): route table, custom resolver, app-set actor.
+
+A real Flask app instrumented by FlaskInstrumentor, served over real HTTP on
+loopback by werkzeug in a thread, recorded by a real audit pipeline.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Iterator
+
+import flask
+import pytest
+import requests
+from opentelemetry.instrumentation.flask import FlaskInstrumentor
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+from werkzeug.serving import make_server
+
+import otel_audit
+from otel_audit import vocabulary as v
+from otel_audit.flask import AuditFlask
+from otel_audit.ledger import Query, open_ledger
+
+
+@pytest.fixture
+def serve() -> Iterator[Any]:
+    servers = []
+
+    def start(app: flask.Flask) -> str:
+        server = make_server("127.0.0.1", 0, app, threaded=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+def make_app(provider, **options: Any) -> flask.Flask:
+    app = flask.Flask("incode")
+    FlaskInstrumentor.instrument_app(app, tracer_provider=provider)
+
+    @app.post("/carts/<cart_id>/checkout")
+    def checkout(cart_id: str) -> Any:
+        return {"ok": True}
+
+    @app.post("/search")
+    def search() -> Any:
+        return {"hits": []}
+
+    @app.post("/login")
+    def login() -> Any:
+        # The app names the actor itself after checking the password.
+        otel_audit.set_actor(flask.request.form["user"], auth="password")
+        return {"ok": True}
+
+    @app.patch("/profile")
+    def profile() -> Any:
+        return {"ok": True}
+
+    AuditFlask(app, **options)
+    return app
+
+
+def records(pipeline) -> list[Any]:
+    pipeline.flush()
+    with open_ledger(pipeline.ledger_url, readonly=True) as ledger:
+        return [r.record for r in ledger.query(Query()) if r.record.attr(v.EVENT)]
+
+
+def test_route_table_resolver_and_app_set_actor(make_pipeline, serve):
+    pipeline, provider, _ = make_pipeline(sampler=ALWAYS_OFF)
+    app = make_app(
+        provider,
+        routes={"POST /carts/<cart_id>/checkout": "cart.checkout", "search": False},
+        actor_resolver=lambda: flask.request.headers.get("X-Api-Key-Owner"),
+        resources={"cart_id": "cart"},
+    )
+    url = serve(app)
+    assert requests.post(url + "/carts/c9/checkout", headers={"X-Api-Key-Owner": "svc-a"}).ok
+    assert requests.post(url + "/search").ok
+    assert requests.post(url + "/login", data={"user": "erin"}).ok
+    assert requests.patch(url + "/profile").ok
+    got = {r.attr(v.ACTION): r for r in records(pipeline)}
+    assert set(got) == {"cart.checkout", "login.create", "profile.update"}
+    cart = got["cart.checkout"]
+    assert (cart.attr(v.ACTOR_ID), cart.attr(v.RESOURCE_TYPE), cart.attr(v.RESOURCE_ID)) == (
+        "svc-a", "cart", "c9",
+    )  # fmt: skip
+    assert (got["login.create"].attr(v.ACTOR_ID), got["login.create"].attr(v.ACTOR_AUTH)) == (
+        "erin", "password",
+    )  # fmt: skip
+    assert got["profile.update"].attr(v.ACTOR_TYPE) == v.ACTOR_ANONYMOUS
+
+
+def test_methods_option_and_inbound_trail_is_continued(make_pipeline, serve):
+    pipeline, provider, _ = make_pipeline()
+    app = make_app(provider, methods=["PATCH"])
+    url = serve(app)
+    assert requests.post(url + "/carts/c1/checkout").ok  # POST not audited here
+    reply = requests.patch(url + "/profile", headers={"baggage": "audit.trail.id=feedfacecafe0001"})
+    assert reply.ok
+    (rec,) = records(pipeline)
+    assert (rec.attr(v.ACTION), rec.attr(v.TRAIL_ID)) == ("profile.update", "feedfacecafe0001")
+
+
+def test_an_unwritable_ledger_refuses_the_action(make_pipeline, serve):
+    pipeline, provider, _ = make_pipeline()
+    app = make_app(provider)
+    url = serve(app)
+    pipeline.writer.shutdown()  # the writer no longer accepts records: fail closed
+    reply = requests.patch(url + "/profile")
+    assert reply.status_code == 503 and reply.text == "audit ledger unavailable\n"
