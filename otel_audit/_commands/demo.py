@@ -27,6 +27,7 @@ from typing import Any
 
 from .. import vocabulary as v
 from ..errors import AuditError, ConfigError
+from ..keys import generate_keypair
 from ..ledger import Query, open_ledger
 
 # What the example services import or are instrumented by, and the pip names.
@@ -159,25 +160,6 @@ def _trails(ledger_url: str) -> list[tuple[str, str]]:
     return out
 
 
-def _print_fallback(ledger_url: str, trail_id: str) -> None:
-    """A small tree by parent span id, for when the ``trail`` command is not available."""
-    with open_ledger(ledger_url, create=False, readonly=True) as ledger:
-        recs = [r.record for r in ledger.query(Query(trail_id=trail_id))]
-    ids = {r.span_id for r in recs}
-    children: dict[str | None, list[Any]] = {}
-    for r in sorted(recs, key=lambda r: r.start):
-        children.setdefault(r.parent_span_id if r.parent_span_id in ids else None, []).append(r)
-
-    def show(parent: str | None, depth: int) -> None:
-        for r in children.get(parent, []):
-            what = r.attr(v.ACTION) or r.attr(v.EFFECT) or r.name
-            who = r.attr(v.ACTOR_ID) or r.attr(v.ACTOR_TYPE) or ""
-            print(f"{'  ' * depth}{r.service}: {what} {r.name!r} {who} {r.attr(v.OUTCOME) or ''}")
-            show(r.span_id, depth + 1)
-
-    show(None, 1)
-
-
 def run(args: argparse.Namespace) -> int:
     _check_installed()
     if args.dir:
@@ -194,9 +176,16 @@ def _run(directory: pathlib.Path, timeout: float) -> int:
     from ..cli import main
 
     ledger_url = f"sqlite:///{directory / 'audit.db'}"
+    # A signing key for the checkpoints, kept apart from the ledger as in
+    # production (here a sibling directory; in production another host).
+    keys = directory / "keys"
+    keys.mkdir(mode=0o700, exist_ok=True)
+    generate_keypair(keys / "audit-signing.key", keys / "audit-signing.pub")
+    public_key = keys / "audit-signing.pub"
     env = {k: val for k, val in os.environ.items() if not k.startswith(("OTEL_", "SHOP_"))}
     env.update(
         OTEL_AUDIT_LEDGER=ledger_url,
+        OTEL_AUDIT_SIGNING_KEY=str(keys / "audit-signing.key"),
         OTEL_AUDIT_TRUSTED_PEERS="127.0.0.1/32",
         # No collector in the demo: keep the normal pipeline quiet.
         OTEL_TRACES_EXPORTER="none", OTEL_METRICS_EXPORTER="none", OTEL_LOGS_EXPORTER="none",
@@ -220,21 +209,17 @@ def _run(directory: pathlib.Path, timeout: float) -> int:
         codes = [orders.stop(), inventory.stop()]
     if any(code not in (0, -signal.SIGTERM) for code in codes):
         failed.append(f"a service exited with {codes}; see {directory}")
-    has_trail = importlib.util.find_spec("otel_audit._commands.trail") is not None
     trails = _trails(ledger_url)
     if len(trails) != len(_STEPS):
         failed.append(f"expected {len(_STEPS)} audited actions, found {len(trails)}")
     for trail_id, summary in trails:
         print(f"\ntrail {trail_id}: {summary}")
         sys.stdout.flush()
-        if has_trail:
-            if main(["trail", "--ledger", ledger_url, trail_id]) != 0:
-                failed.append(f"otel-audit trail {trail_id} failed")
-        else:
-            _print_fallback(ledger_url, trail_id)
+        if main(["trail", "--ledger", ledger_url, trail_id]) != 0:
+            failed.append(f"otel-audit trail {trail_id} failed")
     print()
     sys.stdout.flush()
-    if main(["verify", "--ledger", ledger_url]) != 0:
+    if main(["verify", "--ledger", ledger_url, "--public-key", str(public_key)]) != 0:
         failed.append("otel-audit verify failed")
     if failed:
         raise DemoFailed("demo failed: " + "; ".join(failed))
