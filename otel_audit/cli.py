@@ -21,8 +21,8 @@ from .errors import AuditError
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.print_usage(sys.stderr)
-        self.exit(2, f"otel-audit: error: {message}\n")
+        # One line, like every other user error; the usage is one --help away.
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

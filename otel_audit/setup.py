@@ -196,6 +196,13 @@ def configure(ledger: str | None = None, service_name: str | None = None, **opti
     policy = load_policy(options.get("policy"))
     signer = Signer.from_file(conf.signing_key) if conf.signing_key else None
     provider = _provider(options.get("tracer_provider"), service_name)
+    if any(p.provider is provider for p in _state.pipelines()):
+        # A second processor would write every record twice.
+        raise ConfigError(
+            "an audit pipeline is already installed on this tracer provider"
+            " (configure() called twice, or also by opentelemetry-instrument);"
+            " call shutdown() on the first one before configuring again"
+        )
     service = service_name or str(
         provider.resource.attributes.get(SERVICE_NAME) or "unknown_service"
     )

@@ -186,6 +186,15 @@ def _verify_chain(
                 "truncated",
                 f"records {last_seq + 1}..{seq} are gone but the {what} covers them",
             )
+    if public_key is not None and count and not (rep.signatures_checked or rep.anchors_checked):
+        # Deleting every checkpoint must not turn "rewritten" into "unchecked":
+        # with a key, a chain is only intact when a signature vouches for it.
+        raise _damage(
+            chain,
+            1,
+            "bad signature",
+            f"{count} records but no signed checkpoint; nothing proves the chain was not rewritten",
+        )
     rep.records = count
     rep.last_seq = last_seq
     rep.head = expected

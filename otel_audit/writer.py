@@ -134,6 +134,7 @@ class LedgerWriter:
         )
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
+        self._last_checkpoint_error: str | None = None
         self._last_appended: Appended | None = None
 
     def _after_fork(self) -> None:
@@ -355,10 +356,19 @@ class LedgerWriter:
         try:
             self._ledger.add_checkpoint(checkpoint)
         except LedgerError as exc:
-            self._counts["checkpoint_errors"] += 1
-            _log.error("otel-audit: checkpoint failed: %s", exc)
+            with self._cond:
+                self._counts["checkpoint_errors"] += 1
+            # Try again after the interval, not at once: a timed checkpoint that
+            # keeps failing must not spin the writer thread or flood the log.
+            self._last_checkpoint = time.monotonic()
+            if str(exc) != self._last_checkpoint_error:
+                self._last_checkpoint_error = str(exc)
+                _log.error("otel-audit: checkpoint failed (retrying every %ss): %s",
+                           self.checkpoint_interval, exc)  # fmt: skip
             return
-        self._counts["checkpoints"] += 1
+        self._last_checkpoint_error = None
+        with self._cond:
+            self._counts["checkpoints"] += 1
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
         for listener in self.checkpoint_listeners:

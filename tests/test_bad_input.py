@@ -299,3 +299,43 @@ def test_host_span_end_never_raises_when_the_ledger_fails(make_pipeline, tmp_pat
     assert pipeline.stats().failed == 1
     assert [s.name for s in exporter.get_finished_spans()] == ["POST x"]
     assert exporter.get_finished_spans()[0].attributes[v.TRAIL_ID] == "t1"
+
+
+def test_failing_checkpoints_back_off_instead_of_spinning(make_pipeline, tmp_path, caplog):
+    import time
+
+    db = tmp_path / "locked.db"
+    pipeline, _, _ = make_pipeline(
+        ledger=f"sqlite:///{db}?busy_timeout=0", checkpoint_every=10**6, checkpoint_interval=0.1
+    )
+    with otel_audit.audit_action("before.lock"):
+        pass
+    release, held = threading.Event(), threading.Event()
+    locker = threading.Thread(target=_hold_write_lock, args=(str(db), release, held))
+    locker.start()
+    assert held.wait(10)
+    try:
+        time.sleep(1.0)  # measuring a rate over a fixed window, not synchronising
+        errors = pipeline.stats().checkpoint_errors
+    finally:
+        release.set()
+        locker.join()
+    # One attempt per interval (about 10 in the second), not thousands.
+    assert 1 <= errors <= 30
+    assert len([r for r in caplog.records if "checkpoint failed" in r.getMessage()]) == 1
+    deadline = time.monotonic() + 10
+    while pipeline.stats().checkpoints == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def test_configure_twice_on_one_provider_is_refused(make_pipeline):
+    pipeline, provider, _ = make_pipeline()
+    with pytest.raises(ConfigError, match="already installed on this tracer provider"):
+        otel_audit.configure(ledger=pipeline.ledger_url, service_name="shop",
+                             tracer_provider=provider, handle_sigterm=False)  # fmt: skip
+    with otel_audit.audit_action("once"):
+        pass
+    pipeline.flush()
+    with open_ledger(pipeline.ledger_url, readonly=True) as ledger:
+        assert ledger.count() == 1

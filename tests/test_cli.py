@@ -95,3 +95,47 @@ def test_export_and_tail_jsonl_fields(ledger, tmp_path):
     bad_since = cli("export", "--ledger", str(ledger), "--since", "last tuesday")
     assert bad_since.returncode == 2
     assert "--since 'last tuesday' is neither ISO 8601 nor relative" in bad_since.stderr
+
+
+def _edit(db: Path, *statements: str) -> None:
+    import sqlite3
+
+    con = sqlite3.connect(db)
+    for sql in statements:
+        con.execute(sql)
+    con.commit()
+    con.close()
+
+
+def test_tampered_rows_of_any_type_are_named_not_a_traceback(ledger, tmp_path):
+    import shutil
+
+    cases = {
+        "cp_seq": ("UPDATE checkpoints SET seq = 'abc'", 1, "checkpoint row (seq 'abc'"),
+        "schema": ("UPDATE meta SET value = 'x'", 2, "has schema version x, expected 1"),
+    }
+    for name, (sql, code, message) in cases.items():
+        db = tmp_path / f"{name}.db"
+        shutil.copy(ledger, db)
+        _edit(db, sql)
+        result = cli("verify", "--ledger", str(db))
+        assert result.returncode == code, result.stderr
+        assert message in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_a_body_that_is_not_a_record_stops_readers_with_its_seq(ledger, tmp_path):
+    import shutil
+
+    db = tmp_path / "body.db"
+    shutil.copy(ledger, db)
+    # Indexes on the body's fields would refuse the edit; a raw editor has no such scruple.
+    _edit(db, *[f"DROP INDEX {i}" for i in ("records_trace", "records_trail", "records_actor",
+                                           "records_resource", "records_action")],  # fmt: skip
+          "UPDATE records SET body = CAST('{\"v\":1}' AS BLOB) WHERE seq = 2")
+    for args in (["export"], ["tail"], ["search"]):
+        result = cli(*args, "--ledger", f"sqlite:///{db}")
+        assert result.returncode == 1, (args, result.stderr)
+        assert result.stderr.strip().endswith(
+            "chain 'shop' seq 2: modified: record body lacks field 'trace_id' (run otel-audit verify)"
+        )
+        assert "Traceback" not in result.stderr

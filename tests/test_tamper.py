@@ -256,3 +256,24 @@ def test_cli_exit_codes_for_damage(pristine, tmp_path):
         "otel-audit: chain 'shop' seq 17: deleted: record missing (next present is seq 18)"
     )
     assert "Traceback" not in bad.stderr
+
+
+def test_insider_deleting_every_checkpoint_is_caught_with_the_key(pristine, tmp_path):
+    db_src, pub = pristine
+    db = copy(db_src, tmp_path)
+    con = sqlite3.connect(db)
+    prev = row(con, 2)[1]
+    for seq in range(3, N_RECORDS + 1):
+        body = row(con, seq)[2]
+        if seq == 3:
+            body = body.replace(b'"order.update"', b'"order.cancel"')
+        digest = link_hash(prev, body)
+        con.execute("UPDATE records SET prev_hash=?, hash=?, body=? WHERE seq=?", (prev, digest, body, seq))
+        prev = digest
+    con.execute("DELETE FROM checkpoints")
+    con.commit()
+    con.close()
+    assert run_verify(db).records == N_RECORDS  # without the key nothing can tell
+    err = damage(db, pub)
+    assert (err.kind, err.seq) == ("bad signature", 1)
+    assert "no signed checkpoint" in str(err)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 
+from ..errors import ConfigError
 from ..keys import generate_keypair
 
 
@@ -19,6 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
+    if not os.path.basename(args.out):
+        raise ConfigError(f"--out {args.out!r} must name a file prefix, e.g. keys/audit-signing")
     private, public = f"{args.out}.key", f"{args.out}.pub"
     kid = generate_keypair(private, public)
     print(f"wrote {private} (private, mode 0600) and {public} (public); key id {kid}")

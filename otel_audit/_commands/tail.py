@@ -14,10 +14,32 @@ from ._common import add_ledger_argument, open_for_reading
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("tail", help="print the newest records as JSON lines")
     add_ledger_argument(p)
-    p.add_argument("-n", "--lines", type=int, default=10, help="records per chain (default 10)")
+    p.add_argument(
+        "-n", "--lines", type=_count, default=10, help="records per chain (default 10)"
+    )
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new records")
-    p.add_argument("--interval", type=float, default=0.5, help=argparse.SUPPRESS)
+    p.add_argument("--interval", type=_seconds, default=0.5, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0")
+    return value
 
 
 def _newest(ledger: Ledger, chain: str, n: int) -> list[StoredRecord]:

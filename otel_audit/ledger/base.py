@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple, Sequence
 
 from ..chain import Checkpoint
+from ..errors import VerificationError
 from ..record import Record, decode
 
 
@@ -46,7 +47,17 @@ class StoredRecord:
 
     @property
     def record(self) -> Record:
-        return decode(self.body)
+        """The decoded record; a body that is not one is damage, named by chain and seq."""
+        try:
+            return decode(self.body)
+        except ValueError as exc:
+            raise VerificationError(
+                f"chain {self.chain!r} seq {self.seq}: modified: {exc}"
+                " (run otel-audit verify)",
+                chain=self.chain,
+                seq=self.seq,
+                kind="modified",
+            ) from None
 
 
 @dataclass

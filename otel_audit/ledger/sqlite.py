@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from typing import Iterator, Sequence
 
 from ..chain import GENESIS, Checkpoint, link_hash
-from ..errors import LedgerError, LedgerWriteError
+from ..errors import LedgerError, LedgerWriteError, VerificationError
 from .base import Appended, Ledger, Query, RawRow, StoredRecord
 
 SCHEMA_VERSION = 1
@@ -148,7 +148,7 @@ class SQLiteLedger(Ledger):
             row = self._con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         except sqlite3.OperationalError as exc:
             raise LedgerError(f"{self.path!r} is not an otel-audit ledger") from exc
-        if row is None or int(row[0]) != SCHEMA_VERSION:
+        if row is None or str(row[0]) != str(SCHEMA_VERSION):
             raise LedgerError(
                 f"ledger {self.path!r} has schema version {row[0] if row else None}, "
                 f"expected {SCHEMA_VERSION}"
@@ -265,6 +265,15 @@ class SQLiteLedger(Ledger):
             args = (chain,)
         with _mapped("reading checkpoints"):
             rows = self._con.execute(sql + " ORDER BY chain, seq", args).fetchall()
+        for c, s, _h, t, _sig, _k, _m in rows:
+            if type(s) is not int or type(t) is not int:
+                raise VerificationError(
+                    f"chain {c!r}: checkpoint row (seq {s!r}, time {t!r}) is not well-formed:"
+                    " the checkpoints table was edited",
+                    chain=str(c),
+                    seq=s if type(s) is int else 0,
+                    kind="modified",
+                )
         return [
             Checkpoint(
                 str(c),
