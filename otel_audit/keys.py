@@ -89,8 +89,9 @@ def public_key_pem(public_key: Ed25519PublicKey) -> bytes:
 
 def generate_keypair(private_path: str | os.PathLike[str], public_path: str | os.PathLike[str]) -> str:
     """Write a new key pair (private key mode 0600, never overwritten); returns its key id."""
-    if os.path.exists(public_path):
-        raise ConfigError(f"key file {str(public_path)!r} already exists")
+    for path in (private_path, public_path):
+        if os.path.exists(path):
+            raise ConfigError(f"key file {str(path)!r} already exists")
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(
         serialization.Encoding.PEM,
