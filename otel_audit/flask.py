@@ -507,20 +507,28 @@ class AuditFlask:
     def _start(self) -> Any:
         self._note_forced_routes(flask.current_app)
         span = trace.get_current_span()
-        if not span.is_recording():
-            return None
         ctx = otel_context.get_current()
         ip = client_ip(
             request.remote_addr, request.headers.get("X-Forwarded-For"), self.trusted_proxies
         )
         peer_actor = self._peer_actor(ctx, ip)
         if peer_actor is None:
-            # Forged identity must not be believed here nor forwarded downstream.
+            # Forged identity must not be believed here nor forwarded downstream,
+            # whether or not this request is sampled.
             for name in v.ACTOR_ATTRIBUTES:
                 if baggage.get_baggage(name, ctx) is not None:
                     ctx = baggage.remove_baggage(name, ctx)
         else:
             ctx = with_actor(peer_actor, ctx)
+        if not _in(ip, self.trusted_peers) and baggage.get_baggage(v.TRAIL_ID, ctx) is not None:
+            # Only a trusted peer continues a trail: anyone else could graft
+            # their requests onto another user's trail.
+            ctx = baggage.remove_baggage(v.TRAIL_ID, ctx)
+        if not span.is_recording():
+            state = _Request(span, False, ip, None)
+            state.token = otel_context.attach(ctx)
+            setattr(g, _G_KEY, state)
+            return None
         is_audited, action, resource = self._decide()
         state = _Request(span, is_audited, ip, peer_actor)
         if is_audited:

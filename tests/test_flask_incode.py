@@ -59,6 +59,13 @@ def make_app(provider, **options: Any) -> flask.Flask:
     def profile() -> Any:
         return {"ok": True}
 
+    @app.get("/outbound-baggage")
+    def outbound_baggage() -> Any:
+        # What this service would propagate to the next one.
+        from opentelemetry import baggage
+
+        return dict(baggage.get_all())
+
     AuditFlask(app, **options)
     return app
 
@@ -94,15 +101,26 @@ def test_route_table_resolver_and_app_set_actor(make_pipeline, serve):
     assert got["profile.update"].attr(v.ACTOR_TYPE) == v.ACTOR_ANONYMOUS
 
 
-def test_methods_option_and_inbound_trail_is_continued(make_pipeline, serve):
+def test_methods_option_and_inbound_trail_is_continued_from_trusted_peers(make_pipeline, serve):
     pipeline, provider, _ = make_pipeline()
-    app = make_app(provider, methods=["PATCH"])
+    app = make_app(provider, methods=["PATCH"], trusted_peers=["127.0.0.1/32"])
     url = serve(app)
     assert requests.post(url + "/carts/c1/checkout").ok  # POST not audited here
     reply = requests.patch(url + "/profile", headers={"baggage": "audit.trail.id=feedfacecafe0001"})
     assert reply.ok
     (rec,) = records(pipeline)
     assert (rec.attr(v.ACTION), rec.attr(v.TRAIL_ID)) == ("profile.update", "feedfacecafe0001")
+
+
+def test_untrusted_client_cannot_graft_onto_a_trail(make_pipeline, serve):
+    pipeline, provider, _ = make_pipeline()
+    app = make_app(provider, methods=["PATCH"])  # no trusted peers
+    url = serve(app)
+    reply = requests.patch(url + "/profile", headers={"baggage": "audit.trail.id=feedfacecafe0001"})
+    assert reply.ok
+    (rec,) = records(pipeline)
+    # A new trail, named by this request's own span.
+    assert rec.attr(v.TRAIL_ID) == rec.span_id != "feedfacecafe0001"
 
 
 def test_an_unwritable_ledger_refuses_the_action(make_pipeline, serve):
@@ -112,3 +130,14 @@ def test_an_unwritable_ledger_refuses_the_action(make_pipeline, serve):
     pipeline.writer.shutdown()  # the writer no longer accepts records: fail closed
     reply = requests.patch(url + "/profile")
     assert reply.status_code == 503 and reply.text == "audit ledger unavailable\n"
+
+
+@pytest.mark.parametrize("sampled", [True, False])
+def test_forged_baggage_is_not_forwarded_sampled_or_not(make_pipeline, serve, sampled):
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+
+    pipeline, provider, _ = make_pipeline(sampler=ALWAYS_ON if sampled else ALWAYS_OFF)
+    url = serve(make_app(provider))
+    forged = "audit.actor.id=admin,audit.actor.type=user,audit.trail.id=feedfacecafe0001,x=1"
+    reply = requests.get(url + "/outbound-baggage", headers={"baggage": forged})
+    assert reply.json() == {"x": "1"}
