@@ -39,3 +39,15 @@ def test_demo_refuses_a_directory_with_a_ledger(tmp_path: pathlib.Path):
     assert result.stderr.strip().splitlines() == [
         f"otel-audit: {tmp_path / 'audit.db'} exists: give the demo an empty --dir"
     ]
+
+
+def test_demo_dir_errors_are_one_line(tmp_path: pathlib.Path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for target, reason in [(a_file, "File exists"), (tmp_path / "no" / "such", "No such file")]:
+        result = run_demo("--dir", str(target))
+        assert result.returncode == 2
+        assert result.stderr == f"otel-audit: cannot use --dir '{target}': {reason}" + (
+            " or directory\n" if reason == "No such file" else "\n"
+        )
+    assert not (tmp_path / "no").exists()

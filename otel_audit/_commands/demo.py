@@ -164,7 +164,10 @@ def run(args: argparse.Namespace) -> int:
     _check_installed()
     if args.dir:
         directory = pathlib.Path(args.dir).resolve()
-        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            directory.mkdir(exist_ok=True)  # its parent must exist: no surprise trees
+        except OSError as exc:
+            raise ConfigError(f"cannot use --dir {args.dir!r}: {exc.strerror}") from None
         if (directory / "audit.db").exists():
             raise ConfigError(f"{directory / 'audit.db'} exists: give the demo an empty --dir")
         return _run(directory, args.timeout)
