@@ -65,6 +65,7 @@ class AuditAction:
         self._outcome: str | None = None
         self._reason: str | None = None
         self._span: trace.Span | None = None
+        self._trail: str | None = None
         self._token: object | None = None
 
     # -- what the code says ----------------------------------------------
@@ -133,6 +134,7 @@ class AuditAction:
             span_id = span.get_span_context().span_id
             trail = format(span_id, "016x") if span_id else _state.random_trail_id()
             span.set_attribute(v.TRAIL_ID, trail)
+        self._trail = trail
         try:
             # ``blocking`` durability: the intent is committed before the body runs.
             write_intent(span)
@@ -175,7 +177,7 @@ class AuditAction:
         if reason:
             span.set_attribute(v.REASON, reason)
         span.end()
-        failure = take_failure(span.get_span_context().span_id)
+        failure = take_failure(span.get_span_context().span_id, self._trail)
         if failure is not None:
             raise failure
 

@@ -56,13 +56,36 @@ class Policy(Protocol):
         """Redact ``record`` for ``decision.level``; runs before encoding (DESIGN rule 4)."""
 
 
-def take_failure(span_id: int) -> AuditError | None:
-    """The commit error of span ``span_id`` ended on this thread, if any (once)."""
+_MAX_TRAIL_FAILURES = 64
+
+
+def _note_failure(span: ReadableSpan, exc: AuditError) -> None:
+    """Keep ``exc`` for the audited action that ends ``span``, or ends its trail's action."""
+    _failures.value = (span.context.span_id, exc)
+    trail = (span.attributes or {}).get(v.TRAIL_ID)
+    if isinstance(trail, str):
+        trails: dict[str, AuditError] = getattr(_failures, "trails", None) or {}
+        if len(trails) >= _MAX_TRAIL_FAILURES:
+            trails.pop(next(iter(trails)))  # bounded: a thread never grows without end
+        trails[trail] = exc
+        _failures.trails = trails
+
+
+def take_failure(span_id: int, trail_id: str | None = None) -> AuditError | None:
+    """The commit error of span ``span_id``, or of an effect in trail ``trail_id``,
+    ended on this thread since it was last taken (each is returned once).
+
+    An effect (a DB write inside the action) whose record was not committed
+    makes the enclosing action fail too: the trail would otherwise miss it.
+    """
+    own = None
     failure = getattr(_failures, "value", None)
     if failure is not None and failure[0] == span_id:
         _failures.value = None
-        return failure[1]  # type: ignore[no-any-return]
-    return None
+        own = failure[1]
+    trails: dict[str, AuditError] | None = getattr(_failures, "trails", None)
+    in_trail = trails.pop(trail_id, None) if trails and trail_id is not None else None
+    return own or in_trail
 
 
 class AuditSpanProcessor(SpanProcessor):
@@ -155,12 +178,11 @@ class AuditSpanProcessor(SpanProcessor):
             else:
                 self.writer.submit(body)
         except AuditError as exc:
-            _failures.value = (span.context.span_id, exc)
+            _note_failure(span, exc)
         except Exception as exc:  # never raise into span.end()
             _log.exception("otel-audit: could not record span %r", span.name)
-            _failures.value = (
-                span.context.span_id,
-                LedgerWriteError(f"audit record of span {span.name!r} not written: {exc!r}"),
+            _note_failure(
+                span, LedgerWriteError(f"audit record of span {span.name!r} not written: {exc!r}")
             )
 
     def shutdown(self) -> None:

@@ -339,3 +339,35 @@ def test_configure_twice_on_one_provider_is_refused(make_pipeline):
     pipeline.flush()
     with open_ledger(pipeline.ledger_url, readonly=True) as ledger:
         assert ledger.count() == 1
+
+
+def test_a_lost_effect_record_fails_the_enclosing_action(make_pipeline, tmp_path):
+    from opentelemetry import trace
+
+    db = tmp_path / "locked.db"
+    pipeline, provider, _ = make_pipeline(ledger=f"sqlite:///{db}?busy_timeout=50")
+    pipeline.writer.probe_interval = 0.0
+    with otel_audit.audit_action("warm.up"):
+        pass
+    release, held = threading.Event(), threading.Event()
+    ran_after = []
+    with pytest.raises(LedgerWriteError, match="database is locked"):
+        with otel_audit.audit_action("order.pay"):
+            locker = threading.Thread(target=_hold_write_lock, args=(str(db), release, held))
+            locker.start()
+            assert held.wait(10)
+            try:
+                with provider.get_tracer("app").start_as_current_span(
+                    "POST bank", kind=trace.SpanKind.CLIENT, attributes={"http.request.method": "POST"}
+                ):
+                    pass
+            finally:
+                release.set()
+                locker.join()
+            ran_after.append(True)  # the app continues; the action's exit reports the loss
+    assert ran_after == [True]
+    pipeline.flush()
+    with open_ledger(str(db), readonly=True) as ledger:
+        names = [r.record.name for r in ledger.query(Query())]
+    # The payment effect is missing, and the action that caused it said so.
+    assert "POST bank" not in names
