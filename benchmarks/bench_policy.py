@@ -1,0 +1,195 @@
+"""Cost of the audit policy (selection + redaction) on the processor path.
+
+Run: .venv/bin/python benchmarks/bench_policy.py [--spans N]
+
+1. Per record: the work ``on_end`` does for one realistic span (15 attributes
+   including a URL, a SQL statement, captured headers, and an event), from the
+   finished span to its canonical bytes: without a policy (the core path),
+   with the default policy (default redaction only), and with a configured
+   policy (rules, HMAC and commitments, value patterns, boundary
+   classification).
+2. End to end: spans per second through the real SDK: the stock SDK
+   (BatchSpanProcessor, exporter that does nothing) as the baseline, then the
+   audit processor without a policy and with the default policy (async
+   durability, real SQLite ledger). Every span is an audit record, the worst
+   case. Ratios are against numbers measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SimpleSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+import otel_audit
+from otel_audit import vocabulary as v
+from otel_audit.policy import AuditPolicy, load_policy
+from otel_audit.processor import AuditSpanProcessor
+from otel_audit.record import encode, record_from_span
+from otel_audit.writer import LedgerWriter
+
+ATTRS: dict[str, Any] = {
+    v.EVENT: True,
+    v.ACTION: "order.update",
+    v.ACTOR_ID: "alice",
+    v.ACTOR_TYPE: "user",
+    v.RESOURCE_TYPE: "order",
+    v.RESOURCE_ID: "42",
+    v.OUTCOME: "success",
+    v.TRAIL_ID: "0123456789abcdef",
+    "http.request.method": "POST",
+    "http.route": "/orders/<id>",
+    "url.full": "https://shop.example/orders/42?token=abc123def456&page=2",
+    "db.statement": "UPDATE orders SET total = 99 WHERE id = 42",
+    "http.request.header.authorization": ["Bearer eyJhbGciOiJIUzI1NiJ9.e30.x"],
+    "user.email": "alice@example.com",
+    "note": "paid with card 4111 1111 1111 1111",
+}
+
+CONFIGURED = """\
+[[rules]]
+action = "payment.*"
+durability = "blocking"
+
+[[rules]]
+route = "/health*"
+level = "none"
+
+[[rules]]
+action = "order.*"
+level = "full"
+
+[redact]
+hmac_key_file = "{key}"
+
+[[redact.attributes]]
+name = "user.email"
+method = "hmac"
+
+[[redact.attributes]]
+name = "customer.*"
+method = "commit"
+
+[[redact.values]]
+pattern = '\\b\\d{{3}}-\\d{{2}}-\\d{{4}}\\b'
+
+[[boundary.classify]]
+classification = "production"
+tables = ["orders"]
+
+[boundary.allow.production]
+hosts = ["billing.internal:443"]
+"""
+
+
+class NoopExporter(SpanExporter):
+    def export(self, spans):  # type: ignore[no-untyped-def]
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+
+def finished_spans(n: int) -> list[ReadableSpan]:
+    provider = TracerProvider(shutdown_on_exit=False)
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("bench")
+    for _ in range(n):
+        with tracer.start_as_current_span(
+            "order.update", kind=SpanKind.SERVER, attributes=ATTRS
+        ) as s:
+            s.add_event("exception", {"exception.message": "retry with Bearer abcdefghijkl"})
+    return list(exporter.get_finished_spans())
+
+
+def per_record(spans: list[ReadableSpan], policy: AuditPolicy | None) -> float:
+    """Microseconds per span from finished span to canonical bytes."""
+    started = time.perf_counter()
+    for span in spans:
+        extra: dict[str, Any] = {}
+        if policy is not None:
+            decision = policy.decide(span, extra)
+            assert decision is not None
+            extra.update(decision.attributes)
+            record = policy.apply(record_from_span(span, "shop", extra), decision)
+        else:
+            record = record_from_span(span, "shop", extra)
+        encode(record)
+    return (time.perf_counter() - started) / len(spans) * 1e6
+
+
+def throughput(provider: TracerProvider, n: int) -> float:
+    tracer = provider.get_tracer("bench")
+    started = time.perf_counter()
+    for _ in range(n):
+        with tracer.start_as_current_span("order.update", attributes=ATTRS):
+            pass
+    return n / (time.perf_counter() - started)
+
+
+def audited(directory: Path, name: str, policy: AuditPolicy | None) -> tuple[TracerProvider, Any]:
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(BatchSpanProcessor(NoopExporter(), max_queue_size=1 << 20))
+    url = f"sqlite:///{directory / name}"
+    writer = LedgerWriter(url, "shop", max_queue_size=1 << 16, checkpoint_every=1 << 30)
+    processor = AuditSpanProcessor(writer, "shop", durability="async", policy=policy)
+    provider.add_span_processor(processor)
+    return provider, writer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--spans", type=int, default=20000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        key = directory / "hmac.key"
+        key.write_bytes(b"0123456789abcdef0123456789abcdef")
+        policy_file = directory / "policy.toml"
+        policy_file.write_text(CONFIGURED.format(key=key))
+        default, configured = load_policy(env={}), AuditPolicy.load(str(policy_file))
+
+        spans = finished_spans(min(args.spans, 5000))
+        per_record(spans[:200], default)  # warm up
+        base = min(per_record(spans, None) for _ in range(3))
+        dflt = min(per_record(spans, default) for _ in range(3))
+        conf = min(per_record(spans, configured) for _ in range(3))
+        print(f"per record, finished span -> canonical bytes ({len(spans)} spans, best of 3)")
+        print(f"  no policy (core path)  {base:8.1f} us")
+        print(f"  default policy         {dflt:8.1f} us   x{dflt / base:.2f}")
+        print(f"  configured policy      {conf:8.1f} us   x{conf / base:.2f}")
+
+        stock = TracerProvider(shutdown_on_exit=False)
+        stock.add_span_processor(BatchSpanProcessor(NoopExporter(), max_queue_size=1 << 20))
+        throughput(stock, 1000)
+        sdk = throughput(stock, args.spans)
+        results = {}
+        for name, policy in (("no policy", None), ("default policy", default)):
+            provider, writer = audited(directory, name.replace(" ", "_") + ".db", policy)
+            rate = throughput(provider, args.spans)
+            writer.flush(120)
+            results[name] = rate
+            provider.shutdown()
+        print(f"\nend to end, spans/s ({args.spans} spans, async, SQLite ledger)")
+        print(f"  stock SDK              {sdk:10.0f}")
+        for name, rate in results.items():
+            print(f"  audited, {name:<15}{rate:10.0f}   {rate / sdk:.2f} of stock")
+        print(f"  default policy vs none: {results['default policy'] / results['no policy']:.2f}")
+    _ = otel_audit
+
+
+if __name__ == "__main__":
+    main()
