@@ -139,7 +139,8 @@ def test_defaults_cover_every_part_of_a_record(make_pipeline) -> None:
     assert charge.attr("http.request.header.authorization") == ["[REDACTED]"]
     assert charge.attr("payment.card") == "[REDACTED:card]"
     assert charge.attr("user.password") == "[REDACTED]"
-    assert charge.events[0].attributes == {"exception.message": "token=[REDACTED] rejected"}
+    # The message of an exception event often quotes values: masked whole.
+    assert charge.events[0].attributes == {"exception.message": "[REDACTED]"}
     assert charge.status_message == "card [REDACTED:card] declined"
     assert post.attr("url.full") == "https://psp.example/charge?api_key=[REDACTED]"
     assert post.links[0].attributes == {"note": "Bearer [REDACTED]"}
