@@ -412,6 +412,8 @@ class BoundaryProcessor(SpanProcessor):
             if trail is None:
                 return
             inherited = parse_labels(baggage.get_baggage(v.DATA_CLASSIFICATION, parent_context))
+            if not inherited and not self.config.active and not self.registry.get(trail):
+                return  # nothing classified here nor upstream: the common, cheap case
             own = self.config.classify(attrs, self.service)
             self.registry.add(trail, inherited | own)
             labels = self.registry.get(trail) | inherited | own
@@ -447,7 +449,7 @@ class BoundaryProcessor(SpanProcessor):
         try:
             attrs = span.attributes or {}
             trail = attrs.get(v.TRAIL_ID)
-            if isinstance(trail, str):
+            if isinstance(trail, str) and self.config.active:
                 # Attributes set after start (http.route) can classify a trail too.
                 self.registry.add(trail, self.config.classify(attrs, self.service))
         except Exception:
