@@ -11,6 +11,7 @@ command.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import tempfile
@@ -18,6 +19,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import IO, Any, TextIO
+
+from .errors import ConfigError
 
 _REDRAW = 0.1  # seconds between redraws: fast enough to feel live, cheap enough not to matter
 
@@ -115,6 +118,15 @@ class Progress:
         self.close()
 
 
+# errno values that mean "the output cannot take more bytes": raised by a write
+# inside the block, they are about the output file, not the caller's work.
+_NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def _cannot_write(path: str, exc: OSError) -> ConfigError:
+    return ConfigError(f"cannot write {path!r}: {exc.strerror or exc}")
+
+
 @contextmanager
 def atomic_output(
     path: str | None, mode: str = "w", *, stdout: IO[Any] | None = None
@@ -122,27 +134,42 @@ def atomic_output(
     """Yield a file to write; it appears at ``path`` only if the block succeeds.
 
     ``path`` None or ``-`` yields stdout (text mode) or its buffer (binary).
+    A path that cannot be written (a directory, a missing folder, a full disk)
+    raises ``ConfigError("cannot write 'PATH': reason")``, one line for the
+    CLI, and the temporary file is removed whatever happens.
     """
     if path is None or path == "-":
         out = stdout if stdout is not None else sys.stdout
         yield out.buffer if "b" in mode and hasattr(out, "buffer") else out
         return
+    if os.path.isdir(path):
+        # Refuse before the caller does its work: os.replace would fail only at the end.
+        raise ConfigError(f"cannot write {path!r}: {os.strerror(errno.EISDIR)}")
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".otel-audit-", suffix=".part", dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".otel-audit-", suffix=".part", dir=directory)
+    except OSError as exc:
+        raise _cannot_write(path, exc) from exc
+    in_block = False
     try:
         if "b" in mode:
             fh: IO[Any] = os.fdopen(fd, "wb")
         else:
             fh = os.fdopen(fd, "w", encoding="utf-8", newline="")
         with fh:
+            in_block = True
             yield fh
+            in_block = False
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         # BaseException: KeyboardInterrupt and SystemExit must clean up too.
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError) and (not in_block or exc.errno in _NO_ROOM):
+            # Our own open/flush/fsync/close/rename, or a write the disk refused.
+            raise _cannot_write(path, exc) from exc
         raise

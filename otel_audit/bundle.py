@@ -27,6 +27,7 @@ import hashlib
 import json
 import time
 import zipfile
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import IO, Any
@@ -34,7 +35,7 @@ from typing import IO, Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ._progress import Progress
-from .chain import Checkpoint, link_hash
+from .chain import GENESIS, Checkpoint, link_hash
 from .errors import ConfigError, VerificationError
 from .keys import key_id, public_key_pem, verify_signature
 from .ledger import Ledger, Query, StoredRecord
@@ -49,6 +50,17 @@ PROOFS = "proofs.jsonl"
 CHECKPOINTS = "checkpoints.json"
 PUBLIC_KEY = "public_key.pem"
 INFO = "info.json"
+
+#: The most a bundle may unpack to (about 1,850 bytes a record at 100,000
+#: records, so some 550,000 records): verification holds it in memory, and
+#: a crafted zip must not make it allocate more. ``write_bundle`` refuses to
+#: write a bigger one.
+MAX_BUNDLE_BYTES = 1 << 30
+# Canonical JSON with hashes and base64 bodies deflates 10-15 times at most
+# (measured: proofs 13x, records 9.5x); a member over 1 MiB that expands more
+# than 200 times was crafted to.
+_MAX_RATIO = 200
+_MIN_RATIO_CHECKED = 1 << 20
 
 
 def _canon(data: Any) -> str:
@@ -82,6 +94,25 @@ def _usable(checkpoints: Iterable[Checkpoint]) -> list[Checkpoint]:
     )
 
 
+def _diagnose(ledger: Ledger, chain: str, newest: Checkpoint) -> VerificationError:
+    """The first damage of ``chain``, named as ``otel-audit verify`` names it."""
+    from .trail import verify_chain
+
+    try:
+        # No key: the damage found here is in the records, not the signatures.
+        verify_chain(ledger, chain)
+    except VerificationError as exc:
+        return VerificationError(
+            f"{exc}: cannot build proofs (run otel-audit verify)",
+            chain=exc.chain, seq=exc.seq, kind=exc.kind,
+        )  # fmt: skip
+    return VerificationError(
+        f"chain {chain!r} seq {newest.seq}: modified: the records do not match the"
+        " checkpoint's merkle root (run otel-audit verify)",
+        chain=chain, seq=newest.seq, kind="modified",
+    )  # fmt: skip
+
+
 def write_bundle(
     ledger: Ledger,
     query: Query,
@@ -113,23 +144,26 @@ def write_bundle(
             continue
         newest = cps[-1]
         # One pass over the chain up to the newest root; proofs come from the tree.
+        # The links are checked on the way: a bundle of damaged records would
+        # only fail later, at the reviewer's, with a less precise message.
         leaves: list[bytes] = []
+        expected = GENESIS
+        intact = True
         for row in ledger.scan(chain):
             if row.seq > newest.seq:
                 break
-            if row.seq != len(leaves) + 1:
-                raise VerificationError(
-                    f"chain {chain!r} seq {len(leaves) + 1}: deleted: cannot build proofs"
-                    " (run otel-audit verify)", chain=chain, seq=len(leaves) + 1, kind="deleted",
-                )  # fmt: skip
+            if (
+                row.seq != len(leaves) + 1
+                or row.prev_hash != expected
+                or link_hash(row.prev_hash, row.body) != row.hash
+            ):
+                intact = False
+                break
             leaves.append(leaf_hash(row.body))
-        tree = Tree(leaves)
-        if tree.root() != newest.merkle_root:
-            raise VerificationError(
-                f"chain {chain!r} seq {newest.seq}: modified: the records do not match the"
-                " checkpoint's merkle root (run otel-audit verify)",
-                chain=chain, seq=newest.seq, kind="modified",
-            )  # fmt: skip
+            expected = row.hash
+        tree = Tree(leaves) if intact else None
+        if tree is None or len(leaves) != newest.seq or tree.root() != newest.merkle_root:
+            raise _diagnose(ledger, chain, newest)
         cp_index = 0
         for stored in rows:
             if stored.seq > newest.seq:
@@ -201,6 +235,15 @@ def write_bundle(
     }
     if public_key is not None:
         files[PUBLIC_KEY] = public_key_pem(public_key)
+    size = sum(len(data) for data in files.values())
+    if size > MAX_BUNDLE_BYTES - (1 << 20):  # room for the manifest
+        # verify-bundle refuses more (it holds a bundle in memory): never write
+        # evidence that cannot be checked.
+        raise ConfigError(
+            f"the selection is too large for one bundle: {len(record_lines):,} records make"
+            f" {size:,} bytes, over the {MAX_BUNDLE_BYTES:,} that verify-bundle accepts;"
+            " select fewer (e.g. --since/--until, --chain)"
+        )
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -233,7 +276,14 @@ def _parse_canonical(text: str, where: str) -> Any:
         data = json.loads(text)
     except ValueError:
         raise _bad(f"{where} is not valid JSON") from None
-    if _canon(data) != text:
+    except RecursionError:
+        # Nothing otel-audit writes nests more than a few levels.
+        raise _bad(f"{where} is not valid JSON (nested too deeply)") from None
+    try:
+        canonical = _canon(data)
+    except RecursionError:
+        raise _bad(f"{where} is not valid JSON (nested too deeply)") from None
+    if canonical != text:
         raise _bad(f"{where} is not in canonical form (edited)")
     return data
 
@@ -277,19 +327,51 @@ def verify_bundle(
     """Verify a bundle offline; returns a report or raises VerificationError naming the damage."""
     try:
         zf = zipfile.ZipFile(source)
-    except (zipfile.BadZipFile, EOFError):
+    except (zipfile.BadZipFile, EOFError, NotImplementedError, ValueError, RuntimeError):
+        # NotImplementedError: a damaged directory can claim a future zip version.
         raise _bad("not a readable zip file") from None
     except OSError as exc:
         raise ConfigError(f"cannot read bundle: {exc.strerror or exc}") from exc
     with zf:
-        names = [info.filename for info in zf.infolist()]
+        infos = zf.infolist()
+        names = [info.filename for info in infos]
         if len(names) != len(set(names)):
             # Two members of one name: a reader might see either; refuse both.
             raise _bad("a file appears twice in the zip")
-        try:
-            contents = {info.filename: zf.read(info) for info in zf.infolist()}
-        except (zipfile.BadZipFile, EOFError, ValueError, OSError, RuntimeError) as exc:
-            raise _bad(f"zip content is corrupt ({exc})") from None
+        # Sizes from the zip's directory, checked before inflating anything: a
+        # small crafted file must not make the verifier allocate gigabytes.
+        total = 0
+        for info in infos:
+            total += info.file_size
+            if total > MAX_BUNDLE_BYTES:
+                raise _bad(
+                    f"bundle member {info.filename!r} is too large: the bundle unpacks to more"
+                    f" than {MAX_BUNDLE_BYTES:,} bytes"
+                )
+            if info.file_size > _MIN_RATIO_CHECKED and info.file_size > _MAX_RATIO * max(
+                info.compress_size, 1
+            ):
+                raise _bad(
+                    f"bundle member {info.filename!r} expands {info.file_size:,} bytes from"
+                    f" {info.compress_size:,}: not written by otel-audit (a zip bomb?)"
+                )
+        contents: dict[str, bytes] = {}
+        for info in infos:
+            try:
+                # zipfile stops at the declared size and checks the CRC at the end.
+                with zf.open(info) as member:
+                    data = member.read(info.file_size + 1)
+            except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, RuntimeError) as exc:
+                raise _bad(f"bundle member {info.filename!r} is corrupt ({exc})") from None
+            except OSError as exc:  # e.g. a seek to a damaged offset
+                raise _bad(f"bundle member {info.filename!r} is corrupt ({exc})") from None
+            except NotImplementedError as exc:  # an unknown compression method
+                raise _bad(f"bundle member {info.filename!r} cannot be read ({exc})") from None
+            except MemoryError:
+                raise _bad(f"bundle member {info.filename!r} is too large to read") from None
+            if len(data) != info.file_size:
+                raise _bad(f"bundle member {info.filename!r} is corrupt (wrong size)")
+            contents[info.filename] = data
     return _verify_contents(contents, public_key, progress)
 
 
@@ -429,6 +511,8 @@ def _verify_contents(
             decode(body)
         except ValueError as exc:
             raise _bad(f"{where}: {exc}") from None
+        except RecursionError:
+            raise _bad(f"{where}: body is not a record (nested too deeply)") from None
         pwhere = f"{PROOFS} line {n}"
         p = _fields(
             _parse_canonical(pline, pwhere),

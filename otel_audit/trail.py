@@ -21,7 +21,7 @@ import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -30,6 +30,9 @@ from .chain import Checkpoint
 from .errors import VerificationError
 from .ledger import Ledger, Query, RawRow, StoredRecord
 from .record import Record
+
+if TYPE_CHECKING:
+    from .verify import ChainReport
 
 #: Verification states of a record shown in a trail.
 INTACT = "intact"  # chain verified up to it and it is covered by a (signed) checkpoint
@@ -213,6 +216,27 @@ class _OneChain(Ledger):
         return self._inner.count()
 
 
+def verify_chain(
+    ledger: Ledger,
+    chain: str,
+    public_key: Ed25519PublicKey | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> ChainReport | None:
+    """Verify one chain of ``ledger`` exactly as ``verify`` does; raises VerificationError.
+
+    Returns its report (None when the chain has no records nor checkpoints).
+    """
+    from .verify import verify_ledger
+
+    report = verify_ledger(_OneChain(ledger, chain), public_key, progress=progress)
+    return report.chains[0] if report.chains else None
+
+
+#: Damage after which no record of the chain is proven: a checkpoint that is
+#: unsigned or wrongly signed means the whole chain could have been recomputed.
+_WHOLE_CHAIN = frozenset({"bad signature"})
+
+
 def verify_trail(
     ledger: Ledger,
     trail: Trail,
@@ -222,21 +246,23 @@ def verify_trail(
     """Verify every chain the trail touches and mark each node intact/unanchored/damaged.
 
     A record is ``damaged`` when it is at or after the first damage of its
-    chain (nothing after a break can be trusted), ``unanchored`` when its chain
-    verifies but no checkpoint (signed, when a key is given) covers it yet.
+    chain (nothing after a break can be trusted), or anywhere in a chain whose
+    checkpoint signature fails (a forger who recomputed every hash leaves the
+    chain itself consistent: only the signature tells, and it vouches for none
+    of the chain). It is ``unanchored`` when its chain verifies but no
+    checkpoint (signed, when a key is given) covers it yet.
     """
     from .keys import key_id
-    from .verify import verify_ledger
 
     chains = sorted({node.stored.chain for _, node in trail.nodes()})
     outcome: dict[str, tuple[int | None, int, str]] = {}
     for chain in chains:
         try:
-            report = verify_ledger(_OneChain(ledger, chain), public_key, progress=progress)
+            rep = verify_chain(ledger, chain, public_key, progress)
         except VerificationError as exc:
-            outcome[chain] = (exc.seq or 1, 0, str(exc))
+            start = 1 if exc.kind in _WHOLE_CHAIN else (exc.seq or 1)
+            outcome[chain] = (start, 0, str(exc))
         else:
-            rep = report.chains[0] if report.chains else None
             outcome[chain] = (None, rep.last_checkpoint_seq if rep else 0, "")
     for _, node in trail.nodes():
         damaged_from, covered_to, why = outcome[node.stored.chain]
@@ -259,6 +285,11 @@ def verify_trail(
             )
     trail.verified = True
     trail.public_key_id = key_id(public_key) if public_key is not None else None
+
+
+def damaged(trail: Trail) -> list[TrailNode]:
+    """The trail's records found damaged by ``verify_trail`` (empty when not verified)."""
+    return [node for _, node in trail.nodes() if node.status == DAMAGED]
 
 
 # -- rendering ---------------------------------------------------------------

@@ -3,15 +3,20 @@ single-byte change to any file of the bundle is detected."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
 import random
+import sqlite3
+import struct
 import zipfile
+import zlib
 
 import pytest
 
 from otel_audit.bundle import MANIFEST, verify_bundle
+from otel_audit.chain import link_hash
 from otel_audit.cli import main
 from otel_audit.errors import VerificationError
 from otel_audit.keys import generate_keypair, load_public_key
@@ -244,3 +249,158 @@ def test_extra_missing_and_duplicate_files_are_named(shop, tmp_path, capsys) -> 
     buf.seek(0)
     with pytest.raises(VerificationError, match="a file appears twice in the zip"):
         verify_bundle(buf, key)
+
+
+def _data_offset(data: bytes, name: str) -> tuple[int, int]:
+    """Where a member's compressed bytes are in the zip: (offset, length)."""
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        info = zf.getinfo(name)
+    name_len, extra_len = struct.unpack(
+        "<HH", data[info.header_offset + 26 : info.header_offset + 30]
+    )
+    return info.header_offset + 30 + name_len + extra_len, info.compress_size
+
+
+def test_corrupt_compressed_data_is_damage_not_a_crash(shop, tmp_path, capsys) -> None:
+    data = make_bundle(shop, tmp_path, capsys)
+    key = load_public_key(shop.public_key)
+    start, length = _data_offset(data, "records.jsonl")
+    reasons, caught = set(), 0
+    for i in range(start, start + min(length, 400)):
+        flipped = data[:i] + bytes([data[i] ^ 0x01]) + data[i + 1 :]
+        try:
+            verify_bundle(io.BytesIO(flipped), key)
+        except VerificationError as exc:  # anything else fails the test
+            reasons.add(str(exc).split(" (")[0])
+            caught += 1
+        # (A flip in an unused part of a Huffman table inflates to the same
+        # bytes, CRC and all: the bundle is then genuinely intact.)
+    # Some flips break the deflate stream itself (zlib), others only the CRC.
+    assert reasons == {"bundle damaged: bundle member 'records.jsonl' is corrupt"}
+    assert caught > 300
+    # Through the CLI: a flip the inflater rejects is one line, exit 1.
+    for i in range(start, start + length):
+        flipped = data[:i] + bytes([data[i] ^ 0x01]) + data[i + 1 :]
+        try:
+            with zipfile.ZipFile(io.BytesIO(flipped)) as zf:
+                zf.read("records.jsonl")
+        except zlib.error:
+            break
+        except zipfile.BadZipFile:
+            continue
+    else:
+        pytest.fail("no single flip broke the deflate stream")
+    crc = tmp_path / "crc.zip"
+    crc.write_bytes(flipped)
+    assert main(["verify-bundle", "--public-key", str(shop.public_key), str(crc)]) == 1
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(
+            "otel-audit: bundle damaged: bundle member 'records.jsonl' is corrupt (Error -3"
+        )
+        and err.count("\n") == 1
+    ), err
+
+
+def test_deeply_nested_json_is_damage_not_a_crash(shop, tmp_path, capsys) -> None:
+    files = members(make_bundle(shop, tmp_path, capsys))
+    key = load_public_key(shop.public_key)
+    deep = tmp_path / "deep.zip"
+    deep.write_bytes(rezip({**files, MANIFEST: b"[" * 200_000}).getvalue())
+    assert main(["verify-bundle", "--public-key", str(shop.public_key), str(deep)]) == 1
+    assert capsys.readouterr().err == (
+        "otel-audit: bundle damaged: manifest.json is not valid JSON (nested too deeply)\n"
+    )
+    # A record whose body is deep (its hash fixed up, as a forger would).
+    lines = files["records.jsonl"].decode().splitlines()
+    rec = json.loads(lines[0])
+    body = b"[" * 200_000
+    rec["body"] = base64.b64encode(body).decode()
+    rec["hash"] = link_hash(bytes.fromhex(rec["prev_hash"]), body).hex()
+    lines[0] = json.dumps(rec, sort_keys=True, separators=(",", ":"))
+    forged = rehash({**files, "records.jsonl": ("\n".join(lines) + "\n").encode()})
+    with pytest.raises(VerificationError, match=r"line 1 .*: body is not a record \(nested too"):
+        verify_bundle(rezip(forged), key)
+    # Deep but closed, so the parser may accept it: then the canonical check must not crash.
+    for depth in (900, 200_000):
+        nested = rehash({**files, "checkpoints.json": b"[" * depth + b"]" * depth})
+        with pytest.raises(VerificationError, match="checkpoints.json"):
+            verify_bundle(rezip(nested), key)
+
+
+def test_zip_bombs_are_refused_before_inflating(shop, tmp_path, capsys) -> None:
+    files = members(make_bundle(shop, tmp_path, capsys))
+    # 1. 64 MiB of zeros deflates to about 64 KiB: nothing otel-audit writes is like that.
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+        with zf.open("padding.bin", "w") as member:
+            for _ in range(64):
+                member.write(bytes(1 << 20))
+    bomb = tmp_path / "bomb.zip"
+    bomb.write_bytes(buf.getvalue())
+    assert bomb.stat().st_size < 1 << 20
+    assert main(["verify-bundle", "--public-key", str(shop.public_key), str(bomb)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "otel-audit: bundle damaged: bundle member 'padding.bin' expands 67,108,864 bytes from"
+    ) and err.endswith("not written by otel-audit (a zip bomb?)\n"), err
+    # 2. A member whose directory entry declares more than the cap (and whose
+    #    local header agrees): refused from the sizes alone, nothing inflated.
+    raw = bytearray(rezip(files).getvalue())
+    with zipfile.ZipFile(io.BytesIO(bytes(raw))) as zf:
+        info = zf.getinfo("records.jsonl")
+    huge = struct.pack("<I", 0xFFFF_FFF0)
+    raw[info.header_offset + 18 : info.header_offset + 26] = huge + huge  # local sizes
+    central = bytes(raw).index(b"PK\x01\x02")
+    while struct.unpack("<I", raw[central + 42 : central + 46])[0] != info.header_offset:
+        central = bytes(raw).index(b"PK\x01\x02", central + 1)
+    raw[central + 20 : central + 28] = huge + huge  # central directory sizes
+    big = tmp_path / "big.zip"
+    big.write_bytes(bytes(raw))
+    assert main(["verify-bundle", "--public-key", str(shop.public_key), str(big)]) == 1
+    assert capsys.readouterr().err == (
+        "otel-audit: bundle damaged: bundle member 'records.jsonl' is too large:"
+        f" the bundle unpacks to more than {1 << 30:,} bytes\n"
+    )
+
+
+def test_bundle_names_the_first_damaged_record_as_verify_does(shop, tmp_path, capsys) -> None:
+    con = sqlite3.connect(shop.path)
+    con.execute("UPDATE records SET body=? WHERE chain='orders' AND seq=3", (b'{"v":1}',))
+    con.commit()
+    con.close()
+    assert main(["verify", "--ledger", shop.url]) == 1
+    verify_line = capsys.readouterr().err.strip()
+    assert verify_line.startswith("otel-audit: chain 'orders' seq 3: modified")
+    out = tmp_path / "e.zip"
+    assert main(["bundle", "--ledger", shop.url, "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"{verify_line}: cannot build proofs (run otel-audit verify)\n"
+    assert not out.exists()
+    # A changed hash (the bytes intact, so the Merkle root still matches) is
+    # refused too, rather than written into a bundle that cannot verify.
+    con = sqlite3.connect(shop.path)
+    con.execute("UPDATE records SET hash=? WHERE chain='inventory' AND seq=1", (bytes(32),))
+    con.commit()
+    con.close()
+    assert main(["bundle", "--ledger", shop.url, "-o", str(out), "--chain", "inventory"]) == 1
+    assert capsys.readouterr().err.startswith("otel-audit: chain 'inventory' seq 1: modified")
+    assert not out.exists()
+
+
+def test_any_byte_of_the_zip_changed_is_damage_or_harmless(shop, tmp_path, capsys) -> None:
+    # Headers, directory, compressed data: a change either leaves the files
+    # unchanged (a timestamp, an unused bit) or is reported as damage, never a crash.
+    data = make_bundle(shop, tmp_path, capsys, "--trail", shop.trails[0])
+    key = load_public_key(shop.public_key)
+    rnd = random.Random(7)
+    damaged = 0
+    for i in range(len(data)):
+        for x in (0x01, 0x80, rnd.randrange(1, 256)):
+            try:
+                verify_bundle(io.BytesIO(data[:i] + bytes([data[i] ^ x]) + data[i + 1 :]), key)
+            except VerificationError:
+                damaged += 1
+    assert damaged > 2 * len(data)

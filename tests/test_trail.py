@@ -209,3 +209,90 @@ def test_missing_ledger_is_one_line(tmp_path, capsys) -> None:
     assert main(["trail", "--ledger", str(tmp_path / "none.db"), "x"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "does not exist" in err
+
+
+def _forge_unsigned(path: pathlib.Path, chain: str) -> None:
+    """An insider rewrites the actor in ``chain``, recomputes every later hash and the
+    checkpoints (head and Merkle root), but cannot sign: the signatures are dropped."""
+    from otel_audit.chain import GENESIS, link_hash
+    from otel_audit.merkle import Frontier
+
+    con = sqlite3.connect(path)
+    rows = con.execute(
+        "SELECT seq, body FROM records WHERE chain=? ORDER BY seq", (chain,)
+    ).fetchall()
+    prev, tree, heads = GENESIS, Frontier(), {}
+    for seq, body in rows:
+        body = body.replace(b'"alice"', b'"carol"')
+        digest = link_hash(prev, body)
+        tree.append(body)
+        con.execute(
+            "UPDATE records SET body=?, prev_hash=?, hash=? WHERE chain=? AND seq=?",
+            (body, prev, digest, chain, seq),
+        )
+        heads[seq] = (digest, tree.root())
+        prev = digest
+    for (seq,) in con.execute("SELECT seq FROM checkpoints WHERE chain=?", (chain,)).fetchall():
+        con.execute(
+            "UPDATE checkpoints SET head=?, merkle_root=?, signature=NULL WHERE chain=? AND seq=?",
+            (*heads[seq], chain, seq),
+        )
+    con.commit()
+    con.close()
+
+
+def test_bad_signature_damages_the_whole_chain_and_exits_1(make_pipeline, tmp_path, capsys) -> None:
+    shop = run_shop(make_pipeline, tmp_path)  # one checkpoint per chain, at its last record
+    _forge_unsigned(shop.path, "orders")
+    key = ["--public-key", str(shop.public_key)]
+    assert main(["verify", "--ledger", shop.url, *key]) == 1
+    assert "chain 'orders' seq 4: bad signature" in capsys.readouterr().err
+    # JSON: every record of the forged chain is damaged (the forger recomputed
+    # the hashes, so only the missing signature tells); inventory is intact.
+    out = tmp_path / "trail.json"
+    assert main(["trail", "--ledger", shop.url, shop.trails[0], "--format", "json",
+                 "-o", str(out), *key]) == 1  # fmt: skip
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        "otel-audit: 3 of 6 records of the trail are damaged: chain 'orders' seq 4:"
+        " bad signature: checkpoint at seq 4 is not signed"
+    )
+    data = json.loads(out.read_text())  # the report is still written, whole
+    assert data["verified"] and data["roots"][0]["actor"] == "carol"
+
+    def statuses(node):
+        yield (node["chain"], node["seq"]), node["verification"]["status"]
+        for c in node["children"]:
+            yield from statuses(c)
+
+    assert dict(statuses(data["roots"][0])) == {
+        ("orders", 1): DAMAGED, ("orders", 2): DAMAGED, ("orders", 3): DAMAGED,
+        ("inventory", 1): INTACT, ("inventory", 2): INTACT, ("inventory", 3): INTACT,
+    }  # fmt: skip
+    # Text (verified with the key) and HTML: the same exit code, the marks shown.
+    assert main(["trail", "--ledger", shop.url, shop.trails[0], *key]) == 1
+    text = capsys.readouterr().out
+    assert text.count("<damaged>") == 3
+    assert main(["trail", "--ledger", shop.url, shop.trails[0], "--format", "html", *key]) == 1
+    assert capsys.readouterr().out.count('data-status="damaged"') == 3
+    # Without the key, the recomputed chain verifies: nothing can tell.
+    assert main(["trail", "--ledger", shop.url, shop.trails[0], "--format", "json"]) == 0
+
+
+def test_a_chain_break_exits_1_and_keeps_earlier_records(make_pipeline, tmp_path, capsys) -> None:
+    shop = run_shop(make_pipeline, tmp_path)
+    con = sqlite3.connect(shop.path)
+    body = con.execute("SELECT body FROM records WHERE chain='orders' AND seq=2").fetchone()[0]
+    con.execute(
+        "UPDATE records SET body=? WHERE chain='orders' AND seq=2",
+        (body.replace(b'"POST"', b'"GET"'),),
+    )
+    con.commit()
+    con.close()
+    assert main(["trail", "--ledger", shop.url, shop.trails[0], "--verify"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.count("<damaged>") == 2  # seqs 2 and 3; seq 1 is before the damage
+    assert captured.err == (
+        "otel-audit: 2 of 6 records of the trail are damaged:"
+        " chain 'orders' seq 2: modified: hash does not match the record's bytes\n"
+    )

@@ -43,10 +43,10 @@ class _Rows(HTMLParser):
             self._cell.append(data)
 
 
-def _render(shop, tmp_path, dump_dom, *extra: str) -> tuple[str, _Rows]:
+def _render(shop, tmp_path, dump_dom, *extra: str, code: int = 0) -> tuple[str, _Rows]:
     out = tmp_path / "trail.html"
     args = ["trail", "--ledger", shop.url, shop.trails[0], "--format", "html", "-o", str(out)]
-    assert main(args + list(extra)) == 0
+    assert main(args + list(extra)) == code
     dom = dump_dom(out)
     parser = _Rows()
     parser.feed(dom)
@@ -94,7 +94,8 @@ def test_report_marks_damaged_records(make_pipeline, tmp_path, dump_dom) -> None
     )
     con.commit()
     con.close()
-    dom, page = _render(shop, tmp_path, dump_dom, "--public-key", str(shop.public_key))
+    # Exit 1 (damage), and the report is still written: it shows which records.
+    dom, page = _render(shop, tmp_path, dump_dom, "--public-key", str(shop.public_key), code=1)
     statuses = {r["cells"][8]: r["status"] for r in page.rows}  # type: ignore[index]
     assert statuses == {
         "orders#1": "intact", "orders#2": "damaged", "orders#3": "damaged",

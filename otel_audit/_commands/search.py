@@ -16,11 +16,16 @@ from datetime import datetime, timezone
 from typing import Any, TextIO
 
 from .. import vocabulary as v
-from ..errors import ConfigError
 from ..export.jsonl import as_dict
 from ..ledger import StoredRecord
 from ._common import add_ledger_argument, open_for_reading
-from ._filters import add_filter_arguments, format_cursor, parse_cursor, query_from_args
+from ._filters import (
+    add_filter_arguments,
+    check_limit,
+    format_cursor,
+    parse_cursor,
+    query_from_args,
+)
 
 _DEFAULT_LIMIT = 100
 _COLUMNS = (
@@ -81,8 +86,7 @@ def _table(rows: list[list[str]], out: TextIO) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.limit < 0:
-        raise ConfigError("--limit must be 0 (all) or a positive number")
+    check_limit(args.limit, "--limit")
     query = query_from_args(args)
     if args.after:
         query = replace(query, after=parse_cursor(args.after))

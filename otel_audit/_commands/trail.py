@@ -8,14 +8,15 @@ import sys
 from .._progress import Progress, atomic_output
 from ..errors import ConfigError
 from ..keys import load_public_key
-from ..trail import find_trail, render_html, render_text, to_json, verify_trail
+from ..trail import damaged, find_trail, render_html, render_text, to_json, verify_trail
 from ._common import add_ledger_argument, open_for_reading
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "trail",
-        help="show one trail (user action and its effects, every service) as a tree",
+        help="show one trail (user action and its effects, every service) as a tree;"
+        " exit 1 when a record shown is damaged",
     )
     add_ledger_argument(p)
     p.add_argument("trail_id", metavar="TRAIL_ID", help="the audit.trail.id to show")
@@ -67,4 +68,15 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"wrote trail {args.trail_id} ({len(trail)} records) to {args.output}", file=sys.stderr
         )
+    bad = damaged(trail)
+    if bad:
+        # The report is written whole (it shows which records); the exit code
+        # tells scripts the trail cannot be trusted, as verify's does.
+        first = bad[0]
+        print(
+            f"otel-audit: {len(bad)} of {len(trail)} records of the trail are damaged:"
+            f" {first.status_detail}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
