@@ -114,6 +114,8 @@ def decode(body: bytes) -> Record:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"record body is not canonical JSON: {exc}") from exc
+    except RecursionError:
+        raise ValueError("record body is nested too deeply to be a record") from None
     if not isinstance(data, dict) or "v" not in data:
         raise ValueError("record body has no format version")
     if data["v"] != FORMAT_VERSION:
