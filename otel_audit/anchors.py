@@ -171,7 +171,7 @@ def checkpoint_from_attributes(attrs: dict[str, Any], where: str = "anchor") -> 
     try:
         seq = int(attrs[SEQ])
         time_ns = int(attrs.get(TIME, 0))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: 1e999 parses as inf
         raise ConfigError(f"{where}: {SEQ} or {TIME} is not an integer") from None
     head = _hex(attrs[HEAD], HEAD, where)
     if len(head) != 32 or seq <= 0:
@@ -208,10 +208,21 @@ def read_anchors(path: str | os.PathLike[str]) -> list[Checkpoint]:
                     obj = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise ConfigError(f"{where}: not JSON ({exc.msg})") from None
-                for record in _log_records(obj):
-                    cp = checkpoint_from_attributes(_attributes(record), where)
-                    if cp is not None:
-                        anchors.append(cp)
+                except RecursionError:
+                    # A hostile line (``[[[[...``) nests deeper than the parser recurses.
+                    raise ConfigError(f"{where}: JSON nested too deeply") from None
+                except ValueError as exc:  # e.g. an integer too long to convert
+                    raise ConfigError(f"{where}: not usable JSON ({exc})") from None
+                try:
+                    for record in _log_records(obj):
+                        cp = checkpoint_from_attributes(_attributes(record), where)
+                        if cp is not None:
+                            anchors.append(cp)
+                except ConfigError:
+                    raise
+                except (TypeError, ValueError, OverflowError) as exc:
+                    # e.g. an OTLP intValue that is not an integer
+                    raise ConfigError(f"{where}: not a usable log record ({exc})") from None
         except UnicodeDecodeError:
             raise ConfigError(f"anchors file {name!r} is not UTF-8 text") from None
     return anchors

@@ -31,6 +31,7 @@ Settings (argument, then variable, then default), in the
 from __future__ import annotations
 
 import atexit
+import errno
 import fcntl
 import gzip
 import hashlib
@@ -40,20 +41,21 @@ import json
 import logging
 import os
 import random
+import re
 import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
 from .errors import AuditError, ConfigError
-from .ledger import Ledger, open_ledger, sqlite_path
+from .ledger import Ledger, RawRow, open_ledger, sqlite_path
 from .otlp import request_from_records
 from .record import decode
 
@@ -96,28 +98,61 @@ class _SendFailed(Exception):
 
 
 def traces_url(endpoint: str) -> str:
-    """The ``/v1/traces`` URL of ``endpoint`` (a base URL or already the full one)."""
+    """The ``/v1/traces`` URL of ``endpoint`` (a base URL or already the full one).
+
+    Raises ConfigError for anything that is not an http(s) URL with a host and a
+    valid port, so that a typo fails at start rather than in the sending thread.
+    """
     endpoint = endpoint.strip()
-    parts = urlsplit(endpoint)
+    where = f"forward endpoint {endpoint!r} (--endpoint / {OTEL_AUDIT_FORWARD_ENDPOINT})"
+    try:
+        parts = urlsplit(endpoint)
+        port = parts.port  # raises ValueError for a port that is not 0-65535
+    except ValueError as exc:
+        raise ConfigError(f"{where} is not a valid URL: {exc}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"forward endpoint {endpoint!r} is not an http(s) URL")
+        raise ConfigError(f"{where} is not an http(s) URL")
+    if port == 0:
+        raise ConfigError(f"{where} has port 0")
     if parts.path.rstrip("/").endswith("/v1/traces"):
         return endpoint
     return endpoint.rstrip("/") + "/v1/traces"
 
 
-def parse_headers(value: str | None) -> dict[str, str]:
-    """``k=v,k2=v2`` (OTEL_EXPORTER_OTLP_HEADERS syntax) -> dict; raises ConfigError."""
+# RFC 9110 field names are tokens; values may not hold control characters
+# (CR/LF would split the request: http.client refuses them mid-send).
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def check_header(key: str, value: str, setting: str) -> None:
+    """Raise ConfigError naming ``setting`` unless ``key: value`` can be sent as an HTTP header."""
+    if not _TOKEN.fullmatch(key):
+        raise ConfigError(f"{setting}: {key!r} is not a valid HTTP header name")
+    if _CONTROL.search(value):
+        raise ConfigError(
+            f"{setting}: the value of header {key!r} contains a control character (CR, LF, ...)"
+        )
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        raise ConfigError(
+            f"{setting}: the value of header {key!r} has characters outside Latin-1"
+        ) from None
+
+
+def parse_headers(value: str | None, setting: str = OTEL_AUDIT_FORWARD_HEADERS) -> dict[str, str]:
+    """``k=v,k2=v2`` (OTEL_EXPORTER_OTLP_HEADERS syntax) -> dict; raises ConfigError naming ``setting``."""
     headers: dict[str, str] = {}
     for item in (value or "").split(","):
         if not item.strip():
             continue
         key, sep, val = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(
-                f"{OTEL_AUDIT_FORWARD_HEADERS} item {item.strip()!r} is not key=value"
-            )
-        headers[unquote(key.strip()).lower()] = unquote(val.strip())
+            raise ConfigError(f"{setting} item {item.strip()!r} is not key=value")
+        name, text = unquote(key.strip()).lower(), unquote(val.strip())
+        check_header(name, text, setting)
+        headers[name] = text
     return headers
 
 
@@ -148,6 +183,7 @@ class Forwarder:
         poll_interval: float = _DEFAULT_POLL_INTERVAL,
         max_backoff: float = _DEFAULT_MAX_BACKOFF,
         alive: Callable[[], bool] | None = None,
+        lock_timeout: float | None = None,
     ) -> None:
         if batch_size <= 0:
             raise ValueError("batch_size must be a positive integer.")
@@ -161,7 +197,10 @@ class Forwarder:
         self._port = parts.port or (443 if self._https else 80)
         self._path = parts.path + (f"?{parts.query}" if parts.query else "")
         self.headers = {"content-type": "application/x-protobuf", **dict(headers or {})}
+        for key, value in self.headers.items():
+            check_header(key, value, "forward headers")
         if token:
+            check_header("authorization", token, f"forward token ({OTEL_AUDIT_FORWARD_TOKEN})")
             self.headers["authorization"] = f"Bearer {token}"
         if compression == "gzip":
             self.headers["content-encoding"] = "gzip"
@@ -170,6 +209,9 @@ class Forwarder:
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self.max_backoff = max_backoff
+        # None: wait for the outbox lock as long as it takes (workers share the
+        # work); a number: after that many seconds waiting, count a failure.
+        self.lock_timeout = lock_timeout
         self.state_path = state_path or default_state_path(ledger_url)
         self._key = hashlib.sha256(self.url.encode()).hexdigest()[:16]
         self._tls: ssl.SSLContext | None = None
@@ -196,6 +238,11 @@ class Forwarder:
             )
             self._thread.start()
         return self
+
+    @property
+    def running(self) -> bool:
+        """True while the forwarding thread is alive."""
+        return self._thread is not None and self._thread.is_alive()
 
     def wake(self) -> None:
         """New records were committed: look now instead of at the next poll."""
@@ -230,22 +277,14 @@ class Forwarder:
     # -- the loop ------------------------------------------------------
 
     def _run(self) -> None:
-        lock_path = self.state_path + ".lock"
-        try:
-            lock = open(lock_path, "a+")
-        except OSError as exc:
-            _log.error("otel-audit forward: cannot open %s: %s; not forwarding", lock_path, exc)
-            return
+        """The thread: never ends on an error, only when stopped (or after shutdown)."""
+        lock = self._acquire_lock()
+        if lock is None:
+            return  # stopped while waiting
         ledger: Ledger | None = None
         ending = False
+        backoff = self.poll_interval
         try:
-            # Several processes may forward the same outbox: one holds the lock.
-            while not self._stop.is_set():
-                try:
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError:
-                    self._stop.wait(self.poll_interval)
             while not self._stop.is_set():
                 with self._cond:
                     self._passes += 1
@@ -254,14 +293,25 @@ class Forwarder:
                     if ledger is None:
                         ledger = open_ledger(self.ledger_url, create=False)
                     sent = self._pass(ledger)
-                except AuditError as exc:
-                    # The outbox itself cannot be read: say so, retry later.
-                    self._note_error(f"outbox {self.ledger_url}: {exc}")
+                except Exception as exc:
+                    # Whatever failed (the outbox unreadable, the cursor file
+                    # unwritable, a damaged record), this thread is the only
+                    # way records leave: say so, count it, and retry with backoff.
+                    if isinstance(exc, AuditError):
+                        self._note_error(f"outbox {self.ledger_url}: {exc}")
+                    elif isinstance(exc, (OSError, ValueError)):
+                        self._note_error(str(exc))
+                    else:  # a bug: keep going, but with the traceback in the log
+                        self._note_error(f"{type(exc).__name__}: {exc}", unexpected=True)
                     if ledger is not None:
-                        ledger.close()
+                        _close_quietly(ledger)
                         ledger = None
-                    self._stop.wait(self.poll_interval)
+                    self._drop_connection()
+                    delay = max(0.01, min(backoff, self.max_backoff))
+                    backoff = min(backoff * 2, max(self.max_backoff, self.poll_interval))
+                    self._stop.wait(delay * random.uniform(0.9, 1.1))
                     continue
+                backoff = self.poll_interval
                 if sent:
                     continue
                 with self._cond:
@@ -276,10 +326,50 @@ class Forwarder:
                 self._wake.clear()
         finally:
             if ledger is not None:
-                ledger.close()
-            if self._conn is not None:
-                self._conn.close()
+                _close_quietly(ledger)
+            self._drop_connection()
             lock.close()
+
+    def _acquire_lock(self) -> Any:
+        """Open and exclusively lock the cursor lock file; None when stopped first.
+
+        Several processes may forward the same outbox: one holds the lock, the
+        others wait. Failing to open the file is a failure (counted, retried),
+        and so is waiting longer than ``lock_timeout``.
+        """
+        lock_path = self.state_path + ".lock"
+        backoff = self.poll_interval
+        lock = None
+        waiting_since = time.monotonic()
+        timed_out = False
+        while not self._stop.is_set():
+            if lock is None:
+                try:
+                    lock = open(lock_path, "a+")
+                except OSError as exc:
+                    self._note_error(f"cannot open lock file {lock_path}: {exc}")
+                    self._stop.wait(max(0.01, min(backoff, self.max_backoff)))
+                    backoff = min(backoff * 2, max(self.max_backoff, self.poll_interval))
+                    continue
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return lock
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    self._note_error(f"cannot lock {lock_path}: {exc}")
+                elif (
+                    not timed_out
+                    and self.lock_timeout is not None
+                    and time.monotonic() - waiting_since >= self.lock_timeout
+                ):
+                    timed_out = True
+                    self._note_error(
+                        f"another forwarder holds {lock_path} (waited {self.lock_timeout:g} s)"
+                    )
+            self._stop.wait(min(self.poll_interval, 0.5))
+        if lock is not None:
+            lock.close()
+        return None
 
     def _pass(self, ledger: Ledger) -> int:
         """Send every record after the cursors; returns how many were sent."""
@@ -291,22 +381,32 @@ class Forwarder:
                 rows = list(itertools.islice(ledger.scan(chain, after), self.batch_size))
                 if not rows:
                     break
-                if not self._deliver(chain, [r.body for r in rows], rows[-1].seq):
+                if not self._deliver(chain, rows):
                     return sent  # stopping
                 cursors[chain] = rows[-1].seq
                 self._save_cursors(cursors)
                 sent += len(rows)
         return sent
 
-    def _deliver(self, chain: str, bodies: list[bytes], last_seq: int) -> bool:
+    def _deliver(self, chain: str, rows: list[RawRow]) -> bool:
         """Send one batch until the receiver takes it; False only when stopping."""
         backoff = 0.5
-        size = len(bodies)
+        last_seq = rows[-1].seq
+        size = len(rows)
         start = 0
-        while start < len(bodies):
-            part = bodies[start : start + size]
+        while start < len(rows):
+            part = rows[start : start + size]
+            records = []
+            for row in part:
+                try:
+                    records.append(decode(row.body))
+                except ValueError as exc:
+                    # Not skipped (nothing is): the outbox needs repair; retried with backoff.
+                    raise ValueError(
+                        f"record {row.seq} of chain {chain!r} in the outbox cannot be sent: {exc}"
+                    ) from exc
             try:
-                rejected, message = self._send([decode(b) for b in part])
+                rejected, message = self._send(records)
             except _SendFailed as exc:
                 if exc.too_large and size > 1:
                     size = max(1, size // 2)
@@ -381,14 +481,17 @@ class Forwarder:
             self._conn.close()
             self._conn = None
 
-    def _note_error(self, message: str) -> None:
+    def _note_error(self, message: str, unexpected: bool = False) -> None:
         with self._cond:
             self._counts["failures"] += 1
             first = self._last_error != message
             self._last_error = message
-        # Logged once per distinct error, not once per retry of a long outage.
+        # Logged once per distinct error, not once per retry of a long outage;
+        # an unexpected exception once with its traceback, for the bug report.
         if first:
-            _log.warning("otel-audit forward: %s (will retry)", message)
+            _log.warning(
+                "otel-audit forward: %s (will retry)", message, exc_info=unexpected or None
+            )
 
     # -- cursor file ---------------------------------------------------
 
@@ -406,8 +509,16 @@ class Forwarder:
                 exc,
             )
             return {}
-        chains = data.get(self._key, {}).get("chains", {}) if isinstance(data, dict) else {}
-        return {str(k): int(v) for k, v in chains.items()}
+        try:
+            chains = data.get(self._key, {}).get("chains", {}) if isinstance(data, dict) else {}
+            return {str(k): int(v) for k, v in chains.items()}
+        except (AttributeError, TypeError, ValueError) as exc:
+            _log.error(
+                "otel-audit forward: cursor file %s malformed (%s); resending",
+                self.state_path,
+                exc,
+            )
+            return {}
 
     def _save_cursors(self, cursors: dict[str, int]) -> None:
         try:
@@ -419,11 +530,22 @@ class Forwarder:
             data = {}
         data[self._key] = {"endpoint": self.url, "chains": cursors}
         tmp = f"{self.state_path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.state_path)
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(data, f, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.state_path)
+        except OSError as exc:
+            # The batch was delivered; it is sent again (and deduplicated) on retry.
+            raise OSError(f"cannot write cursor file {self.state_path}: {exc}") from exc
+
+
+def _close_quietly(ledger: Ledger) -> None:
+    try:
+        ledger.close()
+    except Exception:  # closing a broken outbox must not end the thread
+        _log.debug("otel-audit forward: closing the outbox failed", exc_info=True)
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -660,6 +660,32 @@ def parse_address(value: str, default_port: int, what: str) -> tuple[str, int]:
     return host, port
 
 
+def _target(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _bind_problem(address: tuple[str, int]) -> str | None:
+    """Why ``address`` cannot be listened on, or None when a probe socket binds it."""
+    host, port = address
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as exc:
+        return f"cannot resolve {host!r}: {exc}"
+    problem = "no address to bind"
+    for family, kind, proto, _, sockaddr in infos:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                # As the real listener does: a port in TIME_WAIT is free, a listening one is not.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(sockaddr)
+        except OSError as exc:
+            problem = str(exc)
+            continue
+        return None  # grpc listens when at least one resolved address binds
+    return problem
+
+
 class AuditServer:
     """OTLP/HTTP and OTLP/gRPC listeners in front of one AuditReceiver."""
 
@@ -690,17 +716,24 @@ class AuditServer:
         tls_context: ssl.SSLContext | None = None
         try:
             if tls_cert and tls_key:
-                tls_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-                tls_context.load_cert_chain(tls_cert, tls_key)
+                try:
+                    tls_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+                    tls_context.load_cert_chain(tls_cert, tls_key)
+                except (OSError, ssl.SSLError) as exc:
+                    raise ConfigError(
+                        f"serve cannot load --tls-cert {tls_cert!r} / --tls-key {tls_key!r}: {exc}"
+                    ) from exc
             if http_address is not None:
-                self._http = _HTTPServer(http_address, _Handler)
+                try:
+                    self._http = _HTTPServer(http_address, _Handler)
+                except OSError as exc:
+                    raise ConfigError(
+                        f"serve cannot listen on {_target(http_address)}: {exc}"
+                    ) from exc
                 self._http.receiver = self.receiver
                 self._http.tls = tls_context
             if grpc_address is not None:
                 self._grpc = self._grpc_server(grpc_address, tls_cert, tls_key, grpc_workers)
-        except (OSError, ssl.SSLError) as exc:
-            self._close_partial()
-            raise ConfigError(f"serve cannot listen: {exc}") from exc
         except BaseException:
             self._close_partial()
             raise
@@ -710,6 +743,13 @@ class AuditServer:
     ) -> Any:
         import grpc
 
+        target = _target(address)
+        # grpc reports a failed bind only as RuntimeError("Failed to bind") after
+        # logging the reason from C to stderr; probing first gives the reason as
+        # one line (an address in use, e.g. by a Collector on 4317, or unresolvable).
+        reason = _bind_problem(address)
+        if reason is not None:
+            raise ConfigError(f"serve cannot listen on {target}: {reason}")
         limit = self.receiver.max_request_size
         server = grpc.server(
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="otel-audit-grpc"),
@@ -720,16 +760,19 @@ class AuditServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        host, port = address
-        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        if cert and key:
-            with open(cert, "rb") as c, open(key, "rb") as k:
-                credentials = grpc.ssl_server_credentials([(k.read(), c.read())])
-            bound = server.add_secure_port(target, credentials)
-        else:
-            bound = server.add_insecure_port(target)
+        host = address[0]
+        try:
+            if cert and key:
+                with open(cert, "rb") as c, open(key, "rb") as k:
+                    credentials = grpc.ssl_server_credentials([(k.read(), c.read())])
+                bound = server.add_secure_port(target, credentials)
+            else:
+                bound = server.add_insecure_port(target)
+        except (OSError, RuntimeError) as exc:
+            # RuntimeError: the port was taken between the probe and the bind.
+            raise ConfigError(f"serve cannot listen on {target}: {exc}") from exc
         if not bound:
-            raise OSError(f"cannot bind gRPC listener to {target}")
+            raise ConfigError(f"serve cannot listen on {target}: the gRPC bind failed")
         self._grpc_port = bound
         self._grpc_host = host
         return server

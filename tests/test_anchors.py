@@ -184,6 +184,30 @@ def test_bad_anchor_files_are_clear_errors(tmp_path, content, message):
         read_anchors(path)
 
 
+@pytest.mark.parametrize(
+    "hostile, message",
+    [
+        ("[" * 200_000, "deep.jsonl:2: JSON nested too deeply"),
+        ("1" * 5000, "deep.jsonl:2: not usable JSON"),
+        (f'{{"{CHAIN}": "c", "{SEQ}": 1e999, "{HEAD}": "{"00" * 32}"}}', "deep.jsonl:2: "),
+        (
+            json.dumps({"attributes": [{"key": SEQ, "value": {"intValue": "x"}}]}),
+            "deep.jsonl:2: not a usable log record",
+        ),
+    ],
+)
+def test_hostile_anchor_lines_are_one_line_errors(
+    tmp_path, make_pipeline, capsys, hostile, message
+):
+    pipeline, _, _ = make_pipeline()
+    pipeline.shutdown()
+    path = tmp_path / "deep.jsonl"
+    path.write_text(json.dumps({"message": "fine"}) + "\n" + hostile + "\n")
+    assert main(["verify", "--ledger", pipeline.ledger_url, "--anchors", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
 def test_verify_anchor_errors_exit_2(tmp_path, make_pipeline, capsys):
     pipeline, _, _ = make_pipeline()
     pipeline.shutdown()

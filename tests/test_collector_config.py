@@ -76,6 +76,64 @@ def test_every_referenced_component_is_defined(config):
         assert name in service.get("extensions", []), f"extension {name} is not enabled"
 
 
+def _authenticators(node):
+    """Every ``auth: {authenticator: ...}`` reference anywhere under ``node``."""
+    if isinstance(node, dict):
+        auth = node.get("auth")
+        if isinstance(auth, dict) and "authenticator" in auth:
+            yield auth["authenticator"]
+        for value in node.values():
+            yield from _authenticators(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _authenticators(value)
+
+
+def test_every_referenced_authenticator_is_an_enabled_extension(config):
+    enabled = config["service"].get("extensions", [])
+    for kind in ("receivers", "exporters"):
+        for name in _authenticators(config.get(kind) or {}):
+            assert name in (config.get("extensions") or {}), (
+                f"{kind}: authenticator {name} undefined"
+            )
+            assert name in enabled, f"{kind}: authenticator {name} is not enabled"
+
+
+def test_gateway_receivers_authenticate_every_sender():
+    """Audit spans reaching the gateway become audit records: no anonymous sender."""
+    config = yaml.safe_load((CONFIG_DIR / "gateway.yaml").read_text())
+    receivers = config["receivers"]
+    assert receivers
+    for name, receiver in receivers.items():
+        protocols = (receiver or {}).get("protocols") or {}
+        assert protocols, f"{name}: a receiver without protocols cannot be authenticated"
+        for protocol, conf in protocols.items():
+            conf = conf or {}
+            authenticator = (conf.get("auth") or {}).get("authenticator")
+            assert authenticator, f"{name}.{protocol} accepts unauthenticated senders"
+            assert _type(authenticator) in ("bearertokenauth", "oidc", "basicauth")
+            ext = config["extensions"][authenticator]
+            assert "${env:" in str(ext.get("token") or ext.get("tokens") or ext.get("filename"))
+            tls = conf.get("tls") or {}
+            # The token (or client certificate) must not cross the network in clear.
+            assert tls.get("cert_file") and tls.get("key_file"), f"{name}.{protocol} has no TLS"
+
+
+def test_agent_authenticates_to_the_gateway_over_tls():
+    gateway = yaml.safe_load((CONFIG_DIR / "gateway.yaml").read_text())
+    agent = yaml.safe_load((CONFIG_DIR / "agent.yaml").read_text())
+    (ingest,) = {
+        conf["auth"]["authenticator"] for conf in gateway["receivers"]["otlp"]["protocols"].values()
+    }
+    expected = gateway["extensions"][ingest]["token"]
+    for name, exporter in agent["exporters"].items():
+        if "gateway" not in name:
+            continue
+        authenticator = exporter["auth"]["authenticator"]
+        assert agent["extensions"][authenticator]["token"] == expected, name
+        assert not exporter["tls"].get("insecure"), f"{name}: the token would travel in clear"
+
+
 def test_connectors_join_pipelines_of_allowed_signal_types(config):
     pipelines = config["service"]["pipelines"]
     for name, conf in (config.get("connectors") or {}).items():
@@ -191,5 +249,8 @@ def test_readme_explains_each_loss_point():
         "memory_limiter",
         "routing",
         "anchors",
+        "trust boundary",
+        "bearertokenauth",
+        "client_ca_file",
     ):
         assert setting in text, f"README.md does not mention {setting}"

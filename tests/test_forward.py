@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import pathlib
 import os
+import pathlib
 import signal
 import socket
 import subprocess
@@ -254,3 +254,201 @@ def test_killed_forwarder_process_resumes_exactly_once(make_server, outbox, tmp_
     assert done.returncode == 0, done.stderr
     received = _received(server)
     assert len(received) == 3000 == len(set(received))
+
+
+# -- regressions: the forwarder never dies, and --once always returns ----------------
+
+
+def _forward_cli(*args, env=None, timeout=60):
+    """``otel-audit forward`` as a real process; a hang fails the test instead of the suite."""
+    return subprocess.run(
+        [sys.executable, "-m", "otel_audit", "forward", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _one_line(stderr):
+    assert "Traceback" not in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    return stderr.strip()
+
+
+def test_unwritable_cursor_file_is_retried_not_fatal(make_server, outbox, tmp_path):
+    server = make_server(ledger=f"sqlite:///{tmp_path / 'central.db'}")
+    host, port = server.http_address
+    _fill(outbox, 30)
+    state = tmp_path / "st.json"
+    blocker = tmp_path / "st.json.tmp"
+    blocker.mkdir()  # the atomic cursor write (tmp file + rename) cannot create its tmp file
+    forwarder = Forwarder(
+        outbox, f"http://{host}:{port}", state_path=str(state), poll_interval=0.05, max_backoff=0.1
+    ).start()
+    try:
+        _deadline_wait(lambda: forwarder.stats().failures >= 3, what="retried cursor failures")
+        assert forwarder.running
+        assert "cannot write cursor file" in forwarder.stats().last_error
+        blocker.rmdir()
+        assert forwarder.flush(30)
+    finally:
+        forwarder.stop()
+    assert json.loads(state.read_text())  # the cursor was written once it could be
+    received = _received(server)
+    assert len(received) == 30 == len(set(received))  # resent batches were deduplicated
+
+
+def test_unopenable_lock_file_is_retried_until_it_can_be_opened(make_server, outbox, tmp_path):
+    server = make_server(ledger=f"sqlite:///{tmp_path / 'central.db'}")
+    host, port = server.http_address
+    _fill(outbox, 5)
+    state_dir = tmp_path / "later"
+    forwarder = Forwarder(
+        outbox,
+        f"http://{host}:{port}",
+        state_path=str(state_dir / "s.json"),
+        poll_interval=0.05,
+        max_backoff=0.1,
+    ).start()
+    try:
+        _deadline_wait(lambda: forwarder.stats().failures >= 2, what="lock open failures")
+        assert forwarder.running
+        assert "cannot open lock file" in forwarder.stats().last_error
+        state_dir.mkdir()
+        assert forwarder.flush(30)
+    finally:
+        forwarder.stop()
+    assert _count(server) == 5
+
+
+def test_undecodable_outbox_record_is_reported_and_retried(make_server, outbox, tmp_path):
+    server = make_server(ledger=f"sqlite:///{tmp_path / 'central.db'}")
+    host, port = server.http_address
+    _fill(outbox, 3)
+    with open_ledger(outbox) as ledger:
+        ledger.append("shop", [b'{"v": 99}'])  # valid JSON, not a record of this format
+    forwarder = Forwarder(
+        outbox, f"http://{host}:{port}", poll_interval=0.05, max_backoff=0.1
+    ).start()
+    try:
+        _deadline_wait(lambda: forwarder.stats().failures >= 2, what="undecodable record failures")
+        assert forwarder.running
+        assert "record 4 of chain 'shop' in the outbox cannot be sent" in (
+            forwarder.stats().last_error
+        )
+    finally:
+        forwarder.stop()
+    assert _count(server) == 0  # nothing skipped: the batch waits for the outbox to be repaired
+
+
+def test_once_fails_fast_when_the_cursor_cannot_be_written(make_server, outbox, tmp_path):
+    server = make_server(ledger=f"sqlite:///{tmp_path / 'central.db'}")
+    host, port = server.http_address
+    _fill(outbox, 5)
+    state = tmp_path / "st.json"
+    (tmp_path / "st.json.tmp").mkdir()
+    done = _forward_cli(
+        "--ledger", outbox, "--endpoint", f"http://{host}:{port}", "--state", str(state), "--once"
+    )
+    assert done.returncode == 1
+    line = _one_line(done.stderr)
+    assert line.startswith("otel-audit: forwarding failed: cannot write cursor file")
+
+
+def test_once_fails_when_the_lock_file_cannot_be_opened(outbox, tmp_path):
+    _fill(outbox, 1)
+    done = _forward_cli(
+        "--ledger", outbox, "--endpoint", f"http://127.0.0.1:{_free_port()}",
+        "--state", str(tmp_path / "missing" / "s.json"), "--once",
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert _one_line(done.stderr).startswith("otel-audit: forwarding failed: cannot open lock file")
+
+
+def test_once_gives_up_when_another_forwarder_holds_the_outbox(outbox, tmp_path):
+    import fcntl
+
+    _fill(outbox, 1)
+    state = tmp_path / "s.json"
+    with open(f"{state}.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        done = _forward_cli(
+            "--ledger", outbox, "--endpoint", f"http://127.0.0.1:{_free_port()}",
+            "--state", str(state), "--once", "--lock-timeout", "0.5",
+        )  # fmt: skip
+    assert done.returncode == 1
+    line = _one_line(done.stderr)
+    assert line.startswith("otel-audit: forwarding failed: another forwarder holds")
+
+
+def test_once_returns_when_the_thread_has_ended(make_server, outbox, tmp_path):
+    import threading
+
+    from otel_audit._commands.forward import _healthy_run
+
+    server = make_server(ledger=f"sqlite:///{tmp_path / 'central.db'}")
+    host, port = server.http_address
+    _fill(outbox, 1)
+    forwarder = Forwarder(outbox, f"http://{host}:{port}", poll_interval=0.05).start()
+    assert forwarder.flush(30)
+    forwarder.stop()
+    assert not forwarder.running and forwarder.stats().failures == 0
+    result = []
+    waiter = threading.Thread(target=lambda: result.append(_healthy_run(forwarder)), daemon=True)
+    waiter.start()
+    waiter.join(10)
+    assert result == [False]
+
+
+@pytest.mark.parametrize(
+    "header, env",
+    [
+        (["--header", "x-a=b%0D%0Ac"], {}),
+        (["--header", "x-a=b%0Ac"], {}),
+        (["--header", "bad%20name=1"], {}),
+        ([], {"OTEL_AUDIT_FORWARD_HEADERS": "x-a=b%0D%0Ac"}),
+    ],
+)
+def test_header_with_control_characters_is_a_config_error(
+    make_server, outbox, tmp_path, header, env
+):
+    server = make_server(ledger=f"sqlite:///{tmp_path / 'central.db'}")
+    host, port = server.http_address
+    _fill(outbox, 1)
+    done = _forward_cli(
+        "--ledger", outbox, "--endpoint", f"http://{host}:{port}", *header, "--once", env=env
+    )
+    assert done.returncode == 2
+    line = _one_line(done.stderr)
+    assert ("--header" if header else "OTEL_AUDIT_FORWARD_HEADERS") in line
+    assert _count(server) == 0
+
+
+def test_header_and_token_values_are_checked_by_the_forwarder(outbox):
+    with pytest.raises(ConfigError, match="control character"):
+        Forwarder(outbox, "http://127.0.0.1:9", headers={"x-a": "b\r\nx-b: c"})
+    with pytest.raises(ConfigError, match="OTEL_AUDIT_FORWARD_TOKEN"):
+        Forwarder(outbox, "http://127.0.0.1:9", token="abc\ndef")
+    with pytest.raises(ConfigError, match="OTEL_AUDIT_FORWARD_HEADERS"):
+        parse_headers("x-a=%E2%82%AC")  # not Latin-1: http.client could not send it
+
+
+@pytest.mark.parametrize(
+    "endpoint, reason",
+    [
+        ("http://[::1", "is not a valid URL: Invalid IPv6 URL"),
+        ("http://127.0.0.1:99999/", "is not a valid URL: Port out of range"),
+        ("http://h:abc/", "is not a valid URL: Port could not be cast"),
+        ("http://127.0.0.1:0/", "has port 0"),
+    ],
+)
+def test_bad_endpoint_is_a_config_error(outbox, endpoint, reason, capsys, monkeypatch):
+    code = main(["forward", "--ledger", outbox, "--endpoint", endpoint, "--once"])
+    assert code == 2
+    err = _one_line(capsys.readouterr().err)
+    assert reason in err and "--endpoint / OTEL_AUDIT_FORWARD_ENDPOINT" in err
+    monkeypatch.setenv("OTEL_AUDIT_FORWARD_ENDPOINT", endpoint)
+    with pytest.raises(ConfigError, match="OTEL_AUDIT_FORWARD_ENDPOINT"):
+        forwarder_from_env(outbox)

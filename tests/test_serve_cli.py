@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 
@@ -94,20 +95,31 @@ def test_serve_user_errors_are_one_line_exit_2(tmp_path, args, message, capsys):
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
-def test_serve_port_in_use_is_a_clear_error(tmp_path):
-    import socket
-
+@pytest.mark.parametrize("listener", ["--listen", "--grpc-listen"])
+def test_serve_port_in_use_is_a_clear_error(tmp_path, listener):
+    """A busy port (e.g. a Collector already on 4317) is one line, exit 2, on either listener."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen(1)
         port = s.getsockname()[1]
+        other = "--grpc-listen" if listener == "--listen" else "--listen"
         proc = subprocess.run(
             [sys.executable, "-m", "otel_audit", "serve", "--ledger", str(tmp_path / "x.db"),
-             "--listen", f"127.0.0.1:{port}", "--grpc-listen", "off"],
+             listener, f"127.0.0.1:{port}", other, "127.0.0.1:0"],
             capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
-    assert proc.returncode == 2
-    assert (
-        proc.stderr.startswith("otel-audit: serve cannot listen:")
-        and "Traceback" not in proc.stderr
-    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"otel-audit: serve cannot listen on 127.0.0.1:{port}: ")
+    assert "in use" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_serve_unresolvable_grpc_host_is_a_clear_error(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "otel_audit", "serve", "--ledger", str(tmp_path / "x.db"),
+         "--listen", "127.0.0.1:0", "--grpc-listen", "garbage"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("otel-audit: serve cannot listen on garbage:4317: ")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -21,6 +21,10 @@ from ..forward import (
 )
 from ._common import add_ledger_argument, ledger_url
 
+#: ``--once`` is run by a person or a cron job: another forwarder holding the
+#: outbox is a failure to report, not a reason to wait for ever.
+_DEFAULT_ONCE_LOCK_TIMEOUT = 10.0
+
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
@@ -51,10 +55,20 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument(
         "--once", action="store_true", help="exit once everything is sent (or on the first failure)"
     )
+    p.add_argument(
+        "--lock-timeout",
+        metavar="SECONDS",
+        type=float,
+        default=_DEFAULT_ONCE_LOCK_TIMEOUT,
+        help="with --once: fail when another forwarder holds the outbox this long "
+        "(default %(default)s)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.lock_timeout >= 0:
+        raise ConfigError("--lock-timeout must be a number of seconds, 0 or more")
     url = ledger_url(args)
     env = dict(os.environ)
     if args.endpoint:
@@ -75,8 +89,9 @@ def run(args: argparse.Namespace) -> int:
             f"no receiver given: pass --endpoint URL or set {OTEL_AUDIT_FORWARD_ENDPOINT}"
         )
     for item in args.header:
-        forwarder.headers.update(parse_headers(item))
+        forwarder.headers.update(parse_headers(item, "--header"))
     if args.once:
+        forwarder.lock_timeout = args.lock_timeout
         return _once(forwarder)
     stop = threading.Event()
 
@@ -87,7 +102,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         forwarder.start()
         print(f"otel-audit forward: {url} -> {forwarder.url}", flush=True)
-        while not stop.wait(3600):
+        # Short waits: the kernel may deliver SIGTERM/SIGINT to another thread (a
+        # grpc or worker thread), which does not interrupt this wait; the Python
+        # handler then runs only when the main thread next wakes.
+        while not stop.wait(0.5):
             pass
     finally:
         forwarder.stop()
@@ -107,16 +125,19 @@ def _once(forwarder: Forwarder) -> int:
     forwarder.stop()
     stats = forwarder.stats()
     if not done:
-        print(f"otel-audit: forwarding failed: {stats.last_error}", file=sys.stderr)
+        reason = stats.last_error or "the forwarding thread stopped"
+        print(f"otel-audit: forwarding failed: {reason}", file=sys.stderr)
         return 1
     print(f"otel-audit forward: {stats.forwarded} records sent")
     return 0
 
 
 def _healthy_run(forwarder: Forwarder) -> bool:
-    """Wait for the first idle pass, giving up at the first failure."""
+    """Wait for the first idle pass, giving up at the first failure (or a dead thread)."""
     while True:
         if forwarder.flush(timeout=0.2):
             return True
-        if forwarder.stats().failures:
+        # flush() returns at once when the thread has ended: without this check
+        # a thread that died would turn this loop into a busy spin for ever.
+        if forwarder.stats().failures or not forwarder.running:
             return False

@@ -149,7 +149,10 @@ def run(args: argparse.Namespace) -> int:
             f"otel-audit serve: {', '.join(parts)}, chain {server.receiver.chain!r}",
             flush=True,
         )
-        while not stop.wait(3600):
+        # Short waits: the kernel may deliver SIGTERM/SIGINT to another thread (a
+        # grpc or worker thread), which does not interrupt this wait; the Python
+        # handler then runs only when the main thread next wakes.
+        while not stop.wait(0.5):
             pass
     finally:
         server.stop()
