@@ -319,7 +319,7 @@ def test_deeply_nested_json_is_damage_not_a_crash(shop, tmp_path, capsys) -> Non
     rec["hash"] = link_hash(bytes.fromhex(rec["prev_hash"]), body).hex()
     lines[0] = json.dumps(rec, sort_keys=True, separators=(",", ":"))
     forged = rehash({**files, "records.jsonl": ("\n".join(lines) + "\n").encode()})
-    with pytest.raises(VerificationError, match=r"line 1 .*: body is not a record \(nested too"):
+    with pytest.raises(VerificationError, match=r"line 1 .*: record body is nested too deeply"):
         verify_bundle(rezip(forged), key)
     # Deep but closed, so the parser may accept it: then the canonical check must not crash.
     for depth in (900, 200_000):
