@@ -46,7 +46,7 @@ def _emit(tracer) -> None:
         with tracer.start_as_current_span(
             "INSERT orders",
             kind=SpanKind.CLIENT,
-            attributes={"db.system": "sqlite", "db.statement": "INSERT INTO orders VALUES (1)"},
+            attributes={"db.system": "sqlite", "db.statement": "INSERT INTO orders VALUES (?)"},
             links=[Link(parent.get_span_context(), {"why": "caused"})],
         ) as child:
             child.set_attribute(v.TRAIL_ID, "trail-1")
