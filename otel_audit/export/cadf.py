@@ -9,7 +9,6 @@ actor id, resource), so the same record exports to the same event every time.
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Iterable
 from datetime import datetime, timezone
@@ -19,6 +18,7 @@ from .. import vocabulary as v
 from ..effects import sql_operation
 from ..ledger import StoredRecord
 from ..record import Record
+from .jsonl import write_lines
 
 NAME = "cadf"
 
@@ -165,9 +165,4 @@ def event(stored: StoredRecord) -> dict[str, Any]:
 
 
 def write(records: Iterable[StoredRecord], out: TextIO) -> int:
-    n = 0
-    for stored in records:
-        out.write(json.dumps(event(stored), ensure_ascii=False, sort_keys=True))
-        out.write("\n")
-        n += 1
-    return n
+    return write_lines(records, out, event)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
-from typing import Any, Iterable, TextIO
+from typing import Any, Callable, Iterable, TextIO
 
 from ..ledger import StoredRecord
 
@@ -29,10 +29,17 @@ def as_dict(stored: StoredRecord) -> dict[str, Any]:
     return out
 
 
-def write(records: Iterable[StoredRecord], out: TextIO) -> int:
+def write_lines(
+    records: Iterable[StoredRecord], out: TextIO, convert: Callable[[StoredRecord], Any]
+) -> int:
+    """One JSON object per record, one per line; returns how many were written."""
     n = 0
     for stored in records:
-        out.write(json.dumps(as_dict(stored), ensure_ascii=False, sort_keys=True))
+        out.write(json.dumps(convert(stored), ensure_ascii=False, sort_keys=True))
         out.write("\n")
         n += 1
     return n
+
+
+def write(records: Iterable[StoredRecord], out: TextIO) -> int:
+    return write_lines(records, out, as_dict)

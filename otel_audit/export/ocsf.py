@@ -17,7 +17,6 @@ the trail id as ``metadata.correlation_uid``, and the audit attributes under
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from typing import Any, TextIO
 
@@ -25,6 +24,7 @@ from .. import vocabulary as v
 from ..effects import sql_operation
 from ..ledger import StoredRecord
 from ..record import Record
+from .jsonl import write_lines
 
 NAME = "ocsf"
 OCSF_VERSION = "1.5.0"
@@ -243,9 +243,4 @@ def event(stored: StoredRecord) -> dict[str, Any]:
 
 
 def write(records: Iterable[StoredRecord], out: TextIO) -> int:
-    n = 0
-    for stored in records:
-        out.write(json.dumps(event(stored), ensure_ascii=False, sort_keys=True))
-        out.write("\n")
-        n += 1
-    return n
+    return write_lines(records, out, event)
