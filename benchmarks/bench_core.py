@@ -13,7 +13,6 @@ in the same run; absolute numbers vary on shared machines.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import threading
 import time

@@ -159,7 +159,7 @@ def bench_search(url: str, actor: str, trail: str, order: str, path: str) -> Non
             if name.startswith("trail"):
                 continue  # the trail index predates this work; no baseline to drop
             base[name] = timed(lambda q=q: list(ledger.query(q)), repeat=1)
-    for idx, sql in REVIEW_INDEXES.items():
+    for sql in REVIEW_INDEXES.values():
         con.execute(sql)
     con.commit()
     con.close()

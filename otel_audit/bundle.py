@@ -199,7 +199,7 @@ def write_bundle(
             if progress is not None:
                 progress.update(1)
         used[(chain, newest.seq)] = newest
-        for (c, seq), cp in sorted(used.items()):
+        for c, seq in sorted(used):
             if c == chain and seq < newest.seq:
                 consistency.append(
                     {

@@ -10,9 +10,10 @@ downstream services, which accept it only from peers their operator trusts
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from opentelemetry import baggage
 from opentelemetry import context as otel_context

@@ -22,8 +22,9 @@ in-process queue) the application marks with ``mark_effect`` or
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 from opentelemetry import trace

@@ -30,8 +30,9 @@ import ipaddress
 import logging
 import os
 import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence, Union
+from typing import Any
 
 import flask
 from flask import g, request
@@ -78,8 +79,8 @@ _ACTOR_ID = re.compile(r"^[\w.@:+-]{1,128}$")
 _log = logging.getLogger("otel_audit.flask")
 
 #: Returns the actor of the current request, or None to let the next resolver try.
-ActorResolver = Callable[[], Union[Actor, str, None]]
-Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+ActorResolver = Callable[[], Actor | str | None]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # Methods and forced routes of every AuditFlask, for the sampler candidate: a
 # span is sampled before any Flask hook runs, so the decision needs them here.

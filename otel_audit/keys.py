@@ -87,7 +87,9 @@ def public_key_pem(public_key: Ed25519PublicKey) -> bytes:
     )
 
 
-def generate_keypair(private_path: str | os.PathLike[str], public_path: str | os.PathLike[str]) -> str:
+def generate_keypair(
+    private_path: str | os.PathLike[str], public_path: str | os.PathLike[str]
+) -> str:
     """Write a new key pair (private key mode 0600, never overwritten); returns its key id."""
     for path in (private_path, public_path):
         if os.path.exists(path):

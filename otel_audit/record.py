@@ -14,8 +14,9 @@ from __future__ import annotations
 import base64
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 FORMAT_VERSION = 1
 
@@ -277,5 +278,3 @@ def record_from_span(
         scope=scope,
         truncated=tuple(cut),
     )
-
-

@@ -9,8 +9,9 @@ silently fell back to a default would not be the one the operator asked for.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import ConfigError
 
@@ -105,9 +106,7 @@ def load(
     every = _positive_int(value, where) if value is not None else _DEFAULT_CHECKPOINT_EVERY
 
     value, where = _pick(checkpoint_interval, env, OTEL_AUDIT_CHECKPOINT_INTERVAL)
-    interval = (
-        _positive_float(value, where) if value is not None else _DEFAULT_CHECKPOINT_INTERVAL
-    )
+    interval = _positive_float(value, where) if value is not None else _DEFAULT_CHECKPOINT_INTERVAL
 
     value, where = _pick(max_queue_size, env, OTEL_AUDIT_MAX_QUEUE_SIZE)
     queue = _positive_int(value, where) if value is not None else _DEFAULT_MAX_QUEUE_SIZE

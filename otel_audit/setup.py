@@ -164,7 +164,9 @@ def _handle_sigterm() -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
 
 
-def configure(ledger: str | None = None, service_name: str | None = None, **options: Any) -> AuditPipeline:
+def configure(
+    ledger: str | None = None, service_name: str | None = None, **options: Any
+) -> AuditPipeline:
     """Install the audit pipeline; returns it. Raises ConfigError on a bad setting.
 
     Options: ``tracer_provider``, ``durability`` (sync|async), ``signing_key``

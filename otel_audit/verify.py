@@ -10,8 +10,8 @@ catches an insider who rewrote a record and recomputed every later hash.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -50,7 +50,9 @@ class VerifyReport:
 
 
 def _damage(chain: str, seq: int, kind: str, detail: str) -> VerificationError:
-    return VerificationError(f"chain {chain!r} seq {seq}: {kind}: {detail}", chain=chain, seq=seq, kind=kind)
+    return VerificationError(
+        f"chain {chain!r} seq {seq}: {kind}: {detail}", chain=chain, seq=seq, kind=kind
+    )
 
 
 def verify_ledger(
@@ -94,7 +96,10 @@ def _check_signature(cp: Checkpoint, public_key: Ed25519PublicKey | None, what: 
         raise _damage(cp.chain, cp.seq, "bad signature", f"{what} is not signed")
     if not verify_signature(public_key, cp.signature, cp.message()):
         raise _damage(
-            cp.chain, cp.seq, "bad signature", f"{what} signature does not verify with the public key"
+            cp.chain,
+            cp.seq,
+            "bad signature",
+            f"{what} signature does not verify with the public key",
         )
 
 
@@ -129,14 +134,18 @@ def _verify_chain(
         nxt = next(rows, None)
         seq, prev, digest, body = row
         if seq != last_seq + 1:
-            raise _damage(chain, last_seq + 1, "deleted", f"record missing (next present is seq {seq})")
+            raise _damage(
+                chain, last_seq + 1, "deleted", f"record missing (next present is seq {seq})"
+            )
         if link_hash(prev, body) != digest:
             if nxt is not None and nxt.prev_hash == expected:
                 raise _damage(chain, seq, "inserted", "record is not part of the chain around it")
             raise _damage(chain, seq, "modified", "hash does not match the record's bytes")
         if prev != expected:
             if before is not None and prev == before:
-                raise _damage(chain, last_seq, "inserted", "record is not part of the chain around it")
+                raise _damage(
+                    chain, last_seq, "inserted", "record is not part of the chain around it"
+                )
             if _hash_elsewhere(ledger, chain, prev, seq):
                 raise _damage(chain, seq, "reordered", "record is out of its place in the chain")
             raise _damage(chain, seq, "modified", "previous-hash link does not match")

@@ -25,8 +25,8 @@ import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from .chain import Checkpoint
 from .errors import AuditError, LedgerError, LedgerUnavailable, LedgerWriteError

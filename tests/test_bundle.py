@@ -107,7 +107,7 @@ def test_every_single_byte_change_is_detected(shop, tmp_path, capsys) -> None:
     verify_bundle(rezip(files), key)  # the untouched bundle, re-zipped, is fine
     # 1. Any edit of any file, manifest included.
     checked = 0
-    for name, i, changed in _mutations(files, sorted(files)):
+    for _name, _i, changed in _mutations(files, sorted(files)):
         with pytest.raises(VerificationError):
             verify_bundle(rezip(changed), key)
         checked += 1

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 
-
 def run_demo(*args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     return subprocess.run(

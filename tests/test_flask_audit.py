@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from otel_audit import vocabulary as v
-from otel_audit.flask import client_ip, default_action, outcome_for_status, _networks
+from otel_audit.flask import _networks, client_ip, default_action, outcome_for_status
 from otel_audit.ledger import Query, open_ledger
 from tests.plugins.flask_service import base_env
 

@@ -7,7 +7,8 @@ loopback by werkzeug in a thread, recorded by a real audit pipeline.
 from __future__ import annotations
 
 import threading
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import flask
 import pytest

@@ -8,6 +8,7 @@ from otel_audit import vocabulary
 
 def test_public_names():
     import __future__
+
     import types
 
     # Every public name (not a submodule, not the __future__ feature) is listed.

@@ -66,9 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def _check_installed() -> None:
     missing = [pip for mod, pip in _NEEDS.items() if importlib.util.find_spec(mod) is None]
     if missing:
-        raise ConfigError(
-            f"the demo needs {', '.join(missing)}: pip install 'otel-audit[demo]'"
-        )
+        raise ConfigError(f"the demo needs {', '.join(missing)}: pip install 'otel-audit[demo]'")
 
 
 def _free_port() -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from .._progress import Progress, atomic_output
 from ..export import formats

@@ -14,9 +14,7 @@ from ._common import add_ledger_argument, open_for_reading
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("tail", help="print the newest records as JSON lines")
     add_ledger_argument(p)
-    p.add_argument(
-        "-n", "--lines", type=_count, default=10, help="records per chain (default 10)"
-    )
+    p.add_argument("-n", "--lines", type=_count, default=10, help="records per chain (default 10)")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new records")
     p.add_argument("--interval", type=_seconds, default=0.5, help=argparse.SUPPRESS)
     p.set_defaults(func=run)

@@ -17,7 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     add_ledger_argument(p)
     p.add_argument("--public-key", metavar="PATH", help="Ed25519 public key that signs checkpoints")
     p.add_argument("--quiet", "-q", action="store_true", help="print nothing when intact")
-    p.add_argument("--anchors", metavar="FILE", help="JSONL export of checkpoint log records to check against")
+    p.add_argument(
+        "--anchors", metavar="FILE", help="JSONL export of checkpoint log records to check against"
+    )
     p.set_defaults(func=run)
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 import sqlite3
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flask
 from flask import g, request

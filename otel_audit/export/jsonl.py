@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterable, TextIO
+from typing import Any, TextIO
 
 from ..ledger import StoredRecord
 

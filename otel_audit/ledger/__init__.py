@@ -52,13 +52,17 @@ def open_ledger(url: str, *, create: bool = True, readonly: bool = False) -> Led
     path = sqlite_path(url)
     if path is None:
         scheme = url.split("://", 1)[0]
-        raise ConfigError(f"ledger URL scheme {scheme!r} is not supported (use sqlite or postgresql)")
+        raise ConfigError(
+            f"ledger URL scheme {scheme!r} is not supported (use sqlite or postgresql)"
+        )
     from .sqlite import SQLiteLedger
 
     options = _split_query(url)[1] if url.startswith("sqlite://") else {}
     unknown = sorted(set(options) - {"busy_timeout"})
     if unknown:
-        raise ConfigError(f"ledger URL option {unknown[0]!r} is not supported (known: busy_timeout)")
+        raise ConfigError(
+            f"ledger URL option {unknown[0]!r} is not supported (known: busy_timeout)"
+        )
     timeout_ms = None
     if "busy_timeout" in options:
         try:

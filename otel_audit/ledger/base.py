@@ -9,8 +9,9 @@ between threads unless the backend says so; open one per thread or process.
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, NamedTuple, Sequence
+from typing import NamedTuple
 
 from ..chain import Checkpoint
 from ..errors import VerificationError
@@ -52,8 +53,7 @@ class StoredRecord:
             return decode(self.body)
         except ValueError as exc:
             raise VerificationError(
-                f"chain {self.chain!r} seq {self.seq}: modified: {exc}"
-                " (run otel-audit verify)",
+                f"chain {self.chain!r} seq {self.seq}: modified: {exc} (run otel-audit verify)",
                 chain=self.chain,
                 seq=self.seq,
                 kind="modified",
@@ -90,7 +90,9 @@ class Ledger(abc.ABC):
     url: str
 
     @abc.abstractmethod
-    def append(self, chain: str, bodies: Sequence[bytes], *, dedupe: bool = False) -> list[Appended]:
+    def append(
+        self, chain: str, bodies: Sequence[bytes], *, dedupe: bool = False
+    ) -> list[Appended]:
         """Append ``bodies`` to ``chain`` in one transaction; durable when it returns.
 
         With ``dedupe``, a body whose (trace id, span id) is already stored is
@@ -129,7 +131,7 @@ class Ledger(abc.ABC):
         """The chain a writer of ``service`` appends to when none is configured."""
         return service
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook: a backend may hold nothing
         """Release the connection; the ledger object is unusable afterwards."""
 
     def __enter__(self) -> Ledger:

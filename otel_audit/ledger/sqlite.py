@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Iterator, Sequence
 
 from ..chain import GENESIS, Checkpoint, link_hash
 from ..errors import LedgerError, LedgerWriteError, VerificationError
@@ -145,7 +145,9 @@ class SQLiteLedger(Ledger):
 
     def _check_schema(self) -> None:
         try:
-            row = self._con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            row = self._con.execute(
+                "SELECT value FROM meta WHERE key = 'schema_version'"
+            ).fetchone()
         except sqlite3.OperationalError as exc:
             raise LedgerError(f"{self.path!r} is not an otel-audit ledger") from exc
         if row is None or str(row[0]) != str(SCHEMA_VERSION):
@@ -154,7 +156,9 @@ class SQLiteLedger(Ledger):
                 f"expected {SCHEMA_VERSION}"
             )
 
-    def append(self, chain: str, bodies: Sequence[bytes], *, dedupe: bool = False) -> list[Appended]:
+    def append(
+        self, chain: str, bodies: Sequence[bytes], *, dedupe: bool = False
+    ) -> list[Appended]:
         con = self._con
         with _mapped(f"appending to chain {chain!r}", LedgerWriteError):
             con.execute("BEGIN IMMEDIATE")
@@ -319,7 +323,9 @@ class SQLiteLedger(Ledger):
                 if not rows:
                     return
                 for chain, seq, prev, digest, body in rows:
-                    yield StoredRecord(chain, seq, _as_bytes(prev), _as_bytes(digest), _as_bytes(body))
+                    yield StoredRecord(
+                        chain, seq, _as_bytes(prev), _as_bytes(digest), _as_bytes(body)
+                    )
 
     def count(self) -> int:
         with _mapped("counting records"):
