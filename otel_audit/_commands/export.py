@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Iterable, Iterator
+from typing import TextIO, cast
 
 from .._progress import Progress, atomic_output
 from ..export import formats
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         # atomic_output renames into place only on success: Ctrl-C or an
         # error never leaves a partial file under the requested name.
         with Progress(None, f"exporting {args.format}") as bar, atomic_output(args.output) as fh:
-            n = write(_counted(ledger.query(query), bar), fh)
+            n = write(_counted(ledger.query(query), bar), cast(TextIO, fh))
     print(f"wrote {n} records to {args.output}", file=sys.stderr)
     return 0
 
