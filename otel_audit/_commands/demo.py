@@ -29,6 +29,7 @@ from .. import vocabulary as v
 from ..errors import AuditError, ConfigError
 from ..keys import generate_keypair
 from ..ledger import Query, open_ledger
+from . import _demo_boundary
 
 # What the example services import or are instrumented by, and the pip names.
 _NEEDS = {
@@ -151,7 +152,7 @@ def _trails(ledger_url: str) -> list[tuple[str, str]]:
     with open_ledger(ledger_url, create=False, readonly=True) as ledger:
         for stored in ledger.query(Query(service="orders")):
             rec = stored.record
-            if rec.attr(v.EVENT):
+            if rec.attr(v.EVENT) and rec.attr(v.ACTION) not in _demo_boundary.ACTIONS:
                 who = rec.attr(v.ACTOR_ID) or rec.attr(v.ACTOR_TYPE)
                 out.append((str(rec.attr(v.TRAIL_ID)),
                             f"{who} did {rec.attr(v.ACTION)}: {rec.attr(v.OUTCOME)}"))  # fmt: skip
@@ -194,7 +195,10 @@ def _run(directory: pathlib.Path, timeout: float) -> int:
     )  # fmt: skip
     print(f"otel-audit demo: ledger {ledger_url}")
     inventory = _Service("inventory", directory, env)
-    orders = _Service("orders", directory, dict(env, SHOP_INVENTORY_URL=inventory.url))
+    boundary = _demo_boundary.BoundaryDemo(directory, inventory.url)
+    orders = _Service(
+        "orders", directory, dict(env, SHOP_INVENTORY_URL=inventory.url, **boundary.env())
+    )
     failed: list[str] = []
     try:
         inventory.wait_ready(timeout)
@@ -205,9 +209,11 @@ def _run(directory: pathlib.Path, timeout: float) -> int:
             print(f"  {user}: {method} {path} -> {status}")
             if status != expected:
                 failed.append(f"{user} {method} {path}: expected {expected}, got {status}")
+        failed += boundary.export(orders.url, _request)
         _wait_for_job(ledger_url, timeout)
     finally:
         codes = [orders.stop(), inventory.stop()]
+        boundary.close()
     if any(code not in (0, -signal.SIGTERM) for code in codes):
         failed.append(f"a service exited with {codes}; see {directory}")
     trails = _trails(ledger_url)
@@ -222,6 +228,7 @@ def _run(directory: pathlib.Path, timeout: float) -> int:
     sys.stdout.flush()
     if main(["verify", "--ledger", ledger_url, "--public-key", str(public_key)]) != 0:
         failed.append("otel-audit verify failed")
+    failed += boundary.report(ledger_url, main)
     if failed:
         raise DemoFailed("demo failed: " + "; ".join(failed))
     return 0

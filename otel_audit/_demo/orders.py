@@ -82,6 +82,22 @@ def cancel_order(order_id: int) -> Any:
     return {"order_id": order_id, "status": "cancelled"}
 
 
+def export_orders() -> Any:
+    """Send every order to a partner (``SHOP_EXPORT_URL``).
+
+    The demo's deliberate data-boundary violation: the orders table is
+    classified ``production`` and the partner's host is not on its allow-list,
+    so the audit pipeline records a ``boundary.violation`` (the call still
+    goes out: the demo policy detects, it does not enforce).
+    """
+    target = os.environ.get("SHOP_EXPORT_URL")
+    if not target:
+        return {"error": "no export target configured (SHOP_EXPORT_URL)"}, 404
+    rows = run_sql(DB, [("SELECT id, owner, sku, qty, status FROM orders", ())])[2]
+    requests.post(target, json=rows, timeout=10).raise_for_status()
+    return {"exported": len(rows)}
+
+
 def fail_order() -> Any:
     raise RuntimeError("simulated failure")
 
@@ -91,6 +107,7 @@ ROUTES: list[Route] = [
     ("/orders/<int:order_id>", ["GET"], get_order),
     ("/orders/<int:order_id>", ["DELETE"], cancel_order),
     ("/orders/fail", ["POST"], fail_order),
+    ("/orders/export", ["POST"], export_orders),
 ]
 
 app = create_app("orders", ROUTES, SCHEMA, DB)
