@@ -60,11 +60,11 @@ _log = logging.getLogger("otel_audit")
 
 VIOLATION_ACTION = "boundary.violation"
 #: Attributes of a violation event (and of the span that violated, in detect mode).
-DESTINATION = "audit.boundary.destination"
-DESTINATION_KIND = "audit.boundary.kind"
-BLOCKED = "audit.boundary.blocked"
-VIOLATION = "audit.boundary.violation"
-VIOLATING_SPAN = "audit.boundary.span_id"
+DESTINATION = v.BOUNDARY_DESTINATION
+DESTINATION_KIND = v.BOUNDARY_KIND
+BLOCKED = v.BOUNDARY_BLOCKED
+VIOLATION = v.BOUNDARY_VIOLATION
+VIOLATING_SPAN = v.BOUNDARY_SPAN_ID
 
 HEADER = "otel-audit-classification"
 MODES = ("detect", "enforce")

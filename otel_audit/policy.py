@@ -62,7 +62,7 @@ OTEL_AUDIT_POLICY = "OTEL_AUDIT_POLICY"
 LEVELS = ("none", "metadata", "full")
 DURABILITIES = ("blocking", "sync", "async")
 #: Set on the record a ``blocking`` action commits before its body runs.
-INTENT = "audit.intent"
+INTENT = v.INTENT
 
 # What ``metadata`` keeps besides the audit.* vocabulary: names of things,
 # never payloads (no statements, URLs, headers or bodies).

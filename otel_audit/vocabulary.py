@@ -40,6 +40,25 @@ ALL = (
     DATA_CLASSIFICATION,
 )
 
+# otel-audit's own extensions: not part of the DESIGN vocabulary above, but
+# names that records, policies and reports rely on all the same.
+#: ``true`` on the intent record a ``blocking`` action writes before its body runs.
+INTENT = "audit.intent"
+#: On a ``boundary.violation`` event: where classified data went, and how.
+BOUNDARY_DESTINATION = "audit.boundary.destination"
+BOUNDARY_KIND = "audit.boundary.kind"
+BOUNDARY_BLOCKED = "audit.boundary.blocked"
+BOUNDARY_VIOLATION = "audit.boundary.violation"
+BOUNDARY_SPAN_ID = "audit.boundary.span_id"
+EXTENSIONS = (
+    INTENT,
+    BOUNDARY_DESTINATION,
+    BOUNDARY_KIND,
+    BOUNDARY_BLOCKED,
+    BOUNDARY_VIOLATION,
+    BOUNDARY_SPAN_ID,
+)
+
 #: Attributes that say who acted; only the authenticated server side sets them.
 ACTOR_ATTRIBUTES = (ACTOR_ID, ACTOR_TYPE, ACTOR_ROLES, ACTOR_AUTH, ACTOR_IP)
 

@@ -16,6 +16,7 @@ import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+from .. import vocabulary as v
 from ..chain import GENESIS, Checkpoint, link_hash
 from ..errors import LedgerError, LedgerWriteError, VerificationError
 from .base import Appended, Ledger, Query, RawRow, StoredRecord
@@ -40,12 +41,12 @@ CREATE TABLE IF NOT EXISTS records (
     span_id TEXT GENERATED ALWAYS AS (json_extract(CAST(body AS TEXT), '$.span_id')) VIRTUAL,
     start_ns INTEGER GENERATED ALWAYS AS (json_extract(CAST(body AS TEXT), '$.start')) VIRTUAL,
     service TEXT GENERATED ALWAYS AS (json_extract(CAST(body AS TEXT), '$.service')) VIRTUAL,
-    trail_id TEXT GENERATED ALWAYS AS ({_attr("audit.trail.id")}) VIRTUAL,
-    action TEXT GENERATED ALWAYS AS ({_attr("audit.action")}) VIRTUAL,
-    actor_id TEXT GENERATED ALWAYS AS ({_attr("audit.actor.id")}) VIRTUAL,
-    resource_type TEXT GENERATED ALWAYS AS ({_attr("audit.resource.type")}) VIRTUAL,
-    resource_id TEXT GENERATED ALWAYS AS ({_attr("audit.resource.id")}) VIRTUAL,
-    outcome TEXT GENERATED ALWAYS AS ({_attr("audit.outcome")}) VIRTUAL,
+    trail_id TEXT GENERATED ALWAYS AS ({_attr(v.TRAIL_ID)}) VIRTUAL,
+    action TEXT GENERATED ALWAYS AS ({_attr(v.ACTION)}) VIRTUAL,
+    actor_id TEXT GENERATED ALWAYS AS ({_attr(v.ACTOR_ID)}) VIRTUAL,
+    resource_type TEXT GENERATED ALWAYS AS ({_attr(v.RESOURCE_TYPE)}) VIRTUAL,
+    resource_id TEXT GENERATED ALWAYS AS ({_attr(v.RESOURCE_ID)}) VIRTUAL,
+    outcome TEXT GENERATED ALWAYS AS ({_attr(v.OUTCOME)}) VIRTUAL,
     PRIMARY KEY (chain, seq)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS records_trace ON records (trace_id, span_id);
