@@ -263,6 +263,9 @@ class BoundaryConfig:
 # -- the trail registry and propagation ---------------------------------------
 
 
+_NO_LABELS: frozenset[str] = frozenset()
+
+
 class _Registry:
     """trail id -> classification labels, bounded (oldest trails forgotten). Thread-safe."""
 
@@ -274,9 +277,11 @@ class _Registry:
 
     def get(self, trail: str | None) -> frozenset[str]:
         if trail is None:
-            return frozenset()
-        with self._lock:
-            return self._trails.get(trail, frozenset())
+            return _NO_LABELS
+        # No lock for a read: OrderedDict.get is one atomic step under the
+        # interpreter lock, and this runs for every span of every trail; a
+        # lock here convoys the application's threads.
+        return self._trails.get(trail, _NO_LABELS)
 
     def add(self, trail: str, labels: frozenset[str]) -> None:
         if not labels:

@@ -23,6 +23,7 @@ from .base import Appended, Ledger, Query, RawRow, StoredRecord
 
 SCHEMA_VERSION = 1
 _BUSY_TIMEOUT_MS = 60_000
+_ROWS_PER_INSERT = 500  # 2,500 bound values, well under SQLite's limit
 
 
 def _attr(name: str) -> str:
@@ -186,10 +187,17 @@ class SQLiteLedger(Ledger):
                     rows.append((chain, seq, prev, digest, body))
                     out.append(Appended(chain, seq, digest))
                     prev = digest
-                con.executemany(
-                    "INSERT INTO records (chain, seq, prev_hash, hash, body) VALUES (?, ?, ?, ?, ?)",
-                    rows,
-                )
+                # One multi-row INSERT per chunk, not executemany: each statement
+                # step gives the interpreter lock back and must win it again,
+                # and under load from application threads every round trip
+                # can cost a whole switch interval.
+                for start in range(0, len(rows), _ROWS_PER_INSERT):
+                    chunk = rows[start : start + _ROWS_PER_INSERT]
+                    con.execute(
+                        "INSERT INTO records (chain, seq, prev_hash, hash, body) VALUES "
+                        + ",".join(["(?, ?, ?, ?, ?)"] * len(chunk)),
+                        [value for row in chunk for value in row],
+                    )
                 con.execute("COMMIT")
             except BaseException:
                 if con.in_transaction:
