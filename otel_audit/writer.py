@@ -1,8 +1,10 @@
 """LedgerWriter: one thread that commits records in groups, and checkpoints.
 
-Producers put canonical bodies into the open batch; the writer thread takes
-the whole batch, appends it in one transaction (one fsync for all of them)
-and wakes the waiters: many threads share each fsync (group commit).
+Producers append canonical bodies to a queue without taking a lock (a
+contended lock convoys the application's threads under the interpreter
+lock); the writer thread takes everything queued, appends it in one
+transaction (one fsync for all of them) and wakes the waiters: many threads
+share each fsync (group commit).
 
 * ``wait=True`` (sync durability): ``write`` returns only after the commit, or
   raises ``LedgerWriteError``; a record that failed is never written later.
@@ -41,15 +43,33 @@ _MAX_BACKOFF = 2.0
 _INHERITED: list[object] = []
 
 
-class _Batch:
-    __slots__ = ("bodies", "sync", "done", "error", "appended")
+class _Ticket:
+    """How a sync producer learns its record's fate: a lock the writer releases."""
+
+    __slots__ = ("lock", "error", "appended")
 
     def __init__(self) -> None:
-        self.bodies: list[bytes] = []
-        self.sync: list[bool] = []
-        self.done = threading.Event()
+        self.lock = threading.Lock()
+        self.lock.acquire()
         self.error: AuditError | None = None
-        self.appended: list[Appended] = []
+        self.appended: Appended | None = None
+
+    def resolve(self, appended: Appended | None, error: AuditError | None) -> None:
+        self.appended, self.error = appended, error
+        self.lock.release()
+
+
+class _Item:
+    """One queued record; compared by identity, so a producer can take back its own."""
+
+    __slots__ = ("body", "ticket")
+
+    def __init__(self, body: bytes, ticket: _Ticket | None) -> None:
+        self.body = body
+        self.ticket = ticket
+
+
+_MAX_BATCH = 8192
 
 
 @dataclass(frozen=True)
@@ -98,22 +118,42 @@ class LedgerWriter:
         # Open now so a bad URL, a missing directory or a read-only file fails
         # configure(), not the first audited action.
         self._ledger: Ledger | None = ledger or open_ledger(ledger_url)
+        # Held around every ledger transaction, and by fork(): a child must
+        # never inherit a connection in the middle of a transaction (SQLite's
+        # in-process lock state would then refuse the child's own writes).
+        self._io_lock = threading.Lock()
         self._reset_state()
-        weak = weakref.WeakMethod(self._after_fork)
+        weak_child = weakref.WeakMethod(self._after_fork)
+        weak_self = weakref.ref(self)
+
+        def _before() -> None:
+            writer = weak_self()
+            if writer is not None:
+                writer._io_lock.acquire()
+
+        def _parent() -> None:
+            writer = weak_self()
+            if writer is not None and writer._io_lock.locked():
+                writer._io_lock.release()
 
         def _child() -> None:
-            method = weak()
+            method = weak_child()
             if method is not None:
                 method()
 
         if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=_child)
+            os.register_at_fork(before=_before, after_in_parent=_parent, after_in_child=_child)
 
     def _reset_state(self) -> None:
+        # _cond: for producers waiting on a full queue and for flush(); the
+        # writer notifies it once per commit. The hot path takes no lock.
         self._cond = threading.Condition(threading.Lock())
-        self._open = _Batch()
-        self._retry: _Batch | None = None
-        self._pending = 0
+        self._start_lock = threading.Lock()
+        self._queue: deque[_Item] = deque()
+        self._wake = threading.Event()
+        self._retry: list[_Item] | None = None
+        self._inflight = 0
+        self._draining = False
         self._closed = False
         self._thread: threading.Thread | None = None
         self._healthy = True
@@ -138,6 +178,7 @@ class LedgerWriter:
         self._last_appended: Appended | None = None
 
     def _after_fork(self) -> None:
+        self._io_lock = threading.Lock()  # the inherited one is held by fork
         if self._ledger is not None:
             _INHERITED.append(self._ledger)
         self._ledger = None
@@ -163,23 +204,35 @@ class LedgerWriter:
         if not self._healthy and time.monotonic() < self._refuse_until:
             raise LedgerUnavailable(f"audit ledger {self.url} is unavailable: {self._last_error}")
 
-    def _enqueue(self, body: bytes, wait: bool) -> tuple[_Batch, int]:
-        with self._cond:
+    def _enqueue(self, body: bytes, wait: bool) -> _Ticket | None:
+        if self._closed:
+            raise LedgerUnavailable(f"audit writer for {self.url} is shut down")
+        if len(self._queue) >= self.max_queue_size:
+            # Full: block (never drop) until the writer has made room.
+            with self._cond:
+                while len(self._queue) >= self.max_queue_size and not self._closed:
+                    self._cond.wait(0.5)
             if self._closed:
                 raise LedgerUnavailable(f"audit writer for {self.url} is shut down")
-            while self._pending >= self.max_queue_size and not self._closed:
-                self._cond.wait()
-            if self._closed:
+        ticket = _Ticket() if wait else None
+        item = _Item(body, ticket)
+        self._queue.append(item)  # atomic: no lock on the hot path
+        if self._thread is None:
+            with self._start_lock:
+                if self._thread is None:
+                    self._start()
+        if not self._wake.is_set():
+            self._wake.set()
+        if self._closed:
+            # Shutdown raced this append: take the record back if the writer
+            # has not; if it has, the writer (or the final drain) answers it.
+            try:
+                self._queue.remove(item)
+            except ValueError:
+                pass
+            else:
                 raise LedgerUnavailable(f"audit writer for {self.url} is shut down")
-            batch = self._open
-            batch.bodies.append(body)
-            batch.sync.append(wait)
-            self._pending += 1
-            self._counts["submitted"] += 1
-            if self._thread is None:
-                self._start()
-            self._cond.notify_all()
-            return batch, len(batch.bodies) - 1
+        return ticket
 
     def submit(self, body: bytes) -> None:
         """Queue ``body`` for commit (async); blocks while the queue is full, never drops."""
@@ -187,136 +240,150 @@ class LedgerWriter:
 
     def write(self, body: bytes) -> Appended:
         """Commit ``body`` durably (sync); raises LedgerWriteError when it was not."""
-        batch, index = self._enqueue(body, True)
-        while not batch.done.wait(1.0):
+        ticket = self._enqueue(body, True)
+        assert ticket is not None
+        while not ticket.lock.acquire(timeout=1.0):
             thread = self._thread
             if thread is None or not thread.is_alive():
                 raise LedgerWriteError(f"audit writer for {self.url} stopped before commit")
-        if batch.error is not None:
-            raise batch.error
-        return batch.appended[index]
+        if ticket.error is not None:
+            raise ticket.error
+        assert ticket.appended is not None
+        return ticket.appended
 
     # -- writer thread -------------------------------------------------
 
     def _start(self) -> None:
         if self._ledger is None:
             self._ledger = open_ledger(self.url)
-        self._thread = threading.Thread(target=self._run, name="otel-audit-writer", daemon=True)
-        self._thread.start()
+        thread = threading.Thread(target=self._run, name="otel-audit-writer", daemon=True)
+        thread.start()
+        self._thread = thread
 
-    def _take(self) -> _Batch | None:
-        with self._cond:
-            while True:
-                if self._retry is not None:
-                    batch, self._retry = self._retry, None
-                    return batch
-                if self._open.bodies:
-                    batch, self._open = self._open, _Batch()
-                    return batch
-                if self._closed:
-                    return None
-                if self._since_checkpoint:
-                    due = self._last_checkpoint + self.checkpoint_interval - time.monotonic()
-                    if due <= 0:
-                        return _Batch()  # empty: a timed checkpoint
-                    self._cond.wait(due)
-                else:
-                    self._cond.wait()
+    def _drain(self) -> list[_Item]:
+        self._draining = True
+        items: list[_Item] = []
+        queue = self._queue
+        try:
+            while queue and len(items) < _MAX_BATCH:
+                items.append(queue.popleft())
+        except IndexError:  # a producer took its item back meanwhile
+            pass
+        self._inflight = len(items)
+        self._draining = False
+        return items
+
+    def _idle_wait(self) -> None:
+        """Sleep until a record is queued, shutdown, or a timed checkpoint is due."""
+        timeout: float | None = None
+        if self._since_checkpoint:
+            timeout = self._last_checkpoint + self.checkpoint_interval - time.monotonic()
+            if timeout <= 0:
+                self._checkpoint()
+                return
+        # Clear, then look again: a producer that appended after the look sees
+        # the flag down and raises it, so no wake-up is ever lost.
+        self._wake.clear()
+        if self._queue or self._closed:
+            return
+        self._wake.wait(timeout)
 
     def _run(self) -> None:
         backoff = 0.05
         while True:
-            batch = self._take()
-            if batch is None:
-                self._checkpoint()
-                return
-            if not batch.bodies:
-                self._checkpoint()
+            if self._retry is not None:
+                items, self._retry = self._retry, None
+                self._inflight = len(items)
+            else:
+                items = self._drain()
+            if not items:
+                if self._closed and not self._queue:
+                    self._checkpoint()
+                    self._notify()
+                    return
+                self._idle_wait()
                 continue
-            ok = self._commit(batch)
-            if ok:
+            if self._commit(items):
                 backoff = 0.05
                 continue
-            with self._cond:
-                closing = self._closed
-                retry = self._retry if closing else None
-                if closing:
-                    self._retry = None
-            if closing:
-                if retry is not None:
+            if self._closed:
+                retry, self._retry = self._retry, None
+                if retry:
                     self._abandon(retry)
                 continue
             time.sleep(backoff)
             backoff = min(backoff * 2, _MAX_BACKOFF)
 
-    def _commit(self, batch: _Batch) -> bool:
+    def _notify(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _commit(self, items: list[_Item]) -> bool:
         assert self._ledger is not None
         started = time.perf_counter()
         try:
-            appended = self._ledger.append(self.chain, batch.bodies)
+            with self._io_lock:
+                appended = self._ledger.append(self.chain, [item.body for item in items])
         except AuditError as exc:
             error: AuditError = exc
         except Exception as exc:  # a backend bug must not kill the writer thread
             error = LedgerWriteError(f"audit ledger write failed: {exc!r}")
         else:
             elapsed = time.perf_counter() - started
-            batch.appended = appended
             self._latencies.append(elapsed)
             for listener in self.commit_listeners:
                 _safe(listener, elapsed, len(appended))
-            with self._cond:
-                self._pending -= len(batch.bodies)
-                self._counts["committed"] += len(appended)
-                self._counts["batches"] += 1
-                self._healthy = True
-                self._since_checkpoint += len(appended)
-                if appended:
-                    self._last_appended = appended[-1]
-                self._cond.notify_all()
-            batch.done.set()
+            self._counts["committed"] += len(appended)
+            self._counts["batches"] += 1
+            self._healthy = True
+            self._since_checkpoint += len(appended)
+            if appended:
+                self._last_appended = appended[-1]
+            for item, where in zip(items, appended):
+                if item.ticket is not None:
+                    item.ticket.resolve(where, None)
+            self._inflight = 0
+            self._notify()
             if self._since_checkpoint >= self.checkpoint_every:
                 self._checkpoint()
             return True
-        return self._fail(batch, error)
+        return self._fail(items, error)
 
-    def _fail(self, batch: _Batch, error: AuditError) -> bool:
-        """Fail the sync records of ``batch`` now; keep the async ones for a retry."""
+    def _fail(self, items: list[_Item], error: AuditError) -> bool:
+        """Fail the sync records of ``items`` now; keep the async ones for a retry."""
         _log.error("otel-audit: %s", error)
-        keep = _Batch()
-        for body, sync in zip(batch.bodies, batch.sync):
-            if not sync:
-                keep.bodies.append(body)
-                keep.sync.append(False)
-        failed = len(batch.bodies) - len(keep.bodies)
-        with self._cond:
-            self._healthy = False
-            self._refuse_until = time.monotonic() + self.probe_interval
-            self._last_error = str(error)
-            self._pending -= failed
-            self._counts["failed"] += failed
-            if keep.bodies:
-                self._counts["retries"] += 1
-                self._retry = keep
-            self._cond.notify_all()
-        batch.error = error if isinstance(error, LedgerWriteError) else LedgerWriteError(str(error))
-        batch.done.set()
-        return not keep.bodies
+        failure = error if isinstance(error, LedgerWriteError) else LedgerWriteError(str(error))
+        keep = [item for item in items if item.ticket is None]
+        self._healthy = False
+        self._refuse_until = time.monotonic() + self.probe_interval
+        self._last_error = str(error)
+        self._counts["failed"] += len(items) - len(keep)
+        for item in items:
+            if item.ticket is not None:
+                item.ticket.resolve(None, failure)
+        if keep:
+            self._counts["retries"] += 1
+            self._retry = keep
+        self._inflight = len(keep)
+        self._notify()
+        return not keep
 
-    def _abandon(self, batch: _Batch) -> None:
-        # Shutdown while the ledger is down: these async records are lost, and
+    def _abandon(self, items: list[_Item]) -> None:
+        # Shutdown while the ledger is down: these records are lost, and
         # that is said loudly and counted, never silently.
-        with self._cond:
-            self._pending -= len(batch.bodies)
-            self._counts["failed"] += len(batch.bodies)
-            self._cond.notify_all()
+        error = LedgerWriteError(f"not committed before shutdown: {self._last_error}")
+        self._counts["failed"] += len(items)
+        for item in items:
+            if item.ticket is not None:
+                item.ticket.resolve(None, error)
+        self._inflight = 0
+        self._notify()
         _log.error(
             "otel-audit: %d audit records were not committed to %s before shutdown: %s",
-            len(batch.bodies),
+            len(items),
             self.url,
             self._last_error,
         )
-        batch.error = LedgerWriteError(f"not committed before shutdown: {self._last_error}")
-        batch.done.set()
 
     def _checkpoint(self) -> None:
         head = self._last_appended
@@ -335,7 +402,9 @@ class LedgerWriter:
             frontier = getattr(self, "_merkle_frontier", None)
             if frontier is None or frontier.size > head.seq:
                 frontier = Frontier()
-            if advance(frontier, self._ledger, self.chain, head.seq):
+            with self._io_lock:
+                advanced = advance(frontier, self._ledger, self.chain, head.seq)
+            if advanced:
                 self._merkle_frontier = frontier
                 merkle_root = frontier.root()
         except Exception:  # the checkpoint still protects the chain without a root
@@ -354,7 +423,8 @@ class LedgerWriter:
                 merkle_root,
             )
         try:
-            self._ledger.add_checkpoint(checkpoint)
+            with self._io_lock:
+                self._ledger.add_checkpoint(checkpoint)
         except LedgerError as exc:
             with self._cond:
                 self._counts["checkpoint_errors"] += 1
@@ -376,17 +446,20 @@ class LedgerWriter:
 
     # -- lifecycle -----------------------------------------------------
 
+    def _busy(self) -> bool:
+        return bool(self._queue or self._inflight or self._draining or self._retry)
+
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything queued so far is committed (or failed)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._pending > 0:
+            while self._busy():
                 if self._thread is None or not self._thread.is_alive():
                     return False
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
-                self._cond.wait(remaining if remaining is not None else 0.5)
+                self._cond.wait(0.5 if remaining is None else min(remaining, 0.5))
         return True
 
     def shutdown(self, timeout: float = 30.0) -> None:
@@ -398,19 +471,28 @@ class LedgerWriter:
             self._closed = True
             self._cond.notify_all()
             thread = self._thread
+        self._wake.set()
         if thread is not None:
             thread.join(timeout)
         elif self._since_checkpoint:
             self._checkpoint()
-        if self._ledger is not None:
-            self._ledger.close()
-            self._ledger = None
+        if thread is None or not thread.is_alive():
+            # Producers that raced the shutdown, or a writer that gave up:
+            # whatever is still queued is answered, never left hanging.
+            leftovers = list(self._queue) + list(self._retry or [])
+            self._queue.clear()
+            self._retry = None
+            if leftovers:
+                self._abandon(leftovers)
+            if self._ledger is not None:
+                self._ledger.close()
+                self._ledger = None
 
     def stats(self) -> WriterStats:
-        with self._cond:
-            counts = dict(self._counts)
-            depth = self._pending
-            latencies = sorted(self._latencies)
+        counts = dict(self._counts)
+        depth = len(self._queue) + self._inflight
+        latencies = sorted(list(self._latencies))
+        counts["submitted"] = counts["committed"] + counts["failed"] + depth
         return WriterStats(
             **counts,
             queue_depth=depth,
