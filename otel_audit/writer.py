@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .chain import Checkpoint
-from .errors import AuditError, LedgerError, LedgerUnavailable, LedgerWriteError
+from .errors import AuditError, LedgerUnavailable, LedgerWriteError
 from .keys import Signer
 from .ledger import Appended, Ledger, open_ledger
 
@@ -153,7 +153,7 @@ class LedgerWriter:
         self._wake = threading.Event()
         self._retry: list[_Item] | None = None
         self._inflight = 0
-        self._draining = False
+        self._exit = False
         self._closed = False
         self._thread: threading.Thread | None = None
         self._healthy = True
@@ -186,10 +186,14 @@ class LedgerWriter:
 
     # -- producer side -------------------------------------------------
 
+    def _thread_dead(self) -> bool:
+        thread = self._thread
+        return thread is not None and not thread.is_alive()
+
     @property
     def healthy(self) -> bool:
         """False while the ledger cannot be written (or after shutdown)."""
-        return self._healthy and not self._closed
+        return self._healthy and not self._closed and not self._thread_dead()
 
     def check(self) -> None:
         """Raise LedgerUnavailable when new audited actions should be refused.
@@ -201,26 +205,38 @@ class LedgerWriter:
         """
         if self._closed:
             raise LedgerUnavailable(f"audit writer for {self.url} is shut down")
+        if self._thread_dead():
+            raise LedgerUnavailable(f"audit writer for {self.url} has stopped: {self._last_error}")
         if not self._healthy and time.monotonic() < self._refuse_until:
             raise LedgerUnavailable(f"audit ledger {self.url} is unavailable: {self._last_error}")
 
     def _enqueue(self, body: bytes, wait: bool) -> _Ticket | None:
         if self._closed:
             raise LedgerUnavailable(f"audit writer for {self.url} is shut down")
+        if self._thread is None:
+            # Started before the record is queued: if the ledger cannot be
+            # opened, the caller is told and nothing is left behind.
+            with self._start_lock:
+                if self._closed:
+                    raise LedgerUnavailable(f"audit writer for {self.url} is shut down")
+                if self._thread is None:
+                    self._start()
         if len(self._queue) >= self.max_queue_size:
-            # Full: block (never drop) until the writer has made room.
+            # Full: block (never drop) until the writer has made room. The
+            # bound is approximate: producers woken together may pass it by
+            # at most their number.
             with self._cond:
                 while len(self._queue) >= self.max_queue_size and not self._closed:
+                    if self._thread_dead():
+                        raise LedgerUnavailable(
+                            f"audit writer for {self.url} has stopped: {self._last_error}"
+                        )
                     self._cond.wait(0.5)
             if self._closed:
                 raise LedgerUnavailable(f"audit writer for {self.url} is shut down")
         ticket = _Ticket() if wait else None
         item = _Item(body, ticket)
         self._queue.append(item)  # atomic: no lock on the hot path
-        if self._thread is None:
-            with self._start_lock:
-                if self._thread is None:
-                    self._start()
         if not self._wake.is_set():
             self._wake.set()
         if self._closed:
@@ -245,6 +261,9 @@ class LedgerWriter:
         while not ticket.lock.acquire(timeout=1.0):
             thread = self._thread
             if thread is None or not thread.is_alive():
+                # The writer is gone; it may have answered just before it went.
+                if ticket.lock.acquire(blocking=False):
+                    break
                 raise LedgerWriteError(f"audit writer for {self.url} stopped before commit")
         if ticket.error is not None:
             raise ticket.error
@@ -255,22 +274,24 @@ class LedgerWriter:
 
     def _start(self) -> None:
         if self._ledger is None:
-            self._ledger = open_ledger(self.url)
+            with self._io_lock:  # opening writes the schema: never across a fork
+                self._ledger = open_ledger(self.url)
         thread = threading.Thread(target=self._run, name="otel-audit-writer", daemon=True)
         thread.start()
         self._thread = thread
 
     def _drain(self) -> list[_Item]:
-        self._draining = True
         items: list[_Item] = []
         queue = self._queue
-        try:
-            while queue and len(items) < _MAX_BATCH:
+        while queue and len(items) < _MAX_BATCH:
+            # Counted in flight before it leaves the queue, so flush() never
+            # sees a moment where a record is in neither.
+            self._inflight += 1
+            try:
                 items.append(queue.popleft())
-        except IndexError:  # a producer took its item back meanwhile
-            pass
-        self._inflight = len(items)
-        self._draining = False
+            except IndexError:  # a producer took its item back meanwhile
+                self._inflight -= 1
+                break
         return items
 
     def _idle_wait(self) -> None:
@@ -291,28 +312,45 @@ class LedgerWriter:
     def _run(self) -> None:
         backoff = 0.05
         while True:
-            if self._retry is not None:
-                items, self._retry = self._retry, None
-                self._inflight = len(items)
-            else:
-                items = self._drain()
-            if not items:
-                if self._closed and not self._queue:
-                    self._checkpoint()
-                    self._notify()
-                    return
-                self._idle_wait()
-                continue
-            if self._commit(items):
-                backoff = 0.05
-                continue
-            if self._closed:
+            try:
+                if self._step():
+                    if self._exit:
+                        return
+                    backoff = 0.05
+                    continue
+            except Exception as exc:  # the writer thread must outlive any bug
+                self._healthy = False
+                self._refuse_until = time.monotonic() + self.probe_interval
+                self._last_error = f"audit writer error: {exc!r}"
+                _log.exception("otel-audit: writer loop failed; retrying")
+            if self._closed and not self._queue and self._retry is None:
+                return
+            if self._closed and self._retry is not None:
                 retry, self._retry = self._retry, None
-                if retry:
-                    self._abandon(retry)
+                self._abandon(retry)
                 continue
             time.sleep(backoff)
             backoff = min(backoff * 2, _MAX_BACKOFF)
+
+    def _step(self) -> bool:
+        """One round: commit what is queued (or idle). False when a commit failed."""
+        if self._retry is not None:
+            # Retried async records first, in order; records queued since go
+            # with them, so a sync record fails at once instead of waiting out
+            # the outage behind the retry.
+            items, self._retry = self._retry, None
+            items += self._drain()
+        else:
+            items = self._drain()
+        if not items:
+            if self._closed and not self._queue:
+                self._checkpoint()
+                self._notify()
+                self._exit = True
+                return True
+            self._idle_wait()
+            return True
+        return self._commit(items)
 
     def _notify(self) -> None:
         with self._cond:
@@ -333,17 +371,20 @@ class LedgerWriter:
             self._latencies.append(elapsed)
             for listener in self.commit_listeners:
                 _safe(listener, elapsed, len(appended))
-            self._counts["committed"] += len(appended)
-            self._counts["batches"] += 1
-            self._healthy = True
             self._since_checkpoint += len(appended)
             if appended:
                 self._last_appended = appended[-1]
+            # Counters and the in-flight count change together, under the
+            # lock stats() and flush() read them with, before anyone is woken.
+            with self._cond:
+                self._counts["committed"] += len(appended)
+                self._counts["batches"] += 1
+                self._healthy = True
+                self._inflight = 0
+                self._cond.notify_all()
             for item, where in zip(items, appended):
                 if item.ticket is not None:
                     item.ticket.resolve(where, None)
-            self._inflight = 0
-            self._notify()
             if self._since_checkpoint >= self.checkpoint_every:
                 self._checkpoint()
             return True
@@ -354,30 +395,32 @@ class LedgerWriter:
         _log.error("otel-audit: %s", error)
         failure = error if isinstance(error, LedgerWriteError) else LedgerWriteError(str(error))
         keep = [item for item in items if item.ticket is None]
-        self._healthy = False
-        self._refuse_until = time.monotonic() + self.probe_interval
-        self._last_error = str(error)
-        self._counts["failed"] += len(items) - len(keep)
+        with self._cond:
+            self._healthy = False
+            self._refuse_until = time.monotonic() + self.probe_interval
+            self._last_error = str(error)
+            self._counts["failed"] += len(items) - len(keep)
+            if keep:
+                self._counts["retries"] += 1
+            self._retry = keep or None
+            self._inflight = len(keep)
+            self._cond.notify_all()
         for item in items:
             if item.ticket is not None:
                 item.ticket.resolve(None, failure)
-        if keep:
-            self._counts["retries"] += 1
-            self._retry = keep
-        self._inflight = len(keep)
-        self._notify()
         return not keep
 
     def _abandon(self, items: list[_Item]) -> None:
         # Shutdown while the ledger is down: these records are lost, and
         # that is said loudly and counted, never silently.
         error = LedgerWriteError(f"not committed before shutdown: {self._last_error}")
-        self._counts["failed"] += len(items)
+        with self._cond:
+            self._counts["failed"] += len(items)
+            self._inflight = 0
+            self._cond.notify_all()
         for item in items:
             if item.ticket is not None:
                 item.ticket.resolve(None, error)
-        self._inflight = 0
-        self._notify()
         _log.error(
             "otel-audit: %d audit records were not committed to %s before shutdown: %s",
             len(items),
@@ -412,20 +455,20 @@ class LedgerWriter:
         checkpoint = Checkpoint(
             self.chain, head.seq, head.hash, time.time_ns(), merkle_root=merkle_root
         )
-        if self.signer is not None:
-            checkpoint = Checkpoint(
-                checkpoint.chain,
-                checkpoint.seq,
-                checkpoint.head,
-                checkpoint.time,
-                self.signer.sign(checkpoint.message()),
-                self.signer.key_id,
-                merkle_root,
-            )
         try:
+            if self.signer is not None:
+                checkpoint = Checkpoint(
+                    checkpoint.chain,
+                    checkpoint.seq,
+                    checkpoint.head,
+                    checkpoint.time,
+                    self.signer.sign(checkpoint.message()),
+                    self.signer.key_id,
+                    merkle_root,
+                )
             with self._io_lock:
                 self._ledger.add_checkpoint(checkpoint)
-        except LedgerError as exc:
+        except Exception as exc:  # any failure: count, back off, never kill the writer
             with self._cond:
                 self._counts["checkpoint_errors"] += 1
             # Try again after the interval, not at once: a timed checkpoint that
@@ -447,7 +490,7 @@ class LedgerWriter:
     # -- lifecycle -----------------------------------------------------
 
     def _busy(self) -> bool:
-        return bool(self._queue or self._inflight or self._draining or self._retry)
+        return bool(self._queue or self._inflight or self._retry)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything queued so far is committed (or failed)."""
@@ -463,34 +506,57 @@ class LedgerWriter:
         return True
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        """Commit what is queued, write a final checkpoint, stop the thread, close."""
+        """Commit what is queued, write a final checkpoint, stop the thread, close.
+
+        ``timeout`` bounds the whole shutdown (flush and join together).
+        """
+        deadline = time.monotonic() + timeout
         self.flush(timeout)
-        with self._cond:
-            if self._closed:
-                return
-            self._closed = True
-            self._cond.notify_all()
+        # Under the start lock: a producer cannot start (or restart) the
+        # writer thread once shutdown has begun.
+        with self._start_lock:
+            with self._cond:
+                if self._closed:
+                    return
+                self._closed = True
+                self._cond.notify_all()
             thread = self._thread
         self._wake.set()
         if thread is not None:
-            thread.join(timeout)
+            thread.join(max(0.0, deadline - time.monotonic()))
         elif self._since_checkpoint:
             self._checkpoint()
-        if thread is None or not thread.is_alive():
-            # Producers that raced the shutdown, or a writer that gave up:
-            # whatever is still queued is answered, never left hanging.
-            leftovers = list(self._queue) + list(self._retry or [])
-            self._queue.clear()
-            self._retry = None
-            if leftovers:
-                self._abandon(leftovers)
+        if thread is not None and thread.is_alive():
+            pending = len(self._queue) + self._inflight
+            _log.error(
+                "otel-audit: writer for %s did not stop within %ss; %d records still pending",
+                self.url,
+                timeout,
+                pending,
+            )
+            return
+        # Producers that raced the shutdown, or a writer that gave up: what is
+        # still queued is answered, never left hanging. Taken one by one, so
+        # each record belongs either to its producer's take-back or to here.
+        leftovers = list(self._retry or [])
+        self._retry = None
+        while True:
+            try:
+                leftovers.append(self._queue.popleft())
+            except IndexError:
+                break
+        if leftovers:
+            self._abandon(leftovers)
+        with self._io_lock:
             if self._ledger is not None:
                 self._ledger.close()
                 self._ledger = None
 
     def stats(self) -> WriterStats:
-        counts = dict(self._counts)
-        depth = len(self._queue) + self._inflight
+        """A snapshot of the counters (``queue_depth`` may include records being queued)."""
+        with self._cond:
+            counts = dict(self._counts)
+            depth = len(self._queue) + self._inflight
         latencies = sorted(list(self._latencies))
         counts["submitted"] = counts["committed"] + counts["failed"] + depth
         return WriterStats(

@@ -371,3 +371,41 @@ def test_a_lost_effect_record_fails_the_enclosing_action(make_pipeline, tmp_path
         names = [r.record.name for r in ledger.query(Query())]
     # The payment effect is missing, and the action that caused it said so.
     assert "POST bank" not in names
+
+
+def test_a_sync_record_fails_promptly_while_async_records_wait_for_the_ledger(tmp_path):
+    import time
+
+    from otel_audit.record import Record, encode
+    from otel_audit.writer import LedgerWriter
+
+    db = tmp_path / "outage.db"
+    writer = LedgerWriter(f"sqlite:///{db}?busy_timeout=50", "c")
+    writer.probe_interval = 0.0
+    release, held = threading.Event(), threading.Event()
+    locker = threading.Thread(target=_hold_write_lock, args=(str(db), release, held))
+    locker.start()
+    assert held.wait(10)
+
+    def body(n: int) -> bytes:
+        return encode(Record(f"{n:032x}", f"{n:016x}", None, "x", "INTERNAL", "s", n, n + 1))
+
+    try:
+        for n in range(1, 4):
+            writer.submit(body(n))  # async: kept and retried through the outage
+        deadline = time.monotonic() + 10
+        while writer.stats().retries == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        started = time.monotonic()
+        with pytest.raises(LedgerWriteError, match="database is locked"):
+            writer.write(body(99))  # sync: told at once, not after the outage
+        assert time.monotonic() - started < 5
+    finally:
+        release.set()
+        locker.join()
+    assert writer.flush(30)
+    writer.shutdown()
+    with open_ledger(str(db), readonly=True) as ledger:
+        spans = sorted(r.record.span_id for r in ledger.query(Query()))
+    assert spans == [f"{n:016x}" for n in (1, 2, 3)]
