@@ -72,6 +72,12 @@ def _note_failure(span: ReadableSpan, exc: AuditError) -> None:
         _failures.trails = trails
 
 
+def _trail_failed(trail: object) -> bool:
+    """True when an effect of ``trail`` lost its record on this thread (not yet taken)."""
+    trails: dict[str, AuditError] = getattr(_failures, "trails", None) or {}
+    return isinstance(trail, str) and trail in trails
+
+
 def take_failure(span_id: int, trail_id: str | None = None) -> AuditError | None:
     """The commit error of span ``span_id``, or of an effect in trail ``trail_id``,
     ended on this thread since it was last taken (each is returned once).
@@ -161,6 +167,12 @@ class AuditSpanProcessor(SpanProcessor):
             extra = self.select(span)
             if extra is None:
                 return
+            attrs = span.attributes or {}
+            if attrs.get(v.EVENT) is True and _trail_failed(attrs.get(v.TRAIL_ID)):
+                # An effect of this action lost its record: the action's own
+                # record must not claim success (its caller gets the error too).
+                extra[v.OUTCOME] = v.FAILURE
+                extra[v.REASON] = "LedgerWriteError"
             durability = self.durability
             decision: Decision | None = None
             if self.policy is not None:

@@ -369,8 +369,12 @@ def test_a_lost_effect_record_fails_the_enclosing_action(make_pipeline, tmp_path
     pipeline.flush()
     with open_ledger(str(db), readonly=True) as ledger:
         names = [r.record.name for r in ledger.query(Query())]
-    # The payment effect is missing, and the action that caused it said so.
+    # The payment effect is missing, and the action that caused it said so:
+    # to its caller (the exception) and in its own record.
     assert "POST bank" not in names
+    with open_ledger(str(db), readonly=True) as ledger:
+        (pay,) = [r.record for r in ledger.query(Query(action="order.pay"))]
+    assert (pay.attr(v.OUTCOME), pay.attr(v.REASON)) == ("failure", "LedgerWriteError")
 
 
 def test_a_sync_record_fails_promptly_while_async_records_wait_for_the_ledger(tmp_path):
