@@ -47,6 +47,7 @@ from . import vocabulary as v
 from .context import Actor, current_actor, current_trail, valid_trail_id, with_actor, with_trail
 from .errors import AuditError, ConfigError
 from .sampler import AuditSampler
+from .settings import OTEL_AUDIT_FLASK_METHODS, OTEL_AUDIT_TRUSTED_PEERS, OTEL_AUDIT_TRUSTED_PROXIES
 
 __all__ = [
     "OTEL_AUDIT_FLASK_METHODS",
@@ -61,13 +62,10 @@ __all__ = [
     "outcome_for_status",
 ]
 
-#: Comma-separated CIDRs whose inbound ``audit.actor.*`` baggage is believed.
-OTEL_AUDIT_TRUSTED_PEERS = "OTEL_AUDIT_TRUSTED_PEERS"
-#: Comma-separated CIDRs of reverse proxies whose ``X-Forwarded-For`` is believed.
-OTEL_AUDIT_TRUSTED_PROXIES = "OTEL_AUDIT_TRUSTED_PROXIES"
-#: Comma-separated HTTP methods that are audited (default POST,PUT,PATCH,DELETE).
-OTEL_AUDIT_FLASK_METHODS = "OTEL_AUDIT_FLASK_METHODS"
-
+# Settings (names in settings.py): OTEL_AUDIT_TRUSTED_PEERS, CIDRs whose inbound
+# actor and trail baggage is believed; OTEL_AUDIT_TRUSTED_PROXIES, CIDRs of
+# reverse proxies whose X-Forwarded-For is believed; OTEL_AUDIT_FLASK_METHODS,
+# the audited HTTP methods (default POST,PUT,PATCH,DELETE).
 _DEFAULT_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _EXTENSION = "otel_audit"
 _G_KEY = "_otel_audit"

@@ -53,11 +53,11 @@ from .errors import ConfigError
 from .processor import Decision
 from .record import Record
 from .redact import METHODS, AttributeRule, HmacKey, Redactor, ValueRule, load_hmac_key
+from .settings import OTEL_AUDIT_POLICY
 
 if TYPE_CHECKING:
     from opentelemetry import trace
 
-OTEL_AUDIT_POLICY = "OTEL_AUDIT_POLICY"
 
 LEVELS = ("none", "metadata", "full")
 DURABILITIES = ("blocking", "sync", "async")

@@ -36,8 +36,7 @@ from typing import Any
 from . import vocabulary as v
 from .errors import ConfigError
 from .record import Event, Link, Record
-
-OTEL_AUDIT_HMAC_KEY = "OTEL_AUDIT_HMAC_KEY"
+from .settings import OTEL_AUDIT_HMAC_KEY
 
 METHODS = ("drop", "mask", "hmac", "commit")
 MASK = "[REDACTED]"

@@ -11,13 +11,11 @@ import threading
 from typing import Any
 
 from ..errors import ConfigError
-from ..forward import (
+from ..forward import Forwarder, forwarder_from_env, parse_headers
+from ..settings import (
     OTEL_AUDIT_FORWARD_ENDPOINT,
     OTEL_AUDIT_FORWARD_HEADERS,
     OTEL_AUDIT_FORWARD_TOKEN,
-    Forwarder,
-    forwarder_from_env,
-    parse_headers,
 )
 from ._common import add_ledger_argument, ledger_url
 

@@ -19,12 +19,11 @@ from ..serve import (
     AuditServer,
     parse_address,
 )
-from ..settings import OTEL_AUDIT_CHAIN, OTEL_AUDIT_SIGNING_KEY
+from ..settings import OTEL_AUDIT_CHAIN, OTEL_AUDIT_SERVE_TOKEN, OTEL_AUDIT_SIGNING_KEY
 from ._common import add_ledger_argument, ledger_url
 
 #: The bearer token clients must send; read from the environment or a file so
 #: that it never appears in a process listing.
-OTEL_AUDIT_SERVE_TOKEN = "OTEL_AUDIT_SERVE_TOKEN"
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
