@@ -26,9 +26,8 @@ from typing import TYPE_CHECKING, Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from . import vocabulary as v
-from .chain import Checkpoint
 from .errors import VerificationError
-from .ledger import Ledger, Query, RawRow, StoredRecord
+from .ledger import Ledger, Query, StoredRecord
 from .record import Record
 
 if TYPE_CHECKING:
@@ -184,38 +183,6 @@ def _enclosing(
 # -- verification ----------------------------------------------------------
 
 
-class _OneChain(Ledger):
-    """A read-only view of one chain of a ledger, so verify_ledger checks only it."""
-
-    def __init__(self, ledger: Ledger, chain: str) -> None:
-        self._inner, self._chain = ledger, chain
-        self.url = ledger.url
-
-    def append(self, chain: str, bodies: Sequence[bytes], *, dedupe: bool = False) -> list[Any]:
-        raise NotImplementedError("read-only view")
-
-    def head(self, chain: str) -> Any:
-        return self._inner.head(chain)
-
-    def chains(self) -> list[str]:
-        return [self._chain]
-
-    def scan(self, chain: str, after_seq: int = 0) -> Iterator[RawRow]:
-        return self._inner.scan(chain, after_seq)
-
-    def add_checkpoint(self, checkpoint: Checkpoint) -> None:
-        raise NotImplementedError("read-only view")
-
-    def checkpoints(self, chain: str | None = None) -> list[Checkpoint]:
-        return self._inner.checkpoints(self._chain if chain is None else chain)
-
-    def query(self, query: Query) -> Iterator[StoredRecord]:
-        return self._inner.query(query)
-
-    def count(self) -> int:
-        return self._inner.count()
-
-
 def verify_chain(
     ledger: Ledger,
     chain: str,
@@ -228,7 +195,7 @@ def verify_chain(
     """
     from .verify import verify_ledger
 
-    report = verify_ledger(_OneChain(ledger, chain), public_key, progress=progress)
+    report = verify_ledger(ledger, public_key, progress=progress, chains=[chain])
     return report.chains[0] if report.chains else None
 
 
