@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -30,9 +30,6 @@ from .writer import LedgerWriter
 _log = logging.getLogger("otel_audit")
 _failures = threading.local()
 
-#: A selector gets the span and the attributes derived so far and returns the
-#: attributes to add to the record, or None to leave the span out.
-Selector = Callable[[ReadableSpan, dict[str, Any]], "dict[str, Any] | None"]
 
 
 @dataclass(frozen=True)
@@ -105,7 +102,6 @@ class AuditSpanProcessor(SpanProcessor):
         *,
         durability: str = "sync",
         effects: Iterable[str] = v.DEFAULT_KEPT_EFFECTS,
-        selectors: Iterable[Selector] = (),
         policy: Policy | None = None,
     ) -> None:
         if durability not in ("sync", "async"):
@@ -114,7 +110,6 @@ class AuditSpanProcessor(SpanProcessor):
         self.service_name = service_name
         self.durability = durability
         self.effects = frozenset(effects)
-        self.selectors: list[Selector] = list(selectors)
         self.policy = policy
         self.dropped_by_policy = 0
 
@@ -145,15 +140,7 @@ class AuditSpanProcessor(SpanProcessor):
             selected = effect in self.effects
         else:
             selected = False
-        if not selected:
-            return None
-        for selector in self.selectors:
-            more = selector(span, extra)
-            if more is None:
-                self.dropped_by_policy += 1
-                return None
-            extra.update(more)
-        return extra
+        return extra if selected else None
 
     def _service(self, span: ReadableSpan) -> str:
         if self.service_name:
