@@ -9,9 +9,9 @@ between threads unless the backend says so; open one per thread or process.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ..chain import Checkpoint
 from ..errors import VerificationError
@@ -139,3 +139,69 @@ class Ledger(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# -- helpers every backend shares --------------------------------------------
+
+
+def as_bytes(value: object) -> bytes:
+    """A stored hash or body as bytes, whatever type a driver (or a tamperer) left there."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):  # TEXT where a BLOB belongs: verify must still see it
+        return value.encode("utf-8", "surrogateescape")
+    if value is None:
+        return b""
+    return str(value).encode("ascii")
+
+
+def checkpoint_from_row(row: Sequence[Any]) -> Checkpoint:
+    """(chain, seq, head, time, signature, key_id, merkle_root) -> Checkpoint.
+
+    A row whose numbers are not numbers was edited by hand: that is damage,
+    named like any other.
+    """
+    chain, seq, head, at, signature, key, root = row
+    if type(seq) is not int or type(at) is not int:
+        raise VerificationError(
+            f"chain {chain!r}: checkpoint row (seq {seq!r}, time {at!r}) is not well-formed:"
+            " the checkpoints table was edited",
+            chain=str(chain),
+            seq=seq if type(seq) is int else 0,
+            kind="modified",
+        )
+    return Checkpoint(
+        str(chain),
+        seq,
+        as_bytes(head),
+        at,
+        as_bytes(signature) if signature is not None else None,
+        key,
+        as_bytes(root) if root is not None else None,
+    )
+
+
+def filter_clauses(
+    query: Query, columns: Mapping[str, str], start: str, mark: str
+) -> tuple[list[str], list[object]]:
+    """WHERE conditions and arguments for the equality and time filters of ``query``.
+
+    ``columns`` maps Query fields to the backend's column expressions, ``start``
+    is its start-time expression and ``mark`` its parameter placeholder.
+    """
+    where: list[str] = []
+    args: list[object] = []
+    for name, column in columns.items():
+        value = getattr(query, name)
+        if value is not None:
+            where.append(f"{column} = {mark}")
+            args.append(str(value))
+    if query.since is not None:
+        where.append(f"{start} >= {mark}")
+        args.append(int(query.since))
+    if query.until is not None:
+        where.append(f"{start} < {mark}")
+        args.append(int(query.until))
+    return where, args

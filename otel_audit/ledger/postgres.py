@@ -41,7 +41,15 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from .. import vocabulary as v
 from ..chain import GENESIS, Checkpoint, link_hash
 from ..errors import ConfigError, LedgerError, LedgerWriteError, VerificationError
-from .base import Appended, Ledger, Query, RawRow, StoredRecord
+from .base import (
+    Appended,
+    Ledger,
+    Query,
+    RawRow,
+    StoredRecord,
+    checkpoint_from_row,
+    filter_clauses,
+)
 
 SCHEMA = "otel_audit"
 SCHEMA_VERSION = 1
@@ -564,36 +572,13 @@ class PostgresLedger(Ledger):
             "reading checkpoints",
             lambda con: con.execute(query + " ORDER BY chain, seq", args).fetchall(),
         )
-        return [
-            Checkpoint(
-                str(c),
-                int(s),
-                bytes(h),
-                int(t),
-                bytes(sig) if sig is not None else None,
-                k,
-                bytes(m) if m is not None else None,
-            )
-            for c, s, h, t, sig, k, m in rows
-        ]
+        return [checkpoint_from_row(row) for row in rows]
 
     def query(self, query: Query) -> Iterator[StoredRecord]:
-        where: list[str] = []
-        args: list[object] = []
-        for name, column in _QUERY_COLUMNS.items():
-            value = getattr(query, name)
-            if value is not None:
-                where.append(f"{column} = %s")
-                args.append(str(value))
+        where, args = filter_clauses(query, _QUERY_COLUMNS, _START, "%s")
         for name, value in query.extra.items():
             where.append("(doc -> 'attributes' ->> %s) = %s")
             args.extend([name, str(value)])
-        if query.since is not None:
-            where.append(f"{_START} >= %s")
-            args.append(int(query.since))
-        if query.until is not None:
-            where.append(f"{_START} < %s")
-            args.append(int(query.until))
         remaining = None if query.limit is None else max(0, int(query.limit))
         after = query.after
         base = f"SELECT chain, seq, prev_hash, hash, body FROM {SCHEMA}.records"

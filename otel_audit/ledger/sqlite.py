@@ -18,8 +18,17 @@ from contextlib import contextmanager
 
 from .. import vocabulary as v
 from ..chain import GENESIS, Checkpoint, link_hash
-from ..errors import LedgerError, LedgerWriteError, VerificationError
-from .base import Appended, Ledger, Query, RawRow, StoredRecord
+from ..errors import LedgerError, LedgerWriteError
+from .base import (
+    Appended,
+    Ledger,
+    Query,
+    RawRow,
+    StoredRecord,
+    as_bytes,
+    checkpoint_from_row,
+    filter_clauses,
+)
 
 SCHEMA_VERSION = 1
 _BUSY_TIMEOUT_MS = 60_000
@@ -251,7 +260,7 @@ class SQLiteLedger(Ledger):
                     if type(prev) is bytes and type(digest) is bytes and type(body) is bytes:
                         yield RawRow(seq, prev, digest, body)
                     else:
-                        yield RawRow(seq, _as_bytes(prev), _as_bytes(digest), _as_bytes(body))
+                        yield RawRow(seq, as_bytes(prev), as_bytes(digest), as_bytes(body))
 
     def add_checkpoint(self, checkpoint: Checkpoint) -> None:
         with _mapped("storing a checkpoint", LedgerWriteError):
@@ -278,42 +287,10 @@ class SQLiteLedger(Ledger):
             args = (chain,)
         with _mapped("reading checkpoints"):
             rows = self._con.execute(sql + " ORDER BY chain, seq", args).fetchall()
-        for c, s, _h, t, _sig, _k, _m in rows:
-            if type(s) is not int or type(t) is not int:
-                raise VerificationError(
-                    f"chain {c!r}: checkpoint row (seq {s!r}, time {t!r}) is not well-formed:"
-                    " the checkpoints table was edited",
-                    chain=str(c),
-                    seq=s if type(s) is int else 0,
-                    kind="modified",
-                )
-        return [
-            Checkpoint(
-                str(c),
-                int(s),
-                _as_bytes(h),
-                int(t),
-                _as_bytes(sig) if sig is not None else None,
-                k,
-                _as_bytes(m) if m is not None else None,
-            )
-            for c, s, h, t, sig, k, m in rows
-        ]
+        return [checkpoint_from_row(row) for row in rows]
 
     def query(self, query: Query) -> Iterator[StoredRecord]:
-        where: list[str] = []
-        args: list[object] = []
-        for name, column in _QUERY_COLUMNS.items():
-            value = getattr(query, name)
-            if value is not None:
-                where.append(f"{column} = ?")
-                args.append(value)
-        if query.since is not None:
-            where.append("start_ns >= ?")
-            args.append(query.since)
-        if query.until is not None:
-            where.append("start_ns < ?")
-            args.append(query.until)
+        where, args = filter_clauses(query, _QUERY_COLUMNS, "start_ns", "?")
         if query.after is not None:
             # A row value, so an index ending in (chain, seq) can seek to the cursor.
             where.append("(chain, seq) > (?, ?)")
@@ -332,9 +309,7 @@ class SQLiteLedger(Ledger):
                 if not rows:
                     return
                 for chain, seq, prev, digest, body in rows:
-                    yield StoredRecord(
-                        chain, seq, _as_bytes(prev), _as_bytes(digest), _as_bytes(body)
-                    )
+                    yield StoredRecord(chain, seq, as_bytes(prev), as_bytes(digest), as_bytes(body))
 
     def count(self) -> int:
         with _mapped("counting records"):
@@ -345,17 +320,6 @@ class SQLiteLedger(Ledger):
             self._con.close()
         except sqlite3.Error:
             pass
-
-
-def _as_bytes(value: object) -> bytes:
-    # A tampered row may hold TEXT where BLOB belongs; verify must see bytes either way.
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, str):
-        return value.encode("utf-8", "surrogateescape")
-    if value is None:
-        return b""
-    return str(value).encode("ascii")
 
 
 def _quote(path: str) -> str:
