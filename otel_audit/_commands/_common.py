@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 from ..errors import ConfigError
 from ..ledger import Ledger, open_ledger
@@ -29,3 +34,30 @@ def ledger_url(args: argparse.Namespace) -> str:
 def open_for_reading(args: argparse.Namespace) -> Ledger:
     """Open an existing ledger read-only; a missing or unreadable one is a LedgerError."""
     return open_ledger(ledger_url(args), create=False, readonly=True)
+
+
+@contextmanager
+def termination_signals() -> Iterator[threading.Event]:
+    """An event set by SIGTERM or SIGINT while the block runs; old handlers restored after."""
+    stop = threading.Event()
+
+    def on_signal(_signum: int, _frame: Any) -> None:
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def wait_until(stop: threading.Event) -> None:
+    """Block until ``stop`` is set.
+
+    Short waits: the kernel may deliver SIGTERM/SIGINT to another thread (a
+    grpc or worker thread), which does not interrupt a long wait; the Python
+    handler then runs only when the main thread next wakes.
+    """
+    while not stop.wait(0.5):
+        pass

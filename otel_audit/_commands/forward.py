@@ -5,10 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
-import threading
-from typing import Any
 
 from ..errors import ConfigError
 from ..forward import Forwarder, forwarder_from_env, parse_headers
@@ -17,7 +14,7 @@ from ..settings import (
     OTEL_AUDIT_FORWARD_HEADERS,
     OTEL_AUDIT_FORWARD_TOKEN,
 )
-from ._common import add_ledger_argument, ledger_url
+from ._common import add_ledger_argument, ledger_url, termination_signals, wait_until
 
 #: ``--once`` is run by a person or a cron job: another forwarder holding the
 #: outbox is a failure to report, not a reason to wait for ever.
@@ -91,24 +88,13 @@ def run(args: argparse.Namespace) -> int:
     if args.once:
         forwarder.lock_timeout = args.lock_timeout
         return _once(forwarder)
-    stop = threading.Event()
-
-    def on_signal(_signum: int, _frame: Any) -> None:
-        stop.set()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        forwarder.start()
-        print(f"otel-audit forward: {url} -> {forwarder.url}", flush=True)
-        # Short waits: the kernel may deliver SIGTERM/SIGINT to another thread (a
-        # grpc or worker thread), which does not interrupt this wait; the Python
-        # handler then runs only when the main thread next wakes.
-        while not stop.wait(0.5):
-            pass
-    finally:
-        forwarder.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with termination_signals() as stop:
+        try:
+            forwarder.start()
+            print(f"otel-audit forward: {url} -> {forwarder.url}", flush=True)
+            wait_until(stop)
+        finally:
+            forwarder.stop()
     stats = forwarder.stats()
     print(f"otel-audit forward: stopped; {stats.forwarded} records sent", file=sys.stderr)
     return 0

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import threading
-from typing import Any
 
 from ..errors import ConfigError
 from ..keys import Signer
@@ -20,7 +17,7 @@ from ..serve import (
     parse_address,
 )
 from ..settings import OTEL_AUDIT_CHAIN, OTEL_AUDIT_SERVE_TOKEN, OTEL_AUDIT_SIGNING_KEY
-from ._common import add_ledger_argument, ledger_url
+from ._common import add_ledger_argument, ledger_url, termination_signals, wait_until
 
 #: The bearer token clients must send; read from the environment or a file so
 #: that it never appears in a process listing.
@@ -128,35 +125,24 @@ def run(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         checkpoint_interval=args.checkpoint_interval,
     )
-    stop = threading.Event()
-
-    def on_signal(_signum: int, _frame: Any) -> None:
-        stop.set()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        server.start()
-        scheme = "https" if args.tls_cert else "http"
-        parts = []
-        if server.http_address:
-            host, port = server.http_address
-            parts.append(f"otlp/http on {scheme}://{host}:{port}/v1/traces")
-        if server.grpc_address:
-            host, port = server.grpc_address
-            parts.append(f"otlp/grpc on {host}:{port}")
-        print(
-            f"otel-audit serve: {', '.join(parts)}, chain {server.receiver.chain!r}",
-            flush=True,
-        )
-        # Short waits: the kernel may deliver SIGTERM/SIGINT to another thread (a
-        # grpc or worker thread), which does not interrupt this wait; the Python
-        # handler then runs only when the main thread next wakes.
-        while not stop.wait(0.5):
-            pass
-    finally:
-        server.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with termination_signals() as stop:
+        try:
+            server.start()
+            scheme = "https" if args.tls_cert else "http"
+            parts = []
+            if server.http_address:
+                host, port = server.http_address
+                parts.append(f"otlp/http on {scheme}://{host}:{port}/v1/traces")
+            if server.grpc_address:
+                host, port = server.grpc_address
+                parts.append(f"otlp/grpc on {host}:{port}")
+            print(
+                f"otel-audit serve: {', '.join(parts)}, chain {server.receiver.chain!r}",
+                flush=True,
+            )
+            wait_until(stop)
+        finally:
+            server.stop()
     stats = server.stats()
     print(
         f"otel-audit serve: stopped; {stats.committed} records committed, "
