@@ -40,7 +40,7 @@ from .errors import ConfigError, VerificationError
 from .keys import key_id, public_key_pem, verify_signature
 from .ledger import Ledger, Query, StoredRecord
 from .merkle import Tree, leaf_hash, verify_consistency, verify_inclusion
-from .record import decode
+from .record import canonical_json, decode
 
 FORMAT = "otel-audit-evidence"
 VERSION = 1
@@ -61,22 +61,6 @@ MAX_BUNDLE_BYTES = 1 << 30
 # than 200 times was crafted to.
 _MAX_RATIO = 200
 _MIN_RATIO_CHECKED = 1 << 20
-
-
-def _canon(data: Any) -> str:
-    return json.dumps(data, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-
-
-def _cp_dict(cp: Checkpoint) -> dict[str, Any]:
-    return {
-        "chain": cp.chain,
-        "seq": cp.seq,
-        "head": cp.head.hex(),
-        "time": cp.time,
-        "merkle_root": cp.merkle_root.hex() if cp.merkle_root else None,
-        "signature": cp.signature.hex() if cp.signature else None,
-        "key_id": cp.key_id,
-    }
 
 
 @dataclass
@@ -174,7 +158,7 @@ def write_bundle(
             cp = cps[cp_index]
             used[(chain, cp.seq)] = cp
             record_lines.append(
-                _canon(
+                canonical_json(
                     {
                         "chain": chain,
                         "seq": stored.seq,
@@ -185,7 +169,7 @@ def write_bundle(
                 )
             )
             proof_lines.append(
-                _canon(
+                canonical_json(
                     {
                         "chain": chain,
                         "seq": stored.seq,
@@ -217,13 +201,13 @@ def write_bundle(
     files: dict[str, bytes] = {
         RECORDS: "".join(line + "\n" for line in record_lines).encode("utf-8"),
         PROOFS: "".join(line + "\n" for line in proof_lines).encode("utf-8"),
-        CHECKPOINTS: _canon(
+        CHECKPOINTS: canonical_json(
             {
-                "checkpoints": [_cp_dict(cp) for _, cp in sorted(used.items())],
+                "checkpoints": [cp.to_dict() for _, cp in sorted(used.items())],
                 "consistency": consistency,
             }
         ).encode("utf-8"),
-        INFO: _canon(
+        INFO: canonical_json(
             {
                 "created": time.time_ns(),
                 "records": len(record_lines),
@@ -250,7 +234,7 @@ def write_bundle(
         "files": {name: hashlib.sha256(data).hexdigest() for name, data in sorted(files.items())},
     }
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        zf.writestr(MANIFEST, _canon(manifest).encode("utf-8"))
+        zf.writestr(MANIFEST, canonical_json(manifest).encode("utf-8"))
         for name, data in sorted(files.items()):
             zf.writestr(name, data)
     return BundleSummary(len(record_lines), len({c for c, _ in used}), len(used), skipped)
@@ -280,9 +264,11 @@ def _parse_canonical(text: str, where: str) -> Any:
         # Nothing otel-audit writes nests more than a few levels.
         raise _bad(f"{where} is not valid JSON (nested too deeply)") from None
     try:
-        canonical = _canon(data)
+        canonical = canonical_json(data)
     except RecursionError:
         raise _bad(f"{where} is not valid JSON (nested too deeply)") from None
+    except ValueError:  # NaN or an infinity: never written by otel-audit
+        raise _bad(f"{where} is not in canonical form (edited)") from None
     if canonical != text:
         raise _bad(f"{where} is not in canonical form (edited)")
     return data

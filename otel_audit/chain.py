@@ -10,8 +10,9 @@ real one. Thread-safe: immutable values and pure functions.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
+
+from .record import canonical_json
 
 GENESIS = bytes(32)
 CHECKPOINT_VERSION = 1
@@ -48,12 +49,7 @@ class Checkpoint:
         }
         if self.merkle_root is not None:
             fields["merkle_root"] = self.merkle_root.hex()
-        return json.dumps(
-            fields,
-            sort_keys=True,
-            separators=(",", ":"),
-            ensure_ascii=False,
-        ).encode("utf-8")
+        return canonical_json(fields).encode("utf-8")
 
     def to_dict(self) -> dict[str, object]:
         return {

@@ -104,6 +104,11 @@ class Record:
         return out
 
 
+def canonical_json(data: Any) -> str:
+    """The one canonical JSON form of otel-audit: sorted keys, no whitespace, UTF-8 text."""
+    return _dumps(data)
+
+
 def encode(record: Record) -> bytes:
     """The canonical bytes of ``record``; the input to the hash chain."""
     return _dumps(record.to_dict()).encode("utf-8")
