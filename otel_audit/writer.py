@@ -153,7 +153,6 @@ class LedgerWriter:
         self._wake = threading.Event()
         self._retry: list[_Item] | None = None
         self._inflight = 0
-        self._exit = False
         self._closed = False
         self._thread: threading.Thread | None = None
         self._healthy = True
@@ -313,9 +312,10 @@ class LedgerWriter:
         backoff = 0.05
         while True:
             try:
-                if self._step():
-                    if self._exit:
-                        return
+                result = self._step()
+                if result is None:
+                    return
+                if result:
                     backoff = 0.05
                     continue
             except Exception as exc:  # the writer thread must outlive any bug
@@ -332,8 +332,9 @@ class LedgerWriter:
             time.sleep(backoff)
             backoff = min(backoff * 2, _MAX_BACKOFF)
 
-    def _step(self) -> bool:
-        """One round: commit what is queued (or idle). False when a commit failed."""
+    def _step(self) -> bool | None:
+        """One round: commit what is queued, or idle. False when a commit failed,
+        None when the writer is closed and has nothing left to do."""
         if self._retry is not None:
             # Retried async records first, in order; records queued since go
             # with them, so a sync record fails at once instead of waiting out
@@ -346,8 +347,7 @@ class LedgerWriter:
             if self._closed and not self._queue:
                 self._checkpoint()
                 self._notify()
-                self._exit = True
-                return True
+                return None
             self._idle_wait()
             return True
         return self._commit(items)
