@@ -31,7 +31,6 @@ _log = logging.getLogger("otel_audit")
 _failures = threading.local()
 
 
-
 @dataclass(frozen=True)
 class Decision:
     """What a policy decided for one selected span."""
