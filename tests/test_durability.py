@@ -234,3 +234,30 @@ def test_many_producers_lose_nothing_through_a_small_queue(make_pipeline):
     with open_ledger(pipeline.ledger_url, readonly=True) as ledger:
         assert ledger.count() == 16 * 300
         assert verify_ledger(ledger).records == 16 * 300
+
+
+CREATOR = """
+    import sys, time
+    from otel_audit.ledger import open_ledger
+    from otel_audit.record import Record, encode
+    while time.time() < float(sys.argv[3]):
+        pass  # start together: the race is in creating the same new file
+    n = int(sys.argv[2])
+    with open_ledger(sys.argv[1]) as ledger:
+        ledger.append("c", [encode(Record(f"{n:032x}", f"{n:016x}", None, "x", "INTERNAL", "s", 1, 2))])
+"""
+
+
+def test_processes_creating_one_new_ledger_at_once_all_succeed(tmp_path):
+    import time
+
+    for round_ in range(5):
+        db = tmp_path / f"new{round_}.db"
+        start = time.time() + 0.5
+        procs = [python(CREATOR, str(db), str(n), str(start)) for n in range(6)]
+        for p in procs:
+            _, err = p.communicate(timeout=60)
+            assert p.returncode == 0, err
+        with open_ledger(str(db), readonly=True) as ledger:
+            assert ledger.count() == 6
+            verify_ledger(ledger)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -133,26 +134,43 @@ class SQLiteLedger(Ledger):
                     self._con.execute("SELECT count(*) FROM sqlite_master").fetchone()
                     self._check_schema()
                 else:
-                    self._con.execute("PRAGMA journal_mode = WAL").fetchone()
-                    self._con.execute("PRAGMA synchronous = FULL")
-                    self._con.execute("BEGIN IMMEDIATE")
-                    try:
-                        for statement in _SCHEMA.split(";"):
-                            if statement.strip():
-                                self._con.execute(statement)
-                        self._con.execute(
-                            "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
-                            (str(SCHEMA_VERSION),),
-                        )
-                        self._con.execute("COMMIT")
-                    except BaseException:
-                        if self._con.in_transaction:
-                            self._con.execute("ROLLBACK")
-                        raise
+                    self._prepare(busy / 1000)
                     self._check_schema()
         except BaseException:
             self._con.close()
             raise
+
+    def _prepare(self, patience: float) -> None:
+        """WAL mode and the schema, in one write transaction.
+
+        Two processes creating the same new file at once (a service and its
+        forwarder) race to switch it to WAL, and SQLite answers that race
+        "database is locked" without waiting: retry it until ``patience`` runs out.
+        """
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                self._con.execute("PRAGMA journal_mode = WAL").fetchone()
+                self._con.execute("PRAGMA synchronous = FULL")
+                self._con.execute("BEGIN IMMEDIATE")
+                try:
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            self._con.execute(statement)
+                    self._con.execute(
+                        "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+                        (str(SCHEMA_VERSION),),
+                    )
+                    self._con.execute("COMMIT")
+                except BaseException:
+                    if self._con.in_transaction:
+                        self._con.execute("ROLLBACK")
+                    raise
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.02)
 
     def _check_schema(self) -> None:
         try:
