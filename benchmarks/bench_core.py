@@ -23,8 +23,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 
 import otel_audit
 from otel_audit import vocabulary as v
-from otel_audit.ledger import open_ledger
-from otel_audit.verify import verify_ledger
+from otel_audit.engine.ledger import open_ledger
+from otel_audit.proof.verify import verify_ledger
 
 ATTRS = {
     v.EVENT: True,
@@ -52,7 +52,9 @@ def provider_with_batch() -> TracerProvider:
     return provider
 
 
-def run(provider: TracerProvider, spans: int, threads: int, latencies: list[float] | None = None) -> float:
+def run(
+    provider: TracerProvider, spans: int, threads: int, latencies: list[float] | None = None
+) -> float:
     """Spans per second ending on `threads` threads."""
     tracer = provider.get_tracer("bench")
     per_thread = spans // threads
@@ -79,7 +81,9 @@ def run(provider: TracerProvider, spans: int, threads: int, latencies: list[floa
     return per_thread * threads / (time.perf_counter() - start)
 
 
-def audited(tmp: Path, name: str, durability: str) -> tuple[TracerProvider, otel_audit.AuditPipeline]:
+def audited(
+    tmp: Path, name: str, durability: str
+) -> tuple[TracerProvider, otel_audit.AuditPipeline]:
     provider = provider_with_batch()
     pipeline = otel_audit.configure(
         ledger=str(tmp / f"{name}.db"), service_name="bench", tracer_provider=provider,
@@ -114,12 +118,28 @@ def main() -> None:
             durable = args.spans / (time.perf_counter() - start)
             stats = pipeline.stats()
             pipeline.shutdown()
-            rows.append((durability, threads, base, rate, durable, pct(lat, 0.5), pct(lat, 0.99), stats.committed, stats.batches))
+            rows.append(
+                (
+                    durability,
+                    threads,
+                    base,
+                    rate,
+                    durable,
+                    pct(lat, 0.5),
+                    pct(lat, 0.99),
+                    stats.committed,
+                    stats.batches,
+                )
+            )
 
     print()
-    print(f"{'mode':6} {'threads':>7} {'stock spans/s':>14} {'audited spans/s':>16} {'ratio':>6} {'durable/s':>10} {'on_end p50 ms':>13} {'p99 ms':>8} {'records/commit':>14}")
+    print(
+        f"{'mode':6} {'threads':>7} {'stock spans/s':>14} {'audited spans/s':>16} {'ratio':>6} {'durable/s':>10} {'on_end p50 ms':>13} {'p99 ms':>8} {'records/commit':>14}"
+    )
     for mode, threads, base, rate, durable, p50, p99, committed, batches in rows:
-        print(f"{mode:6} {threads:>7} {base:>14,.0f} {rate:>16,.0f} {rate / base:>6.2f} {durable:>10,.0f} {p50:>13.3f} {p99:>8.3f} {committed / max(batches, 1):>14.1f}")
+        print(
+            f"{mode:6} {threads:>7} {base:>14,.0f} {rate:>16,.0f} {rate / base:>6.2f} {durable:>10,.0f} {p50:>13.3f} {p99:>8.3f} {committed / max(batches, 1):>14.1f}"
+        )
 
     # verify speed on a ledger built directly from canonical bodies
     db = tmp / "verify.db"
@@ -139,7 +159,9 @@ def main() -> None:
         report = verify_ledger(ro)
         elapsed = time.perf_counter() - t0
     print()
-    print(f"verify: {report.records:,} records ({len(body)} bytes each) in {elapsed:.2f}s = {report.records / elapsed:,.0f} records/s")
+    print(
+        f"verify: {report.records:,} records ({len(body)} bytes each) in {elapsed:.2f}s = {report.records / elapsed:,.0f} records/s"
+    )
 
 
 if __name__ == "__main__":

@@ -35,10 +35,10 @@ from opentelemetry.trace import SpanKind
 
 import otel_audit
 from otel_audit import vocabulary as v
-from otel_audit.policy import AuditPolicy, load_policy
-from otel_audit.processor import AuditSpanProcessor
-from otel_audit.record import encode, record_from_span
-from otel_audit.writer import LedgerWriter
+from otel_audit.capture.processor import AuditSpanProcessor
+from otel_audit.engine.record import encode, record_from_span
+from otel_audit.engine.writer import LedgerWriter
+from otel_audit.policy.rules import AuditPolicy, load_policy
 
 ATTRS: dict[str, Any] = {
     v.EVENT: True,

@@ -168,7 +168,7 @@ def main() -> int:
         finally:
             serve.terminate()
             serve.wait(60)
-        from otel_audit.ledger import open_ledger
+        from otel_audit.engine.ledger import open_ledger
 
         with open_ledger(db, create=False) as ledger:
             stored = ledger.count()

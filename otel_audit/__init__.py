@@ -5,10 +5,22 @@ The public API is listed in ``__all__``; everything else is private.
 
 from __future__ import annotations
 
-from . import vocabulary
-from .actions import AuditAction, audit_action
-from .context import Actor, actor, current_actor, current_trail, reset_actor, set_actor
-from .errors import (
+from otel_audit import vocabulary
+from otel_audit.capture.actions import AuditAction, audit_action
+from otel_audit.capture.context import (
+    Actor,
+    actor,
+    current_actor,
+    current_trail,
+    reset_actor,
+    set_actor,
+)
+from otel_audit.capture.processor import AuditSpanProcessor
+from otel_audit.capture.sampler import AuditSampler
+from otel_audit.engine.ledger import Ledger, open_ledger
+from otel_audit.engine.record import Record
+from otel_audit.engine.writer import LedgerWriter
+from otel_audit.errors import (
     AuditError,
     ConfigError,
     LedgerError,
@@ -16,13 +28,8 @@ from .errors import (
     LedgerWriteError,
     VerificationError,
 )
-from .ledger import Ledger, open_ledger
-from .processor import AuditSpanProcessor
-from .record import Record
-from .sampler import AuditSampler
-from .setup import AuditPipeline, configure
-from .verify import verify_ledger
-from .writer import LedgerWriter
+from otel_audit.proof.verify import verify_ledger
+from otel_audit.setup import AuditPipeline, configure
 
 __version__ = "0.1.0"
 

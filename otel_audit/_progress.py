@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import IO, Any, TextIO
 
-from .errors import ConfigError
+from otel_audit.errors import ConfigError
 
 _REDRAW = 0.1  # seconds between redraws: fast enough to feel live, cheap enough not to matter
 

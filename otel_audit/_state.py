@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from opentelemetry import trace
 
 if TYPE_CHECKING:
-    from .setup import AuditPipeline
+    from otel_audit.setup import AuditPipeline
 
 _lock = threading.Lock()
 _pipelines: list[AuditPipeline] = []

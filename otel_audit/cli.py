@@ -15,8 +15,8 @@ import pkgutil
 import sys
 from collections.abc import Sequence
 
-from . import _commands
-from .errors import AuditError
+from otel_audit import _commands
+from otel_audit.errors import AuditError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from . import __version__
+    from otel_audit import __version__
 
     return f"otel-audit {__version__}"
 

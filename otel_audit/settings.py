@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigError
+from otel_audit.errors import ConfigError
 
 OTEL_AUDIT_LEDGER = "OTEL_AUDIT_LEDGER"
 OTEL_AUDIT_DURABILITY = "OTEL_AUDIT_DURABILITY"
@@ -129,7 +129,7 @@ def load(
     value, where = _pick(effects, env, OTEL_AUDIT_EFFECTS)
     kept: frozenset[str] | None = None
     if value is not None:
-        from .vocabulary import EFFECTS
+        from otel_audit.vocabulary import EFFECTS
 
         names = value.split(",") if isinstance(value, str) else list(value)
         kept = frozenset(n.strip() for n in names if n.strip())

@@ -17,14 +17,14 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import _get_from_env_or_default
 
-from . import _state, settings
-from .errors import ConfigError
-from .keys import Signer
-from .ledger import open_ledger
-from .processor import AuditSpanProcessor
-from .sampler import AuditSampler
-from .vocabulary import DEFAULT_KEPT_EFFECTS
-from .writer import LedgerWriter, WriterStats
+from otel_audit import _state, settings
+from otel_audit.capture.processor import AuditSpanProcessor
+from otel_audit.capture.sampler import AuditSampler
+from otel_audit.engine.ledger import open_ledger
+from otel_audit.engine.writer import LedgerWriter, WriterStats
+from otel_audit.errors import ConfigError
+from otel_audit.proof.keys import Signer
+from otel_audit.vocabulary import DEFAULT_KEPT_EFFECTS
 
 _log = logging.getLogger("otel_audit")
 
@@ -174,7 +174,7 @@ def configure(
     ``max_queue_size``, ``effects`` (kept effects), ``install_sampler``
     (default True), ``handle_sigterm`` (default True), ``meter_provider``
     (default: the global one), ``policy`` (a file path or an
-    ``otel_audit.policy.AuditPolicy``; see docs/policy.md). Each falls back to its
+    ``otel_audit.policy.rules.AuditPolicy``; see docs/policy.md). Each falls back to its
     ``OTEL_AUDIT_*`` variable, then a default.
     """
     unknown = sorted(set(options) - _OPTIONS)
@@ -192,8 +192,8 @@ def configure(
     )
     # Always a policy: with no file the default redaction still runs (DESIGN rule 4).
     # Loaded before the ledger is opened so a bad file leaves nothing half-built.
-    from .boundary import install_propagator
-    from .policy import load_policy
+    from otel_audit.policy.boundary import install_propagator
+    from otel_audit.policy.rules import load_policy
 
     policy = load_policy(options.get("policy"))
     signer = Signer.from_file(conf.signing_key) if conf.signing_key else None
@@ -238,8 +238,8 @@ def configure(
     _state.register(pipeline)
     if options.get("handle_sigterm", True):
         _handle_sigterm()
-    from .anchors import install_anchor_logging
-    from .forward import start_forwarder_from_env
+    from otel_audit.transport.anchors import install_anchor_logging
+    from otel_audit.transport.forward import start_forwarder_from_env
 
     install_anchor_logging(pipeline)  # checkpoints also go to the log backend (anchors)
     start_forwarder_from_env(pipeline)  # no-op unless OTEL_AUDIT_FORWARD_ENDPOINT is set

@@ -13,7 +13,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, TraceIdRati
 
 import otel_audit
 from otel_audit import vocabulary as v
-from otel_audit.ledger import Query, open_ledger
+from otel_audit.engine.ledger import Query, open_ledger
 
 
 def records(pipeline, **filters):
@@ -186,7 +186,9 @@ def test_sampler_never_loses_audit_spans(make_pipeline, sampler):
     for i in range(20):
         with otel_audit.audit_action("order.create", resource=("order", i)):
             with tracer.start_as_current_span(
-                "POST inventory", kind=trace.SpanKind.CLIENT, attributes={"http.request.method": "POST"}
+                "POST inventory",
+                kind=trace.SpanKind.CLIENT,
+                attributes={"http.request.method": "POST"},
             ):
                 pass
     with tracer.start_as_current_span("ordinary"):
@@ -212,7 +214,9 @@ def test_existing_tracers_get_the_audit_sampler(tmp_path):
     provider = TracerProvider(sampler=TraceIdRatioBased(0.0), shutdown_on_exit=False)
     early = provider.get_tracer("made-before-configure")
     pipeline = otel_audit.configure(
-        ledger=str(tmp_path / "a.db"), service_name="s", tracer_provider=provider,
+        ledger=str(tmp_path / "a.db"),
+        service_name="s",
+        tracer_provider=provider,
         handle_sigterm=False,
     )
     try:

@@ -12,7 +12,12 @@ from opentelemetry.sdk._logs import LoggerProvider
 from opentelemetry.sdk._logs.export import SimpleLogRecordProcessor
 
 from otel_audit import vocabulary as v
-from otel_audit.anchors import (
+from otel_audit.cli import main
+from otel_audit.engine.ledger import open_ledger
+from otel_audit.engine.record import decode, encode
+from otel_audit.errors import ConfigError
+from otel_audit.proof.chain import link_hash
+from otel_audit.transport.anchors import (
     CHAIN,
     EVENT_NAME,
     HEAD,
@@ -21,11 +26,6 @@ from otel_audit.anchors import (
     install_anchor_logging,
     read_anchors,
 )
-from otel_audit.chain import link_hash
-from otel_audit.cli import main
-from otel_audit.errors import ConfigError
-from otel_audit.ledger import open_ledger
-from otel_audit.record import decode, encode
 
 
 @pytest.fixture
@@ -133,7 +133,7 @@ def test_anchors_catch_a_recomputed_history(anchored, capsys):
 
 
 def test_flat_json_lines_are_accepted(tmp_path):
-    from otel_audit.chain import Checkpoint
+    from otel_audit.proof.chain import Checkpoint
 
     cp = Checkpoint(
         "shop",
@@ -225,7 +225,7 @@ def test_verify_anchor_errors_exit_2(tmp_path, make_pipeline, capsys):
 def test_serve_checkpoints_can_be_anchored(tmp_path, otlp_sink):
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-    from otel_audit.serve import AuditServer
+    from otel_audit.transport.serve import AuditServer
 
     from .test_serve import _spans
 

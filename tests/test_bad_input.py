@@ -17,9 +17,9 @@ from opentelemetry.sdk.trace import SpanLimits, TracerProvider
 
 import otel_audit
 from otel_audit import vocabulary as v
+from otel_audit.engine.ledger import Query, open_ledger
 from otel_audit.errors import ConfigError, LedgerError, LedgerUnavailable, LedgerWriteError
-from otel_audit.ledger import Query, open_ledger
-from otel_audit.verify import verify_ledger
+from otel_audit.proof.verify import verify_ledger
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,9 +69,14 @@ def test_non_utf8_text_is_kept_visibly(make_pipeline):
 
 
 def test_ten_thousand_attributes(tmp_path):
-    provider = TracerProvider(span_limits=SpanLimits(max_span_attributes=20_000), shutdown_on_exit=False)
+    provider = TracerProvider(
+        span_limits=SpanLimits(max_span_attributes=20_000), shutdown_on_exit=False
+    )
     pipeline = otel_audit.configure(
-        ledger=str(tmp_path / "a.db"), service_name="s", tracer_provider=provider, handle_sigterm=False
+        ledger=str(tmp_path / "a.db"),
+        service_name="s",
+        tracer_provider=provider,
+        handle_sigterm=False,
     )
     try:
         with otel_audit.audit_action("wide", attributes={f"k{i}": i for i in range(10_000)}):
@@ -125,7 +130,7 @@ def test_read_only_ledger_file_is_a_clear_error():
     code = textwrap.dedent(
         """
         import os, sys
-        import otel_audit, otel_audit.ledger.sqlite
+        import otel_audit, otel_audit.engine.ledger.sqlite
         from opentelemetry.sdk.trace import TracerProvider
         # Load everything first: nobody may not be able to read the interpreter's files.
         provider = TracerProvider(shutdown_on_exit=False)
@@ -154,12 +159,27 @@ def test_ledger_path_that_is_a_directory(tmp_path):
     "env, message",
     [
         ({"OTEL_AUDIT_DURABILITY": "maybe"}, "OTEL_AUDIT_DURABILITY must be one of sync, async"),
-        ({"OTEL_AUDIT_CHECKPOINT_EVERY": "0"}, "OTEL_AUDIT_CHECKPOINT_EVERY must be a positive integer"),
-        ({"OTEL_AUDIT_MAX_QUEUE_SIZE": "lots"}, "OTEL_AUDIT_MAX_QUEUE_SIZE must be a positive integer"),
-        ({"OTEL_AUDIT_SIGNING_KEY": "/nonexistent/key"}, "cannot read signing key '/nonexistent/key'"),
+        (
+            {"OTEL_AUDIT_CHECKPOINT_EVERY": "0"},
+            "OTEL_AUDIT_CHECKPOINT_EVERY must be a positive integer",
+        ),
+        (
+            {"OTEL_AUDIT_MAX_QUEUE_SIZE": "lots"},
+            "OTEL_AUDIT_MAX_QUEUE_SIZE must be a positive integer",
+        ),
+        (
+            {"OTEL_AUDIT_SIGNING_KEY": "/nonexistent/key"},
+            "cannot read signing key '/nonexistent/key'",
+        ),
         ({"OTEL_AUDIT_LEDGER": "mysql://x"}, "ledger URL scheme 'mysql' is not supported"),
-        ({"OTEL_AUDIT_LEDGER": "sqlite:///a.db?fast=1"}, "ledger URL option 'fast' is not supported"),
-        ({"OTEL_AUDIT_EFFECTS": "data.write,telepathy"}, "OTEL_AUDIT_EFFECTS names unknown effects: telepathy"),
+        (
+            {"OTEL_AUDIT_LEDGER": "sqlite:///a.db?fast=1"},
+            "ledger URL option 'fast' is not supported",
+        ),
+        (
+            {"OTEL_AUDIT_EFFECTS": "data.write,telepathy"},
+            "OTEL_AUDIT_EFFECTS names unknown effects: telepathy",
+        ),
     ],
 )
 def test_bad_settings_name_the_variable(monkeypatch, tmp_path, env, message):
@@ -167,7 +187,9 @@ def test_bad_settings_name_the_variable(monkeypatch, tmp_path, env, message):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(ConfigError) as info:
-        otel_audit.configure(service_name="s", tracer_provider=TracerProvider(shutdown_on_exit=False))
+        otel_audit.configure(
+            service_name="s", tracer_provider=TracerProvider(shutdown_on_exit=False)
+        )
     assert message in str(info.value)
 
 
@@ -177,19 +199,21 @@ def test_unknown_configure_option():
 
 
 def test_settings_come_from_the_environment(monkeypatch, tmp_path):
-    from otel_audit.keys import generate_keypair
+    from otel_audit.proof.keys import generate_keypair
 
     generate_keypair(tmp_path / "k.key", tmp_path / "k.pub")
     monkeypatch.setenv("OTEL_AUDIT_LEDGER", f"sqlite:///{tmp_path / 'env.db'}")
     monkeypatch.setenv("OTEL_AUDIT_DURABILITY", "async")
     monkeypatch.setenv("OTEL_AUDIT_SIGNING_KEY", str(tmp_path / "k.key"))
     provider = TracerProvider(shutdown_on_exit=False)
-    pipeline = otel_audit.configure(service_name="envsvc", tracer_provider=provider, handle_sigterm=False)
+    pipeline = otel_audit.configure(
+        service_name="envsvc", tracer_provider=provider, handle_sigterm=False
+    )
     assert pipeline.processor.durability == "async"
     with otel_audit.audit_action("a.b"):
         pass
     pipeline.shutdown()
-    from otel_audit.keys import load_public_key
+    from otel_audit.proof.keys import load_public_key
 
     with open_ledger(str(tmp_path / "env.db"), readonly=True) as ledger:
         report = verify_ledger(ledger, load_public_key(tmp_path / "k.pub"))
@@ -276,7 +300,7 @@ def test_host_span_end_never_raises_when_the_ledger_fails(make_pipeline, tmp_pat
     from opentelemetry import context as ctx_api
     from opentelemetry import trace
 
-    from otel_audit.context import with_trail
+    from otel_audit.capture.context import with_trail
 
     db = tmp_path / "locked.db"
     pipeline, provider, exporter = make_pipeline(ledger=f"sqlite:///{db}?busy_timeout=50")
@@ -358,7 +382,9 @@ def test_a_lost_effect_record_fails_the_enclosing_action(make_pipeline, tmp_path
             assert held.wait(10)
             try:
                 with provider.get_tracer("app").start_as_current_span(
-                    "POST bank", kind=trace.SpanKind.CLIENT, attributes={"http.request.method": "POST"}
+                    "POST bank",
+                    kind=trace.SpanKind.CLIENT,
+                    attributes={"http.request.method": "POST"},
                 ):
                     pass
             finally:
@@ -380,8 +406,8 @@ def test_a_lost_effect_record_fails_the_enclosing_action(make_pipeline, tmp_path
 def test_a_sync_record_fails_promptly_while_async_records_wait_for_the_ledger(tmp_path):
     import time
 
-    from otel_audit.record import Record, encode
-    from otel_audit.writer import LedgerWriter
+    from otel_audit.engine.record import Record, encode
+    from otel_audit.engine.writer import LedgerWriter
 
     db = tmp_path / "outage.db"
     writer = LedgerWriter(f"sqlite:///{db}?busy_timeout=50", "c")

@@ -37,10 +37,10 @@ from opentelemetry.trace import SpanKind
 
 import otel_audit
 from otel_audit import vocabulary as v
-from otel_audit.boundary import BoundaryViolation
 from otel_audit.cli import main
-from otel_audit.ledger import Query, StoredRecord, open_ledger
-from otel_audit.policy import AuditPolicy
+from otel_audit.engine.ledger import Query, StoredRecord, open_ledger
+from otel_audit.policy.boundary import BoundaryViolation
+from otel_audit.policy.rules import AuditPolicy
 
 try:
     from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter
@@ -86,7 +86,7 @@ class World:
         for rm in data.resource_metrics if data else ():
             for sm in rm.scope_metrics:
                 for metric in sm.metrics:
-                    if metric.name == "otel_audit.boundary.violations":
+                    if metric.name == "otel_audit.policy.boundary.violations":
                         total += sum(p.value for p in metric.data.data_points)
         return total
 
@@ -425,7 +425,7 @@ def test_copy_into_an_unapproved_data_store_is_blocked(tmp_path, make_pipeline) 
 def test_inbound_classification_header_is_validated() -> None:
     from opentelemetry import baggage
 
-    from otel_audit.boundary import ClassificationPropagator
+    from otel_audit.policy.boundary import ClassificationPropagator
 
     prop = ClassificationPropagator()
     labels = ",".join(

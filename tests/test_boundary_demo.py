@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from otel_audit.cli import main
-from otel_audit.ledger import Query, open_ledger
+from otel_audit.engine.ledger import Query, open_ledger
 
 
 def test_demo_detects_the_export_to_the_partner(tmp_path: pathlib.Path, capsys) -> None:

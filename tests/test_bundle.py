@@ -15,11 +15,11 @@ import zlib
 
 import pytest
 
-from otel_audit.bundle import MANIFEST, verify_bundle
-from otel_audit.chain import link_hash
 from otel_audit.cli import main
 from otel_audit.errors import VerificationError
-from otel_audit.keys import generate_keypair, load_public_key
+from otel_audit.proof.bundle import MANIFEST, verify_bundle
+from otel_audit.proof.chain import link_hash
+from otel_audit.proof.keys import generate_keypair, load_public_key
 
 from .test_trail import run_shop
 
@@ -144,7 +144,7 @@ def test_damage_is_named_and_exits_1(shop, tmp_path, capsys) -> None:
     body["attributes"]["audit.actor.id"] = "mallory"
     import base64
 
-    from otel_audit.chain import link_hash
+    from otel_audit.proof.chain import link_hash
 
     new_body = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
     rec["body"] = base64.b64encode(new_body).decode()

@@ -59,7 +59,10 @@ def test_verify_usage_and_unreadable_ledgers_exit_2(tmp_path, ledger):
     (tmp_path / "bad.pub").write_text("not a key")
     bad_key = cli("verify", "--ledger", str(ledger), "--public-key", str(tmp_path / "bad.pub"))
     assert bad_key.returncode == 2
-    assert bad_key.stderr == f"otel-audit: public key '{tmp_path / 'bad.pub'}' is not a PEM public key\n"
+    assert (
+        bad_key.stderr
+        == f"otel-audit: public key '{tmp_path / 'bad.pub'}' is not a PEM public key\n"
+    )
     not_ledger = tmp_path / "other.db"
     import sqlite3
 
@@ -129,9 +132,20 @@ def test_a_body_that_is_not_a_record_stops_readers_with_its_seq(ledger, tmp_path
     db = tmp_path / "body.db"
     shutil.copy(ledger, db)
     # Indexes on the body's fields would refuse the edit; a raw editor has no such scruple.
-    _edit(db, *[f"DROP INDEX {i}" for i in ("records_trace", "records_trail", "records_actor",
-                                           "records_resource", "records_action")],  # fmt: skip
-          "UPDATE records SET body = CAST('{\"v\":1}' AS BLOB) WHERE seq = 2")
+    _edit(
+        db,
+        *[
+            f"DROP INDEX {i}"
+            for i in (
+                "records_trace",
+                "records_trail",
+                "records_actor",
+                "records_resource",
+                "records_action",
+            )
+        ],  # fmt: skip
+        "UPDATE records SET body = CAST('{\"v\":1}' AS BLOB) WHERE seq = 2",
+    )
     for args in (["export"], ["tail"], ["search"]):
         result = cli(*args, "--ledger", f"sqlite:///{db}")
         assert result.returncode == 1, (args, result.stderr)

@@ -17,13 +17,13 @@ import pytest
 
 from otel_audit import vocabulary as v
 from otel_audit._progress import atomic_output
-from otel_audit.chain import Checkpoint
 from otel_audit.cli import main
+from otel_audit.engine.ledger import open_ledger
+from otel_audit.engine.record import Record, encode
 from otel_audit.errors import ConfigError
-from otel_audit.keys import Signer, generate_keypair
-from otel_audit.ledger import open_ledger
-from otel_audit.merkle import root_of
-from otel_audit.record import Record, encode
+from otel_audit.proof.chain import Checkpoint
+from otel_audit.proof.keys import Signer, generate_keypair
+from otel_audit.proof.merkle import root_of
 
 CLI = [sys.executable, "-m", "otel_audit"]
 TRAIL = "00000000000000a1"

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from otel_audit import vocabulary as v
-from otel_audit.anchors import CHAIN as ANCHOR_CHAIN
+from otel_audit.transport.anchors import CHAIN as ANCHOR_CHAIN
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "collector-config"
 FILES = sorted(CONFIG_DIR.glob("*.yaml"))

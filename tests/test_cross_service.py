@@ -10,8 +10,8 @@ import pytest
 import requests
 
 from otel_audit import vocabulary as v
-from otel_audit.effects import http_peer
-from otel_audit.ledger import Query, open_ledger
+from otel_audit.engine.ledger import Query, open_ledger
+from otel_audit.semantics.effects import http_peer
 from tests.plugins.flask_service import base_env
 
 ALICE = ("alice", "alice-pw")

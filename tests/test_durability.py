@@ -10,9 +10,9 @@ import textwrap
 from pathlib import Path
 
 import otel_audit
-from otel_audit.ledger import Query, open_ledger
-from otel_audit.record import Record, encode
-from otel_audit.verify import verify_ledger
+from otel_audit.engine.ledger import Query, open_ledger
+from otel_audit.engine.record import Record, encode
+from otel_audit.proof.verify import verify_ledger
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -238,8 +238,8 @@ def test_many_producers_lose_nothing_through_a_small_queue(make_pipeline):
 
 CREATOR = """
     import sys, time
-    from otel_audit.ledger import open_ledger
-    from otel_audit.record import Record, encode
+    from otel_audit.engine.ledger import open_ledger
+    from otel_audit.engine.record import Record, encode
     while time.time() < float(sys.argv[3]):
         pass  # start together: the race is in creating the same new file
     n = int(sys.argv[2])

@@ -16,7 +16,8 @@ from opentelemetry.trace import SpanKind
 
 import otel_audit
 from otel_audit import vocabulary as v
-from otel_audit.effects import (
+from otel_audit.engine.ledger import Query, open_ledger
+from otel_audit.semantics.effects import (
     classify,
     effect_span,
     http_peer,
@@ -25,7 +26,6 @@ from otel_audit.effects import (
     publish,
     sql_operation,
 )
-from otel_audit.ledger import Query, open_ledger
 
 CLIENT, PRODUCER, INTERNAL = SpanKind.CLIENT, SpanKind.PRODUCER, SpanKind.INTERNAL
 

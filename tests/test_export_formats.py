@@ -209,7 +209,7 @@ def test_jaeger_json_has_the_ui_import_shape(shop, capsys) -> None:
     tags = {t["key"]: t["value"] for t in root["tags"]}
     assert (
         tags[v.ACTOR_ID] == "alice"
-        and tags["otel_audit.chain"] == "orders"
+        and tags["otel_audit.proof.chain"] == "orders"
         and tags["otel_audit.seq"] == 3
     )
     # Every recorded parent is in the trace (the server span in between was not audited).

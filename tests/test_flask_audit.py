@@ -15,8 +15,8 @@ import pytest
 import requests
 
 from otel_audit import vocabulary as v
-from otel_audit.flask import _networks, client_ip, default_action, outcome_for_status
-from otel_audit.ledger import Query, open_ledger
+from otel_audit.engine.ledger import Query, open_ledger
+from otel_audit.integrations.flask import _networks, client_ip, default_action, outcome_for_status
 from tests.plugins.flask_service import base_env
 
 APP = textwrap.dedent(
@@ -25,7 +25,7 @@ APP = textwrap.dedent(
     import flask
     from flask import g, request
     from flask_login import LoginManager, UserMixin
-    from otel_audit.flask import audited, not_audited
+    from otel_audit.integrations.flask import audited, not_audited
 
     app = flask.Flask("testapp")
     login = LoginManager(app)
@@ -273,7 +273,7 @@ def test_default_action_names():
 
 def test_a_bad_trusted_peers_setting_is_one_clear_error():
     from otel_audit.errors import ConfigError
-    from otel_audit.flask import AuditFlask
+    from otel_audit.integrations.flask import AuditFlask
 
     with pytest.raises(ConfigError, match="OTEL_AUDIT_TRUSTED_PEERS has an invalid address"):
         AuditFlask(trusted_peers="10.0.0.0/99")

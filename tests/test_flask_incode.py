@@ -19,8 +19,8 @@ from werkzeug.serving import make_server
 
 import otel_audit
 from otel_audit import vocabulary as v
-from otel_audit.flask import AuditFlask
-from otel_audit.ledger import Query, open_ledger
+from otel_audit.engine.ledger import Query, open_ledger
+from otel_audit.integrations.flask import AuditFlask
 
 
 @pytest.fixture

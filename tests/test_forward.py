@@ -14,10 +14,10 @@ import pytest
 
 from otel_audit import vocabulary as v
 from otel_audit.cli import main
+from otel_audit.engine.ledger import open_ledger
+from otel_audit.engine.record import Record, encode
 from otel_audit.errors import ConfigError
-from otel_audit.forward import Forwarder, forwarder_from_env, parse_headers, traces_url
-from otel_audit.ledger import open_ledger
-from otel_audit.record import Record, encode
+from otel_audit.transport.forward import Forwarder, forwarder_from_env, parse_headers, traces_url
 
 from .test_serve import _deadline_wait
 

@@ -6,10 +6,10 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from otel_audit import vocabulary as v
-from otel_audit.chain import GENESIS, Checkpoint, link_hash
-from otel_audit.ledger import Query
-from otel_audit.record import Record, encode, record_from_span
-from otel_audit.verify import verify_ledger
+from otel_audit.engine.ledger import Query
+from otel_audit.engine.record import Record, encode, record_from_span
+from otel_audit.proof.chain import GENESIS, Checkpoint, link_hash
+from otel_audit.proof.verify import verify_ledger
 
 
 def span_bodies(n: int = 1, **attrs: object) -> list[bytes]:

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from otel_audit import audit_action
+from otel_audit.engine.ledger import open_ledger
 from otel_audit.errors import VerificationError
-from otel_audit.ledger import open_ledger
-from otel_audit.merkle import (
+from otel_audit.proof.merkle import (
     EMPTY_ROOT,
     Frontier,
     Tree,
@@ -23,7 +23,7 @@ from otel_audit.merkle import (
     verify_consistency,
     verify_inclusion,
 )
-from otel_audit.verify import verify_ledger
+from otel_audit.proof.verify import verify_ledger
 
 # -- the RFC 9162 definitions, written out literally (section 2.1) ---------------
 
@@ -130,7 +130,7 @@ def test_tampered_proofs_fail(n: int, data: st.DataObject) -> None:
 
 
 def test_checkpoints_carry_a_signed_root_the_verifier_checks(make_pipeline, tmp_path) -> None:
-    from otel_audit.keys import generate_keypair, load_public_key
+    from otel_audit.proof.keys import generate_keypair, load_public_key
 
     generate_keypair(tmp_path / "k.key", tmp_path / "k.pub")
     url = f"sqlite:///{tmp_path / 'audit.db'}"

@@ -7,12 +7,12 @@ import sqlite3
 import pytest
 
 import otel_audit
-from otel_audit import merkle
-from otel_audit.chain import Checkpoint
 from otel_audit.cli import main
+from otel_audit.engine.ledger import open_ledger
 from otel_audit.errors import LedgerError
-from otel_audit.keys import Signer, generate_keypair
-from otel_audit.ledger import open_ledger
+from otel_audit.proof import merkle
+from otel_audit.proof.chain import Checkpoint
+from otel_audit.proof.keys import Signer, generate_keypair
 
 from .test_ledger_backends import span_bodies
 

@@ -14,15 +14,15 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 import otel_audit
 from otel_audit import vocabulary as v
-from otel_audit.ledger import open_ledger
-from otel_audit.otlp import (
+from otel_audit.engine.ledger import open_ledger
+from otel_audit.engine.record import decode, encode
+from otel_audit.transport.otlp import (
     MalformedRequest,
     parse_request,
     records_from_request,
     request_from_records,
     response_bytes,
 )
-from otel_audit.record import decode, encode
 
 
 def _emit(tracer) -> None:
@@ -191,7 +191,7 @@ def test_malformed_bodies_raise_one_clear_error(body, json_body, message):
 
 
 def test_exported_names_are_the_public_ones():
-    from otel_audit import otlp
+    from otel_audit.transport import otlp
 
     assert set(otlp.__all__) <= set(dir(otlp))
     assert otel_audit  # the package imports with otlp present

@@ -16,8 +16,8 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
 
 import otel_audit
 from otel_audit import vocabulary as v
-from otel_audit.ledger import open_ledger
-from otel_audit.record import decode
+from otel_audit.engine.ledger import open_ledger
+from otel_audit.engine.record import decode
 
 
 @pytest.fixture

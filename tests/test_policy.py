@@ -17,8 +17,8 @@ import otel_audit
 from otel_audit import ConfigError
 from otel_audit import vocabulary as v
 from otel_audit.cli import main
-from otel_audit.ledger import Query, open_ledger
-from otel_audit.policy import AuditPolicy, load_policy
+from otel_audit.engine.ledger import Query, open_ledger
+from otel_audit.policy.rules import AuditPolicy, load_policy
 
 
 def write(tmp_path: pathlib.Path, name: str, text: str) -> str:

@@ -9,7 +9,7 @@ import sys
 import time
 
 from otel_audit.cli import main
-from otel_audit.ledger import Query, open_ledger
+from otel_audit.engine.ledger import Query, open_ledger
 
 PROCESSES = 8
 THREADS = 4

@@ -10,9 +10,9 @@ import pytest
 import otel_audit
 from otel_audit import vocabulary as v
 from otel_audit.cli import main
+from otel_audit.engine.ledger import Query, open_ledger
+from otel_audit.engine.ledger.postgres import SCHEMA, SCHEMA_VERSION, PostgresLedger
 from otel_audit.errors import ConfigError, LedgerError, VerificationError
-from otel_audit.ledger import Query, open_ledger
-from otel_audit.ledger.postgres import SCHEMA, SCHEMA_VERSION, PostgresLedger
 
 from .test_ledger_backends import rec
 
@@ -75,7 +75,7 @@ def test_writer_role_can_only_insert_and_select(pg_url, capsys):
     # The writer's ordinary work goes through.
     with open_ledger(writer_url) as ledger:
         appended = ledger.append("svc", [rec(1), rec(2)])
-        ledger.add_checkpoint(otel_audit.chain.Checkpoint("svc", 2, appended[1].hash, 1))
+        ledger.add_checkpoint(otel_audit.proof.chain.Checkpoint("svc", 2, appended[1].hash, 1))
         assert [r.seq for r in ledger.query(Query(chain="svc"))] == [1, 2]
     # Anything that rewrites history is refused by the server.
     with psycopg.connect(writer_url, autocommit=True) as con:
@@ -154,7 +154,7 @@ def test_malformed_url_is_a_config_error():
 
 def test_writes_fail_closed_while_the_server_is_down_and_resume(pg_url, pg_server):
     ledger = PostgresLedger(pg_url, retry_seconds=1.0)
-    writer = otel_audit.writer.LedgerWriter(pg_url, "down", ledger=ledger)
+    writer = otel_audit.engine.writer.LedgerWriter(pg_url, "down", ledger=ledger)
     try:
         assert writer.write(rec(1)).seq == 1
         pg_server.stop()

@@ -13,9 +13,9 @@ import threading
 
 import pytest
 
+from otel_audit.engine.ledger.postgres import PostgresLedger
 from otel_audit.errors import LedgerWriteError
-from otel_audit.ledger.postgres import PostgresLedger
-from otel_audit.verify import verify_ledger
+from otel_audit.proof.verify import verify_ledger
 
 from .test_ledger_backends import rec
 

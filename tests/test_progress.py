@@ -15,11 +15,11 @@ import pytest
 
 from otel_audit import vocabulary as v
 from otel_audit._progress import Progress, atomic_output
-from otel_audit.chain import Checkpoint
-from otel_audit.keys import Signer, generate_keypair
-from otel_audit.ledger import open_ledger
-from otel_audit.merkle import Frontier
-from otel_audit.record import Record, encode
+from otel_audit.engine.ledger import open_ledger
+from otel_audit.engine.record import Record, encode
+from otel_audit.proof.chain import Checkpoint
+from otel_audit.proof.keys import Signer, generate_keypair
+from otel_audit.proof.merkle import Frontier
 
 CLI = [sys.executable, "-m", "otel_audit"]
 

@@ -11,7 +11,7 @@ import pytest
 
 import otel_audit
 from otel_audit.cli import main
-from otel_audit.ledger import Query, open_ledger
+from otel_audit.engine.ledger import Query, open_ledger
 
 
 @pytest.fixture

@@ -31,5 +31,9 @@ def test_vocabulary_matches_design():
     )  # fmt: skip
     assert vocabulary.OUTCOMES == ("success", "failure", "denied", "unknown")
     assert set(vocabulary.EFFECTS) == {
-        "data.write", "data.read", "http.call", "message.publish", "notification"
+        "data.write",
+        "data.read",
+        "http.call",
+        "message.publish",
+        "notification",
     }

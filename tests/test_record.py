@@ -7,7 +7,7 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from otel_audit.record import FORMAT_VERSION, Record, clean_attributes, decode, encode
+from otel_audit.engine.record import FORMAT_VERSION, Record, clean_attributes, decode, encode
 
 scalars = st.one_of(
     st.text(), st.booleans(), st.integers(min_value=-(2**63), max_value=2**63 - 1),

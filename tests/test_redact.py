@@ -31,10 +31,9 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 import otel_audit
 from otel_audit import vocabulary as v
 from otel_audit.cli import main
+from otel_audit.engine.ledger import Query, open_ledger
 from otel_audit.export import formats
-from otel_audit.ledger import Query, open_ledger
-from otel_audit.policy import AuditPolicy
-from otel_audit.redact import (
+from otel_audit.policy.redact import (
     HmacKey,
     check_commitment,
     commit,
@@ -42,6 +41,7 @@ from otel_audit.redact import (
     scrub_text,
     secret_name,
 )
+from otel_audit.policy.rules import AuditPolicy
 
 
 def records(url: str) -> list[otel_audit.Record]:

@@ -11,7 +11,7 @@ import pytest
 from otel_audit import audit_action
 from otel_audit import vocabulary as v
 from otel_audit.cli import main
-from otel_audit.ledger import Query, open_ledger
+from otel_audit.engine.ledger import Query, open_ledger
 
 
 @dataclass

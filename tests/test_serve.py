@@ -33,10 +33,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 import otel_audit
 from otel_audit import vocabulary as v
-from otel_audit.ledger import open_ledger
-from otel_audit.record import decode
-from otel_audit.serve import parse_address
-from otel_audit.verify import verify_ledger
+from otel_audit.engine.ledger import open_ledger
+from otel_audit.engine.record import decode
+from otel_audit.proof.verify import verify_ledger
+from otel_audit.transport.serve import parse_address
 
 
 def _deadline_wait(predicate, timeout=20.0, what="condition"):
@@ -521,7 +521,7 @@ def test_many_concurrent_exporters_lose_nothing(make_server):
 
 
 def test_defaults_bind_loopback():
-    from otel_audit.serve import DEFAULT_GRPC_ADDRESS, DEFAULT_HTTP_ADDRESS
+    from otel_audit.transport.serve import DEFAULT_GRPC_ADDRESS, DEFAULT_HTTP_ADDRESS
 
     assert DEFAULT_HTTP_ADDRESS == ("127.0.0.1", 4318)
     assert DEFAULT_GRPC_ADDRESS == ("127.0.0.1", 4317)

@@ -15,7 +15,7 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.trace.export import SpanExportResult
 
 from otel_audit.cli import main
-from otel_audit.ledger import open_ledger
+from otel_audit.engine.ledger import open_ledger
 
 from .test_serve import _spans
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 import otel_audit
-from otel_audit.chain import link_hash
+from otel_audit.engine.ledger import open_ledger
 from otel_audit.errors import VerificationError
-from otel_audit.keys import generate_keypair, load_public_key
-from otel_audit.ledger import open_ledger
-from otel_audit.merkle import root_of
-from otel_audit.verify import verify_ledger
+from otel_audit.proof.chain import link_hash
+from otel_audit.proof.keys import generate_keypair, load_public_key
+from otel_audit.proof.merkle import root_of
+from otel_audit.proof.verify import verify_ledger
 
 N_RECORDS = 120
 CHECKPOINT_EVERY = 25
@@ -104,7 +104,18 @@ def _flip_byte(value: bytes, rng: random.Random) -> bytes:
     return value[:i] + bytes([value[i] ^ (1 << rng.randrange(8))]) + value[i + 1 :]
 
 
-MUTATIONS = ["attribute", "hash", "prev_hash", "seq", "chain", "delete", "swap", "insert", "insert_bogus", "truncate"]
+MUTATIONS = [
+    "attribute",
+    "hash",
+    "prev_hash",
+    "seq",
+    "chain",
+    "delete",
+    "swap",
+    "insert",
+    "insert_bogus",
+    "truncate",
+]
 
 
 def mutate(con, kind: str, rng: random.Random) -> tuple[int, str]:
@@ -114,7 +125,9 @@ def mutate(con, kind: str, rng: random.Random) -> tuple[int, str]:
     prev, digest, body = row(con, seq)
     where = "chain='shop' AND seq=?"
     if kind == "attribute":
-        con.execute(f"UPDATE records SET body=? WHERE {where}", (_flip_in_attribute(body, rng), seq))
+        con.execute(
+            f"UPDATE records SET body=? WHERE {where}", (_flip_in_attribute(body, rng), seq)
+        )
         return seq, "modified"
     if kind == "hash":
         con.execute(f"UPDATE records SET hash=? WHERE {where}", (_flip_byte(digest, rng), seq))
@@ -193,7 +206,10 @@ def test_insider_recomputing_the_chain_is_caught_only_with_the_key(pristine, tmp
         prev = digest
     # The insider also rewrites every checkpoint head and Merkle root, but cannot sign them.
     for (seq,) in con.execute("SELECT seq FROM checkpoints WHERE seq >= ?", (target,)).fetchall():
-        bodies = [b for (b,) in con.execute("SELECT body FROM records WHERE seq <= ? ORDER BY seq", (seq,))]
+        bodies = [
+            b
+            for (b,) in con.execute("SELECT body FROM records WHERE seq <= ? ORDER BY seq", (seq,))
+        ]
         con.execute(
             "UPDATE checkpoints SET head=?, merkle_root=? WHERE seq=?",
             (row(con, seq)[1], root_of(bodies), seq),
@@ -217,7 +233,9 @@ def test_insider_keeping_checkpoints_is_caught_by_head_mismatch(pristine, tmp_pa
         if seq == 60:
             body = body.replace(b'"order.update"', b'"order.cancel"')
         digest = link_hash(prev, body)
-        con.execute("UPDATE records SET prev_hash=?, hash=?, body=? WHERE seq=?", (prev, digest, body, seq))
+        con.execute(
+            "UPDATE records SET prev_hash=?, hash=?, body=? WHERE seq=?", (prev, digest, body, seq)
+        )
         prev = digest
     con.commit()
     con.close()
@@ -231,7 +249,9 @@ def test_forged_signature_is_bad_signature(pristine, tmp_path):
     db = copy(db_src, tmp_path)
     con = sqlite3.connect(db)
     sig = con.execute("SELECT signature FROM checkpoints WHERE seq=25").fetchone()[0]
-    con.execute("UPDATE checkpoints SET signature=? WHERE seq=25", (_flip_byte(sig, random.Random(1)),))
+    con.execute(
+        "UPDATE checkpoints SET signature=? WHERE seq=25", (_flip_byte(sig, random.Random(1)),)
+    )
     con.commit()
     con.close()
     assert run_verify(db).records == N_RECORDS  # no key: not checked
@@ -242,7 +262,16 @@ def test_forged_signature_is_bad_signature(pristine, tmp_path):
 def test_cli_exit_codes_for_damage(pristine, tmp_path):
     db_src, pub = pristine
     db = copy(db_src, tmp_path)
-    cli = [sys.executable, "-m", "otel_audit", "verify", "--ledger", f"sqlite:///{db}", "--public-key", str(pub)]
+    cli = [
+        sys.executable,
+        "-m",
+        "otel_audit",
+        "verify",
+        "--ledger",
+        f"sqlite:///{db}",
+        "--public-key",
+        str(pub),
+    ]
     ok = subprocess.run(cli, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert f"ok: {N_RECORDS} records in 1 chains intact" in ok.stdout
@@ -268,7 +297,9 @@ def test_insider_deleting_every_checkpoint_is_caught_with_the_key(pristine, tmp_
         if seq == 3:
             body = body.replace(b'"order.update"', b'"order.cancel"')
         digest = link_hash(prev, body)
-        con.execute("UPDATE records SET prev_hash=?, hash=?, body=? WHERE seq=?", (prev, digest, body, seq))
+        con.execute(
+            "UPDATE records SET prev_hash=?, hash=?, body=? WHERE seq=?", (prev, digest, body, seq)
+        )
         prev = digest
     con.execute("DELETE FROM checkpoints")
     con.commit()

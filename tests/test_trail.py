@@ -13,9 +13,9 @@ from opentelemetry.trace import SpanKind
 from otel_audit import Actor, audit_action
 from otel_audit import vocabulary as v
 from otel_audit.cli import main
-from otel_audit.keys import generate_keypair
-from otel_audit.ledger import open_ledger
-from otel_audit.trail import DAMAGED, INTACT, UNANCHORED, find_trail
+from otel_audit.engine.ledger import open_ledger
+from otel_audit.proof.keys import generate_keypair
+from otel_audit.review.trail import DAMAGED, INTACT, UNANCHORED, find_trail
 
 
 @dataclass
@@ -176,8 +176,8 @@ def test_damage_marks_records_from_the_first_damage_on(make_pipeline, tmp_path) 
     )
     con.commit()
     con.close()
-    from otel_audit.keys import load_public_key
-    from otel_audit.trail import verify_trail
+    from otel_audit.proof.keys import load_public_key
+    from otel_audit.review.trail import verify_trail
 
     with open_ledger(shop.url, readonly=True) as ledger:
         trail = find_trail(ledger, shop.trails[0])
@@ -198,7 +198,7 @@ def test_unanchored_records_are_marked(make_pipeline, tmp_path) -> None:
     with audit_action("order.create", actor="alice", tracer=provider.get_tracer("t")) as act:
         trail_id = act.trail_id  # sync durability: committed when the block ends
     with open_ledger(url, readonly=True) as ledger:
-        from otel_audit.trail import verify_trail
+        from otel_audit.review.trail import verify_trail
 
         trail = find_trail(ledger, str(trail_id))
         verify_trail(ledger, trail)
@@ -214,8 +214,8 @@ def test_missing_ledger_is_one_line(tmp_path, capsys) -> None:
 def _forge_unsigned(path: pathlib.Path, chain: str) -> None:
     """An insider rewrites the actor in ``chain``, recomputes every later hash and the
     checkpoints (head and Merkle root), but cannot sign: the signatures are dropped."""
-    from otel_audit.chain import GENESIS, link_hash
-    from otel_audit.merkle import Frontier
+    from otel_audit.proof.chain import GENESIS, link_hash
+    from otel_audit.proof.merkle import Frontier
 
     con = sqlite3.connect(path)
     rows = con.execute(

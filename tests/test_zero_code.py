@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from otel_audit import vocabulary as v
-from otel_audit.ledger import Query, open_ledger
+from otel_audit.engine.ledger import Query, open_ledger
 from tests.plugins.flask_service import base_env
 
 ALICE = ("alice", "alice-pw")

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from ..errors import ConfigError
-from ..ledger import Ledger, open_ledger
-from ..settings import OTEL_AUDIT_LEDGER
+from otel_audit.engine.ledger import Ledger, open_ledger
+from otel_audit.errors import ConfigError
+from otel_audit.settings import OTEL_AUDIT_LEDGER
 
 
 def add_ledger_argument(parser: argparse.ArgumentParser) -> None:

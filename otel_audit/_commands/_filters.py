@@ -7,8 +7,8 @@ import re
 import time
 from datetime import datetime, timedelta, timezone
 
-from ..errors import ConfigError
-from ..ledger import Query
+from otel_audit.engine.ledger import Query
+from otel_audit.errors import ConfigError
 
 _RELATIVE = re.compile(r"^([0-9]+)([smhdw])$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}

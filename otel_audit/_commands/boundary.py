@@ -11,8 +11,12 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-from .. import vocabulary as v
-from ..boundary import (
+from otel_audit import vocabulary as v
+from otel_audit._commands._common import add_ledger_argument, open_for_reading
+from otel_audit._commands._filters import parse_time
+from otel_audit.engine.ledger import Query
+from otel_audit.export.jsonl import iso
+from otel_audit.policy.boundary import (
     BLOCKED,
     DESTINATION,
     DESTINATION_KIND,
@@ -21,10 +25,6 @@ from ..boundary import (
     host,
     parse_labels,
 )
-from ..export.jsonl import iso
-from ..ledger import Query
-from ._common import add_ledger_argument, open_for_reading
-from ._filters import parse_time
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

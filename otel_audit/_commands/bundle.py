@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .._progress import Progress, atomic_output
-from ..bundle import write_bundle
-from ..keys import load_public_key
-from ._common import add_ledger_argument, open_for_reading
-from ._filters import add_filter_arguments, query_from_args
+from otel_audit._commands._common import add_ledger_argument, open_for_reading
+from otel_audit._commands._filters import add_filter_arguments, query_from_args
+from otel_audit._progress import Progress, atomic_output
+from otel_audit.proof.bundle import write_bundle
+from otel_audit.proof.keys import load_public_key
 
 _FILTERS = (
     "actor", "action", "resource_type", "resource_id", "outcome", "service",

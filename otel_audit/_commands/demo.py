@@ -25,11 +25,11 @@ import urllib.request
 from base64 import b64encode
 from typing import Any
 
-from .. import vocabulary as v
-from ..errors import AuditError, ConfigError
-from ..keys import generate_keypair
-from ..ledger import Query, open_ledger
-from . import _demo_boundary
+from otel_audit import vocabulary as v
+from otel_audit._commands import _demo_boundary
+from otel_audit.engine.ledger import Query, open_ledger
+from otel_audit.errors import AuditError, ConfigError
+from otel_audit.proof.keys import generate_keypair
 
 # What the example services import or are instrumented by, and the pip names.
 _NEEDS = {
@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(directory: pathlib.Path, timeout: float) -> int:
-    from ..cli import main
+    from otel_audit.cli import main
 
     ledger_url = f"sqlite:///{directory / 'audit.db'}"
     # A signing key for the checkpoints, kept apart from the ledger as in

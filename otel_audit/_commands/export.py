@@ -7,11 +7,11 @@ import sys
 from collections.abc import Iterable, Iterator
 from typing import TextIO, cast
 
-from .._progress import Progress, atomic_output
-from ..export import formats
-from ..ledger import Query, StoredRecord
-from ._common import add_ledger_argument, open_for_reading
-from ._filters import add_filter_arguments, query_from_args
+from otel_audit._commands._common import add_ledger_argument, open_for_reading
+from otel_audit._commands._filters import add_filter_arguments, query_from_args
+from otel_audit._progress import Progress, atomic_output
+from otel_audit.engine.ledger import Query, StoredRecord
+from otel_audit.export import formats
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

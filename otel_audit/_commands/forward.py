@@ -7,14 +7,19 @@ import logging
 import os
 import sys
 
-from ..errors import ConfigError
-from ..forward import Forwarder, forwarder_from_env, parse_headers
-from ..settings import (
+from otel_audit._commands._common import (
+    add_ledger_argument,
+    ledger_url,
+    termination_signals,
+    wait_until,
+)
+from otel_audit.errors import ConfigError
+from otel_audit.settings import (
     OTEL_AUDIT_FORWARD_ENDPOINT,
     OTEL_AUDIT_FORWARD_HEADERS,
     OTEL_AUDIT_FORWARD_TOKEN,
 )
-from ._common import add_ledger_argument, ledger_url, termination_signals, wait_until
+from otel_audit.transport.forward import Forwarder, forwarder_from_env, parse_headers
 
 #: ``--once`` is run by a person or a cron job: another forwarder holding the
 #: outbox is a failure to report, not a reason to wait for ever.
@@ -102,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _once(forwarder: Forwarder) -> int:
     # The failure is reported once below; the retry warnings are for long-running forwarders.
-    logging.getLogger("otel_audit.forward").setLevel(logging.ERROR)
+    logging.getLogger("otel_audit.transport.forward").setLevel(logging.ERROR)
     forwarder.max_backoff = 0.0  # fail at once rather than wait: the caller retries
     forwarder.start()
     done = _healthy_run(forwarder)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import ConfigError
-from ._common import add_ledger_argument, ledger_url
+from otel_audit._commands._common import add_ledger_argument, ledger_url
+from otel_audit.errors import ConfigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -37,13 +37,13 @@ def run(args: argparse.Namespace) -> int:
         if args.writer_role or args.reader_role:
             raise ConfigError("--writer-role and --reader-role apply to postgresql:// ledgers only")
         # A SQLite ledger creates its schema on first open; init just does that.
-        from ..ledger import open_ledger
+        from otel_audit.engine.ledger import open_ledger
 
         with open_ledger(url, create=True) as ledger:
             print(f"ledger {ledger.url} is ready")
         return 0
     try:
-        from ..ledger.postgres import SCHEMA, initialize
+        from otel_audit.engine.ledger.postgres import SCHEMA, initialize
     except ImportError as exc:
         raise ConfigError(
             "postgresql ledgers need psycopg: pip install 'otel-audit[postgres]'"

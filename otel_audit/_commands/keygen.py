@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..errors import ConfigError
-from ..keys import generate_keypair
+from otel_audit.errors import ConfigError
+from otel_audit.proof.keys import generate_keypair
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

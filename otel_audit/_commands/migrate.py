@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..migrate import migrate
+from otel_audit.engine.migrate import migrate
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

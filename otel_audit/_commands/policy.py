@@ -6,8 +6,8 @@ import argparse
 import json
 from typing import Any
 
-from ..errors import ConfigError
-from ..policy import AuditPolicy
+from otel_audit.errors import ConfigError
+from otel_audit.policy.rules import AuditPolicy
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 
-from ..chain import link_hash
-from ..errors import ConfigError, VerificationError
-from ..redact import check_commitment
-from ._common import add_ledger_argument, open_for_reading
+from otel_audit._commands._common import add_ledger_argument, open_for_reading
+from otel_audit.errors import ConfigError, VerificationError
+from otel_audit.policy.redact import check_commitment
+from otel_audit.proof.chain import link_hash
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
             seq=row.seq,
             kind="hash",
         )
-    from ..record import decode
+    from otel_audit.engine.record import decode
 
     try:
         record = decode(row.body)

@@ -15,17 +15,17 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any, TextIO
 
-from .. import vocabulary as v
-from ..export.jsonl import as_dict
-from ..ledger import StoredRecord
-from ._common import add_ledger_argument, open_for_reading
-from ._filters import (
+from otel_audit import vocabulary as v
+from otel_audit._commands._common import add_ledger_argument, open_for_reading
+from otel_audit._commands._filters import (
     add_filter_arguments,
     check_limit,
     format_cursor,
     parse_cursor,
     query_from_args,
 )
+from otel_audit.engine.ledger import StoredRecord
+from otel_audit.export.jsonl import as_dict
 
 _DEFAULT_LIMIT = 100
 _COLUMNS = (

@@ -6,9 +6,16 @@ import argparse
 import os
 import sys
 
-from ..errors import ConfigError
-from ..keys import Signer
-from ..serve import (
+from otel_audit._commands._common import (
+    add_ledger_argument,
+    ledger_url,
+    termination_signals,
+    wait_until,
+)
+from otel_audit.errors import ConfigError
+from otel_audit.proof.keys import Signer
+from otel_audit.settings import OTEL_AUDIT_CHAIN, OTEL_AUDIT_SERVE_TOKEN, OTEL_AUDIT_SIGNING_KEY
+from otel_audit.transport.serve import (
     DEFAULT_GRPC_ADDRESS,
     DEFAULT_HTTP_ADDRESS,
     DEFAULT_MAX_PENDING,
@@ -16,8 +23,6 @@ from ..serve import (
     AuditServer,
     parse_address,
 )
-from ..settings import OTEL_AUDIT_CHAIN, OTEL_AUDIT_SERVE_TOKEN, OTEL_AUDIT_SIGNING_KEY
-from ._common import add_ledger_argument, ledger_url, termination_signals, wait_until
 
 #: The bearer token clients must send; read from the environment or a file so
 #: that it never appears in a process listing.

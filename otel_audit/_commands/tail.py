@@ -6,9 +6,9 @@ import argparse
 import sys
 import time
 
-from ..export.jsonl import write
-from ..ledger import Ledger, StoredRecord
-from ._common import add_ledger_argument, open_for_reading
+from otel_audit._commands._common import add_ledger_argument, open_for_reading
+from otel_audit.engine.ledger import Ledger, StoredRecord
+from otel_audit.export.jsonl import write
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -5,11 +5,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .._progress import Progress, atomic_output
-from ..errors import ConfigError
-from ..keys import load_public_key
-from ..trail import damaged, find_trail, render_html, render_text, to_json, verify_trail
-from ._common import add_ledger_argument, open_for_reading
+from otel_audit._commands._common import add_ledger_argument, open_for_reading
+from otel_audit._progress import Progress, atomic_output
+from otel_audit.errors import ConfigError
+from otel_audit.proof.keys import load_public_key
+from otel_audit.review.trail import (
+    damaged,
+    find_trail,
+    render_html,
+    render_text,
+    to_json,
+    verify_trail,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

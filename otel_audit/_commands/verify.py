@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from .._progress import Progress
-from ..anchors import read_anchors
-from ..errors import ConfigError
-from ..keys import load_public_key
-from ..verify import verify_ledger
-from ._common import add_ledger_argument, open_for_reading
+from otel_audit._commands._common import add_ledger_argument, open_for_reading
+from otel_audit._progress import Progress
+from otel_audit.errors import ConfigError
+from otel_audit.proof.keys import load_public_key
+from otel_audit.proof.verify import verify_ledger
+from otel_audit.transport.anchors import read_anchors
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 
-from .._progress import Progress
-from ..bundle import verify_bundle
-from ..errors import ConfigError
-from ..keys import load_public_key
+from otel_audit._progress import Progress
+from otel_audit.errors import ConfigError
+from otel_audit.proof.bundle import verify_bundle
+from otel_audit.proof.keys import load_public_key
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -1,7 +1,7 @@
 """Example shop, inventory service: writes the stock table, notifies the user, queues a job.
 
 The notification (an outbox row for the user) is marked with
-``otel_audit.effects.notification``; a restock check runs on a background
+``otel_audit.semantics.effects.notification``; a restock check runs on a background
 thread, carrying the trace context in the job's headers like a message queue would.
 """
 
@@ -20,9 +20,8 @@ from opentelemetry.trace import SpanKind
 
 from otel_audit import actor as audit_actor
 from otel_audit import current_actor
-from otel_audit.effects import notification
-
-from ._common import Route, create_app, main, run_sql
+from otel_audit._demo._common import Route, create_app, main, run_sql
+from otel_audit.semantics.effects import notification
 
 DB = "inventory.db"
 SCHEMA = """

@@ -12,7 +12,7 @@ from typing import Any
 import requests
 from flask import g, request
 
-from ._common import Route, create_app, main, run_sql
+from otel_audit._demo._common import Route, create_app, main, run_sql
 
 DB = "orders.db"
 SCHEMA = """

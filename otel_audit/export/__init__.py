@@ -12,7 +12,7 @@ import pkgutil
 from collections.abc import Callable, Iterable
 from typing import TextIO
 
-from ..ledger import StoredRecord
+from otel_audit.engine.ledger import StoredRecord
 
 Writer = Callable[[Iterable[StoredRecord], TextIO], int]
 

@@ -13,9 +13,9 @@ import json
 from collections.abc import Iterable
 from typing import Any, TextIO
 
-from .. import vocabulary as v
-from ..ledger import StoredRecord
-from .jsonl import iso
+from otel_audit import vocabulary as v
+from otel_audit.engine.ledger import StoredRecord
+from otel_audit.export.jsonl import iso
 
 NAME = "csv"
 

@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterable
 from typing import Any, TextIO
 
-from ..ledger import StoredRecord
+from otel_audit.engine.ledger import StoredRecord
 
 NAME = "jaeger"
 
@@ -51,7 +51,7 @@ def span(stored: StoredRecord, process_id: str) -> dict[str, Any]:
     if rec.scope:
         tags.append(tag("otel.scope.name", rec.scope))
     tags += [
-        tag("otel_audit.chain", stored.chain),
+        tag("otel_audit.proof.chain", stored.chain),
         tag("otel_audit.seq", stored.seq),
         tag("otel_audit.hash", stored.hash.hex()),
     ]

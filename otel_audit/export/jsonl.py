@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from typing import Any, TextIO
 
-from ..ledger import StoredRecord
+from otel_audit.engine.ledger import StoredRecord
 
 NAME = "jsonl"
 

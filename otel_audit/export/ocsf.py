@@ -20,11 +20,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, TextIO
 
-from .. import vocabulary as v
-from ..effects import sql_operation
-from ..ledger import StoredRecord
-from ..record import Record
-from .jsonl import write_lines
+from otel_audit import vocabulary as v
+from otel_audit.engine.ledger import StoredRecord
+from otel_audit.engine.record import Record
+from otel_audit.export.jsonl import write_lines
+from otel_audit.semantics.effects import sql_operation
 
 NAME = "ocsf"
 OCSF_VERSION = "1.5.0"

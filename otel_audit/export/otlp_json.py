@@ -15,7 +15,7 @@ import json
 from collections.abc import Iterable
 from typing import Any, TextIO
 
-from ..ledger import StoredRecord
+from otel_audit.engine.ledger import StoredRecord
 
 NAME = "otlp-json"
 
@@ -56,7 +56,7 @@ def attributes(attrs: dict[str, Any]) -> list[dict[str, Any]]:
 def span(stored: StoredRecord) -> dict[str, Any]:
     rec = stored.record
     attrs = dict(rec.attributes)
-    attrs.update({"otel_audit.chain": stored.chain, "otel_audit.seq": stored.seq,
+    attrs.update({"otel_audit.proof.chain": stored.chain, "otel_audit.seq": stored.seq,
                   "otel_audit.hash": stored.hash.hex()})  # fmt: skip
     out: dict[str, Any] = {
         "traceId": rec.trace_id,

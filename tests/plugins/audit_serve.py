@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from otel_audit.serve import AuditServer
+from otel_audit.transport.serve import AuditServer
 
 
 @pytest.fixture

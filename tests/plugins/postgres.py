@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from otel_audit.ledger import Ledger, open_ledger
+from otel_audit.engine.ledger import Ledger, open_ledger
 from tests.pgserver import PostgresServer, PostgresUnavailable
 
 _counter = itertools.count(1)

@@ -1,0 +1,207 @@
+"""The ledger interface: append-only chains of canonical records, and checkpoints.
+
+Every other part (writer, verify, export, serve, migrate) works through this
+interface; each backend (``sqlite``, ``postgres``) implements it and maps its
+own exceptions to ``LedgerError`` in one place. Instances are not shared
+between threads unless the backend says so; open one per thread or process.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from otel_audit.engine.record import Record, decode
+from otel_audit.errors import VerificationError
+from otel_audit.proof.chain import Checkpoint
+
+
+@dataclass(frozen=True)
+class Appended:
+    """Where one record landed: its chain, sequence number and hash."""
+
+    chain: str
+    seq: int
+    hash: bytes
+
+
+class RawRow(NamedTuple):
+    """One stored record exactly as the backend holds it (what verify reads)."""
+
+    seq: int
+    prev_hash: bytes
+    hash: bytes
+    body: bytes
+
+
+@dataclass(frozen=True)
+class StoredRecord:
+    """A record with its place in the ledger."""
+
+    chain: str
+    seq: int
+    prev_hash: bytes
+    hash: bytes
+    body: bytes
+
+    @property
+    def record(self) -> Record:
+        """The decoded record; a body that is not one is damage, named by chain and seq."""
+        try:
+            return decode(self.body)
+        except ValueError as exc:
+            raise VerificationError(
+                f"chain {self.chain!r} seq {self.seq}: modified: {exc} (run otel-audit verify)",
+                chain=self.chain,
+                seq=self.seq,
+                kind="modified",
+            ) from None
+
+
+@dataclass
+class Query:
+    """Filters for review queries; every field is optional and they combine with AND.
+
+    ``since``/``until`` are Unix nanoseconds on the record's start time.
+    ``after`` is a pagination cursor: (chain, seq) of the last row already seen.
+    """
+
+    actor: str | None = None
+    action: str | None = None
+    resource_type: str | None = None
+    resource_id: str | None = None
+    outcome: str | None = None
+    service: str | None = None
+    trail_id: str | None = None
+    trace_id: str | None = None
+    since: int | None = None
+    until: int | None = None
+    chain: str | None = None
+    after: tuple[str, int] | None = None
+    limit: int | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class Ledger(abc.ABC):
+    """An append-only store of hash-chained records and signed checkpoints."""
+
+    url: str
+
+    @abc.abstractmethod
+    def append(
+        self, chain: str, bodies: Sequence[bytes], *, dedupe: bool = False
+    ) -> list[Appended]:
+        """Append ``bodies`` to ``chain`` in one transaction; durable when it returns.
+
+        With ``dedupe``, a body whose (trace id, span id) is already stored is
+        skipped (an OTLP retry), and only the appended ones are returned.
+        """
+
+    @abc.abstractmethod
+    def head(self, chain: str) -> Appended | None:
+        """The last record of ``chain``, or None when it is empty."""
+
+    @abc.abstractmethod
+    def chains(self) -> list[str]:
+        """Every chain id that has records or checkpoints, sorted."""
+
+    @abc.abstractmethod
+    def scan(self, chain: str, after_seq: int = 0) -> Iterator[RawRow]:
+        """Rows of ``chain`` with seq > ``after_seq``, in seq order."""
+
+    @abc.abstractmethod
+    def add_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Store a checkpoint (idempotent for the same chain and seq)."""
+
+    @abc.abstractmethod
+    def checkpoints(self, chain: str | None = None) -> list[Checkpoint]:
+        """Checkpoints, by chain then seq."""
+
+    @abc.abstractmethod
+    def query(self, query: Query) -> Iterator[StoredRecord]:
+        """Records matching ``query``, ordered by (chain, seq)."""
+
+    @abc.abstractmethod
+    def count(self) -> int:
+        """Number of records in every chain."""
+
+    def default_chain(self, service: str) -> str:
+        """The chain a writer of ``service`` appends to when none is configured."""
+        return service
+
+    def close(self) -> None:  # noqa: B027 - optional hook: a backend may hold nothing
+        """Release the connection; the ledger object is unusable afterwards."""
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# -- helpers every backend shares --------------------------------------------
+
+
+def as_bytes(value: object) -> bytes:
+    """A stored hash or body as bytes, whatever type a driver (or a tamperer) left there."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):  # TEXT where a BLOB belongs: verify must still see it
+        return value.encode("utf-8", "surrogateescape")
+    if value is None:
+        return b""
+    return str(value).encode("ascii")
+
+
+def checkpoint_from_row(row: Sequence[Any]) -> Checkpoint:
+    """(chain, seq, head, time, signature, key_id, merkle_root) -> Checkpoint.
+
+    A row whose numbers are not numbers was edited by hand: that is damage,
+    named like any other.
+    """
+    chain, seq, head, at, signature, key, root = row
+    if type(seq) is not int or type(at) is not int:
+        raise VerificationError(
+            f"chain {chain!r}: checkpoint row (seq {seq!r}, time {at!r}) is not well-formed:"
+            " the checkpoints table was edited",
+            chain=str(chain),
+            seq=seq if type(seq) is int else 0,
+            kind="modified",
+        )
+    return Checkpoint(
+        str(chain),
+        seq,
+        as_bytes(head),
+        at,
+        as_bytes(signature) if signature is not None else None,
+        key,
+        as_bytes(root) if root is not None else None,
+    )
+
+
+def filter_clauses(
+    query: Query, columns: Mapping[str, str], start: str, mark: str
+) -> tuple[list[str], list[object]]:
+    """WHERE conditions and arguments for the equality and time filters of ``query``.
+
+    ``columns`` maps Query fields to the backend's column expressions, ``start``
+    is its start-time expression and ``mark`` its parameter placeholder.
+    """
+    where: list[str] = []
+    args: list[object] = []
+    for name, column in columns.items():
+        value = getattr(query, name)
+        if value is not None:
+            where.append(f"{column} = {mark}")
+            args.append(str(value))
+    if query.since is not None:
+        where.append(f"{start} >= {mark}")
+        args.append(int(query.since))
+    if query.until is not None:
+        where.append(f"{start} < {mark}")
+        args.append(int(query.until))
+    return where, args

@@ -1,0 +1,769 @@
+"""The PostgreSQL ledger: one shared store for many services on many machines.
+
+Every writer appends to its own chain (``default_chain`` is
+``service/hostname/pid``), so there is no global lock: an append takes a
+per-chain transaction-scoped advisory lock, reads the chain head and inserts,
+all in one transaction, and the (chain, seq) primary key rejects a fork even
+if the lock were bypassed. ``synchronous_commit`` is forced on, so ``append``
+returns only after PostgreSQL committed (and, with a synchronous standby,
+replicated) the records.
+
+Bodies are stored byte-exact (``bytea``): the same span gives the same bytes
+and hash as in SQLite. Query columns are not stored beside the body: one
+*generated* ``doc`` column (jsonb parsed from the body by an immutable
+function) feeds expression indexes and filters, so no query value can
+disagree with the hashed bytes.
+
+A broken connection (server restart, failover) is reopened and the append
+retried for up to ``retry_seconds``; an append whose COMMIT outcome is unknown
+is resolved by reading back its first (seq, hash) before anything else is
+written, so acknowledged records are never lost nor duplicated. Past that
+window the append raises ``LedgerWriteError`` (fail-closed, as with SQLite).
+
+Thread-safe: one connection, used by one thread at a time under a lock.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from otel_audit import vocabulary as v
+from otel_audit.engine.ledger.base import (
+    Appended,
+    Ledger,
+    Query,
+    RawRow,
+    StoredRecord,
+    checkpoint_from_row,
+    filter_clauses,
+)
+from otel_audit.errors import ConfigError, LedgerError, LedgerWriteError, VerificationError
+from otel_audit.proof.chain import GENESIS, Checkpoint, link_hash
+
+SCHEMA = "otel_audit"
+SCHEMA_VERSION = 1
+#: How long an append keeps reconnecting and retrying before it fails.
+RETRY_SECONDS = 10.0
+_CONNECT_TIMEOUT = 5
+_PAGE = 2000
+_KEEPALIVE = {
+    "keepalives": "1",
+    "keepalives_idle": "5",
+    "keepalives_interval": "2",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "15000",
+}
+# Key of the advisory lock that serialises schema creation and migration.
+_INIT_LOCK = 0x6F74656C61756469  # "otelaudi"
+
+T = TypeVar("T")
+
+
+def _attr(name: str) -> str:
+    return f"(doc -> 'attributes' ->> '{name}')"
+
+
+# Filter name -> SQL expression over the generated ``doc`` column.
+_QUERY_COLUMNS = {
+    "actor": _attr(v.ACTOR_ID),
+    "action": _attr(v.ACTION),
+    "resource_type": _attr(v.RESOURCE_TYPE),
+    "resource_id": _attr(v.RESOURCE_ID),
+    "outcome": _attr(v.OUTCOME),
+    "service": "(doc ->> 'service')",
+    "trail_id": _attr(v.TRAIL_ID),
+    "trace_id": "(doc ->> 'trace_id')",
+    "chain": "chain",
+}
+_START = "((doc ->> 'start')::numeric)"
+
+# Migration i takes the schema from version i to i + 1. Each runs in one
+# transaction under an advisory lock, so concurrent ``init`` calls are safe.
+_MIGRATIONS: list[list[str]] = [
+    [
+        f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}",
+        f"CREATE TABLE {SCHEMA}.meta (key text PRIMARY KEY, value text NOT NULL)",
+        # convert_from() is only STABLE because it depends on the database
+        # encoding, which is fixed at CREATE DATABASE and checked to be UTF8 by
+        # init: for us it is immutable. jsonb rejects the \u0000 escape, and a
+        # body that is not JSON at all (a migrated, damaged record) must not
+        # make its INSERT fail: both give a doc that hides only the filters.
+        rf"""CREATE FUNCTION {SCHEMA}.body_json(body bytea) RETURNS jsonb
+            LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
+            DECLARE doc jsonb;
+            BEGIN
+                doc := replace(convert_from(body, 'UTF8'), '\u0000', '\ufffd')::jsonb;
+                IF jsonb_typeof(doc) <> 'object'
+                   OR jsonb_typeof(doc -> 'start') IS DISTINCT FROM 'number' THEN
+                    RETURN NULL;
+                END IF;
+                RETURN doc;
+            EXCEPTION WHEN others THEN
+                RETURN NULL;
+            END $$""",
+        f"""CREATE TABLE {SCHEMA}.records (
+            chain text COLLATE "C" NOT NULL,
+            seq bigint NOT NULL CHECK (seq > 0),
+            prev_hash bytea NOT NULL,
+            hash bytea NOT NULL,
+            body bytea NOT NULL,
+            doc jsonb GENERATED ALWAYS AS ({SCHEMA}.body_json(body)) STORED,
+            stored_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (chain, seq)
+        )""",
+        (
+            f"CREATE INDEX records_trace ON {SCHEMA}.records"
+            " ((doc ->> 'trace_id'), (doc ->> 'span_id'))"
+        ),
+        f"CREATE INDEX records_trail ON {SCHEMA}.records ({_attr(v.TRAIL_ID)})",
+        f"CREATE INDEX records_actor ON {SCHEMA}.records ({_attr(v.ACTOR_ID)})",
+        (
+            f"CREATE INDEX records_resource ON {SCHEMA}.records"
+            f" ({_attr(v.RESOURCE_TYPE)}, {_attr(v.RESOURCE_ID)})"
+        ),
+        f"CREATE INDEX records_action ON {SCHEMA}.records ({_attr(v.ACTION)})",
+        f"CREATE INDEX records_start ON {SCHEMA}.records ({_START})",
+        f"""CREATE TABLE {SCHEMA}.checkpoints (
+            chain text COLLATE "C" NOT NULL,
+            seq bigint NOT NULL,
+            head bytea NOT NULL,
+            time bigint NOT NULL,
+            signature bytea,
+            key_id text,
+            merkle_root bytea,
+            PRIMARY KEY (chain, seq)
+        )""",
+        f"REVOKE ALL ON ALL TABLES IN SCHEMA {SCHEMA} FROM PUBLIC",
+        f"INSERT INTO {SCHEMA}.meta (key, value) VALUES ('schema_version', '0')",
+    ],
+]
+assert len(_MIGRATIONS) == SCHEMA_VERSION
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+@contextmanager
+def _mapped(what: str, error: type[LedgerError] = LedgerError) -> Iterator[None]:
+    """Map psycopg errors to LedgerError (or ``error``), naming the operation: the one place."""
+    try:
+        yield
+    except psycopg.Error as exc:
+        raise error(f"postgresql ledger: {what} failed: {_one_line(exc)}") from exc
+
+
+def redact(url: str) -> str:
+    """``url`` without its password, for messages and ``Ledger.url``."""
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.Error:
+        return "postgresql://<unparsable URL>"
+    host = params.get("host") or "localhost"
+    port = f":{params['port']}" if params.get("port") else ""
+    user = f"{params['user']}@" if params.get("user") else ""
+    return f"postgresql://{user}{host}{port}/{params.get('dbname') or ''}"
+
+
+def _lock_key(chain: str) -> int:
+    """A signed 64-bit advisory lock key for ``chain`` (collisions only serialise)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(chain.encode("utf-8")).digest()[:8], "big", signed=True)
+
+
+def _span_key(body: bytes) -> tuple[str, str] | None:
+    import json
+
+    try:
+        data = json.loads(body)
+        return str(data["trace_id"]), str(data["span_id"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+@dataclass
+class _Pending:
+    """An append whose COMMIT was sent but not confirmed."""
+
+    first_seq: int
+    first_hash: bytes
+    appended: list[tuple[bytes, Appended]]
+
+
+class _Retry(Exception):
+    """A connection-level failure: reconnect and try again (internal)."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(_one_line(cause))
+        self.cause = cause
+
+
+class PostgresLedger(Ledger):
+    """A ledger in a PostgreSQL database (schema ``otel_audit``); see the module docstring."""
+
+    def __init__(
+        self, url: str, *, readonly: bool = False, retry_seconds: float = RETRY_SECONDS
+    ) -> None:
+        try:
+            params = conninfo_to_dict(url)
+        except psycopg.Error as exc:
+            raise ConfigError(
+                f"ledger URL is not a valid PostgreSQL URL: {_one_line(exc)}"
+            ) from exc
+        params.setdefault("connect_timeout", str(_CONNECT_TIMEOUT))
+        params.setdefault("application_name", "otel-audit")
+        # A server that vanished without closing the connection (a host gone,
+        # a network partition) is noticed in seconds, not after the kernel's
+        # two-hour default, so a blocked append fails over or fails closed.
+        for key, value in _KEEPALIVE.items():
+            params.setdefault(key, value)
+        self._conninfo = make_conninfo("", **params)
+        self.url = redact(url)
+        self.readonly = readonly
+        self.retry_seconds = retry_seconds
+        self._lock = threading.RLock()
+        self._con: psycopg.Connection[Any] | None = None
+        self._pid = 0
+        self._unresolved: dict[str, list[_Pending]] = {}
+        with self._lock:
+            self._con = self._connect()
+            try:
+                self._check_schema(self._con)
+            except BaseException:
+                self.close()
+                raise
+
+    # -- connection ----------------------------------------------------
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        try:
+            con = psycopg.connect(self._conninfo, autocommit=True)
+        except psycopg.Error as exc:
+            raise LedgerError(
+                f"postgresql ledger {self.url} is unreachable: {_one_line(exc)}"
+            ) from exc
+        try:
+            # Session settings the guarantees rest on, whatever the server default.
+            con.execute("SET synchronous_commit = on")
+            if self.readonly:
+                con.execute("SET default_transaction_read_only = on")
+        except psycopg.Error as exc:
+            con.close()
+            raise LedgerError(f"postgresql ledger {self.url}: {_one_line(exc)}") from exc
+        self._pid = os.getpid()
+        return con
+
+    def _connection(self, deadline: float) -> psycopg.Connection[Any]:
+        """The live connection, reopened (with backoff until ``deadline``) when broken."""
+        con = self._con
+        if con is not None and not con.closed and not con.broken and self._pid == os.getpid():
+            return con
+        if con is not None and self._pid == os.getpid():
+            try:
+                con.close()
+            except psycopg.Error:
+                pass
+        # A connection inherited across fork belongs to the parent: never use it
+        # (psycopg does not close it from the child either).
+        self._con = None
+        backoff = 0.05
+        while True:
+            try:
+                self._con = self._connect()
+                return self._con
+            except LedgerError:
+                if time.monotonic() + backoff >= deadline:
+                    raise
+            time.sleep(backoff)  # reconnect backoff while the server restarts
+            backoff = min(backoff * 2, 1.0)
+
+    def _drop(self) -> None:
+        con, self._con = self._con, None
+        if con is not None and self._pid == os.getpid():
+            try:
+                con.close()
+            except psycopg.Error:
+                pass
+
+    def _read(self, what: str, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
+        """Run ``fn``, reconnecting and retrying within the retry window (reads are idempotent)."""
+        deadline = time.monotonic() + self.retry_seconds
+        with self._lock:
+            while True:
+                con = self._connection(deadline)
+                try:
+                    return fn(con)
+                except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                    self._drop()
+                    if time.monotonic() >= deadline:
+                        raise LedgerError(
+                            f"postgresql ledger: {what} failed: {_one_line(exc)}"
+                        ) from exc
+                except psycopg.Error as exc:
+                    raise LedgerError(
+                        f"postgresql ledger: {what} failed: {_one_line(exc)}"
+                    ) from exc
+
+    def _check_schema(self, con: psycopg.Connection[Any]) -> None:
+        with _mapped(f"reading the schema version of {self.url}"):
+            version = schema_version(con)
+        if version == 0 and not self.readonly:
+            try:
+                version = _migrate_schema(con)[1]
+            except psycopg.errors.InsufficientPrivilege as exc:
+                raise LedgerError(
+                    f"postgresql ledger {self.url} has no otel-audit schema and this role cannot"
+                    " create it: run 'otel-audit init --ledger URL' as the database owner"
+                ) from exc
+            except psycopg.Error as exc:
+                raise LedgerError(
+                    f"postgresql ledger {self.url}: creating the schema failed: {_one_line(exc)}"
+                ) from exc
+        if version == 0:
+            raise LedgerError(
+                f"postgresql ledger {self.url} has no otel-audit schema"
+                " (run 'otel-audit init --ledger URL')"
+            )
+        if version != SCHEMA_VERSION:
+            hint = (
+                "run 'otel-audit init --ledger URL' to migrate it"
+                if version < SCHEMA_VERSION
+                else ("upgrade otel-audit")
+            )
+            raise LedgerError(
+                f"postgresql ledger {self.url} has schema version {version},"
+                f" expected {SCHEMA_VERSION}: {hint}"
+            )
+
+    # -- writing ---------------------------------------------------------
+
+    def append(
+        self, chain: str, bodies: Sequence[bytes], *, dedupe: bool = False
+    ) -> list[Appended]:
+        if self.readonly:
+            raise LedgerWriteError(f"postgresql ledger {self.url} is open read-only")
+        bodies = list(bodies)
+        if not bodies:
+            return []
+        deadline = time.monotonic() + self.retry_seconds
+        what = f"appending to chain {chain!r}"
+        with self._lock:
+            while True:
+                # Said when failing: a later append of the same chain settles it.
+                unknown = " (commit outcome unknown)" if self._unresolved.get(chain) else ""
+                try:
+                    con = self._connection(deadline)
+                except LedgerError as exc:
+                    raise LedgerWriteError(
+                        f"postgresql ledger: {what} failed{unknown}: {exc}"
+                    ) from exc
+                try:
+                    return self._append_once(con, chain, bodies, dedupe, deadline)
+                except _Retry as exc:
+                    self._drop()
+                    if time.monotonic() >= deadline:
+                        unknown = " (commit outcome unknown)" if self._unresolved.get(chain) else ""
+                        raise LedgerWriteError(
+                            f"postgresql ledger: {what} failed{unknown}: {exc}"
+                        ) from exc.cause
+
+    def _resolve(self, con: psycopg.Connection[Any], chain: str) -> dict[bytes, list[Appended]]:
+        """Settle earlier appends of ``chain`` whose COMMIT reply was lost; call under the chain lock.
+
+        Holding the lock means their transactions are over (a backend still
+        committing holds it). Each one's records are either all present or
+        all absent; the first record's (seq, hash) tells which, because the
+        hash covers the whole chain before it. Returns the committed ones by body.
+        """
+        done: dict[bytes, list[Appended]] = {}
+        for pending in self._unresolved.get(chain, ()):
+            row = con.execute(
+                f"SELECT hash FROM {SCHEMA}.records WHERE chain = %s AND seq = %s",
+                (chain, pending.first_seq),
+            ).fetchone()
+            if row is not None and bytes(row[0]) == pending.first_hash:
+                for body, appended in pending.appended:
+                    done.setdefault(body, []).append(appended)
+        return done
+
+    def _append_once(
+        self,
+        con: psycopg.Connection[Any],
+        chain: str,
+        bodies: list[bytes],
+        dedupe: bool,
+        deadline: float,
+    ) -> list[Appended]:
+        out: list[Appended] = []
+        mine: _Pending | None = None
+        try:
+            with con.transaction():
+                # Wait for the chain lock no longer than the retry window allows.
+                # (set_config first, in the same round trip; it is transaction-local.)
+                wait_ms = max(1, int((deadline - time.monotonic()) * 1000))
+                con.execute(
+                    "SELECT set_config('lock_timeout', %s, true), pg_advisory_xact_lock(%s)",
+                    (str(wait_ms), _lock_key(chain)),
+                )
+                done = self._resolve(con, chain)
+                # Read after the lock: in READ COMMITTED each statement sees every
+                # commit made before it started, including the previous holder's.
+                row = con.execute(
+                    f"SELECT seq, hash FROM {SCHEMA}.records WHERE chain = %s"
+                    " ORDER BY seq DESC LIMIT 1",
+                    (chain,),
+                ).fetchone()
+                seq, prev = (int(row[0]), bytes(row[1])) if row else (0, GENESIS)
+                stored = self._stored_keys(con, bodies) if dedupe else set()
+                rows: list[tuple[str, int, bytes, bytes, bytes]] = []
+                new: list[tuple[bytes, Appended]] = []
+                for body in bodies:
+                    earlier = done.get(body)
+                    if earlier:
+                        out.append(earlier.pop(0))  # committed by an append we lost track of
+                        continue
+                    if dedupe:
+                        key = _span_key(body)
+                        if key is not None:
+                            if key in stored:
+                                continue
+                            stored.add(key)
+                    seq += 1
+                    digest = link_hash(prev, body)
+                    rows.append((chain, seq, prev, digest, body))
+                    appended = Appended(chain, seq, digest)
+                    new.append((body, appended))
+                    out.append(appended)
+                    prev = digest
+                if rows:
+                    with con.cursor() as cur:
+                        cur.executemany(
+                            f"INSERT INTO {SCHEMA}.records (chain, seq, prev_hash, hash, body)"
+                            " VALUES (%s, %s, %s, %s, %s)",
+                            rows,
+                        )
+                    # From here the COMMIT may succeed without us hearing it.
+                    mine = _Pending(rows[0][1], rows[0][3], new)
+                    self._unresolved.setdefault(chain, []).append(mine)
+            # Committed and confirmed: every earlier unknown outcome is settled too.
+            self._unresolved.pop(chain, None)
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            raise _Retry(exc) from exc
+        except psycopg.Error as exc:
+            # The server answered with an error: this transaction did not commit.
+            pending = self._unresolved.get(chain, [])
+            if mine is not None and mine in pending:
+                pending.remove(mine)
+            raise LedgerWriteError(
+                f"postgresql ledger: appending to chain {chain!r} failed: {_one_line(exc)}"
+            ) from exc
+        return out
+
+    def _stored_keys(
+        self, con: psycopg.Connection[Any], bodies: list[bytes]
+    ) -> set[tuple[str, str]]:
+        keys = [k for k in (_span_key(b) for b in bodies) if k is not None]
+        if not keys:
+            return set()
+        rows = con.execute(
+            f"SELECT doc ->> 'trace_id', doc ->> 'span_id' FROM {SCHEMA}.records"
+            " WHERE ((doc ->> 'trace_id'), (doc ->> 'span_id')) IN"
+            " (SELECT * FROM unnest(%s::text[], %s::text[]))",
+            ([k[0] for k in keys], [k[1] for k in keys]),
+        ).fetchall()
+        return {(str(t), str(s)) for t, s in rows}
+
+    def add_checkpoint(self, checkpoint: Checkpoint) -> None:
+        if self.readonly:
+            raise LedgerWriteError(f"postgresql ledger {self.url} is open read-only")
+
+        def run(con: psycopg.Connection[Any]) -> None:
+            con.execute(
+                f"INSERT INTO {SCHEMA}.checkpoints"
+                " (chain, seq, head, time, signature, key_id, merkle_root)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (chain, seq) DO NOTHING",
+                (
+                    checkpoint.chain,
+                    checkpoint.seq,
+                    checkpoint.head,
+                    checkpoint.time,
+                    checkpoint.signature,
+                    checkpoint.key_id,
+                    checkpoint.merkle_root,
+                ),
+            )
+
+        # Idempotent (ON CONFLICT DO NOTHING), so a retry after a lost reply is safe.
+        try:
+            self._read("storing a checkpoint", run)
+        except LedgerError as exc:
+            raise LedgerWriteError(str(exc)) from exc
+
+    # -- reading ---------------------------------------------------------
+
+    def head(self, chain: str) -> Appended | None:
+        row = self._read(
+            "reading chain head",
+            lambda con: con.execute(
+                f"SELECT seq, hash FROM {SCHEMA}.records WHERE chain = %s ORDER BY seq DESC LIMIT 1",
+                (chain,),
+            ).fetchone(),
+        )
+        return Appended(chain, int(row[0]), bytes(row[1])) if row else None
+
+    def chains(self) -> list[str]:
+        # A loose index scan over the primary key: one probe per chain, not a
+        # pass over every record.
+        rows = self._read(
+            "listing chains",
+            lambda con: con.execute(
+                f"""WITH RECURSIVE c(chain) AS (
+                    SELECT min(chain) FROM {SCHEMA}.records
+                    UNION ALL
+                    SELECT (SELECT min(r.chain) FROM {SCHEMA}.records r WHERE r.chain > c.chain)
+                    FROM c WHERE c.chain IS NOT NULL
+                )
+                SELECT chain FROM c WHERE chain IS NOT NULL
+                UNION SELECT DISTINCT chain FROM {SCHEMA}.checkpoints
+                ORDER BY 1"""
+            ).fetchall(),
+        )
+        return [str(r[0]) for r in rows]
+
+    def scan(self, chain: str, after_seq: int = 0) -> Iterator[RawRow]:
+        # Keyset pages instead of a server-side cursor: no transaction stays
+        # open between pages, and a reconnect in the middle resumes cleanly.
+        last = after_seq
+        while True:
+            rows = self._read(
+                f"reading chain {chain!r}",
+                lambda con: con.execute(
+                    f"SELECT seq, prev_hash, hash, body FROM {SCHEMA}.records"
+                    " WHERE chain = %s AND seq > %s ORDER BY seq LIMIT %s",
+                    (chain, last, _PAGE),  # noqa: B023 - called before ``last`` changes
+                ).fetchall(),
+            )
+            for seq, prev, digest, body in rows:
+                yield RawRow(int(seq), bytes(prev), bytes(digest), bytes(body))
+            if len(rows) < _PAGE:
+                return
+            last = int(rows[-1][0])
+
+    def checkpoints(self, chain: str | None = None) -> list[Checkpoint]:
+        query = f"SELECT chain, seq, head, time, signature, key_id, merkle_root FROM {SCHEMA}.checkpoints"
+        args: tuple[str, ...] = ()
+        if chain is not None:
+            query += " WHERE chain = %s"
+            args = (chain,)
+        rows = self._read(
+            "reading checkpoints",
+            lambda con: con.execute(query + " ORDER BY chain, seq", args).fetchall(),
+        )
+        return [checkpoint_from_row(row) for row in rows]
+
+    def query(self, query: Query) -> Iterator[StoredRecord]:
+        where, args = filter_clauses(query, _QUERY_COLUMNS, _START, "%s")
+        for name, value in query.extra.items():
+            where.append("(doc -> 'attributes' ->> %s) = %s")
+            args.extend([name, str(value)])
+        remaining = None if query.limit is None else max(0, int(query.limit))
+        after = query.after
+        base = f"SELECT chain, seq, prev_hash, hash, body FROM {SCHEMA}.records"
+        while remaining is None or remaining > 0:
+            page = _PAGE if remaining is None else min(_PAGE, remaining)
+            conds = list(where)
+            page_args = list(args)
+            if after is not None:
+                conds.append("(chain, seq) > (%s, %s)")
+                page_args.extend([after[0], int(after[1])])
+            text = base + (" WHERE " + " AND ".join(conds) if conds else "")
+            text += " ORDER BY chain, seq LIMIT %s"
+            page_args.append(page)
+            rows = self._read(
+                "querying records",
+                lambda con: con.execute(text, page_args).fetchall(),  # noqa: B023 - called at once
+            )
+            for chain, seq, prev, digest, body in rows:
+                yield StoredRecord(str(chain), int(seq), bytes(prev), bytes(digest), bytes(body))
+            if remaining is not None:
+                remaining -= len(rows)
+            if len(rows) < page:
+                return
+            after = (str(rows[-1][0]), int(rows[-1][1]))
+
+    def count(self) -> int:
+        row = self._read(
+            "counting records",
+            lambda con: con.execute(f"SELECT count(*) FROM {SCHEMA}.records").fetchone(),
+        )
+        return int(row[0]) if row else 0
+
+    def check_generated(self) -> None:
+        """Raise VerificationError when a stored ``doc`` differs from what its body gives.
+
+        ``doc`` is a generated column, so only DDL by the table owner (dropping
+        the generation expression, then updating it) can make the review
+        filters disagree with the hashed bytes; this finds such a row. One
+        server-side pass over the records.
+        """
+        row = self._read(
+            "checking generated columns",
+            lambda con: con.execute(
+                "SELECT attgenerated FROM pg_catalog.pg_attribute"
+                " WHERE attrelid = %s::regclass AND attname = 'doc'",
+                (f"{SCHEMA}.records",),
+            ).fetchone(),
+        )
+        generated = row is not None and row[0] == "s"
+        bad = self._read(
+            "checking generated columns",
+            lambda con: con.execute(
+                f"SELECT chain, seq FROM {SCHEMA}.records"
+                f" WHERE doc IS DISTINCT FROM {SCHEMA}.body_json(body) ORDER BY chain, seq LIMIT 1"
+            ).fetchone(),
+        )
+        if bad is not None:
+            chain, seq = str(bad[0]), int(bad[1])
+            raise VerificationError(
+                f"chain {chain!r} seq {seq}: modified: the query columns do not match the"
+                " record's bytes",
+                chain=chain,
+                seq=seq,
+                kind="modified",
+            )
+        if not generated:
+            raise VerificationError(
+                f"{SCHEMA}.records.doc is no longer a generated column: its values can be"
+                " changed without changing the records",
+                kind="modified",
+            )
+
+    def default_chain(self, service: str) -> str:
+        """``service/hostname/pid``: one chain per service instance, so writers never contend."""
+        return f"{service}/{socket.gethostname()}/{os.getpid()}"
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+
+# -- schema management (used by ``otel-audit init``) ------------------------
+
+
+def schema_version(con: psycopg.Connection[Any]) -> int:
+    """The installed schema version; 0 when there is none."""
+    # A plain MVCC read of the catalog, not to_regclass(): the syscache may not
+    # yet see a schema another session created while we waited for the lock.
+    row = con.execute(
+        "SELECT count(*) FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n"
+        " ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = 'meta'",
+        (SCHEMA,),
+    ).fetchone()
+    if row is None or not row[0]:
+        return 0
+    row = con.execute(f"SELECT value FROM {SCHEMA}.meta WHERE key = 'schema_version'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _migrate_schema(con: psycopg.Connection[Any]) -> tuple[int, int]:
+    """Create or upgrade the schema in one transaction; returns (from, to) versions."""
+    with con.transaction():
+        con.execute("SELECT pg_advisory_xact_lock(%s)", (_INIT_LOCK,))
+        start = schema_version(con)
+        if start > SCHEMA_VERSION:
+            return start, start
+        if start == 0:
+            row = con.execute("SHOW server_encoding").fetchone()
+            if row is None or str(row[0]).upper() not in ("UTF8", "UTF-8"):
+                raise LedgerError(
+                    f"the database encoding is {row[0] if row else None}, not UTF8:"
+                    " create the ledger database with ENCODING 'UTF8'"
+                )
+        for version in range(start, SCHEMA_VERSION):
+            for statement in _MIGRATIONS[version]:
+                con.execute(statement)
+        con.execute(
+            f"UPDATE {SCHEMA}.meta SET value = %s WHERE key = 'schema_version'",
+            (str(SCHEMA_VERSION),),
+        )
+    return start, SCHEMA_VERSION
+
+
+def writer_grants(role: str) -> list[sql.Composed]:
+    """Statements giving ``role`` exactly INSERT and SELECT on the ledger (no UPDATE/DELETE)."""
+    r = sql.Identifier(role)
+    s = sql.Identifier(SCHEMA)
+    return [
+        sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(s, r),
+        sql.SQL("GRANT SELECT, INSERT ON {}.records, {}.checkpoints TO {}").format(s, s, r),
+        sql.SQL("GRANT SELECT ON {}.meta TO {}").format(s, r),
+        sql.SQL("GRANT EXECUTE ON FUNCTION {}.body_json(bytea) TO {}").format(s, r),
+    ]
+
+
+def reader_grants(role: str) -> list[sql.Composed]:
+    """Statements giving ``role`` read access only (reviewers, ``verify``, exports)."""
+    r = sql.Identifier(role)
+    s = sql.Identifier(SCHEMA)
+    return [
+        sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(s, r),
+        sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA {} TO {}").format(s, r),
+    ]
+
+
+@dataclass
+class InitResult:
+    url: str
+    from_version: int
+    to_version: int
+    granted: list[str]
+
+
+def initialize(
+    url: str, *, writer_roles: Sequence[str] = (), reader_roles: Sequence[str] = ()
+) -> InitResult:
+    """Create or migrate the schema at ``url`` and apply role grants; idempotent."""
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.Error as exc:
+        raise ConfigError(f"ledger URL is not a valid PostgreSQL URL: {_one_line(exc)}") from exc
+    params.setdefault("connect_timeout", str(_CONNECT_TIMEOUT))
+    where = redact(url)
+    try:
+        con = psycopg.connect(make_conninfo("", **params), autocommit=True)
+    except psycopg.Error as exc:
+        raise LedgerError(f"postgresql ledger {where} is unreachable: {_one_line(exc)}") from exc
+    granted: list[str] = []
+    with con, _mapped(f"initialising {where}"):
+        start, end = _migrate_schema(con)
+        if start > SCHEMA_VERSION:
+            raise LedgerError(
+                f"postgresql ledger {where} has schema version {start}, newer than this"
+                f" otel-audit ({SCHEMA_VERSION}): upgrade otel-audit"
+            )
+        for roles, grants in ((writer_roles, writer_grants), (reader_roles, reader_grants)):
+            for role in roles:
+                exists = con.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,))
+                if exists.fetchone() is None:
+                    raise LedgerError(
+                        f"role {role!r} does not exist: CREATE ROLE {role} LOGIN PASSWORD '...'"
+                        " first (passwords are never handled by otel-audit)"
+                    )
+                with con.transaction():
+                    for statement in grants(role):
+                        con.execute(statement)
+                        granted.append(statement.as_string(con))
+    return InitResult(where, start, end, granted)

@@ -1,0 +1,349 @@
+"""The embedded SQLite ledger (the default).
+
+WAL journal with synchronous=FULL: a commit returns after its fsync. Appends
+take the database write lock (BEGIN IMMEDIATE), read the chain head and insert
+inside one transaction, so several processes (gunicorn workers) can append to
+one chain without breaking it. Query columns are *virtual* generated columns
+computed from the canonical body, so no stored column can disagree with the
+hashed bytes. One instance per thread (the writer thread owns its own).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from otel_audit import vocabulary as v
+from otel_audit.engine.ledger.base import (
+    Appended,
+    Ledger,
+    Query,
+    RawRow,
+    StoredRecord,
+    as_bytes,
+    checkpoint_from_row,
+    filter_clauses,
+)
+from otel_audit.errors import LedgerError, LedgerWriteError
+from otel_audit.proof.chain import GENESIS, Checkpoint, link_hash
+
+SCHEMA_VERSION = 1
+_BUSY_TIMEOUT_MS = 60_000
+_ROWS_PER_INSERT = 500  # 2,500 bound values, well under SQLite's limit
+
+
+def _attr(name: str) -> str:
+    return f"""json_extract(CAST(body AS TEXT), '$.attributes."{name}"')"""
+
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS records (
+    chain TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    prev_hash BLOB NOT NULL,
+    hash BLOB NOT NULL,
+    body BLOB NOT NULL,
+    trace_id TEXT GENERATED ALWAYS AS (json_extract(CAST(body AS TEXT), '$.trace_id')) VIRTUAL,
+    span_id TEXT GENERATED ALWAYS AS (json_extract(CAST(body AS TEXT), '$.span_id')) VIRTUAL,
+    start_ns INTEGER GENERATED ALWAYS AS (json_extract(CAST(body AS TEXT), '$.start')) VIRTUAL,
+    service TEXT GENERATED ALWAYS AS (json_extract(CAST(body AS TEXT), '$.service')) VIRTUAL,
+    trail_id TEXT GENERATED ALWAYS AS ({_attr(v.TRAIL_ID)}) VIRTUAL,
+    action TEXT GENERATED ALWAYS AS ({_attr(v.ACTION)}) VIRTUAL,
+    actor_id TEXT GENERATED ALWAYS AS ({_attr(v.ACTOR_ID)}) VIRTUAL,
+    resource_type TEXT GENERATED ALWAYS AS ({_attr(v.RESOURCE_TYPE)}) VIRTUAL,
+    resource_id TEXT GENERATED ALWAYS AS ({_attr(v.RESOURCE_ID)}) VIRTUAL,
+    outcome TEXT GENERATED ALWAYS AS ({_attr(v.OUTCOME)}) VIRTUAL,
+    PRIMARY KEY (chain, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS records_trace ON records (trace_id, span_id);
+CREATE INDEX IF NOT EXISTS records_trail ON records (trail_id);
+CREATE INDEX IF NOT EXISTS records_actor ON records (actor_id);
+CREATE INDEX IF NOT EXISTS records_resource ON records (resource_type, resource_id);
+CREATE INDEX IF NOT EXISTS records_action ON records (action);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    chain TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    head BLOB NOT NULL,
+    time INTEGER NOT NULL,
+    signature BLOB,
+    key_id TEXT,
+    merkle_root BLOB,
+    PRIMARY KEY (chain, seq)
+) WITHOUT ROWID;
+"""
+
+_QUERY_COLUMNS = {
+    "actor": "actor_id",
+    "action": "action",
+    "resource_type": "resource_type",
+    "resource_id": "resource_id",
+    "outcome": "outcome",
+    "service": "service",
+    "trail_id": "trail_id",
+    "trace_id": "trace_id",
+    "chain": "chain",
+}
+
+
+@contextmanager
+def _mapped(what: str, error: type[LedgerError] = LedgerError) -> Iterator[None]:
+    """Map sqlite3 errors to LedgerError, naming the operation."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise error(f"sqlite ledger: {what} failed: {exc}") from exc
+
+
+class SQLiteLedger(Ledger):
+    """A ledger in one SQLite file; see the module docstring for guarantees."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        create: bool = True,
+        readonly: bool = False,
+        busy_timeout_ms: int | None = None,
+    ) -> None:
+        self.path = path
+        self.url = "sqlite:///" + path
+        busy = _BUSY_TIMEOUT_MS if busy_timeout_ms is None else busy_timeout_ms
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise LedgerError(f"ledger directory {directory!r} does not exist")
+        exists = os.path.exists(path)
+        if not exists and (readonly or not create):
+            raise LedgerError(f"ledger file {path!r} does not exist")
+        if exists and os.path.isdir(path):
+            raise LedgerError(f"ledger path {path!r} is a directory")
+        uri = "file:" + _quote(os.path.abspath(path)) + ("?mode=ro" if readonly else "")
+        with _mapped(f"opening {path!r}"):
+            self._con = sqlite3.connect(
+                uri, uri=True, isolation_level=None, check_same_thread=False, timeout=busy / 1000
+            )
+        try:
+            with _mapped(f"opening {path!r}"):
+                self._con.execute(f"PRAGMA busy_timeout = {int(busy)}")
+                if readonly:
+                    # Reading a file that is not a database fails here, not later.
+                    self._con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+                    self._check_schema()
+                else:
+                    self._prepare(busy / 1000)
+                    self._check_schema()
+        except BaseException:
+            self._con.close()
+            raise
+
+    def _prepare(self, patience: float) -> None:
+        """WAL mode and the schema, in one write transaction.
+
+        Two processes creating the same new file at once (a service and its
+        forwarder) race to switch it to WAL, and SQLite answers that race
+        "database is locked" without waiting: retry it until ``patience`` runs out.
+        """
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                self._con.execute("PRAGMA journal_mode = WAL").fetchone()
+                self._con.execute("PRAGMA synchronous = FULL")
+                self._con.execute("BEGIN IMMEDIATE")
+                try:
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            self._con.execute(statement)
+                    self._con.execute(
+                        "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+                        (str(SCHEMA_VERSION),),
+                    )
+                    self._con.execute("COMMIT")
+                except BaseException:
+                    if self._con.in_transaction:
+                        self._con.execute("ROLLBACK")
+                    raise
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.02)
+
+    def _check_schema(self) -> None:
+        try:
+            row = self._con.execute(
+                "SELECT value FROM meta WHERE key = 'schema_version'"
+            ).fetchone()
+        except sqlite3.OperationalError as exc:
+            raise LedgerError(f"{self.path!r} is not an otel-audit ledger") from exc
+        if row is None or str(row[0]) != str(SCHEMA_VERSION):
+            raise LedgerError(
+                f"ledger {self.path!r} has schema version {row[0] if row else None}, "
+                f"expected {SCHEMA_VERSION}"
+            )
+
+    def append(
+        self, chain: str, bodies: Sequence[bytes], *, dedupe: bool = False
+    ) -> list[Appended]:
+        con = self._con
+        with _mapped(f"appending to chain {chain!r}", LedgerWriteError):
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                row = con.execute(
+                    "SELECT seq, hash FROM records WHERE chain = ? ORDER BY seq DESC LIMIT 1",
+                    (chain,),
+                ).fetchone()
+                seq, prev = (row[0], row[1]) if row else (0, GENESIS)
+                rows = []
+                out = []
+                keys: list[tuple[str, str]] = []
+                seen: set[tuple[str, str]] = set()
+                if dedupe:
+                    keys = [_span_key(body) for body in bodies]
+                    seen = self._stored_keys(keys)
+                for i, body in enumerate(bodies):
+                    if dedupe:
+                        if keys[i] in seen:
+                            continue
+                        seen.add(keys[i])
+                    seq += 1
+                    digest = link_hash(prev, body)
+                    rows.append((chain, seq, prev, digest, body))
+                    out.append(Appended(chain, seq, digest))
+                    prev = digest
+                # One multi-row INSERT per chunk, not executemany: each statement
+                # step gives the interpreter lock back and must win it again,
+                # and under load from application threads every round trip
+                # can cost a whole switch interval.
+                for start in range(0, len(rows), _ROWS_PER_INSERT):
+                    chunk = rows[start : start + _ROWS_PER_INSERT]
+                    con.execute(
+                        "INSERT INTO records (chain, seq, prev_hash, hash, body) VALUES "
+                        + ",".join(["(?, ?, ?, ?, ?)"] * len(chunk)),
+                        [value for row in chunk for value in row],
+                    )
+                con.execute("COMMIT")
+            except BaseException:
+                if con.in_transaction:
+                    con.execute("ROLLBACK")
+                raise
+        return out
+
+    def _stored_keys(self, keys: list[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Which (trace id, span id) of ``keys`` are already stored: one query per 400 keys."""
+        wanted = set(keys)
+        traces = sorted({trace for trace, _ in wanted})
+        found: set[tuple[str, str]] = set()
+        for start in range(0, len(traces), 500):
+            chunk = traces[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            # trace_id IN (...) seeks the (trace_id, span_id) index; a row-value IN does not.
+            for trace, span in self._con.execute(
+                f"SELECT trace_id, span_id FROM records WHERE trace_id IN ({marks})", chunk
+            ):
+                if (trace, span) in wanted:
+                    found.add((trace, span))
+        return found
+
+    def head(self, chain: str) -> Appended | None:
+        with _mapped("reading chain head"):
+            row = self._con.execute(
+                "SELECT seq, hash FROM records WHERE chain = ? ORDER BY seq DESC LIMIT 1", (chain,)
+            ).fetchone()
+        return Appended(chain, row[0], row[1]) if row else None
+
+    def chains(self) -> list[str]:
+        with _mapped("listing chains"):
+            rows = self._con.execute(
+                "SELECT chain FROM (SELECT DISTINCT chain FROM records"
+                " UNION SELECT DISTINCT chain FROM checkpoints) ORDER BY chain"
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def scan(self, chain: str, after_seq: int = 0) -> Iterator[RawRow]:
+        with _mapped(f"reading chain {chain!r}"):
+            cur = self._con.execute(
+                "SELECT seq, prev_hash, hash, body FROM records WHERE chain = ? AND seq > ?"
+                " ORDER BY seq",
+                (chain, after_seq),
+            )
+            while True:
+                rows = cur.fetchmany(4096)
+                if not rows:
+                    return
+                for seq, prev, digest, body in rows:
+                    if type(prev) is bytes and type(digest) is bytes and type(body) is bytes:
+                        yield RawRow(seq, prev, digest, body)
+                    else:
+                        yield RawRow(seq, as_bytes(prev), as_bytes(digest), as_bytes(body))
+
+    def add_checkpoint(self, checkpoint: Checkpoint) -> None:
+        with _mapped("storing a checkpoint", LedgerWriteError):
+            self._con.execute(
+                "INSERT OR IGNORE INTO checkpoints"
+                " (chain, seq, head, time, signature, key_id, merkle_root)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    checkpoint.chain,
+                    checkpoint.seq,
+                    checkpoint.head,
+                    checkpoint.time,
+                    checkpoint.signature,
+                    checkpoint.key_id,
+                    checkpoint.merkle_root,
+                ),
+            )
+
+    def checkpoints(self, chain: str | None = None) -> list[Checkpoint]:
+        sql = "SELECT chain, seq, head, time, signature, key_id, merkle_root FROM checkpoints"
+        args: tuple[str, ...] = ()
+        if chain is not None:
+            sql += " WHERE chain = ?"
+            args = (chain,)
+        with _mapped("reading checkpoints"):
+            rows = self._con.execute(sql + " ORDER BY chain, seq", args).fetchall()
+        return [checkpoint_from_row(row) for row in rows]
+
+    def query(self, query: Query) -> Iterator[StoredRecord]:
+        where, args = filter_clauses(query, _QUERY_COLUMNS, "start_ns", "?")
+        if query.after is not None:
+            # A row value, so an index ending in (chain, seq) can seek to the cursor.
+            where.append("(chain, seq) > (?, ?)")
+            args.extend([query.after[0], query.after[1]])
+        sql = "SELECT chain, seq, prev_hash, hash, body FROM records"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY chain, seq"
+        if query.limit is not None:
+            sql += " LIMIT ?"
+            args.append(int(query.limit))
+        with _mapped("querying records"):
+            cur = self._con.execute(sql, args)
+            while True:
+                rows = cur.fetchmany(1024)
+                if not rows:
+                    return
+                for chain, seq, prev, digest, body in rows:
+                    yield StoredRecord(chain, seq, as_bytes(prev), as_bytes(digest), as_bytes(body))
+
+    def count(self) -> int:
+        with _mapped("counting records"):
+            return int(self._con.execute("SELECT count(*) FROM records").fetchone()[0])
+
+    def close(self) -> None:
+        try:
+            self._con.close()
+        except sqlite3.Error:
+            pass
+
+
+def _quote(path: str) -> str:
+    return path.replace("%", "%25").replace("?", "%3f").replace("#", "%23")
+
+
+def _span_key(body: bytes) -> tuple[str, str]:
+    data = json.loads(body)
+    return str(data["trace_id"]), str(data["span_id"])

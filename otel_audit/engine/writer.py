@@ -1,0 +1,582 @@
+"""LedgerWriter: one thread that commits records in groups, and checkpoints.
+
+Producers append canonical bodies to a queue without taking a lock (a
+contended lock convoys the application's threads under the interpreter
+lock); the writer thread takes everything queued, appends it in one
+transaction (one fsync for all of them) and wakes the waiters: many threads
+share each fsync (group commit).
+
+* ``wait=True`` (sync durability): ``write`` returns only after the commit, or
+  raises ``LedgerWriteError``; a record that failed is never written later.
+* ``wait=False`` (async): ``submit`` returns at once. The queue is bounded and
+  never drops: past ``max_queue_size`` the producer blocks. A batch that fails
+  to commit is retried with backoff until it commits or the writer shuts down.
+* While the last commit failed, ``healthy`` is False so audited actions can
+  refuse to start (fail-closed).
+
+Thread-safe. Fork-safe: the child starts with an empty queue, its own ledger
+connection and its own thread (records queued before the fork are the
+parent's to write).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from otel_audit.engine.ledger import Appended, Ledger, open_ledger
+from otel_audit.errors import AuditError, LedgerUnavailable, LedgerWriteError
+from otel_audit.proof.chain import Checkpoint
+from otel_audit.proof.keys import Signer
+
+_log = logging.getLogger("otel_audit")
+
+_MAX_BACKOFF = 2.0
+# Connections inherited across fork are kept referenced, never used or closed:
+# closing a SQLite handle in the child could disturb the parent's locks.
+_INHERITED: list[object] = []
+
+
+class _Ticket:
+    """How a sync producer learns its record's fate: a lock the writer releases."""
+
+    __slots__ = ("lock", "error", "appended")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.lock.acquire()
+        self.error: AuditError | None = None
+        self.appended: Appended | None = None
+
+    def resolve(self, appended: Appended | None, error: AuditError | None) -> None:
+        self.appended, self.error = appended, error
+        self.lock.release()
+
+
+class _Item:
+    """One queued record; compared by identity, so a producer can take back its own."""
+
+    __slots__ = ("body", "ticket")
+
+    def __init__(self, body: bytes, ticket: _Ticket | None) -> None:
+        self.body = body
+        self.ticket = ticket
+
+
+_MAX_BATCH = 8192
+
+
+@dataclass(frozen=True)
+class WriterStats:
+    """A snapshot of the writer's counters (all since start or fork)."""
+
+    submitted: int
+    committed: int
+    failed: int
+    retries: int
+    batches: int
+    checkpoints: int
+    checkpoint_errors: int
+    queue_depth: int
+    healthy: bool
+    last_error: str | None
+    commit_latency_p50_ms: float
+    commit_latency_p99_ms: float
+
+
+class LedgerWriter:
+    """Group-commits canonical record bodies to one chain of a ledger."""
+
+    def __init__(
+        self,
+        ledger_url: str,
+        chain: str,
+        *,
+        max_queue_size: int = 8192,
+        checkpoint_every: int = 1000,
+        checkpoint_interval: float = 10.0,
+        signer: Signer | None = None,
+        ledger: Ledger | None = None,
+    ) -> None:
+        if max_queue_size <= 0:
+            raise ValueError("max_queue_size must be a positive integer.")
+        self.url = ledger_url
+        self.chain = chain
+        self.max_queue_size = max_queue_size
+        self.checkpoint_every = checkpoint_every
+        self.checkpoint_interval = checkpoint_interval
+        self.signer = signer
+        self.probe_interval = 1.0
+        self.checkpoint_listeners: list[Callable[[Checkpoint], None]] = []
+        self.commit_listeners: list[Callable[[float, int], None]] = []
+        # Open now so a bad URL, a missing directory or a read-only file fails
+        # configure(), not the first audited action.
+        self._ledger: Ledger | None = ledger or open_ledger(ledger_url)
+        # Held around every ledger transaction, and by fork(): a child must
+        # never inherit a connection in the middle of a transaction (SQLite's
+        # in-process lock state would then refuse the child's own writes).
+        self._io_lock = threading.Lock()
+        self._reset_state()
+        weak_child = weakref.WeakMethod(self._after_fork)
+        weak_self = weakref.ref(self)
+
+        def _before() -> None:
+            writer = weak_self()
+            if writer is not None:
+                writer._io_lock.acquire()
+
+        def _parent() -> None:
+            writer = weak_self()
+            if writer is not None and writer._io_lock.locked():
+                writer._io_lock.release()
+
+        def _child() -> None:
+            method = weak_child()
+            if method is not None:
+                method()
+
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(before=_before, after_in_parent=_parent, after_in_child=_child)
+
+    def _reset_state(self) -> None:
+        # _cond: for producers waiting on a full queue and for flush(); the
+        # writer notifies it once per commit. The hot path takes no lock.
+        self._cond = threading.Condition(threading.Lock())
+        self._start_lock = threading.Lock()
+        self._queue: deque[_Item] = deque()
+        self._wake = threading.Event()
+        self._retry: list[_Item] | None = None
+        self._inflight = 0
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._healthy = True
+        self._refuse_until = 0.0
+        self._last_error: str | None = None
+        self._latencies: deque[float] = deque(maxlen=10_000)
+        self._counts = dict.fromkeys(
+            (
+                "submitted",
+                "committed",
+                "failed",
+                "retries",
+                "batches",
+                "checkpoints",
+                "checkpoint_errors",
+            ),
+            0,
+        )
+        self._since_checkpoint = 0
+        self._last_checkpoint = time.monotonic()
+        self._last_checkpoint_error: str | None = None
+        self._last_appended: Appended | None = None
+
+    def _after_fork(self) -> None:
+        self._io_lock = threading.Lock()  # the inherited one is held by fork
+        if self._ledger is not None:
+            _INHERITED.append(self._ledger)
+        self._ledger = None
+        self._reset_state()
+
+    # -- producer side -------------------------------------------------
+
+    def _thread_dead(self) -> bool:
+        thread = self._thread
+        return thread is not None and not thread.is_alive()
+
+    @property
+    def healthy(self) -> bool:
+        """False while the ledger cannot be written (or after shutdown)."""
+        return self._healthy and not self._closed and not self._thread_dead()
+
+    def check(self) -> None:
+        """Raise LedgerUnavailable when new audited actions should be refused.
+
+        After a failed commit, actions are refused for ``probe_interval``
+        seconds; then one is let through, and its own write is the probe
+        (a circuit breaker: no action proceeds unrecorded, and the writer
+        recovers by itself once the ledger can be written again).
+        """
+        if self._closed:
+            raise LedgerUnavailable(f"audit writer for {self.url} is shut down")
+        if self._thread_dead():
+            raise LedgerUnavailable(f"audit writer for {self.url} has stopped: {self._last_error}")
+        if not self._healthy and time.monotonic() < self._refuse_until:
+            raise LedgerUnavailable(f"audit ledger {self.url} is unavailable: {self._last_error}")
+
+    def _enqueue(self, body: bytes, wait: bool) -> _Ticket | None:
+        if self._closed:
+            raise LedgerUnavailable(f"audit writer for {self.url} is shut down")
+        if self._thread is None:
+            # Started before the record is queued: if the ledger cannot be
+            # opened, the caller is told and nothing is left behind.
+            with self._start_lock:
+                if self._closed:
+                    raise LedgerUnavailable(f"audit writer for {self.url} is shut down")
+                if self._thread is None:
+                    self._start()
+        if len(self._queue) >= self.max_queue_size:
+            # Full: block (never drop) until the writer has made room. The
+            # bound is approximate: producers woken together may pass it by
+            # at most their number.
+            with self._cond:
+                while len(self._queue) >= self.max_queue_size and not self._closed:
+                    if self._thread_dead():
+                        raise LedgerUnavailable(
+                            f"audit writer for {self.url} has stopped: {self._last_error}"
+                        )
+                    self._cond.wait(0.5)
+            if self._closed:
+                raise LedgerUnavailable(f"audit writer for {self.url} is shut down")
+        ticket = _Ticket() if wait else None
+        item = _Item(body, ticket)
+        self._queue.append(item)  # atomic: no lock on the hot path
+        if not self._wake.is_set():
+            self._wake.set()
+        if self._closed:
+            # Shutdown raced this append: take the record back if the writer
+            # has not; if it has, the writer (or the final drain) answers it.
+            try:
+                self._queue.remove(item)
+            except ValueError:
+                pass
+            else:
+                raise LedgerUnavailable(f"audit writer for {self.url} is shut down")
+        return ticket
+
+    def submit(self, body: bytes) -> None:
+        """Queue ``body`` for commit (async); blocks while the queue is full, never drops."""
+        self._enqueue(body, False)
+
+    def write(self, body: bytes) -> Appended:
+        """Commit ``body`` durably (sync); raises LedgerWriteError when it was not."""
+        ticket = self._enqueue(body, True)
+        assert ticket is not None
+        while not ticket.lock.acquire(timeout=1.0):
+            thread = self._thread
+            if thread is None or not thread.is_alive():
+                # The writer is gone; it may have answered just before it went.
+                if ticket.lock.acquire(blocking=False):
+                    break
+                raise LedgerWriteError(f"audit writer for {self.url} stopped before commit")
+        if ticket.error is not None:
+            raise ticket.error
+        assert ticket.appended is not None
+        return ticket.appended
+
+    # -- writer thread -------------------------------------------------
+
+    def _start(self) -> None:
+        if self._ledger is None:
+            with self._io_lock:  # opening writes the schema: never across a fork
+                self._ledger = open_ledger(self.url)
+        thread = threading.Thread(target=self._run, name="otel-audit-writer", daemon=True)
+        thread.start()
+        self._thread = thread
+
+    def _drain(self) -> list[_Item]:
+        items: list[_Item] = []
+        queue = self._queue
+        while queue and len(items) < _MAX_BATCH:
+            # Counted in flight before it leaves the queue, so flush() never
+            # sees a moment where a record is in neither.
+            self._inflight += 1
+            try:
+                items.append(queue.popleft())
+            except IndexError:  # a producer took its item back meanwhile
+                self._inflight -= 1
+                break
+        return items
+
+    def _idle_wait(self) -> None:
+        """Sleep until a record is queued, shutdown, or a timed checkpoint is due."""
+        timeout: float | None = None
+        if self._since_checkpoint:
+            timeout = self._last_checkpoint + self.checkpoint_interval - time.monotonic()
+            if timeout <= 0:
+                self._checkpoint()
+                return
+        # Clear, then look again: a producer that appended after the look sees
+        # the flag down and raises it, so no wake-up is ever lost.
+        self._wake.clear()
+        if self._queue or self._closed:
+            return
+        self._wake.wait(timeout)
+
+    def _run(self) -> None:
+        backoff = 0.05
+        while True:
+            try:
+                result = self._step()
+                if result is None:
+                    return
+                if result:
+                    backoff = 0.05
+                    continue
+            except Exception as exc:  # the writer thread must outlive any bug
+                self._healthy = False
+                self._refuse_until = time.monotonic() + self.probe_interval
+                self._last_error = f"audit writer error: {exc!r}"
+                _log.exception("otel-audit: writer loop failed; retrying")
+            if self._closed and not self._queue and self._retry is None:
+                return
+            if self._closed and self._retry is not None:
+                retry, self._retry = self._retry, None
+                self._abandon(retry)
+                continue
+            time.sleep(backoff)
+            backoff = min(backoff * 2, _MAX_BACKOFF)
+
+    def _step(self) -> bool | None:
+        """One round: commit what is queued, or idle. False when a commit failed,
+        None when the writer is closed and has nothing left to do."""
+        if self._retry is not None:
+            # Retried async records first, in order; records queued since go
+            # with them, so a sync record fails at once instead of waiting out
+            # the outage behind the retry.
+            items, self._retry = self._retry, None
+            items += self._drain()
+        else:
+            items = self._drain()
+        if not items:
+            if self._closed and not self._queue:
+                self._checkpoint()
+                self._notify()
+                return None
+            self._idle_wait()
+            return True
+        return self._commit(items)
+
+    def _notify(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _commit(self, items: list[_Item]) -> bool:
+        assert self._ledger is not None
+        started = time.perf_counter()
+        try:
+            with self._io_lock:
+                appended = self._ledger.append(self.chain, [item.body for item in items])
+        except AuditError as exc:
+            error: AuditError = exc
+        except Exception as exc:  # a backend bug must not kill the writer thread
+            error = LedgerWriteError(f"audit ledger write failed: {exc!r}")
+        else:
+            elapsed = time.perf_counter() - started
+            self._latencies.append(elapsed)
+            for listener in self.commit_listeners:
+                _safe(listener, elapsed, len(appended))
+            self._since_checkpoint += len(appended)
+            if appended:
+                self._last_appended = appended[-1]
+            # Counters and the in-flight count change together, under the
+            # lock stats() and flush() read them with, before anyone is woken.
+            with self._cond:
+                self._counts["committed"] += len(appended)
+                self._counts["batches"] += 1
+                self._healthy = True
+                self._inflight = 0
+                self._cond.notify_all()
+            for item, where in zip(items, appended):
+                if item.ticket is not None:
+                    item.ticket.resolve(where, None)
+            if self._since_checkpoint >= self.checkpoint_every:
+                self._checkpoint()
+            return True
+        return self._fail(items, error)
+
+    def _fail(self, items: list[_Item], error: AuditError) -> bool:
+        """Fail the sync records of ``items`` now; keep the async ones for a retry."""
+        _log.error("otel-audit: %s", error)
+        failure = error if isinstance(error, LedgerWriteError) else LedgerWriteError(str(error))
+        keep = [item for item in items if item.ticket is None]
+        with self._cond:
+            self._healthy = False
+            self._refuse_until = time.monotonic() + self.probe_interval
+            self._last_error = str(error)
+            self._counts["failed"] += len(items) - len(keep)
+            if keep:
+                self._counts["retries"] += 1
+            self._retry = keep or None
+            self._inflight = len(keep)
+            self._cond.notify_all()
+        for item in items:
+            if item.ticket is not None:
+                item.ticket.resolve(None, failure)
+        return not keep
+
+    def _abandon(self, items: list[_Item]) -> None:
+        # Shutdown while the ledger is down: these records are lost, and
+        # that is said loudly and counted, never silently.
+        error = LedgerWriteError(f"not committed before shutdown: {self._last_error}")
+        with self._cond:
+            self._counts["failed"] += len(items)
+            self._inflight = 0
+            self._cond.notify_all()
+        for item in items:
+            if item.ticket is not None:
+                item.ticket.resolve(None, error)
+        _log.error(
+            "otel-audit: %d audit records were not committed to %s before shutdown: %s",
+            len(items),
+            self.url,
+            self._last_error,
+        )
+
+    def _checkpoint(self) -> None:
+        head = self._last_appended
+        if head is None or self._since_checkpoint == 0 or self._ledger is None:
+            self._last_checkpoint = time.monotonic()
+            return
+        # Merkle root over records 1..seq. The frontier is read from the ledger
+        # (not rebuilt from this process's appends), so it stays right when
+        # several processes append to the chain; it lives in memory and costs
+        # one scan of the chain at this process's first checkpoint, then only
+        # the records since. A gap (damaged chain) means no root, not a wrong one.
+        merkle_root = None
+        try:
+            from otel_audit.proof.merkle import Frontier, advance
+
+            frontier = getattr(self, "_merkle_frontier", None)
+            if frontier is None or frontier.size > head.seq:
+                frontier = Frontier()
+            with self._io_lock:
+                advanced = advance(frontier, self._ledger, self.chain, head.seq)
+            if advanced:
+                self._merkle_frontier = frontier
+                merkle_root = frontier.root()
+        except Exception:  # the checkpoint still protects the chain without a root
+            _log.exception("otel-audit: merkle root not computed")
+        checkpoint = Checkpoint(
+            self.chain, head.seq, head.hash, time.time_ns(), merkle_root=merkle_root
+        )
+        try:
+            if self.signer is not None:
+                checkpoint = Checkpoint(
+                    checkpoint.chain,
+                    checkpoint.seq,
+                    checkpoint.head,
+                    checkpoint.time,
+                    self.signer.sign(checkpoint.message()),
+                    self.signer.key_id,
+                    merkle_root,
+                )
+            with self._io_lock:
+                self._ledger.add_checkpoint(checkpoint)
+        except Exception as exc:  # any failure: count, back off, never kill the writer
+            with self._cond:
+                self._counts["checkpoint_errors"] += 1
+            # Try again after the interval, not at once: a timed checkpoint that
+            # keeps failing must not spin the writer thread or flood the log.
+            self._last_checkpoint = time.monotonic()
+            if str(exc) != self._last_checkpoint_error:
+                self._last_checkpoint_error = str(exc)
+                _log.error("otel-audit: checkpoint failed (retrying every %ss): %s",
+                           self.checkpoint_interval, exc)  # fmt: skip
+            return
+        self._last_checkpoint_error = None
+        with self._cond:
+            self._counts["checkpoints"] += 1
+        self._since_checkpoint = 0
+        self._last_checkpoint = time.monotonic()
+        for listener in self.checkpoint_listeners:
+            _safe(listener, checkpoint)
+
+    # -- lifecycle -----------------------------------------------------
+
+    def _busy(self) -> bool:
+        return bool(self._queue or self._inflight or self._retry)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything queued so far is committed (or failed)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._busy():
+                if self._thread is None or not self._thread.is_alive():
+                    return False
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(0.5 if remaining is None else min(remaining, 0.5))
+        return True
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Commit what is queued, write a final checkpoint, stop the thread, close.
+
+        ``timeout`` bounds the whole shutdown (flush and join together).
+        """
+        deadline = time.monotonic() + timeout
+        self.flush(timeout)
+        # Under the start lock: a producer cannot start (or restart) the
+        # writer thread once shutdown has begun.
+        with self._start_lock:
+            with self._cond:
+                if self._closed:
+                    return
+                self._closed = True
+                self._cond.notify_all()
+            thread = self._thread
+        self._wake.set()
+        if thread is not None:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        elif self._since_checkpoint:
+            self._checkpoint()
+        if thread is not None and thread.is_alive():
+            pending = len(self._queue) + self._inflight
+            _log.error(
+                "otel-audit: writer for %s did not stop within %ss; %d records still pending",
+                self.url,
+                timeout,
+                pending,
+            )
+            return
+        # Producers that raced the shutdown, or a writer that gave up: what is
+        # still queued is answered, never left hanging. Taken one by one, so
+        # each record belongs either to its producer's take-back or to here.
+        leftovers = list(self._retry or [])
+        self._retry = None
+        while True:
+            try:
+                leftovers.append(self._queue.popleft())
+            except IndexError:
+                break
+        if leftovers:
+            self._abandon(leftovers)
+        with self._io_lock:
+            if self._ledger is not None:
+                self._ledger.close()
+                self._ledger = None
+
+    def stats(self) -> WriterStats:
+        """A snapshot of the counters (``queue_depth`` may include records being queued)."""
+        with self._cond:
+            counts = dict(self._counts)
+            depth = len(self._queue) + self._inflight
+        latencies = sorted(list(self._latencies))
+        counts["submitted"] = counts["committed"] + counts["failed"] + depth
+        return WriterStats(
+            **counts,
+            queue_depth=depth,
+            healthy=self.healthy,
+            last_error=self._last_error,
+            commit_latency_p50_ms=_percentile(latencies, 0.50) * 1000,
+            commit_latency_p99_ms=_percentile(latencies, 0.99) * 1000,
+        )
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def _safe(fn: Callable[..., None], *args: object) -> None:
+    try:
+        fn(*args)
+    except Exception:  # a listener must never stop the writer
+        _log.exception("otel-audit: listener failed")

@@ -1,0 +1,1 @@
+"""Integrations: Flask and zero-code auto-instrumentation."""

@@ -1,0 +1,1 @@
+"""Policy: what is kept, at which level and durability; redaction; the data boundary."""

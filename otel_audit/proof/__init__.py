@@ -1,0 +1,1 @@
+"""Proof: hash chain, Merkle tree, signing keys, verification and evidence bundles."""

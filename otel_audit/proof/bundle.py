@@ -1,0 +1,545 @@
+"""Evidence bundles: selected records with proofs that verify offline.
+
+A bundle is a zip file:
+
+* ``records.jsonl``: one selected record a line (chain, seq, prev hash, hash,
+  canonical body in base64), in ledger order;
+* ``proofs.jsonl``: for each record, an RFC 9162 inclusion proof of its body
+  against the Merkle root of the first signed checkpoint that covers it;
+* ``checkpoints.json``: those checkpoints (signed, with Merkle roots), the
+  newest signed checkpoint of each chain, and a consistency proof from each
+  to the newest (the ledger only grew after every record's checkpoint);
+* ``public_key.pem`` (when given), ``info.json`` (what was selected, when; for
+  people, not evidence);
+* ``manifest.json``: the SHA-256 of every other file.
+
+Verification needs only the bundle and the reviewer's copy of the public key:
+signatures make the roots trustworthy, proofs tie each record's bytes to a
+root, and every file is canonical JSON compared byte for byte, so any change
+to a record, a proof, a checkpoint, a signature or the manifest is detected.
+Not thread-safe (one bundle per call).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import time
+import zipfile
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import IO, Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from otel_audit._progress import Progress
+from otel_audit.engine.ledger import Ledger, Query, StoredRecord
+from otel_audit.engine.record import canonical_json, decode
+from otel_audit.errors import ConfigError, VerificationError
+from otel_audit.proof.chain import GENESIS, Checkpoint, link_hash
+from otel_audit.proof.keys import key_id, public_key_pem, verify_signature
+from otel_audit.proof.merkle import Tree, leaf_hash, verify_consistency, verify_inclusion
+
+FORMAT = "otel-audit-evidence"
+VERSION = 1
+MANIFEST = "manifest.json"
+RECORDS = "records.jsonl"
+PROOFS = "proofs.jsonl"
+CHECKPOINTS = "checkpoints.json"
+PUBLIC_KEY = "public_key.pem"
+INFO = "info.json"
+
+#: The most a bundle may unpack to (about 1,850 bytes a record at 100,000
+#: records, so some 550,000 records): verification holds it in memory, and
+#: a crafted zip must not make it allocate more. ``write_bundle`` refuses to
+#: write a bigger one.
+MAX_BUNDLE_BYTES = 1 << 30
+# Canonical JSON with hashes and base64 bodies deflates 10-15 times at most
+# (measured: proofs 13x, records 9.5x); a member over 1 MiB that expands more
+# than 200 times was crafted to.
+_MAX_RATIO = 200
+_MIN_RATIO_CHECKED = 1 << 20
+
+
+@dataclass
+class BundleSummary:
+    records: int
+    chains: int
+    checkpoints: int
+    skipped: dict[str, int]  # chain -> selected records no signed root covers yet
+
+
+def _usable(checkpoints: Iterable[Checkpoint]) -> list[Checkpoint]:
+    return sorted(
+        (cp for cp in checkpoints if cp.signature and cp.merkle_root is not None),
+        key=lambda cp: cp.seq,
+    )
+
+
+def _diagnose(ledger: Ledger, chain: str, newest: Checkpoint) -> VerificationError:
+    """The first damage of ``chain``, named as ``otel-audit verify`` names it."""
+    from otel_audit.review.trail import verify_chain
+
+    try:
+        # No key: the damage found here is in the records, not the signatures.
+        verify_chain(ledger, chain)
+    except VerificationError as exc:
+        return VerificationError(
+            f"{exc}: cannot build proofs (run otel-audit verify)",
+            chain=exc.chain, seq=exc.seq, kind=exc.kind,
+        )  # fmt: skip
+    return VerificationError(
+        f"chain {chain!r} seq {newest.seq}: modified: the records do not match the"
+        " checkpoint's merkle root (run otel-audit verify)",
+        chain=chain, seq=newest.seq, kind="modified",
+    )  # fmt: skip
+
+
+def write_bundle(
+    ledger: Ledger,
+    query: Query,
+    out: IO[bytes],
+    *,
+    public_key: Ed25519PublicKey | None = None,
+    filters: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+) -> BundleSummary:
+    """Write an evidence bundle of the records matching ``query`` to ``out`` (a binary file)."""
+    selected: dict[str, list[StoredRecord]] = {}
+    for stored in ledger.query(query):
+        selected.setdefault(stored.chain, []).append(stored)
+    if progress is not None:
+        progress.total = sum(len(rows) for rows in selected.values())
+    record_lines: list[str] = []
+    proof_lines: list[str] = []
+    used: dict[tuple[str, int], Checkpoint] = {}
+    consistency: list[dict[str, Any]] = []
+    skipped: dict[str, int] = {}
+    for chain in sorted(selected):
+        rows = selected[chain]
+        cps = _usable(ledger.checkpoints(chain))
+        if public_key is not None:
+            kid = key_id(public_key)
+            cps = [cp for cp in cps if cp.key_id == kid]
+        if not cps or rows[0].seq > cps[-1].seq:
+            skipped[chain] = len(rows)
+            continue
+        newest = cps[-1]
+        # One pass over the chain up to the newest root; proofs come from the tree.
+        # The links are checked on the way: a bundle of damaged records would
+        # only fail later, at the reviewer's, with a less precise message.
+        leaves: list[bytes] = []
+        expected = GENESIS
+        intact = True
+        for row in ledger.scan(chain):
+            if row.seq > newest.seq:
+                break
+            if (
+                row.seq != len(leaves) + 1
+                or row.prev_hash != expected
+                or link_hash(row.prev_hash, row.body) != row.hash
+            ):
+                intact = False
+                break
+            leaves.append(leaf_hash(row.body))
+            expected = row.hash
+        tree = Tree(leaves) if intact else None
+        if tree is None or len(leaves) != newest.seq or tree.root() != newest.merkle_root:
+            raise _diagnose(ledger, chain, newest)
+        cp_index = 0
+        for stored in rows:
+            if stored.seq > newest.seq:
+                skipped[chain] = skipped.get(chain, 0) + 1
+                continue
+            while cps[cp_index].seq < stored.seq:
+                cp_index += 1
+            cp = cps[cp_index]
+            used[(chain, cp.seq)] = cp
+            record_lines.append(
+                canonical_json(
+                    {
+                        "chain": chain,
+                        "seq": stored.seq,
+                        "prev_hash": stored.prev_hash.hex(),
+                        "hash": stored.hash.hex(),
+                        "body": base64.b64encode(stored.body).decode("ascii"),
+                    }
+                )
+            )
+            proof_lines.append(
+                canonical_json(
+                    {
+                        "chain": chain,
+                        "seq": stored.seq,
+                        "checkpoint_seq": cp.seq,
+                        "leaf_index": stored.seq - 1,
+                        "tree_size": cp.seq,
+                        "path": [h.hex() for h in tree.inclusion_proof(stored.seq - 1, cp.seq)],
+                    }
+                )
+            )
+            if progress is not None:
+                progress.update(1)
+        used[(chain, newest.seq)] = newest
+        for c, seq in sorted(used):
+            if c == chain and seq < newest.seq:
+                consistency.append(
+                    {
+                        "chain": chain,
+                        "old_seq": seq,
+                        "new_seq": newest.seq,
+                        "path": [h.hex() for h in tree.consistency_proof(seq, newest.seq)],
+                    }
+                )
+    if not record_lines:
+        raise ConfigError(
+            "no selected record is covered by a signed checkpoint with a merkle root yet"
+            + (f" ({sum(skipped.values())} selected)" if skipped else " (none selected)")
+        )
+    files: dict[str, bytes] = {
+        RECORDS: "".join(line + "\n" for line in record_lines).encode("utf-8"),
+        PROOFS: "".join(line + "\n" for line in proof_lines).encode("utf-8"),
+        CHECKPOINTS: canonical_json(
+            {
+                "checkpoints": [cp.to_dict() for _, cp in sorted(used.items())],
+                "consistency": consistency,
+            }
+        ).encode("utf-8"),
+        INFO: canonical_json(
+            {
+                "created": time.time_ns(),
+                "records": len(record_lines),
+                "filters": filters or {},
+                "generator": "otel-audit",
+                "skipped_not_yet_checkpointed": skipped,
+            }
+        ).encode("utf-8"),
+    }
+    if public_key is not None:
+        files[PUBLIC_KEY] = public_key_pem(public_key)
+    size = sum(len(data) for data in files.values())
+    if size > MAX_BUNDLE_BYTES - (1 << 20):  # room for the manifest
+        # verify-bundle refuses more (it holds a bundle in memory): never write
+        # evidence that cannot be checked.
+        raise ConfigError(
+            f"the selection is too large for one bundle: {len(record_lines):,} records make"
+            f" {size:,} bytes, over the {MAX_BUNDLE_BYTES:,} that verify-bundle accepts;"
+            " select fewer (e.g. --since/--until, --chain)"
+        )
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "files": {name: hashlib.sha256(data).hexdigest() for name, data in sorted(files.items())},
+    }
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(MANIFEST, canonical_json(manifest).encode("utf-8"))
+        for name, data in sorted(files.items()):
+            zf.writestr(name, data)
+    return BundleSummary(len(record_lines), len({c for c, _ in used}), len(used), skipped)
+
+
+# -- verification --------------------------------------------------------------
+
+
+@dataclass
+class BundleReport:
+    records: int
+    chains: int
+    checkpoints: int
+    key_id: str
+
+
+def _bad(what: str) -> VerificationError:
+    return VerificationError(f"bundle damaged: {what}", kind="bundle")
+
+
+def _parse_canonical(text: str, where: str) -> Any:
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise _bad(f"{where} is not valid JSON") from None
+    except RecursionError:
+        # Nothing otel-audit writes nests more than a few levels.
+        raise _bad(f"{where} is not valid JSON (nested too deeply)") from None
+    try:
+        canonical = canonical_json(data)
+    except RecursionError:
+        raise _bad(f"{where} is not valid JSON (nested too deeply)") from None
+    except ValueError:  # NaN or an infinity: never written by otel-audit
+        raise _bad(f"{where} is not in canonical form (edited)") from None
+    if canonical != text:
+        raise _bad(f"{where} is not in canonical form (edited)")
+    return data
+
+
+def _hex(data: dict[str, Any], key: str, where: str, length: int | None = 32) -> bytes:
+    value = data.get(key)
+    try:
+        raw = bytes.fromhex(value) if isinstance(value, str) else None
+    except ValueError:
+        raw = None
+    if raw is None or raw.hex() != value or (length is not None and len(raw) != length):
+        raise _bad(f"{where}: {key} is not a valid hash")
+    return raw
+
+
+def _int(data: dict[str, Any], key: str, where: str) -> int:
+    value = data.get(key)
+    if type(value) is not int or value < 0:
+        raise _bad(f"{where}: {key} is missing or not a number")
+    return value
+
+
+def _str(data: dict[str, Any], key: str, where: str) -> str:
+    value = data.get(key)
+    if not isinstance(value, str) or not value:
+        raise _bad(f"{where}: {key} is missing")
+    return value
+
+
+def _fields(data: Any, keys: set[str], where: str) -> dict[str, Any]:
+    if not isinstance(data, dict) or set(data) != keys:
+        raise _bad(f"{where} does not have the expected fields")
+    return data
+
+
+def verify_bundle(
+    source: str | IO[bytes],
+    public_key: Ed25519PublicKey,
+    progress: Progress | None = None,
+) -> BundleReport:
+    """Verify a bundle offline; returns a report or raises VerificationError naming the damage."""
+    try:
+        zf = zipfile.ZipFile(source)
+    except (zipfile.BadZipFile, EOFError, NotImplementedError, ValueError, RuntimeError):
+        # NotImplementedError: a damaged directory can claim a future zip version.
+        raise _bad("not a readable zip file") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read bundle: {exc.strerror or exc}") from exc
+    with zf:
+        infos = zf.infolist()
+        names = [info.filename for info in infos]
+        if len(names) != len(set(names)):
+            # Two members of one name: a reader might see either; refuse both.
+            raise _bad("a file appears twice in the zip")
+        # Sizes from the zip's directory, checked before inflating anything: a
+        # small crafted file must not make the verifier allocate gigabytes.
+        total = 0
+        for info in infos:
+            total += info.file_size
+            if total > MAX_BUNDLE_BYTES:
+                raise _bad(
+                    f"bundle member {info.filename!r} is too large: the bundle unpacks to more"
+                    f" than {MAX_BUNDLE_BYTES:,} bytes"
+                )
+            if info.file_size > _MIN_RATIO_CHECKED and info.file_size > _MAX_RATIO * max(
+                info.compress_size, 1
+            ):
+                raise _bad(
+                    f"bundle member {info.filename!r} expands {info.file_size:,} bytes from"
+                    f" {info.compress_size:,}: not written by otel-audit (a zip bomb?)"
+                )
+        contents: dict[str, bytes] = {}
+        for info in infos:
+            try:
+                # zipfile stops at the declared size and checks the CRC at the end.
+                with zf.open(info) as member:
+                    data = member.read(info.file_size + 1)
+            except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, RuntimeError) as exc:
+                raise _bad(f"bundle member {info.filename!r} is corrupt ({exc})") from None
+            except OSError as exc:  # e.g. a seek to a damaged offset
+                raise _bad(f"bundle member {info.filename!r} is corrupt ({exc})") from None
+            except NotImplementedError as exc:  # an unknown compression method
+                raise _bad(f"bundle member {info.filename!r} cannot be read ({exc})") from None
+            except MemoryError:
+                raise _bad(f"bundle member {info.filename!r} is too large to read") from None
+            if len(data) != info.file_size:
+                raise _bad(f"bundle member {info.filename!r} is corrupt (wrong size)")
+            contents[info.filename] = data
+    return _verify_contents(contents, public_key, progress)
+
+
+def _text(contents: dict[str, bytes], name: str) -> str:
+    try:
+        return contents[name].decode("utf-8")
+    except UnicodeDecodeError:
+        raise _bad(f"{name} is not UTF-8") from None
+
+
+def _verify_contents(
+    contents: dict[str, bytes], public_key: Ed25519PublicKey, progress: Progress | None
+) -> BundleReport:
+    if MANIFEST not in contents:
+        raise _bad(f"{MANIFEST} is missing")
+    manifest = _fields(
+        _parse_canonical(_text(contents, MANIFEST), MANIFEST),
+        {"format", "version", "files"},
+        MANIFEST,
+    )
+    if manifest["format"] != FORMAT:
+        raise _bad(f"{MANIFEST}: not an otel-audit evidence bundle")
+    if manifest["version"] != VERSION:
+        raise _bad(f"{MANIFEST}: version {manifest['version']!r} is not supported")
+    listed = manifest["files"]
+    if not isinstance(listed, dict):
+        raise _bad(f"{MANIFEST}: files is not a table")
+    present = set(contents) - {MANIFEST}
+    for name in sorted(present - set(listed)):
+        raise _bad(f"{name} is not listed in the manifest")
+    for name in sorted(set(listed) - present):
+        raise _bad(f"{name} is listed in the manifest but missing")
+    for name in sorted(listed):
+        if hashlib.sha256(contents[name]).hexdigest() != listed[name]:
+            raise _bad(f"{name} does not match its hash in the manifest")
+    for required in (RECORDS, PROOFS, CHECKPOINTS):
+        if required not in contents:
+            raise _bad(f"{required} is missing")
+    kid = key_id(public_key)
+    if PUBLIC_KEY in contents and contents[PUBLIC_KEY] != public_key_pem(public_key):
+        raise _bad(f"{PUBLIC_KEY} is not the public key given for verification")
+
+    # Checkpoints: each signed by the key, each with a root; consistency to the newest.
+    cp_data = _fields(
+        _parse_canonical(_text(contents, CHECKPOINTS), CHECKPOINTS),
+        {"checkpoints", "consistency"},
+        CHECKPOINTS,
+    )
+    checkpoints: dict[tuple[str, int], Checkpoint] = {}
+    if not isinstance(cp_data["checkpoints"], list) or not isinstance(cp_data["consistency"], list):
+        raise _bad(f"{CHECKPOINTS} does not have the expected fields")
+    keys = {"chain", "seq", "head", "time", "merkle_root", "signature", "key_id"}
+    for i, raw in enumerate(cp_data["checkpoints"]):
+        where = f"{CHECKPOINTS} checkpoint {i + 1}"
+        d = _fields(raw, keys, where)
+        cp = Checkpoint(
+            _str(d, "chain", where),
+            _int(d, "seq", where),
+            _hex(d, "head", where),
+            _int(d, "time", where),
+            _hex(d, "signature", where, 64),
+            d["key_id"] if isinstance(d["key_id"], str) else None,
+            _hex(d, "merkle_root", where),
+        )
+        name = f"checkpoint of chain {cp.chain!r} at seq {cp.seq}"
+        if cp.key_id != kid:
+            raise _bad(f"{name} names key {cp.key_id!r}, not the given key {kid}")
+        if not verify_signature(public_key, cp.signature or b"", cp.message()):
+            raise _bad(f"{name}: signature does not verify with the public key")
+        if (cp.chain, cp.seq) in checkpoints:
+            raise _bad(f"{name} appears twice")
+        checkpoints[(cp.chain, cp.seq)] = cp
+    newest: dict[str, Checkpoint] = {}
+    for cp in checkpoints.values():
+        if cp.chain not in newest or cp.seq > newest[cp.chain].seq:
+            newest[cp.chain] = cp
+    proven: set[tuple[str, int]] = set()
+    for i, raw in enumerate(cp_data["consistency"]):
+        where = f"{CHECKPOINTS} consistency proof {i + 1}"
+        d = _fields(raw, {"chain", "old_seq", "new_seq", "path"}, where)
+        chain = _str(d, "chain", where)
+        old = checkpoints.get((chain, _int(d, "old_seq", where)))
+        new = checkpoints.get((chain, _int(d, "new_seq", where)))
+        if old is None or new is None or new is not newest.get(chain):
+            raise _bad(f"{where} names a checkpoint that is not in the bundle")
+        path = _path(d, where)
+        try:
+            verify_consistency(
+                old.seq, new.seq, old.merkle_root or b"", new.merkle_root or b"", path
+            )
+        except VerificationError as exc:
+            raise _bad(f"{where} (chain {chain!r} seq {old.seq} -> {new.seq}): {exc}") from None
+        proven.add((chain, old.seq))
+    for (chain, seq), cp in checkpoints.items():
+        if cp is not newest[chain] and (chain, seq) not in proven:
+            raise _bad(f"checkpoint of chain {chain!r} at seq {seq} has no consistency proof")
+
+    # Records and their inclusion proofs, line by line, in the same order.
+    record_lines = _text(contents, RECORDS).split("\n")
+    proof_lines = _text(contents, PROOFS).split("\n")
+    if record_lines[-1] != "" or proof_lines[-1] != "":
+        raise _bad(f"{RECORDS} or {PROOFS} is cut short")
+    record_lines.pop()
+    proof_lines.pop()
+    if len(record_lines) != len(proof_lines):
+        raise _bad(
+            f"{RECORDS} has {len(record_lines)} records but {PROOFS} has {len(proof_lines)} proofs"
+        )
+    if not record_lines:
+        raise _bad(f"{RECORDS} is empty")
+    if progress is not None:
+        progress.total = len(record_lines)
+    seen: set[tuple[str, int]] = set()
+    used: set[tuple[str, int]] = set()
+    for n, (rline, pline) in enumerate(zip(record_lines, proof_lines), start=1):
+        where = f"{RECORDS} line {n}"
+        r = _fields(
+            _parse_canonical(rline, where), {"chain", "seq", "prev_hash", "hash", "body"}, where
+        )
+        chain, seq = _str(r, "chain", where), _int(r, "seq", where)
+        where = f"{RECORDS} line {n} (chain {chain!r} seq {seq})"
+        prev, digest = _hex(r, "prev_hash", where), _hex(r, "hash", where)
+        try:
+            body = (
+                base64.b64decode(r["body"], validate=True) if isinstance(r["body"], str) else None
+            )
+        except ValueError:
+            body = None
+        if body is None or base64.b64encode(body).decode("ascii") != r["body"]:
+            raise _bad(f"{where}: body is not valid base64")
+        if (chain, seq) in seen:
+            raise _bad(f"{where} appears twice")
+        seen.add((chain, seq))
+        if link_hash(prev, body) != digest:
+            raise _bad(f"{where}: hash does not match the record's bytes")
+        try:
+            decode(body)
+        except ValueError as exc:
+            raise _bad(f"{where}: {exc}") from None
+        except RecursionError:
+            raise _bad(f"{where}: body is not a record (nested too deeply)") from None
+        pwhere = f"{PROOFS} line {n}"
+        p = _fields(
+            _parse_canonical(pline, pwhere),
+            {"chain", "seq", "checkpoint_seq", "leaf_index", "tree_size", "path"},
+            pwhere,
+        )
+        if p["chain"] != chain or p["seq"] != seq:
+            raise _bad(f"{pwhere} is not the proof of {where}")
+        found = checkpoints.get((chain, _int(p, "checkpoint_seq", pwhere)))
+        if found is None:
+            raise _bad(f"{pwhere}: its checkpoint is not in the bundle")
+        cp = found
+        if (
+            _int(p, "tree_size", pwhere) != cp.seq
+            or _int(p, "leaf_index", pwhere) != seq - 1
+            or seq > cp.seq
+        ):
+            raise _bad(f"{pwhere}: leaf index or tree size do not match the record and checkpoint")
+        if seq == cp.seq and digest != cp.head:
+            raise _bad(f"{where}: hash does not match the checkpoint's head")
+        try:
+            verify_inclusion(
+                leaf_hash(body), seq - 1, cp.seq, _path(p, pwhere), cp.merkle_root or b""
+            )
+        except VerificationError as exc:
+            raise _bad(f"{where}: {exc}") from None
+        used.add((chain, cp.seq))
+        if progress is not None:
+            progress.update(1)
+    for (chain, seq), cp in checkpoints.items():
+        if (chain, seq) not in used and cp is not newest[chain]:
+            raise _bad(f"checkpoint of chain {chain!r} at seq {seq} proves no record")
+    if INFO in contents:
+        info = _parse_canonical(_text(contents, INFO), INFO)
+        if not isinstance(info, dict) or info.get("records") != len(record_lines):
+            raise _bad(f"{INFO} does not match the records")
+    return BundleReport(len(record_lines), len(newest), len(checkpoints), kid)
+
+
+def _path(d: dict[str, Any], where: str) -> list[bytes]:
+    path = d.get("path")
+    if not isinstance(path, list):
+        raise _bad(f"{where}: path is not a list")
+    return [_hex({"h": h}, "h", where) for h in path]

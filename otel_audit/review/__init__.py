@@ -1,0 +1,1 @@
+"""Review: trails and the views reviewers read (search, exports)."""

@@ -1,0 +1,1 @@
+"""Transport: OTLP decoding, the durable receiver (serve), the forwarder, checkpoint anchors."""

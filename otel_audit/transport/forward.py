@@ -1,0 +1,621 @@
+"""Store-and-forward: ship a local ledger (the outbox) to a remote OTLP receiver.
+
+The forwarder reads every chain of the local ledger after a per-chain cursor,
+sends the records as an OTLP/HTTP protobuf trace request, and moves the cursor
+(persisted in a small JSON sidecar file, written atomically) only after the
+receiver answered success. A failure of any kind (refused connection, 5xx,
+429, a wrong token) is retried with capped exponential backoff, honouring
+``Retry-After``, for as long as it takes: nothing is skipped. A crash between
+the receiver's success and the cursor write resends the batch; the receiver
+(``otel-audit serve``) stores each (trace id, span id) once, so the receiver
+ends with every record exactly once.
+
+One forwarder per outbox: the cursor file is guarded by an exclusive lock, so
+several worker processes that all configured forwarding share the work safely
+(one sends, the others wait for the lock). Thread-safe.
+
+Settings (argument, then variable, then default), in the
+``OTEL_EXPORTER_OTLP_*`` style:
+
+* ``OTEL_AUDIT_FORWARD_ENDPOINT``: base URL (``/v1/traces`` is appended) or the
+  full ``.../v1/traces`` URL. Unset: no forwarding.
+* ``OTEL_AUDIT_FORWARD_HEADERS``: ``key=value,key2=value2`` (values URL-encoded).
+* ``OTEL_AUDIT_FORWARD_TOKEN``: sent as ``Authorization: Bearer <token>``.
+* ``OTEL_AUDIT_FORWARD_CERTIFICATE``: CA bundle (PEM) to trust for https.
+* ``OTEL_AUDIT_FORWARD_COMPRESSION``: ``gzip`` (default) or ``none``.
+* ``OTEL_AUDIT_FORWARD_TIMEOUT``: seconds per request (default 10).
+* ``OTEL_AUDIT_FORWARD_STATE``: cursor file (default ``<ledger file>.forward.json``;
+  required for a PostgreSQL outbox).
+"""
+
+from __future__ import annotations
+
+import atexit
+import errno
+import fcntl
+import gzip
+import hashlib
+import http.client
+import itertools
+import json
+import logging
+import os
+import random
+import re
+import ssl
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
+
+from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+
+from otel_audit.engine.ledger import Ledger, RawRow, open_ledger, sqlite_path
+from otel_audit.engine.record import decode
+from otel_audit.errors import AuditError, ConfigError
+from otel_audit.settings import (
+    OTEL_AUDIT_FORWARD_CERTIFICATE,
+    OTEL_AUDIT_FORWARD_COMPRESSION,
+    OTEL_AUDIT_FORWARD_ENDPOINT,
+    OTEL_AUDIT_FORWARD_HEADERS,
+    OTEL_AUDIT_FORWARD_STATE,
+    OTEL_AUDIT_FORWARD_TIMEOUT,
+    OTEL_AUDIT_FORWARD_TOKEN,
+)
+from otel_audit.transport.otlp import request_from_records
+
+if TYPE_CHECKING:
+    from otel_audit.setup import AuditPipeline
+
+_log = logging.getLogger("otel_audit.transport.forward")
+
+
+_DEFAULT_BATCH_SIZE = 512
+_DEFAULT_TIMEOUT = 10.0
+_DEFAULT_POLL_INTERVAL = 1.0
+_DEFAULT_MAX_BACKOFF = 30.0
+_RETRYABLE = frozenset({429, 502, 503, 504})
+
+
+@dataclass(frozen=True)
+class ForwarderStats:
+    """Counters since start (a snapshot)."""
+
+    forwarded: int
+    batches: int
+    failures: int
+    rejected: int
+    last_error: str | None
+
+
+class _SendFailed(Exception):
+    def __init__(self, message: str, retry_after: float | None = None, too_large: bool = False):
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.too_large = too_large
+
+
+def traces_url(endpoint: str) -> str:
+    """The ``/v1/traces`` URL of ``endpoint`` (a base URL or already the full one).
+
+    Raises ConfigError for anything that is not an http(s) URL with a host and a
+    valid port, so that a typo fails at start rather than in the sending thread.
+    """
+    endpoint = endpoint.strip()
+    where = f"forward endpoint {endpoint!r} (--endpoint / {OTEL_AUDIT_FORWARD_ENDPOINT})"
+    try:
+        parts = urlsplit(endpoint)
+        port = parts.port  # raises ValueError for a port that is not 0-65535
+    except ValueError as exc:
+        raise ConfigError(f"{where} is not a valid URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{where} is not an http(s) URL")
+    if port == 0:
+        raise ConfigError(f"{where} has port 0")
+    if parts.path.rstrip("/").endswith("/v1/traces"):
+        return endpoint
+    return endpoint.rstrip("/") + "/v1/traces"
+
+
+# RFC 9110 field names are tokens; values may not hold control characters
+# (CR/LF would split the request: http.client refuses them mid-send).
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def check_header(key: str, value: str, setting: str) -> None:
+    """Raise ConfigError naming ``setting`` unless ``key: value`` can be sent as an HTTP header."""
+    if not _TOKEN.fullmatch(key):
+        raise ConfigError(f"{setting}: {key!r} is not a valid HTTP header name")
+    if _CONTROL.search(value):
+        raise ConfigError(
+            f"{setting}: the value of header {key!r} contains a control character (CR, LF, ...)"
+        )
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        raise ConfigError(
+            f"{setting}: the value of header {key!r} has characters outside Latin-1"
+        ) from None
+
+
+def parse_headers(value: str | None, setting: str = OTEL_AUDIT_FORWARD_HEADERS) -> dict[str, str]:
+    """``k=v,k2=v2`` (OTEL_EXPORTER_OTLP_HEADERS syntax) -> dict; raises ConfigError naming ``setting``."""
+    headers: dict[str, str] = {}
+    for item in (value or "").split(","):
+        if not item.strip():
+            continue
+        key, sep, val = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{setting} item {item.strip()!r} is not key=value")
+        name, text = unquote(key.strip()).lower(), unquote(val.strip())
+        check_header(name, text, setting)
+        headers[name] = text
+    return headers
+
+
+def default_state_path(ledger_url: str) -> str:
+    path = sqlite_path(ledger_url)
+    if path is None:
+        raise ConfigError(
+            f"set {OTEL_AUDIT_FORWARD_STATE} to a cursor file path for a non-SQLite outbox"
+        )
+    return path + ".forward.json"
+
+
+class Forwarder:
+    """Ships the records of ``ledger_url`` to ``endpoint``; see the module docstring."""
+
+    def __init__(
+        self,
+        ledger_url: str,
+        endpoint: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        token: str | None = None,
+        state_path: str | None = None,
+        certificate: str | None = None,
+        compression: str = "gzip",
+        timeout: float = _DEFAULT_TIMEOUT,
+        batch_size: int = _DEFAULT_BATCH_SIZE,
+        poll_interval: float = _DEFAULT_POLL_INTERVAL,
+        max_backoff: float = _DEFAULT_MAX_BACKOFF,
+        alive: Callable[[], bool] | None = None,
+        lock_timeout: float | None = None,
+    ) -> None:
+        if batch_size <= 0:
+            raise ValueError("batch_size must be a positive integer.")
+        if compression not in ("gzip", "none"):
+            raise ConfigError(f"forward compression must be gzip or none, got {compression!r}")
+        self.ledger_url = ledger_url
+        self.url = traces_url(endpoint)
+        parts = urlsplit(self.url)
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname or ""
+        self._port = parts.port or (443 if self._https else 80)
+        self._path = parts.path + (f"?{parts.query}" if parts.query else "")
+        self.headers = {"content-type": "application/x-protobuf", **dict(headers or {})}
+        for key, value in self.headers.items():
+            check_header(key, value, "forward headers")
+        if token:
+            check_header("authorization", token, f"forward token ({OTEL_AUDIT_FORWARD_TOKEN})")
+            self.headers["authorization"] = f"Bearer {token}"
+        if compression == "gzip":
+            self.headers["content-encoding"] = "gzip"
+        self.compression = compression
+        self.timeout = timeout
+        self.batch_size = batch_size
+        self.poll_interval = poll_interval
+        self.max_backoff = max_backoff
+        # None: wait for the outbox lock as long as it takes (workers share the
+        # work); a number: after that many seconds waiting, count a failure.
+        self.lock_timeout = lock_timeout
+        self.state_path = state_path or default_state_path(ledger_url)
+        self._key = hashlib.sha256(self.url.encode()).hexdigest()[:16]
+        self._tls: ssl.SSLContext | None = None
+        if self._https:
+            self._tls = ssl.create_default_context(cafile=certificate)
+        # When ``alive`` turns False (the pipeline shut down) one last pass runs, then the thread ends.
+        self._alive = alive
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._cond = threading.Condition()
+        self._passes = 0
+        self._idle_pass = 0
+        self._thread: threading.Thread | None = None
+        self._conn: http.client.HTTPConnection | None = None
+        self._counts = {"forwarded": 0, "batches": 0, "failures": 0, "rejected": 0}
+        self._last_error: str | None = None
+
+    # -- lifecycle -----------------------------------------------------
+
+    def start(self) -> Forwarder:
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name="otel-audit-forward", daemon=True
+            )
+            self._thread.start()
+        return self
+
+    @property
+    def running(self) -> bool:
+        """True while the forwarding thread is alive."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def wake(self) -> None:
+        """New records were committed: look now instead of at the next poll."""
+        self._wake.set()
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until a pass that began after this call found nothing left to send."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            target = self._passes + 1
+        self._wake.set()
+        with self._cond:
+            while self._idle_pass < target:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._thread is None or not self._thread.is_alive():
+                    return False
+                self._cond.wait(min(remaining, 0.5))
+                self._wake.set()
+        return True
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop after the current request; unsent records stay in the outbox for next time."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def stats(self) -> ForwarderStats:
+        with self._cond:
+            return ForwarderStats(**self._counts, last_error=self._last_error)
+
+    # -- the loop ------------------------------------------------------
+
+    def _run(self) -> None:
+        """The thread: never ends on an error, only when stopped (or after shutdown)."""
+        lock = self._acquire_lock()
+        if lock is None:
+            return  # stopped while waiting
+        ledger: Ledger | None = None
+        ending = False
+        backoff = self.poll_interval
+        try:
+            while not self._stop.is_set():
+                with self._cond:
+                    self._passes += 1
+                    this_pass = self._passes
+                try:
+                    if ledger is None:
+                        ledger = open_ledger(self.ledger_url, create=False)
+                    sent = self._pass(ledger)
+                except Exception as exc:
+                    # Whatever failed (the outbox unreadable, the cursor file
+                    # unwritable, a damaged record), this thread is the only
+                    # way records leave: say so, count it, and retry with backoff.
+                    if isinstance(exc, AuditError):
+                        self._note_error(f"outbox {self.ledger_url}: {exc}")
+                    elif isinstance(exc, (OSError, ValueError)):
+                        self._note_error(str(exc))
+                    else:  # a bug: keep going, but with the traceback in the log
+                        self._note_error(f"{type(exc).__name__}: {exc}", unexpected=True)
+                    if ledger is not None:
+                        _close_quietly(ledger)
+                        ledger = None
+                    self._drop_connection()
+                    delay = max(0.01, min(backoff, self.max_backoff))
+                    backoff = min(backoff * 2, max(self.max_backoff, self.poll_interval))
+                    self._stop.wait(delay * random.uniform(0.9, 1.1))
+                    continue
+                backoff = self.poll_interval
+                if sent:
+                    continue
+                with self._cond:
+                    self._idle_pass = this_pass
+                    self._cond.notify_all()
+                if self._alive is not None and not self._alive():
+                    if ending:
+                        return
+                    ending = True  # one more pass: records committed at shutdown
+                    continue
+                self._wake.wait(self.poll_interval)
+                self._wake.clear()
+        finally:
+            if ledger is not None:
+                _close_quietly(ledger)
+            self._drop_connection()
+            lock.close()
+
+    def _acquire_lock(self) -> Any:
+        """Open and exclusively lock the cursor lock file; None when stopped first.
+
+        Several processes may forward the same outbox: one holds the lock, the
+        others wait. Failing to open the file is a failure (counted, retried),
+        and so is waiting longer than ``lock_timeout``.
+        """
+        lock_path = self.state_path + ".lock"
+        backoff = self.poll_interval
+        lock = None
+        waiting_since = time.monotonic()
+        timed_out = False
+        while not self._stop.is_set():
+            if lock is None:
+                try:
+                    lock = open(lock_path, "a+")
+                except OSError as exc:
+                    self._note_error(f"cannot open lock file {lock_path}: {exc}")
+                    self._stop.wait(max(0.01, min(backoff, self.max_backoff)))
+                    backoff = min(backoff * 2, max(self.max_backoff, self.poll_interval))
+                    continue
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return lock
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    self._note_error(f"cannot lock {lock_path}: {exc}")
+                elif (
+                    not timed_out
+                    and self.lock_timeout is not None
+                    and time.monotonic() - waiting_since >= self.lock_timeout
+                ):
+                    timed_out = True
+                    self._note_error(
+                        f"another forwarder holds {lock_path} (waited {self.lock_timeout:g} s)"
+                    )
+            self._stop.wait(min(self.poll_interval, 0.5))
+        if lock is not None:
+            lock.close()
+        return None
+
+    def _pass(self, ledger: Ledger) -> int:
+        """Send every record after the cursors; returns how many were sent."""
+        cursors = self._load_cursors()
+        sent = 0
+        for chain in ledger.chains():
+            while not self._stop.is_set():
+                after = cursors.get(chain, 0)
+                rows = list(itertools.islice(ledger.scan(chain, after), self.batch_size))
+                if not rows:
+                    break
+                if not self._deliver(chain, rows):
+                    return sent  # stopping
+                cursors[chain] = rows[-1].seq
+                self._save_cursors(cursors)
+                sent += len(rows)
+        return sent
+
+    def _deliver(self, chain: str, rows: list[RawRow]) -> bool:
+        """Send one batch until the receiver takes it; False only when stopping."""
+        backoff = 0.5
+        last_seq = rows[-1].seq
+        size = len(rows)
+        start = 0
+        while start < len(rows):
+            part = rows[start : start + size]
+            records = []
+            for row in part:
+                try:
+                    records.append(decode(row.body))
+                except ValueError as exc:
+                    # Not skipped (nothing is): the outbox needs repair; retried with backoff.
+                    raise ValueError(
+                        f"record {row.seq} of chain {chain!r} in the outbox cannot be sent: {exc}"
+                    ) from exc
+            try:
+                rejected, message = self._send(records)
+            except _SendFailed as exc:
+                if exc.too_large and size > 1:
+                    size = max(1, size // 2)
+                    continue
+                self._note_error(f"sending chain {chain!r} up to seq {last_seq}: {exc}")
+                delay = exc.retry_after if exc.retry_after is not None else backoff
+                delay = min(delay, self.max_backoff) * random.uniform(0.9, 1.1)
+                backoff = min(backoff * 2, self.max_backoff)
+                if self._stop.wait(delay):
+                    return False
+                continue
+            with self._cond:
+                self._counts["forwarded"] += len(part) - rejected
+                self._counts["batches"] += 1
+                self._counts["rejected"] += rejected
+            if rejected:
+                # The receiver refused them for good (invalid ids); resending
+                # would block the outbox forever. Said loudly and counted.
+                _log.error(
+                    "otel-audit forward: receiver rejected %d records of chain %r: %s",
+                    rejected, chain, message,
+                )  # fmt: skip
+            start += len(part)
+            backoff = 0.5
+        return True
+
+    def _send(self, records: list) -> tuple[int, str]:  # type: ignore[type-arg]
+        payload = request_from_records(records).SerializeToString()
+        if self.compression == "gzip":
+            payload = gzip.compress(payload, compresslevel=5)
+        try:
+            conn = self._connection()
+            conn.request("POST", self._path, body=payload, headers=self.headers)
+            response = conn.getresponse()
+            body = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            self._drop_connection()
+            raise _SendFailed(f"{type(exc).__name__}: {exc}") from None
+        status = response.status
+        if response.getheader("connection", "").lower() == "close":
+            self._drop_connection()
+        if 200 <= status < 300:
+            reply = ExportTraceServiceResponse()
+            try:
+                reply.ParseFromString(body)
+            except DecodeError:  # a non-otel-audit receiver may answer an odd body
+                return 0, ""
+            return int(reply.partial_success.rejected_spans), reply.partial_success.error_message
+        retry_after = (
+            _retry_after(response.getheader("retry-after")) if status in _RETRYABLE else None
+        )
+        raise _SendFailed(
+            f"HTTP {status} from {self.url}: {_status_message(body)}",
+            retry_after=retry_after,
+            too_large=status == 413,
+        )
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._conn is None:
+            if self._https:
+                self._conn = http.client.HTTPSConnection(
+                    self._host, self._port, timeout=self.timeout, context=self._tls
+                )
+            else:
+                self._conn = http.client.HTTPConnection(
+                    self._host, self._port, timeout=self.timeout
+                )
+        return self._conn
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _note_error(self, message: str, unexpected: bool = False) -> None:
+        with self._cond:
+            self._counts["failures"] += 1
+            first = self._last_error != message
+            self._last_error = message
+        # Logged once per distinct error, not once per retry of a long outage;
+        # an unexpected exception once with its traceback, for the bug report.
+        if first:
+            _log.warning(
+                "otel-audit forward: %s (will retry)", message, exc_info=unexpected or None
+            )
+
+    # -- cursor file ---------------------------------------------------
+
+    def _load_cursors(self) -> dict[str, int]:
+        try:
+            with open(self.state_path, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            # Starting again from 0 is safe (the receiver deduplicates), only slower.
+            _log.error(
+                "otel-audit forward: cursor file %s unreadable (%s); resending",
+                self.state_path,
+                exc,
+            )
+            return {}
+        try:
+            chains = data.get(self._key, {}).get("chains", {}) if isinstance(data, dict) else {}
+            return {str(k): int(v) for k, v in chains.items()}
+        except (AttributeError, TypeError, ValueError) as exc:
+            _log.error(
+                "otel-audit forward: cursor file %s malformed (%s); resending",
+                self.state_path,
+                exc,
+            )
+            return {}
+
+    def _save_cursors(self, cursors: dict[str, int]) -> None:
+        try:
+            with open(self.state_path, encoding="utf-8") as f:
+                data = json.load(f)
+            if not isinstance(data, dict):
+                data = {}
+        except (OSError, ValueError):
+            data = {}
+        data[self._key] = {"endpoint": self.url, "chains": cursors}
+        tmp = f"{self.state_path}.tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(data, f, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.state_path)
+        except OSError as exc:
+            # The batch was delivered; it is sent again (and deduplicated) on retry.
+            raise OSError(f"cannot write cursor file {self.state_path}: {exc}") from exc
+
+
+def _close_quietly(ledger: Ledger) -> None:
+    try:
+        ledger.close()
+    except Exception:  # closing a broken outbox must not end the thread
+        _log.debug("otel-audit forward: closing the outbox failed", exc_info=True)
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def _status_message(body: bytes) -> str:
+    from google.rpc import status_pb2  # type: ignore[import-untyped]
+
+    status = status_pb2.Status()
+    try:
+        status.ParseFromString(body)
+    except DecodeError:
+        status.message = ""  # not a google.rpc.Status: show the raw body
+    if status.message:
+        return str(status.message)
+    return body[:200].decode("utf-8", "replace").strip() or "(no body)"
+
+
+def forwarder_from_env(
+    ledger_url: str, env: Mapping[str, str] | None = None, alive: Callable[[], bool] | None = None
+) -> Forwarder | None:
+    """A Forwarder configured from ``OTEL_AUDIT_FORWARD_*``, or None when no endpoint is set."""
+    env = os.environ if env is None else env
+    endpoint = env.get(OTEL_AUDIT_FORWARD_ENDPOINT, "").strip()
+    if not endpoint:
+        return None
+    timeout_text = env.get(OTEL_AUDIT_FORWARD_TIMEOUT, "").strip()
+    try:
+        timeout = float(timeout_text) if timeout_text else _DEFAULT_TIMEOUT
+    except ValueError:
+        raise ConfigError(
+            f"{OTEL_AUDIT_FORWARD_TIMEOUT} must be a number, got {timeout_text!r}"
+        ) from None
+    if not timeout > 0:
+        raise ConfigError(f"{OTEL_AUDIT_FORWARD_TIMEOUT} must be positive, got {timeout_text!r}")
+    return Forwarder(
+        ledger_url,
+        endpoint,
+        headers=parse_headers(env.get(OTEL_AUDIT_FORWARD_HEADERS)),
+        token=env.get(OTEL_AUDIT_FORWARD_TOKEN, "").strip() or None,
+        state_path=env.get(OTEL_AUDIT_FORWARD_STATE, "").strip() or None,
+        certificate=env.get(OTEL_AUDIT_FORWARD_CERTIFICATE, "").strip() or None,
+        compression=(env.get(OTEL_AUDIT_FORWARD_COMPRESSION, "").strip().lower() or "gzip"),
+        timeout=timeout,
+        alive=alive,
+    )
+
+
+def start_forwarder_from_env(pipeline: AuditPipeline) -> Forwarder | None:
+    """Start forwarding ``pipeline``'s ledger when ``OTEL_AUDIT_FORWARD_ENDPOINT`` is set."""
+    writer = pipeline.writer
+    # The writer has no public "shut down" flag; ``_closed`` is read, never written.
+    forwarder = forwarder_from_env(
+        pipeline.ledger_url, alive=lambda: not getattr(writer, "_closed", False)
+    )
+    if forwarder is None:
+        return None
+    forwarder.start()
+    pipeline.writer.commit_listeners.append(lambda _seconds, _n: forwarder.wake())
+    atexit.register(forwarder.stop, 2.0)
+    return forwarder
