@@ -127,6 +127,17 @@ class Ledger(abc.ABC):
     def count(self) -> int:
         """Number of records in every chain."""
 
+    def schema_problems(self) -> list[str]:
+        """How the stored schema differs from the one this version creates; empty when equal.
+
+        Query columns, indexes, triggers, functions and constraints decide what
+        search, trail and export show a reviewer; a schema rebuilt with another
+        expression behind a query column shows records the hashes never
+        covered, so ``verify`` fails on any problem listed here. Each backend
+        overrides this with its own comparison; this default knows no schema.
+        """
+        return []
+
     def default_chain(self, service: str) -> str:
         """The chain a writer of ``service`` appends to when none is configured."""
         return service
