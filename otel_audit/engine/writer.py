@@ -43,20 +43,65 @@ _MAX_BACKOFF = 2.0
 _INHERITED: list[object] = []
 
 
-class _Ticket:
-    """How a sync producer learns its record's fate: a lock the writer releases."""
+# Orders add_callback against resolve; held for a few instructions only.
+_CALLBACK_LOCK = threading.Lock()
 
-    __slots__ = ("lock", "error", "appended")
+
+class Ticket:
+    """The fate of one queued record: resolved once by the writer thread.
+
+    ``wait`` blocks a thread; ``add_callback`` lets an event loop be woken
+    instead (the callback runs on the writer thread and must be quick).
+    Thread-safe.
+    """
+
+    __slots__ = ("lock", "error", "appended", "_callbacks", "_done")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.lock.acquire()
         self.error: AuditError | None = None
         self.appended: Appended | None = None
+        self._callbacks: list[Callable[[Ticket], None]] | None = None
+        self._done = False
+
+    @property
+    def done(self) -> bool:
+        return self._done
 
     def resolve(self, appended: Appended | None, error: AuditError | None) -> None:
         self.appended, self.error = appended, error
+        with _CALLBACK_LOCK:
+            self._done = True
+            callbacks, self._callbacks = self._callbacks, None
         self.lock.release()
+        for callback in callbacks or ():
+            _safe(callback, self)
+
+    def add_callback(self, callback: Callable[[Ticket], None]) -> None:
+        """Call ``callback(ticket)`` once resolved (at once if it already is)."""
+        with _CALLBACK_LOCK:
+            if not self._done:
+                if self._callbacks is None:
+                    self._callbacks = []
+                self._callbacks.append(callback)
+                return
+        callback(self)
+
+    def wait(self, writer: LedgerWriter) -> Appended:
+        """Block until resolved; raise its error (LedgerWriteError) if it was not committed."""
+        while not self.lock.acquire(timeout=1.0):
+            thread = writer._thread
+            if thread is None or not thread.is_alive():
+                # The writer is gone; it may have answered just before it went.
+                if self.lock.acquire(blocking=False):
+                    break
+                raise LedgerWriteError(f"audit writer for {writer.url} stopped before commit")
+        self.lock.release()  # a resolved ticket stays resolved for any later waiter
+        if self.error is not None:
+            raise self.error
+        assert self.appended is not None
+        return self.appended
 
 
 class _Item:
@@ -64,7 +109,7 @@ class _Item:
 
     __slots__ = ("body", "ticket")
 
-    def __init__(self, body: bytes, ticket: _Ticket | None) -> None:
+    def __init__(self, body: bytes, ticket: Ticket | None) -> None:
         self.body = body
         self.ticket = ticket
 
@@ -209,7 +254,7 @@ class LedgerWriter:
         if not self._healthy and time.monotonic() < self._refuse_until:
             raise LedgerUnavailable(f"audit ledger {self.url} is unavailable: {self._last_error}")
 
-    def _enqueue(self, body: bytes, wait: bool) -> _Ticket | None:
+    def _enqueue(self, body: bytes, wait: bool) -> Ticket | None:
         if self._closed:
             raise LedgerUnavailable(f"audit writer for {self.url} is shut down")
         if self._thread is None:
@@ -233,7 +278,7 @@ class LedgerWriter:
                     self._cond.wait(0.5)
             if self._closed:
                 raise LedgerUnavailable(f"audit writer for {self.url} is shut down")
-        ticket = _Ticket() if wait else None
+        ticket = Ticket() if wait else None
         item = _Item(body, ticket)
         self._queue.append(item)  # atomic: no lock on the hot path
         if not self._wake.is_set():
@@ -253,21 +298,20 @@ class LedgerWriter:
         """Queue ``body`` for commit (async); blocks while the queue is full, never drops."""
         self._enqueue(body, False)
 
-    def write(self, body: bytes) -> Appended:
-        """Commit ``body`` durably (sync); raises LedgerWriteError when it was not."""
+    def enqueue(self, body: bytes) -> Ticket:
+        """Queue ``body`` and return its ticket without waiting (sync at the action boundary)."""
         ticket = self._enqueue(body, True)
         assert ticket is not None
-        while not ticket.lock.acquire(timeout=1.0):
-            thread = self._thread
-            if thread is None or not thread.is_alive():
-                # The writer is gone; it may have answered just before it went.
-                if ticket.lock.acquire(blocking=False):
-                    break
-                raise LedgerWriteError(f"audit writer for {self.url} stopped before commit")
-        if ticket.error is not None:
-            raise ticket.error
-        assert ticket.appended is not None
-        return ticket.appended
+        return ticket
+
+    def write(self, body: bytes) -> Appended:
+        """Commit ``body`` durably (sync); raises LedgerWriteError when it was not."""
+        return self.enqueue(body).wait(self)
+
+    def write_many(self, bodies: list[bytes]) -> list[Appended]:
+        """Commit ``bodies`` durably, in order, waiting once; raises on the first not committed."""
+        tickets = [self.enqueue(body) for body in bodies]
+        return [ticket.wait(self) for ticket in tickets]
 
     # -- writer thread -------------------------------------------------
 
