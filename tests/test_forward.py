@@ -47,12 +47,12 @@ def _fill(url, n, chain="shop", start=0):
 
 
 def _received(server):
-    with open_ledger(server.ledger.url, create=False) as ledger:
+    with open_ledger(server.ledger_url, create=False) as ledger:
         return [r.body for c in ledger.chains() for r in ledger.scan(c)]
 
 
 def _count(server):
-    with open_ledger(server.ledger.url, create=False) as ledger:
+    with open_ledger(server.ledger_url, create=False) as ledger:
         return ledger.count()
 
 

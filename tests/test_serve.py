@@ -66,7 +66,7 @@ def _spans(n_audit=3, n_plain=2, service="shop"):
 
 
 def _stored(server_or_url):
-    url = server_or_url if isinstance(server_or_url, str) else server_or_url.ledger.url
+    url = server_or_url if isinstance(server_or_url, str) else server_or_url.ledger_url
     with open_ledger(url, create=False) as ledger:
         return [decode(r.body) for chain in ledger.chains() for r in ledger.scan(chain)]
 
@@ -89,7 +89,7 @@ def _post(server, body, content_type="application/x-protobuf", headers=None, pat
             "POST", path, body=body, headers={"Content-Type": content_type, **(headers or {})}
         )
         response = conn.getresponse()
-        return response.status, dict(response.getheaders()), response.read()
+        return response.status, response.headers, response.read()
     finally:
         conn.close()
 
@@ -146,7 +146,7 @@ def test_same_span_in_process_and_over_otlp_gives_the_same_bytes(tmp_path, make_
     provider.shutdown()
     with open_ledger(pipeline.ledger_url, create=False) as local:
         mine = sorted(r.body for c in local.chains() for r in local.scan(c))
-    with open_ledger(server.ledger.url, create=False) as remote:
+    with open_ledger(server.ledger_url, create=False) as remote:
         theirs = sorted(r.body for c in remote.chains() for r in remote.scan(c))
     assert len(mine) == 2
     assert theirs == mine
@@ -196,7 +196,7 @@ def test_served_ledger_verifies_with_checkpoints(make_server, tmp_path):
     for _ in range(3):
         assert _http_exporter(server).export(_spans(2, 0)) is SpanExportResult.SUCCESS
     server.stop()
-    with open_ledger(server.ledger.url, create=False) as ledger:
+    with open_ledger(server.ledger_url, create=False) as ledger:
         assert ledger.chains() == ["otel-audit-serve"]
         report = verify_ledger(ledger)
         assert report.records == 6
@@ -442,7 +442,7 @@ def test_ledger_unavailable_is_503_and_the_retry_is_not_duplicated(make_server, 
     # The refused batch may still commit once the lock is gone; the client's
     # retry must not store it twice.
     assert _post(server, body)[0] == 200
-    _deadline_wait(lambda: server.stats().requests == 2 and server.receiver.committer._pending == 0)
+    _deadline_wait(lambda: server.stats().requests == 2 and server.receiver.pending == 0)
     assert len(_stored(server)) == 3
 
 

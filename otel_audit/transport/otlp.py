@@ -98,6 +98,10 @@ def parse_request(body: bytes, json_body: bool = False) -> ExportTraceServiceReq
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MalformedRequest(f"body is not JSON: {exc}") from exc
+    except RecursionError:
+        raise MalformedRequest(
+            "body is not an OTLP/JSON trace request: nested too deeply"
+        ) from None
     if not isinstance(data, dict):
         raise MalformedRequest("body is not an OTLP/JSON trace request: expected an object")
     try:
@@ -105,6 +109,11 @@ def parse_request(body: bytes, json_body: bool = False) -> ExportTraceServiceReq
         json_format.ParseDict(data, request, ignore_unknown_fields=True)
     except (json_format.ParseError, TypeError, AttributeError) as exc:
         raise MalformedRequest(f"body is not an OTLP/JSON trace request: {exc}") from exc
+    except RecursionError:
+        # A hostile nesting (kvlist in kvlist ...): the client's error, not ours.
+        raise MalformedRequest(
+            "body is not an OTLP/JSON trace request: nested too deeply"
+        ) from None
     return request
 
 
@@ -226,9 +235,13 @@ def records_from_request(
 ) -> tuple[list[Record], list[Rejected], int]:
     """Records of the audit spans of ``request``: (records, rejected, ignored count).
 
-    Selection is the in-process processor's: ``audit.event`` true, or a span in
-    a trail whose effect (classified the same way) is a kept one; ``keep_all``
-    keeps every valid span. The derived ``audit.effect`` is added as in-process.
+    Selection never re-decides what the sender decided: ``audit.event`` true,
+    or a span in a trail that already carries ``audit.effect`` (the sender's
+    audit path kept it and wrote down why, e.g. a ``data.read`` its own
+    ``OTEL_AUDIT_EFFECTS`` keeps; or the application marked the effect). Only
+    a trail span without one is classified as in-process and kept when its
+    effect is in ``effects``, with the derived ``audit.effect`` added.
+    ``keep_all`` keeps every valid span.
     """
     records: list[Record] = []
     rejected: list[Rejected] = []
@@ -257,10 +270,13 @@ def records_from_request(
                 if attrs.get(v.EVENT) is True:
                     selected = True
                 elif v.TRAIL_ID in attrs:
-                    effect = classify(attrs, _API_KINDS[kind], span.name)
-                    if effect is not None and v.EFFECT not in attrs:
-                        extra[v.EFFECT] = effect
-                    selected = effect in effects
+                    if isinstance(attrs.get(v.EFFECT), str):
+                        selected = True
+                    else:
+                        effect = classify(attrs, _API_KINDS[kind], span.name)
+                        if effect is not None:
+                            extra[v.EFFECT] = effect
+                        selected = effect in effects
                 else:
                     selected = False
                 if not selected and not keep_all:

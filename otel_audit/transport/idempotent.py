@@ -1,0 +1,60 @@
+"""A ledger whose appends store each span once: what makes OTLP retries idempotent.
+
+An OTLP sender retries a request whose answer it did not get (a lost
+response, a timeout, a forwarder that crashed before moving its cursor); the
+receiver must then store each (trace id, span id) once. The ledger does that
+inside the append transaction (``append(..., dedupe=True)``); this wrapper
+turns it on for every append of the one commit engine (``LedgerWriter``), so
+``serve`` commits through the writer like any process, with no committer of
+its own.
+
+The writer expects one position per body. When the transaction skipped
+duplicates, the positions are the appended ones padded with the
+transaction's head (the chain's head before it when nothing was new): the
+last position is always the real head, which is what the writer checkpoints,
+and every body is covered by it. Everything but ``append`` is the wrapped
+ledger's. Thread-safety: the wrapped ledger's (the writer serialises its
+appends); the counters are read under a lock.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from otel_audit.engine.ledger import Appended, Ledger
+from otel_audit.proof.chain import GENESIS
+
+
+class IdempotentAppends:
+    """Delegates to ``ledger``; ``append`` skips spans already stored, and counts them."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+        self._lock = threading.Lock()
+        self._duplicates = 0
+
+    @property
+    def duplicates(self) -> int:
+        """Bodies skipped because their span was already stored."""
+        with self._lock:
+            return self._duplicates
+
+    def append(self, chain: str, bodies: Sequence[bytes], *, dedupe: bool = True) -> list[Appended]:
+        stored = self._ledger.append(chain, bodies, dedupe=True)
+        missing = len(bodies) - len(stored)
+        if not missing:
+            return stored
+        with self._lock:
+            self._duplicates += missing
+        if stored:
+            head = stored[-1]
+        else:
+            # Nothing new. An empty chain whose spans are all stored in other
+            # chains has no head; seq 0 is the genesis position.
+            head = self._ledger.head(chain) or Appended(chain, 0, GENESIS)
+        return stored + [head] * missing
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ledger, name)
