@@ -1,18 +1,26 @@
-"""The Collector configurations in collector-config/ are wired as their README says."""
+"""The Collector configurations in collector-config/ are wired as their README says.
+
+Structure here; the real Collector built from builder.yaml validates them
+(test_configs_validate_in_the_built_collector), and tests/test_collector_jaeger.py
+runs them.
+"""
 
 from __future__ import annotations
 
+import os
 import pathlib
 import re
+import subprocess
 
 import pytest
 import yaml
 
 from otel_audit import vocabulary as v
+from otel_audit._commands.dev_stack import Ports, Secrets, agent_env, gateway_env, write_tls_files
 from otel_audit.transport.anchors import CHAIN as ANCHOR_CHAIN
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "collector-config"
-FILES = sorted(CONFIG_DIR.glob("*.yaml"))
+FILES = [CONFIG_DIR / "agent.yaml", CONFIG_DIR / "gateway.yaml"]
 SIGNALS = ("traces", "metrics", "logs")
 KINDS = ("receivers", "processors", "exporters", "connectors", "extensions")
 # Connector type -> allowed (exporter pipeline signal, receiver pipeline signal) pairs.
@@ -39,8 +47,10 @@ def config(request):
     return yaml.safe_load(request.param.read_text())
 
 
-def test_there_are_an_agent_and_a_gateway():
-    assert {f.name for f in FILES} == {"agent.yaml", "gateway.yaml"}
+def test_there_are_an_agent_a_gateway_a_manifest_jaeger_and_compose():
+    assert {f.name for f in CONFIG_DIR.glob("*.yaml")} == {
+        "agent.yaml", "gateway.yaml", "builder.yaml", "jaeger-dev.yaml", "compose.yaml",
+    }  # fmt: skip
 
 
 def test_every_referenced_component_is_defined(config):
@@ -194,16 +204,18 @@ def _upstream(pipelines: dict, target: str) -> set[str]:
 def test_gateway_routes_audit_spans_durably_to_otel_audit_serve():
     config = yaml.safe_load((CONFIG_DIR / "gateway.yaml").read_text())
     pipelines = config["service"]["pipelines"]
-    (route,) = config["connectors"]["routing/audit"]["table"]
+    routing = config["connectors"]["routing/audit"]
+    (route,) = routing["table"]
     assert route["context"] == "span"
     assert route["condition"] == AUDIT_CONDITION
-    assert route["pipelines"] == ["traces/audit"]
-    assert not config["connectors"]["routing/audit"].get("default_pipelines")
+    # Audit spans to the audit pipeline and to Jaeger's; every other span to Jaeger's only.
+    assert route["pipelines"] == ["traces/audit", "traces/jaeger"]
+    assert routing["default_pipelines"] == ["traces/jaeger"]
     audit = pipelines["traces/audit"]
     (exporter_id,) = audit["exporters"]
     assert _type(exporter_id) in ("otlp_http", "otlphttp")
     exporter = config["exporters"][exporter_id]
-    assert re.match(r"^https?://[^/]+:4318$", exporter["endpoint"])
+    assert exporter["endpoint"] == "${env:OTELCOL_AUDIT_ENDPOINT:-http://otel-audit:4318}"
     assert exporter["headers"]["Authorization"].startswith("Bearer ${env:")
     _durable(exporter)
     # Nothing that acknowledges before export (batch) or drops (samplers,
@@ -215,17 +227,40 @@ def test_gateway_routes_audit_spans_durably_to_otel_audit_serve():
             )
 
 
+def test_jaeger_and_the_log_backend_can_never_push_back_on_the_audit_route():
+    """A full or dead Jaeger queue must not refuse data the audit route shares.
+
+    Jaeger's exporter (and the log backend's) sit in pipelines of their own
+    whose first processor is ``batch``, which accepts everything and drops on
+    export failure; no pipeline that feeds the audit route exports to them.
+    """
+    config = yaml.safe_load((CONFIG_DIR / "gateway.yaml").read_text())
+    pipelines = config["service"]["pipelines"]
+    upstream = _upstream(pipelines, "traces/audit")
+    for name, pipeline in pipelines.items():
+        lossy = [e for e in pipeline["exporters"] if "jaeger" in e or e == "otlp_http/logs"]
+        if not lossy:
+            continue
+        assert name not in upstream, f"{name} feeds the audit route and exports to {lossy}"
+        assert (pipeline.get("processors") or [None])[0] == "batch", (
+            f"{name}: {lossy} can refuse upstream without a batch processor in front"
+        )
+
+
 def test_gateway_sends_all_traces_to_jaeger_and_logs_to_the_log_pipeline():
     config = yaml.safe_load((CONFIG_DIR / "gateway.yaml").read_text())
     pipelines = config["service"]["pipelines"]
     entry = pipelines["traces/in"]
-    assert entry["receivers"] == ["otlp"]
-    jaeger = [e for e in entry["exporters"] if "jaeger" in e]
-    assert jaeger and _type(jaeger[0]) in ("otlp_grpc", "otlp")
-    logs = pipelines["logs"]
-    assert logs["receivers"] == ["otlp"] and "otlp_http/logs" in logs["exporters"]
-    (anchor_route,) = config["connectors"]["routing/anchors"]["table"]
+    assert entry["receivers"] == ["otlp"] and entry["exporters"] == ["routing/audit"]
+    (jaeger,) = pipelines["traces/jaeger"]["exporters"]
+    assert _type(jaeger) in ("otlp_grpc", "otlp")
+    assert pipelines["logs/in"]["receivers"] == ["otlp"]
+    assert pipelines["logs/backend"]["exporters"] == ["otlp_http/logs"]
+    routing = config["connectors"]["routing/anchors"]
+    (anchor_route,) = routing["table"]
     assert anchor_route["condition"] == f'attributes["{ANCHOR_CHAIN}"] != nil'
+    assert anchor_route["pipelines"] == ["logs/anchors", "logs/backend"]
+    assert routing["default_pipelines"] == ["logs/backend"]
     assert config["exporters"]["file/anchors"]["format"] == "json"
 
 
@@ -237,6 +272,81 @@ def test_agent_forwards_traces_durably():
     _durable(config["exporters"][exporter_id])
     for protocol in config["receivers"]["otlp"]["protocols"].values():
         assert protocol["endpoint"].startswith("127.0.0.1:")  # loopback: services on this host only
+
+
+# The component types each module of builder.yaml provides (the Collector's own names).
+MODULE_TYPES = {
+    "otlpreceiver": {"otlp"},
+    "memorylimiterprocessor": {"memory_limiter"},
+    "batchprocessor": {"batch"},
+    "otlpexporter": {"otlp_grpc", "otlp"},
+    "otlphttpexporter": {"otlp_http", "otlphttp"},
+    "fileexporter": {"file"},
+    "routingconnector": {"routing"},
+    "filestorage": {"file_storage"},
+    "bearertokenauthextension": {"bearertokenauth"},
+    "healthcheckextension": {"health_check"},
+}
+
+
+def _manifest() -> dict:
+    return yaml.safe_load((CONFIG_DIR / "builder.yaml").read_text())
+
+
+def test_builder_manifest_lists_exactly_the_components_the_configs_use_at_one_release():
+    manifest = _manifest()
+    release = "v" + manifest["dist"]["version"]
+    provided: dict[str, set[str]] = {}
+    for kind in KINDS:
+        for entry in manifest.get(kind) or []:
+            module, version = entry["gomod"].split()
+            assert version == release, (
+                f"{module} is at {version}, the manifest's release is {release}"
+            )
+            provided.setdefault(kind, set()).update(MODULE_TYPES[module.rsplit("/", 1)[1]])
+    used: dict[str, set[str]] = {}
+    for path in FILES:
+        config = yaml.safe_load(path.read_text())
+        for kind in KINDS:
+            used.setdefault(kind, set()).update(_type(c) for c in config.get(kind) or {})
+    for kind in KINDS:
+        # Every type used is built in; every module built in is used by some type.
+        assert used[kind] <= provided.get(kind, set()), (
+            f"{kind}: {used[kind] - provided[kind]} not built"
+        )
+        for entry in manifest.get(kind) or []:
+            types = MODULE_TYPES[entry["gomod"].split()[0].rsplit("/", 1)[1]]
+            assert types & used[kind], f"{entry['gomod']} is built but no config uses it"
+
+
+def _collector_env(tmp_path: pathlib.Path) -> dict[str, str]:
+    write_tls_files(tmp_path / "tls")
+    ports, tokens = Ports().resolve(), Secrets()
+    env = dict(os.environ)
+    env.update(gateway_env(ports, tmp_path, tmp_path / "tls", tokens, "http://127.0.0.1:1"))
+    env.update(agent_env(ports, tmp_path, tmp_path / "tls", tokens))
+    return env
+
+
+def test_configs_validate_in_the_built_collector(otel_binaries, tmp_path):
+    collector, _ = otel_binaries
+    version = subprocess.run([str(collector), "--version"], capture_output=True, text=True)
+    # A stale cached build (older manifest) would run other components: rebuild it.
+    assert version.stdout.split()[-1] == _manifest()["dist"]["version"], version.stdout
+    for path in FILES:
+        out = subprocess.run(
+            [str(collector), "validate", f"--config={path}"],
+            env=_collector_env(tmp_path), capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert out.returncode == 0, f"{path.name}: {out.stdout}{out.stderr}"
+
+
+def test_every_address_and_path_is_a_documented_variable_with_the_production_default():
+    readme = (CONFIG_DIR / "README.md").read_text()
+    for path in FILES:
+        for name, default in re.findall(r"\$\{env:(OTELCOL_[A-Z_]+):-([^}]*)\}", path.read_text()):
+            assert f"`{name}`" in readme, f"{path.name}: {name} is not documented"
+            assert default, f"{path.name}: {name} has no default"
 
 
 def test_readme_explains_each_loss_point():

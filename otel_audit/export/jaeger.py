@@ -1,8 +1,14 @@
 """Jaeger JSON, the document the Jaeger UI opens with "Upload JSON file".
 
 ``{"data": [{"traceID", "spans": [...], "processes": {...}}]}``, one entry per
-trace, one process per service. Times are microseconds; attributes become
-typed tags; the record's place in the ledger rides in ``otel_audit.*`` tags.
+trace, one process per service: the shape of Jaeger's own query API
+(``/api/traces``), written as Jaeger writes it, so a trail loaded from this file
+and the same spans sent to Jaeger over OTLP show the same tree and tags
+(tests/test_collector_jaeger_export.py checks that against a real Jaeger v2).
+Times are microseconds; attributes become typed tags (integers beyond 2^53 as
+decimal strings, as Jaeger does, since JavaScript numbers would round them;
+arrays as compact JSON text); the instrumentation scope under
+``otel.scope.name``; the record's place in the ledger rides in ``otel_audit.*`` tags.
 The records are grouped by trace, so the whole selection is held in memory:
 export a trail, an actor or a time range, not a whole large ledger.
 """
@@ -16,6 +22,8 @@ from typing import Any, TextIO
 from otel_audit.engine.ledger import StoredRecord
 
 NAME = "jaeger"
+#: The largest integer a JavaScript number (the Jaeger UI's) holds exactly.
+_MAX_SAFE_INTEGER = 2**53 - 1
 
 
 def tag(key: str, value: Any) -> dict[str, Any]:
@@ -23,18 +31,21 @@ def tag(key: str, value: Any) -> dict[str, Any]:
     if isinstance(value, bool):
         return {"key": key, "type": "bool", "value": value}
     if isinstance(value, int):
-        return {"key": key, "type": "int64", "value": value}
+        if -_MAX_SAFE_INTEGER <= value <= _MAX_SAFE_INTEGER:
+            return {"key": key, "type": "int64", "value": value}
+        return {"key": key, "type": "int64", "value": str(value)}
     if isinstance(value, float):
         return {"key": key, "type": "float64", "value": value}
     if isinstance(value, dict) and set(value) == {"bytes"}:
         return {"key": key, "type": "binary", "value": value["bytes"]}
     if isinstance(value, str):
         return {"key": key, "type": "string", "value": value}
-    # Arrays and tagged values: Jaeger has no such type; keep them as JSON text.
+    # Arrays and tagged values: Jaeger has no such type; JSON text, compact as
+    # Jaeger writes an OTLP array attribute.
     return {
         "key": key,
         "type": "string",
-        "value": json.dumps(value, ensure_ascii=False, sort_keys=True),
+        "value": json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":")),
     }
 
 
