@@ -7,6 +7,18 @@ integers as integers, floats by their shortest repr, non-finite floats and
 bytes tagged, strings with unencodable code points escaped. The hash chain is
 computed over exactly these bytes, so they are stored as written and never
 re-encoded. Thread-safe: pure functions.
+
+Two encoders produce format 1. ``encode_reference`` is the definition: the
+standard library's JSON encoder, as every record so far was written.
+``encode`` is the fast path: orjson (C) with sorted keys, checked to give the
+same bytes. orjson writes some floats differently from Python's ``repr``
+(``0.00001`` for ``1e-05``) and refuses integers beyond 64 bits, lone
+surrogates and non-string keys; a record whose fast output holds a number in
+exponent form or below 0.0001, or that orjson refuses, is encoded by the
+reference path instead, so the bytes never differ. At import the fast path
+checks itself against the reference over floats of every magnitude and every
+escaped character, and is switched off if an orjson release ever formats
+differently. The shared vectors in ``tests/vectors/record_v1.json`` pin both.
 """
 
 from __future__ import annotations
@@ -14,6 +26,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +42,16 @@ _STATUSES = ("UNSET", "OK", "ERROR")
 _dumps = json.JSONEncoder(
     ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False
 ).encode
+
+try:
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - a dependency; the reference path still works
+    _orjson = None  # type: ignore[assignment]
+
+# A number in exponent form or below 0.0001, where orjson and repr() may differ.
+# Numbers start the text or follow ":", "," or "["; the same text inside a string only costs a
+# slow-path encode, never a wrong byte.
+_SUSPECT_NUMBER = re.compile(rb"(?:^|[:,\[])-?(?:0\.0000|[0-9]+(?:\.[0-9]+)?[eE])")
 
 
 @dataclass(frozen=True)
@@ -104,14 +127,50 @@ class Record:
         return out
 
 
+def _fast_dumps(data: Any, nulls: int = 0) -> bytes | None:
+    """orjson's canonical bytes of ``data``, or None when only the reference path is exact.
+
+    ``nulls`` is how many ``null`` the caller's own fields put there: orjson
+    writes a non-finite float as ``null`` where the reference refuses it, so
+    any other ``null`` sends the value to the reference path.
+    """
+    if _orjson is None:
+        return None
+    try:
+        out = _orjson.dumps(data, option=_FAST_OPTIONS)
+    except TypeError:  # JSONEncodeError: a >64-bit int, a surrogate, a non-str key, ...
+        return None
+    if _SUSPECT_NUMBER.search(out) is not None or out.count(b"null") > nulls:
+        return None
+    return out
+
+
 def canonical_json(data: Any) -> str:
     """The one canonical JSON form of otel-audit: sorted keys, no whitespace, UTF-8 text."""
+    out = _fast_dumps(data) if _fast else None
+    return _dumps(data) if out is None else out.decode("utf-8")
+
+
+def canonical_json_reference(data: Any) -> str:
+    """``canonical_json`` by the standard library only: the definition the fast path matches."""
     return _dumps(data)
 
 
 def encode(record: Record) -> bytes:
     """The canonical bytes of ``record``; the input to the hash chain."""
+    data = record.to_dict()
+    out = _fast_dumps(data, record.parent_span_id is None) if _fast else None
+    return _dumps(data).encode("utf-8") if out is None else out
+
+
+def encode_reference(record: Record) -> bytes:
+    """``encode`` by the standard library only (format 1's definition; slower)."""
     return _dumps(record.to_dict()).encode("utf-8")
+
+
+def fast_encoder() -> str | None:
+    """The C encoder in use (``orjson x.y``), or None when every record takes the reference path."""
+    return f"orjson {_orjson.__version__}" if _fast and _orjson is not None else None
 
 
 def decode(body: bytes) -> Record:
@@ -283,3 +342,52 @@ def record_from_span(
         scope=scope,
         truncated=tuple(cut),
     )
+
+
+# -- the fast path checks itself once, at import ------------------------------
+
+_FAST_OPTIONS = (
+    (_orjson.OPT_SORT_KEYS | _orjson.OPT_PASSTHROUGH_SUBCLASS | _orjson.OPT_PASSTHROUGH_DATETIME
+     | _orjson.OPT_PASSTHROUGH_DATACLASS)
+    if _orjson is not None else 0
+)  # fmt: skip
+
+
+def _self_check() -> bool:
+    """True when orjson gives the reference bytes (or defers) for every probe value."""
+    if _orjson is None:
+        return False
+    probes: list[Any] = [
+        "".join(chr(c) for c in range(0x80)),
+        "\u2028\u2029\ufeff\ud7ff\ue000\uffff\U0001f600\U0010ffff é ü 中",
+        {"b": 1, "a": [True, False, None, 0, -1, 2**63 - 1, 2**64 - 1, -(2**63)],
+         "\U0001f600": 1, "\uffff": 2, "\ue000": 3, "": 4, "A": 5},
+        [0.0, -0.0, 0.1, 0.5, 1.0, 1.5, 100.0, 2.0**53, 2.0**53 + 2, 1 / 3, 2 / 3],
+    ]  # fmt: skip
+    floats: list[float] = []
+    for exp in range(-330, 308):
+        for mantissa in ("1", "1.5", "1.2345678901234567", "9.999999999999999", "4.9"):
+            value = float(f"{mantissa}e{exp}")
+            floats += [value, -value]
+    floats += [5e-324, 2.2250738585072014e-308, 1.7976931348623157e308]
+    probes += [floats[i : i + 64] for i in range(0, len(floats), 64)]
+    for probe in probes:
+        try:
+            out = _orjson.dumps(probe, option=_FAST_OPTIONS)
+        except TypeError:
+            return False
+        if _SUSPECT_NUMBER.search(out):
+            # Deferred to the reference path, so it cannot differ; check the
+            # values one by one so one suspect float does not hide the rest.
+            if isinstance(probe, list):
+                for item in probe:
+                    one = _orjson.dumps([item], option=_FAST_OPTIONS)
+                    if not _SUSPECT_NUMBER.search(one) and one != _dumps([item]).encode():
+                        return False
+            continue
+        if out != _dumps(probe).encode("utf-8"):
+            return False
+    return True
+
+
+_fast = _self_check()
