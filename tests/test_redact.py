@@ -86,7 +86,8 @@ def test_secret_names(name: str, secret: bool) -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("Authorization: Bearer eyJhbGciOi.J9-x_y", "Authorization: Bearer [REDACTED]"),
+        ("Authorization: Bearer eyJhbGciOi.J9-x_y", "Authorization: [REDACTED]"),
+        ("sent Bearer eyJhbGciOi.J9-x_y", "sent Bearer [REDACTED]"),
         ("basic dXNlcjpwYXNz", "basic [REDACTED]"),
         ("https://shop/x?access_token=abc&page=2", "https://shop/x?access_token=[REDACTED]&page=2"),
         ("UPDATE users SET password = 'hunter2' WHERE id = 7",

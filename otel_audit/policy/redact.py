@@ -11,18 +11,32 @@ Four methods, applied to one attribute value at a time:
   fresh 16-byte salt stored beside the digest, so the value can later be
   proven to a reviewer who is shown it (``otel-audit prove``).
 
-``Redactor`` also applies the defaults that need no configuration: header
-attributes that carry credentials, attributes whose *name* says password,
-secret, token, key or credential, and secrets found *inside* any string value
-(bearer/basic credentials, ``password=...`` pairs in query strings and SQL,
-URL user-info, Luhn-valid card numbers). Value scanning covers attribute
-values, span names, status messages, and event and link attributes.
-Thread-safe: a Redactor is immutable after construction.
+``Redactor`` also applies the defaults that need no configuration (see
+docs/policy.md, "Redaction"):
+
+* by name: attributes whose name says password, secret, token, key or
+  credential, also run together or abbreviated (``PGPASSWORD``,
+  ``oauth.accesstoken``, ``user.pass``, ``pwd``), and credential headers;
+* by shape, inside every string the record keeps (attribute values, the span
+  name, the status message, event names and attributes, link attributes, the
+  scope and service names, ``audit.resource.id``, and attribute names):
+  ``name=value`` pairs whose name is secret (query strings, JSON, config
+  text, signatures such as ``X-Amz-Signature``), bearer and basic
+  credentials, URL user-info, well-known token formats (JWTs, cloud and SaaS
+  keys, PEM private keys), random tokens in URL paths, card numbers;
+* then once per record: a value found secret in one place is masked wherever
+  else it appears in the same record.
+
+Thread-safe: a Redactor is immutable after construction (its caches may be
+filled by racing threads, never with different answers).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import fnmatch
+import functools
 import hashlib
 import hmac
 import json
@@ -43,21 +57,60 @@ MASK = "[REDACTED]"
 COMMIT_PREFIX = "commit:sha256:"
 HMAC_PREFIX = "hmac:sha256:"
 
-# Name tokens that mark an attribute as a secret. Whole tokens only, so
-# "monkey", "keyboard" or "tokenizer" do not match but "api_key", "apiKey",
-# "x-auth-token" and "db.password" do. Plural counters ("input_tokens",
-# "keys") are left alone on purpose: they are counts, not secrets.
-_SECRET_TOKENS = frozenset(
+# -- secret names --------------------------------------------------------------
+#
+# A name is cut into segments at anything but letters and digits
+# ("oauth.accesstoken" -> oauth, accesstoken) and camelCase segments into
+# words ("clientSecret" -> client, Secret). A name is secret when a word or a
+# segment (trailing digits ignored) is one of _NAME_WORDS, or a segment runs a
+# secret word together with others: it ends with one of _NAME_SUFFIXES
+# ("pgpassword", "clientsecret"), contains one of _NAME_INFIXES
+# ("passwordhash"), or ends with "key" after a qualifier that makes it a
+# secret key ("apikey", "accesskey", "signingkey" but not "monkey").
+# Ordinary words that merely start with one stay readable: "passenger",
+# "keyboard", "tokenizer", "secretary"; plural counters ("input_tokens",
+# "keys") are counts, not secrets.
+_NAME_WORDS = frozenset(
     {
-        "password", "passwd", "pwd", "passphrase", "passwords",
-        "secret", "secrets", "token", "key", "apikey", "credential", "credentials",
-        "cookie", "authorization", "privatekey",
+        "password", "passwd", "pwd", "pw", "pass", "pswd", "passphrase", "passcode",
+        "secret", "token", "key", "apikey", "privatekey", "credential", "credentials",
+        "creds", "cookie", "authorization", "jwt", "otp", "bearer",
     }
 )  # fmt: skip
-_NAME_SPLIT = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|[0-9]+")
+_NAME_SUFFIXES = (
+    "password", "passwd", "passphrase", "passcode", "pwd", "secret", "token",
+    "credential", "credentials", "creds",
+)  # fmt: skip
+_NAME_INFIXES = ("password", "passwd", "passphrase", "apikey", "privatekey", "clientsecret")
+# "...pass" ends many ordinary words; these are the ones that are not secrets.
+_PASS_WORDS = frozenset(
+    {"bypass", "compass", "encompass", "overpass", "underpass", "surpass", "trespass",
+     "firstpass", "multipass", "onepass", "subpass", "renderpass"}
+)  # fmt: skip
+_KEY_QUALIFIERS = (
+    "api", "private", "priv", "secret", "access", "signing", "sign", "master", "encryption",
+    "enc", "decryption", "session", "auth", "client", "app", "hmac", "aes", "ssh", "gpg",
+    "pgp", "shared", "account", "storage", "webhook", "jwt", "root", "consumer", "pass",
+    "license", "subscription", "service", "admin", "x",
+)  # fmt: skip
+# Words that make a name=value pair (query string, config text) secret beyond
+# the attribute-name rule: signatures authorise a request as a password does.
+_PARAMETER_WORDS = frozenset({"sig", "signature", "auth", "sas", "xsrf", "csrf"})
+# Semantic-convention names that contain a secret word but hold no secret.
+_NOT_SECRET_NAMES = frozenset(
+    {
+        "messaging.kafka.message.key", "messaging.rabbitmq.destination.routing_key",
+        "messaging.message.key", "gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens",
+    }
+)  # fmt: skip
+
+_SEGMENTS = re.compile(r"[A-Za-z0-9]+")
+_CAMEL_WORDS = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|[0-9]+")
+_DIGITS_AT_END = "0123456789"
 
 # Header attributes (http.request.header.<name>, http.response.header.<name>)
-# that carry credentials whatever their value looks like.
+# that carry credentials whatever their value looks like and whatever the
+# name rule says of their words.
 _SECRET_HEADERS = frozenset(
     {
         "authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key",
@@ -67,29 +120,147 @@ _SECRET_HEADERS = frozenset(
 )  # fmt: skip
 _HEADER_PREFIXES = ("http.request.header.", "http.response.header.")
 
-# The vocabulary is never redacted by name, and its identifiers are never
-# scanned: rewriting an id that happens to look like a card number would break
-# every query on it. ``audit.reason`` is free text, so it is scanned.
+# The vocabulary is never redacted by name, and its identifiers are not
+# scanned as free text: rewriting an id that happens to look like a card
+# number would break every query on it. ``audit.reason`` is free text, so it
+# is scanned; ``audit.resource.id`` often comes from a route parameter (a
+# reset token in /reset/<token>), so it is checked for token shapes.
 _NEVER_REDACTED = frozenset(v.ALL)
-_NEVER_SCANNED = _NEVER_REDACTED - {v.REASON}
+_NEVER_SCANNED = _NEVER_REDACTED - {v.REASON, v.RESOURCE_ID}
 # What trails, queries and the boundary report are built on: not even a
 # configured rule may rewrite these. (Ids may be pseudonymised, e.g. an HMAC
 # of audit.actor.id, by an explicit rule.)
 _STRUCTURAL = frozenset(
     {v.EVENT, v.ACTION, v.TRAIL_ID, v.OUTCOME, v.ACTOR_TYPE, v.EFFECT, v.DATA_CLASSIFICATION}
 )
+# Attributes whose values instrumentations fill from code or configuration,
+# never from request data: not worth scanning on every span.
+_KEY_SAFE = frozenset(
+    {
+        "http.request.method", "http.method", "http.route", "http.scheme", "url.scheme",
+        "http.flavor", "network.protocol.name", "network.protocol.version",
+        "network.transport", "network.type", "server.address", "server.port",
+        "client.port", "network.peer.port", "network.local.port", "db.system",
+        "db.system.name", "db.operation", "db.operation.name", "db.collection.name",
+        "messaging.system", "messaging.operation", "messaging.operation.type", "rpc.system",
+        "rpc.service", "rpc.method", "code.function", "code.namespace", "code.filepath",
+        "code.function.name", "code.file.path", "thread.name", "otel.status_code",
+        "otel.scope.name", "exception.type", "error.type",
+    }
+)  # fmt: skip
 
-_BEARER = re.compile(r"(?i)\b(bearer|basic)(\s+)[A-Za-z0-9\-._~+/]+=*")
-_PAIR = re.compile(
-    r"(?i)(?<![a-z0-9])"
-    r"((?:[a-z0-9]+[_-])?(?:password|passwd|pwd|passphrase|secret|token|api[_-]?key|"
-    r"access[_-]?key|private[_-]?key|credentials?|auth))"
-    r"(\"?'?\s*[:=]\s*)"
-    r"(\"[^\"]*\"|'[^']*'|[^\s&,;\"'#)]+)"
+
+def _segment_is_secret(low: str) -> bool:
+    """``low``: one lower-case name segment without trailing digits."""
+    if low in _NAME_WORDS:
+        return True
+    if low.endswith(_NAME_SUFFIXES):
+        return True
+    if low.endswith("pass") and low not in _PASS_WORDS:
+        return True
+    if low.endswith("key") and low[:-3].endswith(_KEY_QUALIFIERS):
+        return True
+    return any(word in low for word in _NAME_INFIXES)
+
+
+def _name_is_secret(name: str, extra: frozenset[str] = frozenset()) -> bool:
+    for segment in _SEGMENTS.findall(name):
+        low = segment.lower().rstrip(_DIGITS_AT_END)
+        if _segment_is_secret(low) or low in extra:
+            return True
+        if not segment.islower() and not segment.isupper():
+            for word in _CAMEL_WORDS.findall(segment):
+                word = word.lower()
+                if word in _NAME_WORDS or word in extra:
+                    return True
+    return False
+
+
+def secret_name(name: str) -> bool:
+    """True when the attribute ``name`` says it holds a secret (see the section comment)."""
+    if name in _NEVER_REDACTED or name in _NOT_SECRET_NAMES:
+        return False
+    for prefix in _HEADER_PREFIXES:
+        if name.startswith(prefix):
+            header = name[len(prefix) :].lower()
+            if header in _SECRET_HEADERS:
+                return True
+            return _name_is_secret(header)
+    return _name_is_secret(name)
+
+
+@functools.lru_cache(maxsize=4096)
+def secret_parameter(name: str) -> bool:
+    """True when a ``name=value`` pair (query parameter, config line, JSON member) is a secret."""
+    return _name_is_secret(name, _PARAMETER_WORDS)
+
+
+# -- secrets inside values -------------------------------------------------------
+#
+# Every family of secret has a cheap gate (a substring test on the text, or a
+# regex that starts with literals, which the regex engine scans for quickly);
+# the full pattern runs only when its gate opens. Most strings open none.
+
+# Well-known token formats, anywhere in any string. The label names the kind
+# in the mask: "[REDACTED:jwt]".
+_SHAPES = re.compile(
+    r"(?P<private_key>-----BEGIN[A-Z0-9 ]{0,40}PRIVATE KEY[A-Z ]{0,10}-----"
+    r"(?s:.*?-----END[A-Z0-9 ]{0,40}PRIVATE KEY[A-Z ]{0,10}-----|.*))"
+    r"|(?<![A-Za-z0-9_-])(?:"
+    r"(?P<jwt>eyJ[A-Za-z0-9_-]{6,}\.[A-Za-z0-9_-]{4,}(?:\.[A-Za-z0-9_-]*){1,3})"
+    r"|(?P<aws_key_id>(?:AKIA|ASIA|ABIA|ACCA|A3T[A-Z0-9])[A-Z0-9]{16}(?![A-Za-z0-9]))"
+    r"|(?P<github_token>(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,}))"
+    r"|(?P<gitlab_token>glpat-[A-Za-z0-9_-]{20,})"
+    r"|(?P<slack_token>(?:xox[abposer]-[A-Za-z0-9-]{10,}|xapp-[0-9]-[A-Za-z0-9-]{10,}))"
+    r"|(?P<stripe_key>(?:sk|rk)_(?:live|test)_[A-Za-z0-9]{10,}|whsec_[A-Za-z0-9]{20,})"
+    r"|(?P<google_key>AIza[0-9A-Za-z_-]{35}|ya29\.[0-9A-Za-z_-]{20,})"
+    r"|(?P<api_key>sk-[A-Za-z0-9_-]{20,}|npm_[A-Za-z0-9]{36}|hf_[A-Za-z0-9]{30,}"
+    r"|SG\.[A-Za-z0-9_-]{16,}\.[A-Za-z0-9_-]{16,}|pypi-AgE[A-Za-z0-9_-]{50,}"
+    r"|dop_v1_[a-f0-9]{64})"
+    r"|(?P<slack_webhook>hooks\.slack\.com/services/[A-Za-z0-9/_-]+))"
 )
-_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@]+):[^@/\s]+@")
-_MAX_CACHED_NAMES = 4096
+_SHAPE_GATE = re.compile(
+    r"eyJ|AKIA|ASIA|ABIA|ACCA|A3T|gh[pousr]_|github_pat_|glpat-|xox|xapp-|sk_|rk_|whsec_"
+    r"|AIza|ya29\.|sk-|npm_|hf_|SG\.|pypi-|dop_v1_|-----BEGIN|hooks\.slack"
+)
+
+# name=value / name: value pairs (query strings, JSON, config text, SQL);
+# whether the name is secret is decided by secret_parameter. Credential
+# header lines are masked to the end of the line; bearer and basic
+# credentials wherever they appear. Only the name (or scheme) is consumed by
+# a match and the value is a lookahead, so a pair that is not secret
+# ("https://...") never hides a secret one inside its value ("?token=...").
+_KEYED = re.compile(
+    r"(?<![A-Za-z0-9_.-])(?P<header>(?i:(?:proxy-)?authorization|(?:set-)?cookie|x-api-key"
+    r"|x-auth-token)[ \t]*:[ \t]*)(?=(?P<line>[^\r\n]+))"
+    r"|(?P<scheme>(?i:\b(?:bearer|basic))\s+)(?=(?P<credential>[A-Za-z0-9\-._~+/]{8,}=*))"
+    r"|(?<![A-Za-z0-9_.-])(?P<name>[A-Za-z][A-Za-z0-9_.-]{0,63})(?P<sep>[\"']?[ \t]*[:=][ \t]*)"
+    r"(?=(?P<value>\"(?:[^\"\\]|\\.)*\"|'[^']*'|[^\s&,;\"'#)]+))"
+)
+
+# URL user-info: the password runs to the last "@" before the next blank, so
+# a password holding "/" or "@" is masked whole.
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]{0,30}://[^/\s:@?#]*):(\S*)@")
+_PORT_THEN_PATH = re.compile(r"[0-9]{1,5}(?:[/?#]|\Z)")
+
+# Random tokens in URL paths and in values of unnamed parameters: a path
+# segment after a secret word ("/reset/<token>"), or any segment that looks
+# random (long, mixed case and digits; UUIDs, hex digests and slugs do not).
+_PATH_TOKEN = re.compile(
+    r"(?i)(/(?:tokens?|secrets?|keys?|api-?keys?|passwords?|reset|reset-password"
+    r"|password-reset|invite|invites|invitations?|verify|verification|confirm"
+    r"|confirmation|activate|activation|magic|magic-link|otp|sessions?)/)"
+    r"([A-Za-z0-9._~-]{16,})"
+)
+_RANDOM_SEGMENT = re.compile(r"[/=]([A-Za-z0-9_-]{24,})(?=[/?#&;,\s\"']|\Z)")
+_TYPED_ID = re.compile(r"[a-z]{2,10}_")  # "cus_...", "pi_...": typed ids, not secrets
+
+# An AWS secret access key has no prefix: 40 base64 characters, masked when
+# the text also speaks of AWS or a secret.
+_AWS_SECRET = re.compile(r"(?<![A-Za-z0-9/+=])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])")
+
 _CARD = re.compile(r"(?<![0-9])[0-9](?:[ -]?[0-9]){12,}(?![0-9])")
+_DIGITS = re.compile(r"[0-9](?:[ -]?[0-9]){12}")
 
 
 def luhn_valid(digits: str) -> bool:
@@ -110,6 +281,8 @@ def _card(match: re.Match[str]) -> str:
 
     The run may be longer than the card ("4111 1111 1111 1111 12 27"): every
     sequence of whole groups holding 13-19 digits is tried, longest first.
+    Cards are not hunted for elsewhere in the record: an operator may use
+    one as ``audit.resource.id``, which is kept (see scrub_id).
     """
     text = match.group(0)
     groups = [(m.start(), m.end()) for m in re.finditer(r"[0-9]+", text)]
@@ -130,49 +303,160 @@ def _card(match: re.Match[str]) -> str:
     return "".join(out)
 
 
-# Cheap pre-checks: most values hold none of these, and one scan for them
-# costs less than running every pattern (this runs on every span's strings).
-# (Substring tests on the lower-cased text are several times faster than one
-# case-insensitive alternation.)
-_MAYBE_WORDS = (
-    "bearer",
-    "basic",
-    "pass",
-    "pwd",
-    "secret",
-    "token",
-    "key",
-    "credential",
-    "auth",
-    "://",
-)
-_DIGITS = re.compile(r"[0-9](?:[ -]?[0-9]){12}")
+def looks_random(token: str) -> bool:
+    """True when ``token`` looks like a generated secret rather than an id or a word.
 
-
-def _maybe_credential(text: str) -> bool:
-    low = text.lower()
-    # Spelled out rather than any(... for word in _MAYBE_WORDS): this runs on
-    # every string of every record, and the generator costs five times more.
+    Long enough (24+), upper and lower case letters and digits together, and
+    not a typed id ("cus_...", "pi_..."). UUIDs and hex digests have no upper
+    case; slugs have no digits.
+    """
     return (
-        "bearer" in low or "basic" in low or "pass" in low or "pwd" in low
-        or "secret" in low or "token" in low or "key" in low or "credential" in low
-        or "auth" in low or "://" in low
+        len(token) >= 24
+        and not token.islower()
+        and not token.isupper()
+        and any(c.isdigit() for c in token)
+        and _TYPED_ID.match(token) is None
+    )
+
+
+def _basic_credential(token: str) -> bool:
+    """True when ``token`` decodes as base64 to ``user:password`` (so "basic plan" stays)."""
+    try:
+        raw = base64.b64decode(token + "=" * (-len(token) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    return b":" in raw
+
+
+def _hinted(low: str) -> bool:
+    # Spelled out rather than any(... for word in ...): this runs on every
+    # string of every record, and the generator costs several times more.
+    return (
+        "pass" in low or "pw" in low or "secret" in low or "token" in low or "key" in low
+        or "cred" in low or "auth" in low or "sig" in low or "cookie" in low
+        or "bearer" in low or "basic" in low or "otp" in low or "jwt" in low
+        or "sas" in low or "srf" in low
     )  # fmt: skip
 
 
-def scrub_text(text: str) -> str:
-    """``text`` with credentials and card numbers found inside it masked."""
-    if not text:
-        return text
+def _scrub(text: str, found: list[str] | None, cards: bool = True) -> str:
+    """``text`` with every secret shape masked; what was masked is appended to ``found``."""
+    n = len(text)
+    if n < 4 or (n < 8 and "=" not in text and ":" not in text):
+        return text  # too short to hold any shape below
     out = text
-    if _maybe_credential(out):
-        out = _BEARER.sub(lambda m: f"{m.group(1)}{m.group(2)}{MASK}", out)
-        out = _PAIR.sub(lambda m: f"{m.group(1)}{m.group(2)}{MASK}", out)
-        if "@" in out:
-            out = _USERINFO.sub(lambda m: f"{m.group(1)}:{MASK}@", out)
-    if _DIGITS.search(out):
+    if _SHAPE_GATE.search(out) is not None:
+        out = _SHAPES.sub(lambda m: _masked_shape(m, found), out)
+    low = out.lower()
+    if _hinted(low):
+        out = _mask_pairs(out, found)
+    if "://" in out and "@" in out:
+        out = _USERINFO.sub(lambda m: _masked_userinfo(m, found), out)
+    if "/" in out:
+        if _PATH_TOKEN.search(out) is not None:
+            out = _PATH_TOKEN.sub(lambda m: _masked_path(m, found), out)
+        out = _RANDOM_SEGMENT.sub(lambda m: _masked_segment(m, found), out)
+    elif "=" in out:
+        out = _RANDOM_SEGMENT.sub(lambda m: _masked_segment(m, found), out)
+    if n >= 40 and ("aws" in low or "secret" in low):
+        out = _AWS_SECRET.sub(lambda m: _masked_aws_secret(m, found), out)
+    if cards and n >= 13 and _DIGITS.search(out) is not None:
         out = _CARD.sub(_card, out)
     return out
+
+
+def _note(found: list[str] | None, secret: str) -> None:
+    if found is not None:
+        found.append(secret)
+
+
+def _masked_shape(m: re.Match[str], found: list[str] | None) -> str:
+    _note(found, m.group(0))
+    kind = (m.lastgroup or "secret").replace("_", "-")
+    return f"[REDACTED:{kind}]"
+
+
+def _mask_pairs(text: str, found: list[str] | None) -> str:
+    out: list[str] = []
+    done = 0
+    for m in _KEYED.finditer(text):
+        if m.start() < done:
+            continue  # inside a value already masked
+        if m.group("header") is not None:
+            group = "line"
+        elif m.group("scheme") is not None:
+            group = "credential"
+            if m.group("scheme")[:5].lower() == "basic" and not _basic_credential(
+                m.group("credential")
+            ):
+                continue
+        else:
+            group = "value"
+            if not secret_parameter(m.group("name")):
+                continue
+        start, end = m.span(group)
+        secret = m.group(group)
+        if not secret.startswith(MASK[:-1]):  # not what a shape already masked
+            _note(found, secret.strip("\"'"))
+        out.append(text[done:start])
+        out.append(MASK)
+        done = end
+    if not out:
+        return text
+    out.append(text[done:])
+    return "".join(out)
+
+
+def _masked_userinfo(m: re.Match[str], found: list[str] | None) -> str:
+    password = m.group(2)
+    if _PORT_THEN_PATH.match(password) or password.startswith(MASK):
+        return m.group(0)  # host:port/path@...: no user-info at all
+    _note(found, password)
+    return f"{m.group(1)}:{MASK}@"
+
+
+def _masked_path(m: re.Match[str], found: list[str] | None) -> str:
+    token = m.group(2)
+    if not any(c.isdigit() for c in token):
+        return m.group(0)  # a slug ("/verify/my-email-address"), not a token
+    _note(found, token)
+    return m.group(1) + MASK
+
+
+def _masked_segment(m: re.Match[str], found: list[str] | None) -> str:
+    token = m.group(1)
+    if not looks_random(token):
+        return m.group(0)
+    _note(found, token)
+    return m.group(0)[0] + MASK
+
+
+def _masked_aws_secret(m: re.Match[str], found: list[str] | None) -> str:
+    token = m.group(0)
+    if token.islower() or token.isupper() or not any(c.isdigit() for c in token):
+        return token
+    _note(found, token)
+    return "[REDACTED:aws-secret-key]"
+
+
+def scrub_text(text: str) -> str:
+    """``text`` with credentials, token formats and card numbers found inside it masked."""
+    return _scrub(text, None) if text else text
+
+
+def scrub_id(text: str, found: list[str] | None = None) -> str:
+    """``audit.resource.id`` checked for secrets: token shapes and random tokens, not cards.
+
+    Ids are what reviewers query on, so only what looks like a credential is
+    rewritten: a 16-digit order number that happens to pass Luhn stays.
+    """
+    if looks_random(text) and _RANDOM_TOKEN.fullmatch(text) is not None:
+        _note(found, text)
+        return MASK
+    return _scrub(text, found, cards=False)
+
+
+_RANDOM_TOKEN = re.compile(r"[A-Za-z0-9_-]+")
 
 
 # Statements carry the values they write: a password in an INSERT is as
@@ -187,22 +471,15 @@ _SQL_LITERAL = re.compile(
 # often quote the values involved, so they are not audit data by default.
 _EXCEPTION_MASKED = frozenset({"exception.message"})
 _EXCEPTION_DROPPED = frozenset({"exception.stacktrace"})
+_MAX_CACHED_NAMES = 4096
+# Values shorter than this are not hunted for elsewhere in the record: a
+# two-letter password would otherwise mask every "ab" in it.
+_MIN_ECHO = 6
 
 
 def sanitize_sql(statement: str) -> str:
     """``statement`` with its string and numeric literals replaced by ``?``."""
     return _SQL_LITERAL.sub("?", statement)
-
-
-def secret_name(name: str) -> bool:
-    """True when the attribute ``name`` says it holds a secret (see module docstring)."""
-    if name in _NEVER_REDACTED:
-        return False
-    for prefix in _HEADER_PREFIXES:
-        if name.startswith(prefix) and name[len(prefix) :].lower() in _SECRET_HEADERS:
-            return True
-    tokens = {t.lower() for t in _NAME_SPLIT.findall(name)}
-    return not tokens.isdisjoint(_SECRET_TOKENS)
 
 
 def canonical_value(value: Any) -> bytes:
@@ -309,6 +586,7 @@ class Redactor:
         # Attribute names repeat: remember each name's method. Racing threads
         # may compute one twice, never differently.
         self._methods: dict[str, str | None] = {}
+        self._plans: dict[str, tuple[str, str]] = {}
         for rule in self.rules:
             if rule.method not in METHODS:
                 raise ConfigError(f"redaction method must be one of {', '.join(METHODS)}")
@@ -341,17 +619,42 @@ class Redactor:
             return "drop"
         return "mask" if secret_name(name) else None
 
-    def _text(self, text: str) -> str:
-        out = scrub_text(text)
+    def _plan(self, name: str) -> tuple[str, str]:
+        """(name as stored, what to do with the value); decided once per attribute name."""
+        try:
+            return self._plans[name]
+        except KeyError:
+            pass
+        method = self.method_for(name)
+        if method is not None:
+            action = method
+        elif name in _NEVER_SCANNED or name in _KEY_SAFE:
+            action = _KEEP
+        elif name == v.RESOURCE_ID:
+            action = _ID
+        elif name in _SQL_ATTRIBUTES:
+            action = _SQL
+        else:
+            action = _SCAN
+        # A name can hold a secret too (an instrumentation that makes one
+        # attribute per query parameter or header value).
+        stored = name if name in _NEVER_REDACTED else self._text(name, None)
+        plan = (stored, action)
+        if len(self._plans) < _MAX_CACHED_NAMES:
+            self._plans[name] = plan
+        return plan
+
+    def _text(self, text: str, found: list[str] | None) -> str:
+        out = _scrub(text, found)
         for rule in self.value_rules:
             out = rule.regex.sub(MASK, out)
         return out
 
-    def _value(self, value: Any) -> Any:
+    def _value(self, value: Any, found: list[str] | None) -> Any:
         if isinstance(value, str):
-            return self._text(value)
+            return self._text(value, found)
         if isinstance(value, list):
-            return [self._text(x) if isinstance(x, str) else x for x in value]
+            return [self._text(x, found) if isinstance(x, str) else x for x in value]
         return value
 
     def _apply(self, method: str, value: Any) -> Any:
@@ -366,51 +669,130 @@ class Redactor:
         return [fn(x) for x in value] if isinstance(value, list) else fn(value)
 
     def attributes(
-        self, attributes: Mapping[str, Any], redacted: list[str] | None = None
+        self,
+        attributes: Mapping[str, Any],
+        redacted: list[str] | None = None,
+        found: list[str] | None = None,
     ) -> dict[str, Any]:
-        """Redacted copy of ``attributes``; names of redacted ones are appended to ``redacted``."""
+        """Redacted copy of ``attributes``.
+
+        Names of redacted ones are appended to ``redacted``; the secret values
+        removed (whole or found inside a value) to ``found``.
+        """
         out: dict[str, Any] = {}
         for name, value in attributes.items():
-            method = self.method_for(name)
-            if method is None:
-                if name in _NEVER_SCANNED:
-                    out[name] = value
-                elif name in _SQL_ATTRIBUTES and isinstance(value, str):
-                    out[name] = self._text(sanitize_sql(value))
-                else:
-                    out[name] = self._value(value)
-                continue
-            if redacted is not None:
-                redacted.append(name)
-            if method == "drop":
-                continue
-            out[name] = self._apply(method, value)
+            stored, action = self._plan(name)
+            if action == _SCAN:
+                out[stored] = self._value(value, found)
+            elif action == _KEEP:
+                out[stored] = value
+            elif action == _SQL:
+                out[stored] = (
+                    self._text(sanitize_sql(value), found)
+                    if isinstance(value, str)
+                    else self._value(value, found)
+                )
+            elif action == _ID:
+                out[stored] = scrub_id(value, found) if isinstance(value, str) else value
+            else:
+                if redacted is not None:
+                    redacted.append(name)
+                if found is not None and name not in _EXCEPTION_NAMES:
+                    if isinstance(value, str):
+                        found.append(value)
+                    elif isinstance(value, list):
+                        found.extend(x for x in value if isinstance(x, str))
+                if action == "drop":
+                    continue
+                out[stored] = self._apply(action, value)
         return out
 
     def record(self, record: Record) -> Record:
-        """``record`` with every attribute, name, message, event and link redacted."""
+        """``record`` with every string it keeps redacted (see the module docstring)."""
+        found: list[str] = []
+        text = self._text
+        scope = text(record.scope, found) if record.scope else record.scope
+        service = text(record.service, found)
         if not record.events and not record.links and not record.status_message:
             # The common case, built directly: dataclasses.replace costs more
             # than the redaction of a small record.
-            return Record(
-                record.trace_id, record.span_id, record.parent_span_id, self._text(record.name),
-                record.kind, record.service, record.start, record.end, record.status, None,
-                self.attributes(record.attributes), (), (), record.scope, record.truncated,
-                record.version,
+            out = Record(
+                record.trace_id, record.span_id, record.parent_span_id, text(record.name, found),
+                record.kind, service, record.start, record.end, record.status, None,
+                self.attributes(record.attributes, None, found), (), (), scope,
+                record.truncated, record.version,
             )  # fmt: skip
-        return replace(
-            record,
-            name=self._text(record.name),
-            status_message=self._text(record.status_message) if record.status_message else None,
-            attributes=self.attributes(record.attributes),
-            events=tuple(
-                Event(self._text(ev.name), ev.time, self.attributes(ev.attributes))
-                for ev in record.events
-            ),
-            links=tuple(
-                Link(ln.trace_id, ln.span_id, self.attributes(ln.attributes)) for ln in record.links
-            ),
-        )
+        else:
+            out = replace(
+                record,
+                name=text(record.name, found),
+                service=service,
+                scope=scope,
+                status_message=(
+                    text(record.status_message, found) if record.status_message else None
+                ),
+                attributes=self.attributes(record.attributes, None, found),
+                events=tuple(
+                    Event(
+                        text(ev.name, found), ev.time, self.attributes(ev.attributes, None, found)
+                    )
+                    for ev in record.events
+                ),
+                links=tuple(
+                    Link(ln.trace_id, ln.span_id, self.attributes(ln.attributes, None, found))
+                    for ln in record.links
+                ),
+            )
+        if found:
+            echoes = {s for s in found if len(s) >= _MIN_ECHO and not s.startswith(MASK[:-1])}
+            if echoes:
+                out = _mask_echoes(out, sorted(echoes, key=len, reverse=True))
+        return out
+
+
+# Plans for an attribute's value (besides the redaction METHODS).
+_SCAN, _KEEP, _SQL, _ID = "scan", "keep", "sql", "id"
+_EXCEPTION_NAMES = _EXCEPTION_MASKED | _EXCEPTION_DROPPED
+
+
+def _echo(value: Any, secrets_: list[str]) -> Any:
+    if isinstance(value, str):
+        for secret in secrets_:
+            if secret in value:
+                value = value.replace(secret, MASK)
+        return value
+    if isinstance(value, list):
+        return [_echo(x, secrets_) for x in value]
+    return value
+
+
+def _echo_attributes(attributes: dict[str, Any], secrets_: list[str]) -> dict[str, Any]:
+    return {
+        name: value if name in _NEVER_SCANNED else _echo(value, secrets_)
+        for name, value in attributes.items()
+    }
+
+
+def _mask_echoes(record: Record, secrets_: list[str]) -> Record:
+    """``record`` with every other occurrence of the secrets found in it masked too.
+
+    The password of ``db.password`` in the connection string beside it, the
+    reset token of a URL path in ``audit.resource.id`` and the span name.
+    """
+    return replace(
+        record,
+        name=_echo(record.name, secrets_),
+        status_message=_echo(record.status_message, secrets_),
+        attributes=_echo_attributes(record.attributes, secrets_),
+        events=tuple(
+            Event(_echo(ev.name, secrets_), ev.time, _echo_attributes(ev.attributes, secrets_))
+            for ev in record.events
+        ),
+        links=tuple(
+            Link(ln.trace_id, ln.span_id, _echo_attributes(ln.attributes, secrets_))
+            for ln in record.links
+        ),
+    )
 
 
 def load_hmac_key(path: str | None = None, env: Mapping[str, str] | None = None) -> HmacKey | None:
