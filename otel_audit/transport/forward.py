@@ -32,10 +32,8 @@ from __future__ import annotations
 
 import atexit
 import errno
-import fcntl
 import gzip
 import hashlib
-import http.client
 import itertools
 import json
 import logging
@@ -43,16 +41,20 @@ import os
 import random
 import re
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlsplit
+from typing import IO, TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
+import urllib3
 from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+from opentelemetry.util.re import parse_env_headers
+from urllib3.exceptions import HTTPError, InvalidHeader
+from urllib3.util.retry import Retry
 
 from otel_audit.engine.ledger import Ledger, RawRow, open_ledger, sqlite_path
 from otel_audit.engine.record import decode
@@ -122,7 +124,7 @@ def traces_url(endpoint: str) -> str:
 
 
 # RFC 9110 field names are tokens; values may not hold control characters
-# (CR/LF would split the request: http.client refuses them mid-send).
+# (CR/LF would split the request: the HTTP client refuses them mid-send).
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
@@ -144,17 +146,22 @@ def check_header(key: str, value: str, setting: str) -> None:
 
 
 def parse_headers(value: str | None, setting: str = OTEL_AUDIT_FORWARD_HEADERS) -> dict[str, str]:
-    """``k=v,k2=v2`` (OTEL_EXPORTER_OTLP_HEADERS syntax) -> dict; raises ConfigError naming ``setting``."""
+    """``k=v,k2=v2`` (OTEL_EXPORTER_OTLP_HEADERS syntax) -> dict; raises ConfigError naming ``setting``.
+
+    Each item is parsed by OpenTelemetry's own helper (the one its OTLP
+    exporters use); an item it cannot read is an error here, not a header
+    silently left out of every request.
+    """
     headers: dict[str, str] = {}
     for item in (value or "").split(","):
         if not item.strip():
             continue
-        key, sep, val = item.partition("=")
-        if not sep or not key.strip():
+        parsed = parse_env_headers(item, liberal=True) if "=" in item else {}
+        if not parsed:
             raise ConfigError(f"{setting} item {item.strip()!r} is not key=value")
-        name, text = unquote(key.strip()).lower(), unquote(val.strip())
-        check_header(name, text, setting)
-        headers[name] = text
+        for name, text in parsed.items():
+            check_header(name, text, setting)
+            headers[name] = text
     return headers
 
 
@@ -195,8 +202,6 @@ class Forwarder:
         self.url = traces_url(endpoint)
         parts = urlsplit(self.url)
         self._https = parts.scheme == "https"
-        self._host = parts.hostname or ""
-        self._port = parts.port or (443 if self._https else 80)
         self._path = parts.path + (f"?{parts.query}" if parts.query else "")
         self.headers = {"content-type": "application/x-protobuf", **dict(headers or {})}
         for key, value in self.headers.items():
@@ -216,9 +221,23 @@ class Forwarder:
         self.lock_timeout = lock_timeout
         self.state_path = state_path or default_state_path(ledger_url)
         self._key = hashlib.sha256(self.url.encode()).hexdigest()[:16]
-        self._tls: ssl.SSLContext | None = None
-        if self._https:
-            self._tls = ssl.create_default_context(cafile=certificate)
+        tls = ssl.create_default_context(cafile=certificate) if self._https else None
+        # urllib3: a kept-alive connection, reconnected when it drops; two quick
+        # reconnects (a receiver restarting) before the batch counts as failed.
+        # Retries on a status are this class's own (interruptible by stop,
+        # Retry-After capped by max_backoff), so the pool makes none.
+        self._retries = Retry(
+            total=2, connect=2, read=0, status=0, redirect=0, other=0,
+            backoff_factor=0.1, allowed_methods=None, raise_on_status=False,
+        )  # fmt: skip
+        self._pool_options: dict[str, Any] = {
+            "maxsize": 1,
+            "timeout": urllib3.Timeout(total=timeout),
+            "retries": self._retries,
+        }
+        if tls is not None:
+            self._pool_options["ssl_context"] = tls
+        self._pool = urllib3.connection_from_url(self.url, **self._pool_options)
         # When ``alive`` turns False (the pipeline shut down) one last pass runs, then the thread ends.
         self._alive = alive
         self._stop = threading.Event()
@@ -227,7 +246,6 @@ class Forwarder:
         self._passes = 0
         self._idle_pass = 0
         self._thread: threading.Thread | None = None
-        self._conn: http.client.HTTPConnection | None = None
         self._counts = {"forwarded": 0, "batches": 0, "failures": 0, "rejected": 0}
         self._last_error: str | None = None
 
@@ -354,7 +372,7 @@ class Forwarder:
                     backoff = min(backoff * 2, max(self.max_backoff, self.poll_interval))
                     continue
             try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _lock_exclusive(lock)
                 return lock
             except OSError as exc:
                 if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
@@ -440,16 +458,19 @@ class Forwarder:
         if self.compression == "gzip":
             payload = gzip.compress(payload, compresslevel=5)
         try:
-            conn = self._connection()
-            conn.request("POST", self._path, body=payload, headers=self.headers)
-            response = conn.getresponse()
-            body = response.read()
-        except (OSError, http.client.HTTPException) as exc:
+            response = self._pool.urlopen(
+                "POST",
+                self._path,
+                body=payload,
+                headers=self.headers,
+                retries=self._retries,
+                assert_same_host=False,
+            )
+            body = response.data
+        except (OSError, HTTPError) as exc:
             self._drop_connection()
-            raise _SendFailed(f"{type(exc).__name__}: {exc}") from None
+            raise _SendFailed(_reason(exc)) from None
         status = response.status
-        if response.getheader("connection", "").lower() == "close":
-            self._drop_connection()
         if 200 <= status < 300:
             reply = ExportTraceServiceResponse()
             try:
@@ -458,7 +479,7 @@ class Forwarder:
                 return 0, ""
             return int(reply.partial_success.rejected_spans), reply.partial_success.error_message
         retry_after = (
-            _retry_after(response.getheader("retry-after")) if status in _RETRYABLE else None
+            _retry_after(response.headers.get("retry-after")) if status in _RETRYABLE else None
         )
         raise _SendFailed(
             f"HTTP {status} from {self.url}: {_status_message(body)}",
@@ -466,22 +487,10 @@ class Forwarder:
             too_large=status == 413,
         )
 
-    def _connection(self) -> http.client.HTTPConnection:
-        if self._conn is None:
-            if self._https:
-                self._conn = http.client.HTTPSConnection(
-                    self._host, self._port, timeout=self.timeout, context=self._tls
-                )
-            else:
-                self._conn = http.client.HTTPConnection(
-                    self._host, self._port, timeout=self.timeout
-                )
-        return self._conn
-
     def _drop_connection(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        # A connection in an unknown state is never reused: a fresh pool.
+        self._pool.close()
+        self._pool = urllib3.connection_from_url(self.url, **self._pool_options)
 
     def _note_error(self, message: str, unexpected: bool = False) -> None:
         with self._cond:
@@ -543,6 +552,22 @@ class Forwarder:
             raise OSError(f"cannot write cursor file {self.state_path}: {exc}") from exc
 
 
+if sys.platform == "win32":
+    import msvcrt
+
+    def _lock_exclusive(file: IO[str]) -> None:
+        """Lock ``file`` for this process or raise OSError at once (held until closed)."""
+        file.seek(0)
+        msvcrt.locking(file.fileno(), msvcrt.LK_NBLCK, 1)
+
+else:
+    import fcntl
+
+    def _lock_exclusive(file: IO[str]) -> None:
+        """Lock ``file`` for this process or raise OSError at once (held until closed)."""
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 def _close_quietly(ledger: Ledger) -> None:
     try:
         ledger.close()
@@ -551,16 +576,28 @@ def _close_quietly(ledger: Ledger) -> None:
 
 
 def _retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` value (seconds or an HTTP date), read by urllib3."""
     if not value:
         return None
     try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
+        return max(0.0, Retry().parse_retry_after(value))
+    except InvalidHeader:
         return None
+
+
+def _reason(exc: BaseException) -> str:
+    """The root cause of a urllib3 error, e.g. ``ConnectionRefusedError: [Errno 111] ...``."""
+    root = exc
+    seen = 0
+    while seen < 10:
+        seen += 1
+        below = getattr(root, "reason", None)
+        if not isinstance(below, BaseException):
+            below = root.__cause__ or root.__context__
+        if below is None:
+            break
+        root = below
+    return f"{type(root).__name__}: {root}"
 
 
 def _status_message(body: bytes) -> str:
