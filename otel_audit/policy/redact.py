@@ -91,7 +91,7 @@ _KEY_QUALIFIERS = (
     "api", "private", "priv", "secret", "access", "signing", "sign", "master", "encryption",
     "enc", "decryption", "session", "auth", "client", "app", "hmac", "aes", "ssh", "gpg",
     "pgp", "shared", "account", "storage", "webhook", "jwt", "root", "consumer", "pass",
-    "license", "subscription", "service", "admin", "x",
+    "license", "subscription", "service", "admin",
 )  # fmt: skip
 # Words that make a name=value pair (query string, config text) secret beyond
 # the attribute-name rule: signatures authorise a request as a password does.
