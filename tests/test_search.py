@@ -180,6 +180,7 @@ def test_table_output(fx: Fixture, capsys) -> None:
         "OUTCOME",
         "EFFECT",
         "TRAIL",
+        "CHECK",
     ]
     cells = lines[1].split()
     assert cells[1:][:7] == ["shop:4", "shop", "alice", "order.delete", "order", "2", "denied"]

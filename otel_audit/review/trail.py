@@ -19,24 +19,36 @@ from __future__ import annotations
 import html
 import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from otel_audit import vocabulary as v
 from otel_audit.engine.ledger import Ledger, Query, StoredRecord
 from otel_audit.engine.record import Record
-from otel_audit.errors import VerificationError
+from otel_audit.proof.keys import key_id
+from otel_audit.proof.verify import ChainReport, verify_ledger
+from otel_audit.review.checked import DAMAGED, INTACT, UNANCHORED, Review
 
-if TYPE_CHECKING:
-    from otel_audit.proof.verify import ChainReport
-
-#: Verification states of a record shown in a trail.
-INTACT = "intact"  # chain verified up to it and it is covered by a (signed) checkpoint
-UNANCHORED = "unanchored"  # chain verified up to it, but no checkpoint covers it yet
-DAMAGED = "damaged"  # at or after the first damage of its chain: not trustworthy
+__all__ = [
+    "DAMAGED",
+    "INTACT",
+    "UNANCHORED",
+    "Trail",
+    "TrailNode",
+    "build_trail",
+    "damaged",
+    "describe",
+    "find_trail",
+    "outcome_of",
+    "render_html",
+    "render_text",
+    "to_json",
+    "verify_chain",
+    "verify_trail",
+]
 
 
 @dataclass
@@ -69,6 +81,10 @@ class Trail:
     roots: list[TrailNode]
     verified: bool = False
     public_key_id: str | None = None
+    #: Records of the trail not in the tree: a second record of a span shown
+    #: (an intent and its outcome, an OTLP retry into two chains, a forged copy).
+    #: They are verified too: a damaged one makes the trail damaged.
+    others: list[TrailNode] = field(default_factory=list)
 
     def nodes(self) -> Iterator[tuple[int, TrailNode]]:
         for root in self.roots:
@@ -84,6 +100,17 @@ def find_trail(ledger: Ledger, trail_id: str) -> Trail:
     return build_trail(trail_id, stored)
 
 
+def _shown_first(s: StoredRecord) -> tuple[int, int]:
+    """Of two records of one span, the one the tree shows: a record in a chain's
+    sequence before a stray row, an outcome before the intent it concludes."""
+    in_sequence = isinstance(s.chain, str) and type(s.seq) is int and s.seq >= 1
+    try:
+        intent = s.record.attr(v.INTENT) is True
+    except Exception:  # noqa: BLE001 - an undecodable body is damage, named by verify
+        intent = False
+    return (0 if in_sequence else 1, 1 if intent else 0)
+
+
 def _order(node: TrailNode) -> tuple[int, str, int]:
     return (node.record.start, node.stored.chain, node.stored.seq)
 
@@ -91,11 +118,17 @@ def _order(node: TrailNode) -> tuple[int, str, int]:
 def build_trail(trail_id: str, stored: Iterable[StoredRecord]) -> Trail:
     """Arrange records into the trail tree (see the module docstring for the rules)."""
     nodes: list[TrailNode] = []
+    others: list[TrailNode] = []
     by_key: dict[tuple[str, str], TrailNode] = {}
-    for s in stored:
+    for s in sorted(stored, key=_shown_first):
         node = TrailNode(s, s.record)
-        # A span stored twice (an OTLP retry into two chains) shows once.
+        # A span stored twice (an intent and its outcome, an OTLP retry into
+        # two chains) shows once; the other record is kept aside and verified.
         if node.key in by_key:
+            shown = by_key[node.key]
+            if node.record.attr(v.INTENT) is True and shown.record.attr(v.INTENT) is not True:
+                shown.stored = replace(shown.stored, concluded=True)
+            others.append(node)
             continue
         by_key[node.key] = node
         nodes.append(node)
@@ -132,7 +165,7 @@ def build_trail(trail_id: str, stored: Iterable[StoredRecord]) -> Trail:
             roots.append(node)
         else:
             parent.children.append(node)
-    return Trail(trail_id, roots)
+    return Trail(trail_id, roots, others=others)
 
 
 def _pick_root(
@@ -193,15 +226,8 @@ def verify_chain(
 
     Returns its report (None when the chain has no records nor checkpoints).
     """
-    from otel_audit.proof.verify import verify_ledger
-
     report = verify_ledger(ledger, public_key, progress=progress, chains=[chain])
     return report.chains[0] if report.chains else None
-
-
-#: Damage after which no record of the chain is proven: a checkpoint that is
-#: unsigned or wrongly signed means the whole chain could have been recomputed.
-_WHOLE_CHAIN = frozenset({"bad signature"})
 
 
 def verify_trail(
@@ -212,51 +238,29 @@ def verify_trail(
 ) -> None:
     """Verify every chain the trail touches and mark each node intact/unanchored/damaged.
 
-    A record is ``damaged`` when it is at or after the first damage of its
-    chain (nothing after a break can be trusted), or anywhere in a chain whose
-    checkpoint signature fails (a forger who recomputed every hash leaves the
-    chain itself consistent: only the signature tells, and it vouches for none
-    of the chain). It is ``unanchored`` when its chain verifies but no
-    checkpoint (signed, when a key is given) covers it yet.
+    The verdicts are review/checked.py's, the same search and export give: a
+    record is ``damaged`` when it is at or after the first damage of its chain,
+    anywhere in a chain whose checkpoint signature fails (a forger who
+    recomputed every hash leaves the chain itself consistent: only the
+    signature tells), outside its chain's sequence (seq 0, a chain id that is
+    not text), or when the schema behind the query columns was altered.
     """
-    from otel_audit.proof.keys import key_id
-
-    chains = sorted({node.stored.chain for _, node in trail.nodes()})
-    outcome: dict[str, tuple[int | None, int, str]] = {}
-    for chain in chains:
-        try:
-            rep = verify_chain(ledger, chain, public_key, progress)
-        except VerificationError as exc:
-            start = 1 if exc.kind in _WHOLE_CHAIN else (exc.seq or 1)
-            outcome[chain] = (start, 0, str(exc))
-        else:
-            outcome[chain] = (None, rep.last_checkpoint_seq if rep else 0, "")
-    for _, node in trail.nodes():
-        damaged_from, covered_to, why = outcome[node.stored.chain]
-        if damaged_from is not None and node.stored.seq >= damaged_from:
-            node.status, node.status_detail = DAMAGED, why
-        elif damaged_from is not None:
-            node.status, node.status_detail = (
-                INTACT,
-                f"verified before the damage at seq {damaged_from}",
-            )
-        elif node.stored.seq <= covered_to:
-            node.status = INTACT
-            node.status_detail = (
-                "chain and signed checkpoint verified" if public_key else "chain verified"
-            )
-        else:
-            node.status, node.status_detail = (
-                UNANCHORED,
-                "chain verified; no checkpoint covers it yet",
-            )
+    review = Review(ledger, public_key, progress=progress)
+    query = Query(trail_id=trail.trail_id)
+    for node in [n for _, n in trail.nodes()] + trail.others:
+        verdict = review.judge(node.stored, query)
+        node.status, node.status_detail = verdict.status, verdict.detail
+        if not verdict.damaged and not node.stored.concluded:
+            node.stored = review.concluded(node.stored)
     trail.verified = True
     trail.public_key_id = key_id(public_key) if public_key is not None else None
 
 
 def damaged(trail: Trail) -> list[TrailNode]:
     """The trail's records found damaged by ``verify_trail`` (empty when not verified)."""
-    return [node for _, node in trail.nodes() if node.status == DAMAGED]
+    return [node for _, node in trail.nodes() if node.status == DAMAGED] + [
+        node for node in trail.others if node.status == DAMAGED
+    ]
 
 
 # -- rendering ---------------------------------------------------------------
@@ -270,14 +274,9 @@ def _iso(ns: int) -> str:
     )
 
 
-def outcome_of(rec: Record) -> str | None:
-    """The record's audit outcome, or one derived from its span status."""
-    out = rec.attr(v.OUTCOME)
-    if isinstance(out, str):
-        return out
-    if rec.status == "ERROR":
-        return v.FAILURE
-    return None
+def outcome_of(node: TrailNode) -> str | None:
+    """The node's outcome as every review command shows it (``StoredRecord.outcome``)."""
+    return node.stored.outcome
 
 
 def _first(attrs: dict[str, Any], *names: str) -> str | None:
@@ -288,10 +287,9 @@ def _first(attrs: dict[str, Any], *names: str) -> str | None:
     return None
 
 
-def describe(rec: Record) -> str:
+def describe(rec: Record, outcome: str | None = None) -> str:
     """One line saying what a record is: 'alice did order.create on order 42 (success)'."""
     a = rec.attributes
-    outcome = outcome_of(rec)
     tail = f" ({outcome})" if outcome else ""
     action = a.get(v.ACTION)
     if a.get(v.EVENT) is True or (action and not a.get(v.EFFECT)):
@@ -325,7 +323,7 @@ def render_text(trail: Trail, width: int = 56) -> str:
     """The tree as text, two spaces per level, the service right of the description."""
     lines = []
     for depth, node in trail.nodes():
-        text = "  " * depth + describe(node.record)
+        text = "  " * depth + describe(node.record, outcome_of(node))
         mark = f"  <{node.status}>" if node.status and node.status != INTACT else ""
         lines.append(f"{text.ljust(width)} [{node.record.service}]{mark}")
     return "\n".join(lines) + ("\n" if lines else "")
@@ -352,9 +350,9 @@ def node_dict(node: TrailNode) -> dict[str, Any]:
         "resource_type": a.get(v.RESOURCE_TYPE),
         "resource_id": a.get(v.RESOURCE_ID),
         "effect": a.get(v.EFFECT),
-        "outcome": outcome_of(rec),
+        "outcome": outcome_of(node),
         "reason": a.get(v.REASON),
-        "description": describe(rec),
+        "description": describe(rec, outcome_of(node)),
         "attached": node.attached,
         "attributes": a,
     }
@@ -398,7 +396,8 @@ def render_html(trail: Trail) -> str:
     """A self-contained HTML report (inline CSS, no scripts, no external assets)."""
     esc = html.escape
     all_nodes = list(trail.nodes())
-    root = trail.roots[0].record if trail.roots else None
+    root_node = trail.roots[0] if trail.roots else None
+    root = root_node.record if root_node else None
     t0 = min((n.record.start for _, n in all_nodes), default=0)
     t1 = max((n.record.end for _, n in all_nodes), default=t0)
     total = max(t1 - t0, 1)
@@ -417,8 +416,9 @@ def render_html(trail: Trail) -> str:
         f'<h1>Audit trail <code id="trail-id">{esc(trail.trail_id)}</code></h1>',
         '<div class="summary">',
     ]
-    if root is not None:
-        head.append(f'<div>Action: <strong id="root-action">{esc(describe(root))}</strong></div>')
+    if root_node is not None and root is not None:
+        action = describe(root, outcome_of(root_node))
+        head.append(f'<div>Action: <strong id="root-action">{esc(action)}</strong></div>')
         head.append(f"<div>Started: {esc(_iso(root.start))}</div>")
     root_actor = (
         str(root.attr(v.ACTOR_ID) or root.attr(v.ACTOR_TYPE) or "unknown") if root else "unknown"
@@ -452,7 +452,7 @@ def render_html(trail: Trail) -> str:
         rec, a = node.record, node.record.attributes
         left = 100 * (rec.start - t0) / total
         span = max(100 * (rec.end - rec.start) / total, 0.5)
-        outcome = outcome_of(rec) or ""
+        outcome = outcome_of(node) or ""
         status = node.status or "unverified"
         title = esc(node.status_detail or status)
         rows.append(
@@ -461,7 +461,7 @@ def render_html(trail: Trail) -> str:
             f'<td class="time">{esc(_iso(rec.start))}</td>'
             f"<td>{(rec.start - t0) / 1e6:.1f}</td>"
             f'<td style="width:15%"><div class="bar" style="margin-left:{left:.2f}%;width:{span:.2f}%"></div></td>'
-            f'<td class="what">{esc("  " * depth + describe(rec))}</td>'
+            f'<td class="what">{esc("  " * depth + describe(rec, outcome_of(node)))}</td>'
             f"<td>{esc(rec.service)}</td>"
             f"<td>{esc(str(a.get(v.ACTOR_ID) or ''))}</td>"
             f"<td>{esc(str(a.get(v.EFFECT) or ''))}</td>"

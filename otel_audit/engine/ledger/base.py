@@ -11,11 +11,13 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, NamedTuple
 
 from otel_audit.engine.record import Record, decode
 from otel_audit.errors import VerificationError
 from otel_audit.proof.chain import Checkpoint
+from otel_audit.vocabulary import FAILURE, INTENT, OUTCOME, UNKNOWN
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,11 @@ class StoredRecord:
     prev_hash: bytes
     hash: bytes
     body: bytes
+    #: For an intent record (``audit.intent``, written before a state-changing
+    #: action ran): True once a review found the record of its outcome.
+    concluded: bool = False
 
-    @property
+    @cached_property
     def record(self) -> Record:
         """The decoded record; a body that is not one is damage, named by chain and seq."""
         try:
@@ -58,6 +63,24 @@ class StoredRecord:
                 seq=self.seq,
                 kind="modified",
             ) from None
+
+    @property
+    def outcome(self) -> str | None:
+        """The outcome a reviewer sees, the one derivation every review command and export uses.
+
+        ``audit.outcome`` when recorded; ``failure`` for a span that ended in
+        error; ``unknown`` for an intent no outcome record concluded (the action
+        may have run, and its result was never recorded); None otherwise.
+        """
+        rec = self.record
+        if rec.attr(INTENT) is True:
+            return None if self.concluded else UNKNOWN
+        out = rec.attr(OUTCOME)
+        if isinstance(out, str):
+            return out
+        if rec.status == "ERROR":
+            return FAILURE
+        return None
 
 
 @dataclass
@@ -111,6 +134,21 @@ class Ledger(abc.ABC):
     def scan(self, chain: str, after_seq: int = 0) -> Iterator[RawRow]:
         """Rows of ``chain`` with seq > ``after_seq``, in seq order."""
 
+    def scan_batches(self, chain: str, after_seq: int = 0) -> Iterator[Sequence[RawRow]]:
+        """``scan`` in batches of (seq, prev_hash, hash, body) tuples, for verify's hot loop.
+
+        A backend may yield plain tuples exactly as stored, so a value of the
+        wrong type (text where bytes belong) is left for verify to name.
+        """
+        batch: list[RawRow] = []
+        for row in self.scan(chain, after_seq):
+            batch.append(row)
+            if len(batch) == 4096:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
     @abc.abstractmethod
     def add_checkpoint(self, checkpoint: Checkpoint) -> None:
         """Store a checkpoint (idempotent for the same chain and seq)."""
@@ -137,6 +175,30 @@ class Ledger(abc.ABC):
         overrides this with its own comparison; this default knows no schema.
         """
         return []
+
+    def stray_rows(self, limit: int = 10) -> list[tuple[object, object, str]]:
+        """Up to ``limit`` record rows in no chain's sequence: (chain, seq, why).
+
+        A seq below 1, or a value of another type than the column's (a chain
+        stored as bytes, a seq as text), places a row where no chain walk
+        reaches it; verify reports each as inserted. This default reads every
+        row through ``query``; a backend whose columns can hold any type
+        overrides it to see the stored types.
+        """
+        out: list[tuple[object, object, str]] = []
+        for stored in self.query(Query()):
+            chain, seq = stored.chain, stored.seq
+            if not isinstance(chain, str):
+                out.append((chain, seq, f"chain is {type(chain).__name__}, not text"))
+            elif type(seq) is not int:
+                out.append((chain, seq, f"seq is {type(seq).__name__}, not an integer"))
+            elif seq < 1:
+                out.append((chain, seq, f"seq {seq} is outside every sequence"))
+            else:
+                continue
+            if len(out) >= limit:
+                break
+        return out
 
     def default_chain(self, service: str) -> str:
         """The chain a writer of ``service`` appends to when none is configured."""

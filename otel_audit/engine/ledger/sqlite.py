@@ -5,7 +5,12 @@ take the database write lock (BEGIN IMMEDIATE), read the chain head and insert
 inside one transaction, so several processes (gunicorn workers) can append to
 one chain without breaking it. Query columns are *virtual* generated columns
 computed from the canonical body, so no stored column can disagree with the
-hashed bytes. One instance per thread (the writer thread owns its own).
+hashed bytes; ``schema_problems`` names any change to that schema (another
+expression behind a query column, a trigger, a view). Every commit checks that
+the path still names the file the connection writes (device and inode), so a
+ledger deleted or replaced under a running writer fails every later append
+instead of acknowledging records written to an unlinked file. One instance
+per thread (the writer thread owns its own).
 """
 
 from __future__ import annotations
@@ -90,6 +95,37 @@ _QUERY_COLUMNS = {
 }
 
 
+# Column types every row must have: a row with another type (a chain stored as
+# a blob, a seq as text, a hash as a string) is in no chain's sequence.
+_ROW_TYPES = {
+    "chain": "text",
+    "seq": "integer",
+    "prev_hash": "blob",
+    "hash": "blob",
+    "body": "blob",
+}
+
+
+def _expected_schema() -> dict[tuple[str, str], str | None]:
+    """(type, name) -> normalised SQL of what this version creates, read back from SQLite."""
+    con = sqlite3.connect(":memory:")
+    try:
+        con.executescript(_SCHEMA)
+        return _schema_of(con)
+    finally:
+        con.close()
+
+
+def _schema_of(con: sqlite3.Connection) -> dict[tuple[str, str], str | None]:
+    rows = con.execute("SELECT type, name, sql FROM sqlite_master").fetchall()
+    return {
+        (str(kind), str(name)): (" ".join(str(sql).split()) if sql is not None else None)
+        for kind, name, sql in rows
+        # sqlite_stat* tables are SQLite's own (ANALYZE); they derive nothing shown.
+        if not (str(kind) == "table" and str(name).startswith("sqlite_stat"))
+    }
+
+
 @contextmanager
 def _mapped(what: str, error: type[LedgerError] = LedgerError) -> Iterator[None]:
     """Map sqlite3 errors to LedgerError, naming the operation."""
@@ -136,9 +172,29 @@ class SQLiteLedger(Ledger):
                 else:
                     self._prepare(busy / 1000)
                     self._check_schema()
+            # The identity of the file the connection opened: a commit that
+            # finds another file (or none) at the path wrote to an orphan.
+            try:
+                self._identity = _identity(path) if not readonly else None
+            except OSError as exc:
+                raise LedgerError(f"ledger file {path!r} vanished while opening: {exc}") from exc
         except BaseException:
             self._con.close()
             raise
+
+    def _check_file(self) -> None:
+        """Raise LedgerWriteError when the path no longer names the file this connection writes."""
+        if self._identity is None:
+            return
+        try:
+            now = _identity(self.path)
+        except OSError:
+            now = None
+        if now != self._identity:
+            raise LedgerWriteError(
+                f"sqlite ledger: {self.path!r} was deleted or replaced while open;"
+                " records committed now would be lost with the old file (reopen the ledger)"
+            )
 
     def _prepare(self, patience: float) -> None:
         """WAL mode and the schema, in one write transaction.
@@ -230,6 +286,9 @@ class SQLiteLedger(Ledger):
                 if con.in_transaction:
                     con.execute("ROLLBACK")
                 raise
+        # After the commit, so a file swapped at any moment before it is seen:
+        # one stat per transaction, not per record.
+        self._check_file()
         return out
 
     def _stored_keys(self, keys: list[tuple[str, str]]) -> set[tuple[str, str]]:
@@ -280,6 +339,19 @@ class SQLiteLedger(Ledger):
                     else:
                         yield RawRow(seq, as_bytes(prev), as_bytes(digest), as_bytes(body))
 
+    def scan_batches(self, chain: str, after_seq: int = 0) -> Iterator[Sequence[RawRow]]:
+        with _mapped(f"reading chain {chain!r}"):
+            cur = self._con.execute(
+                "SELECT seq, prev_hash, hash, body FROM records WHERE chain = ? AND seq > ?"
+                " ORDER BY seq",
+                (chain, after_seq),
+            )
+            while True:
+                rows = cur.fetchmany(8192)
+                if not rows:
+                    return
+                yield rows
+
     def add_checkpoint(self, checkpoint: Checkpoint) -> None:
         with _mapped("storing a checkpoint", LedgerWriteError):
             self._con.execute(
@@ -296,6 +368,7 @@ class SQLiteLedger(Ledger):
                     checkpoint.merkle_root,
                 ),
             )
+        self._check_file()
 
     def checkpoints(self, chain: str | None = None) -> list[Checkpoint]:
         sql = "SELECT chain, seq, head, time, signature, key_id, merkle_root FROM checkpoints"
@@ -333,11 +406,53 @@ class SQLiteLedger(Ledger):
         with _mapped("counting records"):
             return int(self._con.execute("SELECT count(*) FROM records").fetchone()[0])
 
+    def stray_rows(self, limit: int = 10) -> list[tuple[object, object, str]]:
+        # Type checks in SQL: the table is not STRICT, so any value fits any column.
+        checks = " OR ".join(f"typeof({col}) != '{kind}'" for col, kind in _ROW_TYPES.items())
+        sql = (
+            "SELECT chain, seq, typeof(chain), typeof(seq), typeof(prev_hash), typeof(hash),"
+            f" typeof(body) FROM records WHERE {checks} OR seq < 1 LIMIT ?"
+        )
+        with _mapped("checking record rows"):
+            rows = self._con.execute(sql, (int(limit),)).fetchall()
+        out: list[tuple[object, object, str]] = []
+        for chain, seq, *types in rows:
+            wrong = [
+                f"{col} is {kind_found}, not {kind}"
+                for (col, kind), kind_found in zip(_ROW_TYPES.items(), types)
+                if kind_found != kind
+            ]
+            out.append((chain, seq, "; ".join(wrong) or f"seq {seq} is outside every sequence"))
+        return out
+
+    def schema_problems(self) -> list[str]:
+        with _mapped("reading the schema"):
+            found = _schema_of(self._con)
+        expected = _expected_schema()
+        problems = []
+        for key, sql in sorted(expected.items()):
+            kind, name = key
+            if key not in found:
+                # An index only makes queries faster (files made before an index
+                # existed lack it until opened for writing); anything else is gone.
+                if kind != "index":
+                    problems.append(f"{kind} {name} is missing")
+            elif found[key] != sql:
+                problems.append(f"{kind} {name} differs from the one this version creates")
+        for kind, name in sorted(set(found) - set(expected)):
+            problems.append(f"{kind} {name} is not part of the ledger schema")
+        return problems
+
     def close(self) -> None:
         try:
             self._con.close()
         except sqlite3.Error:
             pass
+
+
+def _identity(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino)
 
 
 def _quote(path: str) -> str:
