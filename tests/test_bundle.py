@@ -16,9 +16,9 @@ import zlib
 import pytest
 
 from otel_audit.cli import main
+from otel_audit.engine.record import canonical_json
 from otel_audit.errors import VerificationError
 from otel_audit.proof.bundle import MANIFEST, verify_bundle
-from otel_audit.proof.chain import link_hash
 from otel_audit.proof.keys import generate_keypair, load_public_key
 
 from .test_trail import run_shop
@@ -51,6 +51,10 @@ def rezip(files: dict[str, bytes]) -> io.BytesIO:
             zf.writestr(name, data)
     buf.seek(0)
     return buf
+
+
+def _canonical(obj: object) -> bytes:
+    return canonical_json(obj).encode("utf-8")
 
 
 def rehash(files: dict[str, bytes]) -> dict[str, bytes]:
@@ -142,13 +146,8 @@ def test_damage_is_named_and_exits_1(shop, tmp_path, capsys) -> None:
     rec = json.loads(lines[0])  # inventory seq 1: under the checkpoint at seq 2
     body = json.loads(__import__("base64").b64decode(rec["body"]))
     body["attributes"]["audit.actor.id"] = "mallory"
-    import base64
-
-    from otel_audit.proof.chain import link_hash
-
     new_body = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
     rec["body"] = base64.b64encode(new_body).decode()
-    rec["hash"] = link_hash(bytes.fromhex(rec["prev_hash"]), new_body).hex()  # a careful forger
     lines[0] = json.dumps(rec, sort_keys=True, separators=(",", ":"))
     files["records.jsonl"] = ("\n".join(lines) + "\n").encode()
     bad = tmp_path / "forged.zip"
@@ -235,9 +234,16 @@ def test_extra_missing_and_duplicate_files_are_named(shop, tmp_path, capsys) -> 
     key = load_public_key(shop.public_key)
     files = members(make_bundle(shop, tmp_path, capsys))
     with pytest.raises(
-        VerificationError, match=r"^bundle damaged: notes.txt is not listed in the manifest$"
+        VerificationError,
+        match=r"^bundle damaged: 'notes.txt' is not a member of an evidence bundle$",
     ):
         verify_bundle(rezip({**files, "notes.txt": b"hi"}), key)
+    # Listed in the manifest with its right hash: still no proof covers it.
+    manifest = json.loads(files[MANIFEST])
+    manifest["files"]["notes.txt"] = hashlib.sha256(b"hi").hexdigest()
+    listed = {**files, "notes.txt": b"hi", MANIFEST: _canonical(manifest)}
+    with pytest.raises(VerificationError, match="'notes.txt' is not a member of an evidence"):
+        verify_bundle(rezip(listed), key)
     without = {n: d for n, d in files.items() if n != "proofs.jsonl"}
     with pytest.raises(
         VerificationError, match="proofs.jsonl is listed in the manifest but missing"
@@ -316,7 +322,6 @@ def test_deeply_nested_json_is_damage_not_a_crash(shop, tmp_path, capsys) -> Non
     rec = json.loads(lines[0])
     body = b"[" * 200_000
     rec["body"] = base64.b64encode(body).decode()
-    rec["hash"] = link_hash(bytes.fromhex(rec["prev_hash"]), body).hex()
     lines[0] = json.dumps(rec, sort_keys=True, separators=(",", ":"))
     forged = rehash({**files, "records.jsonl": ("\n".join(lines) + "\n").encode()})
     with pytest.raises(VerificationError, match=r"line 1 .*: record body is nested too deeply"):
@@ -404,3 +409,116 @@ def test_any_byte_of_the_zip_changed_is_damage_or_harmless(shop, tmp_path, capsy
             except VerificationError:
                 damaged += 1
     assert damaged > 2 * len(data)
+
+
+def test_a_bundle_shows_only_what_its_proofs_cover(shop, tmp_path, capsys) -> None:
+    key = load_public_key(shop.public_key)
+    files = members(make_bundle(shop, tmp_path, capsys))
+    # Records carry their bytes, not chain hashes nothing in the bundle could prove.
+    for line in files["records.jsonl"].decode().splitlines():
+        assert set(json.loads(line)) == {"chain", "seq", "body"}
+    cps = json.loads(files["checkpoints.json"])
+    first = cps["checkpoints"][0]
+    assert set(first) == {"chain", "seq", "head", "time", "signature", "key_id", "merkle_root",
+                          "prev"}  # fmt: skip
+
+    def edited(change) -> dict[str, bytes]:
+        data = json.loads(files["checkpoints.json"])
+        change(data["checkpoints"][0])
+        return rehash({**files, "checkpoints.json": _canonical(data)})
+
+    # The key id and the link are inside the signed message of a linked checkpoint.
+    with pytest.raises(VerificationError, match="names key 'ffffffffffffffff', not the given key"):
+        verify_bundle(rezip(edited(lambda cp: cp.update(key_id="f" * 16))), key)
+    with pytest.raises(VerificationError, match="signature does not verify"):
+        verify_bundle(rezip(edited(lambda cp: cp.update(prev="ab" * 32))), key)
+    # Link hashes shown beside a record (the version 1 layout) are refused in a version 2 bundle.
+    lines = files["records.jsonl"].decode().splitlines()
+    rec = json.loads(lines[0])
+    rec["hash"] = "00" * 32
+    lines[0] = canonical_json(rec)
+    with pytest.raises(VerificationError, match="does not have the expected fields"):
+        verify_bundle(
+            rezip(rehash({**files, "records.jsonl": ("\n".join(lines) + "\n").encode()})), key
+        )
+    # A zip comment is text no hash covers.
+    buf = rezip(files)
+    with zipfile.ZipFile(buf, "a") as zf:
+        zf.comment = b"approved by the auditor"
+    buf.seek(0)
+    with pytest.raises(VerificationError, match="the zip has a comment"):
+        verify_bundle(buf, key)
+
+
+@pytest.mark.parametrize(
+    "member, path, value",
+    [
+        ("manifest.json", ("version",), "2"),
+        ("manifest.json", ("version",), 2.0),
+        ("manifest.json", ("files", "records.jsonl"), 7),
+        ("manifest.json", ("files",), ["records.jsonl"]),
+        ("info.json", ("records",), True),
+        ("checkpoints.json", ("checkpoints", 0, "seq"), "2"),
+        ("checkpoints.json", ("checkpoints", 0, "seq"), True),
+        ("checkpoints.json", ("checkpoints", 0, "chain"), ["orders"]),
+        ("checkpoints.json", ("checkpoints", 0, "key_id"), 7),
+        ("checkpoints.json", ("checkpoints", 0, "prev"), None),
+        ("checkpoints.json", ("checkpoints", 0, "signature"), {"hex": "00"}),
+        ("checkpoints.json", ("checkpoints",), {"0": {}}),
+        ("checkpoints.json", ("consistency", 0, "path"), "00" * 32),
+        ("checkpoints.json", ("consistency", 0, "old_seq"), 2.5),
+        ("records.jsonl", (0, "seq"), "1"),
+        ("records.jsonl", (0, "seq"), 0),
+        ("records.jsonl", (0, "chain"), b"orders".hex()),
+        ("records.jsonl", (0, "body"), ["e30="]),
+        ("records.jsonl", (0,), ["chain", "seq", "body"]),
+        ("proofs.jsonl", (0, "path"), {"0": "00"}),
+        ("proofs.jsonl", (0, "leaf_index"), False),
+        ("proofs.jsonl", (0, "checkpoint_seq"), None),
+    ],
+)
+def test_type_confusion_in_a_bundle_is_a_clear_error(
+    shop, tmp_path, capsys, member, path, value
+) -> None:
+    files = members(make_bundle(shop, tmp_path, capsys))
+    if member.endswith(".jsonl"):
+        data = [json.loads(line) for line in files[member].decode().splitlines()]
+    else:
+        data = json.loads(files[member])
+    target = data
+    for step in path[:-1]:
+        target = target[step]
+    target[path[-1]] = value
+    if member.endswith(".jsonl"):
+        files[member] = "".join(canonical_json(item) + "\n" for item in data).encode()
+    else:
+        files[member] = _canonical(data)
+    forged = tmp_path / "forged.zip"
+    forged.write_bytes(rezip(rehash(files) if member != MANIFEST else files).getvalue())
+    assert main(["verify-bundle", str(forged), "--public-key", str(shop.public_key)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("otel-audit: bundle damaged: ") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("seq", [0, -1])
+def test_bundle_refuses_a_row_outside_the_chain_sequence(shop, tmp_path, capsys, seq) -> None:
+    # An insider adds a copy of alice's record outside the sequence (no chain walk reaches it).
+    with sqlite3.connect(shop.path) as con:
+        con.execute(
+            "INSERT INTO records (chain, seq, prev_hash, hash, body)"
+            " SELECT chain, ?, prev_hash, hash, body FROM records WHERE chain = 'orders' AND seq = 1",
+            (seq,),
+        )
+    out = tmp_path / "evidence.zip"
+    args = ["bundle", "--ledger", shop.url, "-o", str(out), "--public-key", str(shop.public_key)]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        f"otel-audit: chain 'orders' seq {seq}: inserted: the selection holds a row outside every"
+        " chain's sequence; no bundle is written (run otel-audit verify)\n"
+    )
+    assert not out.exists()
+    # A selection that does not include the stray row still yields evidence.
+    assert main(args + ["--chain", "inventory"]) == 0
+    capsys.readouterr()
+    assert verify_bundle(str(out), load_public_key(shop.public_key)).chains == 1

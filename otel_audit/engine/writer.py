@@ -30,6 +30,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from otel_audit.engine.checkpoints import Checkpointer, SignerRefused
 from otel_audit.engine.ledger import Appended, Ledger, open_ledger
 from otel_audit.errors import AuditError, LedgerUnavailable, LedgerWriteError
 from otel_audit.proof.chain import Checkpoint
@@ -477,48 +478,24 @@ class LedgerWriter:
         if head is None or self._since_checkpoint == 0 or self._ledger is None:
             self._last_checkpoint = time.monotonic()
             return
-        # Merkle root over records 1..seq. The frontier is read from the ledger
-        # (not rebuilt from this process's appends), so it stays right when
-        # several processes append to the chain; it lives in memory and costs
-        # one scan of the chain at this process's first checkpoint, then only
-        # the records since. A gap (damaged chain) means no root, not a wrong one.
-        merkle_root = None
+        # Made in one place (engine/checkpoints.py): Merkle root, link, the
+        # signer's rollback check, signature, storage. The checkpointer keeps
+        # its frontier between checkpoints, so each costs only the records since.
+        checkpointer: Checkpointer | None = getattr(self, "_checkpointer", None)
+        if checkpointer is None or checkpointer.signer is not self.signer:
+            checkpointer = self._checkpointer = Checkpointer(self.chain, self.signer)
         try:
-            from otel_audit.proof.merkle import Frontier, advance
-
-            frontier = getattr(self, "_merkle_frontier", None)
-            if frontier is None or frontier.size > head.seq:
-                frontier = Frontier()
-            with self._io_lock:
-                advanced = advance(frontier, self._ledger, self.chain, head.seq)
-            if advanced:
-                self._merkle_frontier = frontier
-                merkle_root = frontier.root()
-        except Exception:  # the checkpoint still protects the chain without a root
-            _log.exception("otel-audit: merkle root not computed")
-        checkpoint = Checkpoint(
-            self.chain, head.seq, head.hash, time.time_ns(), merkle_root=merkle_root
-        )
-        try:
-            if self.signer is not None:
-                checkpoint = Checkpoint(
-                    checkpoint.chain,
-                    checkpoint.seq,
-                    checkpoint.head,
-                    checkpoint.time,
-                    self.signer.sign(checkpoint.message()),
-                    self.signer.key_id,
-                    merkle_root,
-                )
-            with self._io_lock:
-                self._ledger.add_checkpoint(checkpoint)
+            checkpoint = checkpointer.make(self._ledger, head, self._io_lock)
         except Exception as exc:  # any failure: count, back off, never kill the writer
             with self._cond:
                 self._counts["checkpoint_errors"] += 1
             # Try again after the interval, not at once: a timed checkpoint that
             # keeps failing must not spin the writer thread or flood the log.
             self._last_checkpoint = time.monotonic()
-            if str(exc) != self._last_checkpoint_error:
+            if isinstance(exc, SignerRefused):
+                # An alert, every time: the ledger was rolled back or rewritten.
+                _log.error("otel-audit: ALERT: %s", exc)
+            elif str(exc) != self._last_checkpoint_error:
                 self._last_checkpoint_error = str(exc)
                 _log.error("otel-audit: checkpoint failed (retrying every %ss): %s",
                            self.checkpoint_interval, exc)  # fmt: skip
@@ -528,8 +505,9 @@ class LedgerWriter:
             self._counts["checkpoints"] += 1
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
-        for listener in self.checkpoint_listeners:
-            _safe(listener, checkpoint)
+        if checkpoint is not None:
+            for listener in self.checkpoint_listeners:
+                _safe(listener, checkpoint)
 
     # -- lifecycle -----------------------------------------------------
 

@@ -2,13 +2,17 @@
 
 A bundle is a zip file:
 
-* ``records.jsonl``: one selected record a line (chain, seq, prev hash, hash,
-  canonical body in base64), in ledger order;
+* ``records.jsonl``: one selected record a line (chain, seq, canonical body
+  in base64), in ledger order. Nothing else: a record's chain hashes cannot
+  be proven without every record after it, so a bundle does not show them
+  (version 1 bundles did; verify-bundle says they are not proven);
 * ``proofs.jsonl``: for each record, an RFC 9162 inclusion proof of its body
   against the Merkle root of the first signed checkpoint that covers it;
 * ``checkpoints.json``: those checkpoints (signed, with Merkle roots), the
   newest signed checkpoint of each chain, and a consistency proof from each
-  to the newest (the ledger only grew after every record's checkpoint);
+  to the newest (the ledger only grew after every record's checkpoint). Each
+  carries ``prev``, the digest of the checkpoint before it in the ledger,
+  which the signature of a linked (version 2) checkpoint covers;
 * ``public_key.pem`` (when given), ``info.json`` (what was selected, when; for
   people, not evidence);
 * ``manifest.json``: the SHA-256 of every other file.
@@ -17,6 +21,7 @@ Verification needs only the bundle and the reviewer's copy of the public key:
 signatures make the roots trustworthy, proofs tie each record's bytes to a
 root, and every file is canonical JSON compared byte for byte, so any change
 to a record, a proof, a checkpoint, a signature or the manifest is detected.
+A member, a field or a value that no proof covers is rejected, not shown.
 Not thread-safe (one bundle per call).
 """
 
@@ -29,7 +34,7 @@ import time
 import zipfile
 import zlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import IO, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -38,18 +43,22 @@ from otel_audit._progress import Progress
 from otel_audit.engine.ledger import Ledger, Query, StoredRecord
 from otel_audit.engine.record import canonical_json, decode
 from otel_audit.errors import ConfigError, VerificationError
-from otel_audit.proof.chain import GENESIS, Checkpoint, link_hash
+from otel_audit.proof.chain import CHECKPOINT_VERSION, GENESIS, Checkpoint, link_hash
 from otel_audit.proof.keys import key_id, public_key_pem, verify_signature
 from otel_audit.proof.merkle import Tree, leaf_hash, verify_consistency, verify_inclusion
 
 FORMAT = "otel-audit-evidence"
-VERSION = 1
+VERSION = 2
+#: Bundle versions verify-bundle reads (1: records carried their chain hashes).
+VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 RECORDS = "records.jsonl"
 PROOFS = "proofs.jsonl"
 CHECKPOINTS = "checkpoints.json"
 PUBLIC_KEY = "public_key.pem"
 INFO = "info.json"
+#: Every member a bundle may hold; anything else is rejected.
+MEMBERS = frozenset({MANIFEST, RECORDS, PROOFS, CHECKPOINTS, PUBLIC_KEY, INFO})
 
 #: The most a bundle may unpack to (about 1,850 bytes a record at 100,000
 #: records, so some 550,000 records): verification holds it in memory, and
@@ -65,6 +74,8 @@ _MIN_RATIO_CHECKED = 1 << 20
 
 @dataclass
 class BundleSummary:
+    """What ``write_bundle`` wrote."""
+
     records: int
     chains: int
     checkpoints: int
@@ -72,9 +83,35 @@ class BundleSummary:
 
 
 def _usable(checkpoints: Iterable[Checkpoint]) -> list[Checkpoint]:
-    return sorted(
-        (cp for cp in checkpoints if cp.signature and cp.merkle_root is not None),
-        key=lambda cp: cp.seq,
+    """The signed checkpoints with roots, each with ``prev`` set to the digest of
+    the checkpoint stored before it (what a linked checkpoint's signature covers)."""
+    out: list[Checkpoint] = []
+    before: Checkpoint | None = None
+    for cp in sorted(checkpoints, key=lambda cp: cp.seq):
+        if cp.signature and cp.merkle_root is not None:
+            out.append(replace(cp, prev=before.digest() if before is not None else GENESIS))
+        before = cp
+    return out
+
+
+def _checkpoint_dict(cp: Checkpoint) -> dict[str, object]:
+    fields = replace(cp, version=1).to_dict()
+    fields["prev"] = (cp.prev or GENESIS).hex()
+    return fields
+
+
+def _unaccounted(stored: StoredRecord) -> VerificationError | None:
+    """A selected row no chain walk reaches (seq below 1, a chain or seq of another type)."""
+    chain, seq = stored.chain, stored.seq
+    if isinstance(chain, str) and type(seq) is int and seq >= 1:
+        return None
+    name = chain if isinstance(chain, str) else repr(chain)
+    return VerificationError(
+        f"chain {name!r} seq {seq!r}: inserted: the selection holds a row outside every"
+        " chain's sequence; no bundle is written (run otel-audit verify)",
+        chain=str(name),
+        seq=seq if type(seq) is int else 0,
+        kind="inserted",
     )
 
 
@@ -109,6 +146,10 @@ def write_bundle(
     """Write an evidence bundle of the records matching ``query`` to ``out`` (a binary file)."""
     selected: dict[str, list[StoredRecord]] = {}
     for stored in ledger.query(query):
+        stray = _unaccounted(stored)
+        if stray is not None:
+            # Evidence must never carry a record verify does not walk.
+            raise stray
         selected.setdefault(stored.chain, []).append(stored)
     if progress is not None:
         progress.total = sum(len(rows) for rows in selected.values())
@@ -162,8 +203,6 @@ def write_bundle(
                     {
                         "chain": chain,
                         "seq": stored.seq,
-                        "prev_hash": stored.prev_hash.hex(),
-                        "hash": stored.hash.hex(),
                         "body": base64.b64encode(stored.body).decode("ascii"),
                     }
                 )
@@ -203,7 +242,7 @@ def write_bundle(
         PROOFS: "".join(line + "\n" for line in proof_lines).encode("utf-8"),
         CHECKPOINTS: canonical_json(
             {
-                "checkpoints": [cp.to_dict() for _, cp in sorted(used.items())],
+                "checkpoints": [_checkpoint_dict(cp) for _, cp in sorted(used.items())],
                 "consistency": consistency,
             }
         ).encode("utf-8"),
@@ -245,10 +284,13 @@ def write_bundle(
 
 @dataclass
 class BundleReport:
+    """What a verified bundle proved, and what it holds that is not proven (``notes``)."""
+
     records: int
     chains: int
     checkpoints: int
     key_id: str
+    notes: list[str] = field(default_factory=list)
 
 
 def _bad(what: str) -> VerificationError:
@@ -319,6 +361,9 @@ def verify_bundle(
     except OSError as exc:
         raise ConfigError(f"cannot read bundle: {exc.strerror or exc}") from exc
     with zf:
+        if zf.comment:
+            # Text shown by zip tools that no hash covers.
+            raise _bad("the zip has a comment, which otel-audit never writes")
         infos = zf.infolist()
         names = [info.filename for info in infos]
         if len(names) != len(set(names)):
@@ -380,17 +425,23 @@ def _verify_contents(
     )
     if manifest["format"] != FORMAT:
         raise _bad(f"{MANIFEST}: not an otel-audit evidence bundle")
-    if manifest["version"] != VERSION:
-        raise _bad(f"{MANIFEST}: version {manifest['version']!r} is not supported")
+    version = manifest["version"]
+    if type(version) is not int or version not in VERSIONS:
+        raise _bad(f"{MANIFEST}: version {version!r} is not supported")
     listed = manifest["files"]
     if not isinstance(listed, dict):
         raise _bad(f"{MANIFEST}: files is not a table")
     present = set(contents) - {MANIFEST}
+    for name in sorted((present | set(listed)) - MEMBERS):
+        # A member no proof covers would be shown beside the evidence.
+        raise _bad(f"{name!r} is not a member of an evidence bundle")
     for name in sorted(present - set(listed)):
         raise _bad(f"{name} is not listed in the manifest")
     for name in sorted(set(listed) - present):
         raise _bad(f"{name} is listed in the manifest but missing")
     for name in sorted(listed):
+        if not isinstance(listed[name], str):
+            raise _bad(f"{MANIFEST}: the hash of {name} is not text")
         if hashlib.sha256(contents[name]).hexdigest() != listed[name]:
             raise _bad(f"{name} does not match its hash in the manifest")
     for required in (RECORDS, PROOFS, CHECKPOINTS):
@@ -409,7 +460,11 @@ def _verify_contents(
     checkpoints: dict[tuple[str, int], Checkpoint] = {}
     if not isinstance(cp_data["checkpoints"], list) or not isinstance(cp_data["consistency"], list):
         raise _bad(f"{CHECKPOINTS} does not have the expected fields")
+    notes: list[str] = []
     keys = {"chain", "seq", "head", "time", "merkle_root", "signature", "key_id"}
+    if version >= 2:
+        keys.add("prev")
+    unlinked = 0
     for i, raw in enumerate(cp_data["checkpoints"]):
         where = f"{CHECKPOINTS} checkpoint {i + 1}"
         d = _fields(raw, keys, where)
@@ -419,13 +474,26 @@ def _verify_contents(
             _hex(d, "head", where),
             _int(d, "time", where),
             _hex(d, "signature", where, 64),
-            d["key_id"] if isinstance(d["key_id"], str) else None,
+            _str(d, "key_id", where),
             _hex(d, "merkle_root", where),
         )
         name = f"checkpoint of chain {cp.chain!r} at seq {cp.seq}"
         if cp.key_id != kid:
             raise _bad(f"{name} names key {cp.key_id!r}, not the given key {kid}")
-        if not verify_signature(public_key, cp.signature or b"", cp.message()):
+        if version >= 2:
+            # Signed as linked (the signature covers prev and the key id) or,
+            # before links existed, as version 1: then prev is not proven.
+            linked = replace(cp, version=CHECKPOINT_VERSION, prev=_hex(d, "prev", where))
+            if verify_signature(public_key, cp.signature or b"", linked.message()):
+                cp = linked
+            elif verify_signature(public_key, cp.signature or b"", cp.message()):
+                unlinked += 1
+            else:
+                raise _bad(
+                    f"{name}: signature does not verify with the public key (the checkpoint,"
+                    " its key id or its link to the checkpoint before it was changed)"
+                )
+        elif not verify_signature(public_key, cp.signature or b"", cp.message()):
             raise _bad(f"{name}: signature does not verify with the public key")
         if (cp.chain, cp.seq) in checkpoints:
             raise _bad(f"{name} appears twice")
@@ -472,14 +540,14 @@ def _verify_contents(
         progress.total = len(record_lines)
     seen: set[tuple[str, int]] = set()
     used: set[tuple[str, int]] = set()
+    record_keys = {"chain", "seq", "body"} | ({"prev_hash", "hash"} if version == 1 else set())
     for n, (rline, pline) in enumerate(zip(record_lines, proof_lines), start=1):
         where = f"{RECORDS} line {n}"
-        r = _fields(
-            _parse_canonical(rline, where), {"chain", "seq", "prev_hash", "hash", "body"}, where
-        )
+        r = _fields(_parse_canonical(rline, where), record_keys, where)
         chain, seq = _str(r, "chain", where), _int(r, "seq", where)
         where = f"{RECORDS} line {n} (chain {chain!r} seq {seq})"
-        prev, digest = _hex(r, "prev_hash", where), _hex(r, "hash", where)
+        if seq < 1:
+            raise _bad(f"{where}: seq is outside every chain's sequence")
         try:
             body = (
                 base64.b64decode(r["body"], validate=True) if isinstance(r["body"], str) else None
@@ -491,8 +559,11 @@ def _verify_contents(
         if (chain, seq) in seen:
             raise _bad(f"{where} appears twice")
         seen.add((chain, seq))
-        if link_hash(prev, body) != digest:
-            raise _bad(f"{where}: hash does not match the record's bytes")
+        digest: bytes | None = None
+        if version == 1:
+            prev, digest = _hex(r, "prev_hash", where), _hex(r, "hash", where)
+            if link_hash(prev, body) != digest:
+                raise _bad(f"{where}: hash does not match the record's bytes")
         try:
             decode(body)
         except ValueError as exc:
@@ -517,7 +588,7 @@ def _verify_contents(
             or seq > cp.seq
         ):
             raise _bad(f"{pwhere}: leaf index or tree size do not match the record and checkpoint")
-        if seq == cp.seq and digest != cp.head:
+        if digest is not None and seq == cp.seq and digest != cp.head:
             raise _bad(f"{where}: hash does not match the checkpoint's head")
         try:
             verify_inclusion(
@@ -533,9 +604,20 @@ def _verify_contents(
             raise _bad(f"checkpoint of chain {chain!r} at seq {seq} proves no record")
     if INFO in contents:
         info = _parse_canonical(_text(contents, INFO), INFO)
-        if not isinstance(info, dict) or info.get("records") != len(record_lines):
+        count = info.get("records") if isinstance(info, dict) else None
+        if type(count) is not int or count != len(record_lines):
             raise _bad(f"{INFO} does not match the records")
-    return BundleReport(len(record_lines), len(newest), len(checkpoints), kid)
+    if version == 1:
+        notes.append(
+            "a version 1 bundle: the prev_hash and hash shown beside each record are not"
+            " proven by the checkpoints (only the record bytes are)"
+        )
+    if unlinked:
+        notes.append(
+            f"{unlinked} checkpoints were signed before checkpoints were linked (version 1):"
+            " their prev is not proven"
+        )
+    return BundleReport(len(record_lines), len(newest), len(checkpoints), kid, notes)
 
 
 def _path(d: dict[str, Any], where: str) -> list[bytes]:

@@ -29,19 +29,32 @@ def key_id(public_key: Ed25519PublicKey) -> str:
 
 
 class Signer:
-    """Signs checkpoint messages with one Ed25519 private key."""
+    """Signs checkpoint messages with one Ed25519 private key.
 
-    def __init__(self, private_key: Ed25519PrivateKey) -> None:
+    ``state_path`` is where the signer remembers what it last signed, per
+    chain (``<key file>.state``, a directory beside the key, outside the
+    ledger): it refuses to sign a head that does not extend that. None keeps
+    the memory in the process only (a key given as an object).
+    """
+
+    def __init__(
+        self, private_key: Ed25519PrivateKey, *, state_path: str | os.PathLike[str] | None = None
+    ) -> None:
         self._key = private_key
         self.public_key = private_key.public_key()
         self.key_id = key_id(self.public_key)
+        self.state_path = os.fspath(state_path) if state_path is not None else None
 
     def sign(self, message: bytes) -> bytes:
         return self._key.sign(message)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str]) -> Signer:
-        return cls(load_private_key(path))
+    def from_file(
+        cls, path: str | os.PathLike[str], *, state_path: str | os.PathLike[str] | None = None
+    ) -> Signer:
+        """The key in ``path``; its signer state in ``state_path`` (default ``<path>.state``)."""
+        state = state_path if state_path is not None else os.fspath(path) + ".state"
+        return cls(load_private_key(path), state_path=state)
 
 
 def _read(path: str | os.PathLike[str], what: str) -> bytes:

@@ -17,7 +17,7 @@ instances are not thread-safe, the functions are.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from otel_audit.engine.ledger import Ledger
 from otel_audit.errors import VerificationError
@@ -82,23 +82,37 @@ def root_of(bodies: Iterable[bytes]) -> bytes:
     return f.root()
 
 
-def advance(frontier: Frontier, ledger: Ledger, chain: str, upto: int) -> bool:
+def advance(
+    frontier: Frontier,
+    ledger: Ledger,
+    chain: str,
+    upto: int,
+    leaves: list[bytes] | None = None,
+) -> bool:
     """Extend ``frontier`` with ``chain``'s records up to seq ``upto`` read from the ledger.
 
     Reading the ledger (not remembering what this process appended) keeps the
     tree right when several processes append to one chain. Returns False (and
     leaves ``frontier`` unchanged) when the chain has a gap before ``upto``.
+    The leaf hashes appended are added to ``leaves`` when given (for
+    ``extension_proof``).
     """
     work = frontier.copy()
-    for row in ledger.scan(chain, after_seq=work.size):
-        if row.seq > upto:
-            break
-        if row.seq != work.size + 1:
-            return False
-        work.append(row.body)
+    added: list[bytes] = []
+    if upto > work.size:
+        for row in ledger.scan(chain, after_seq=work.size):
+            if row.seq > upto:
+                break
+            if row.seq != work.size + 1:
+                return False
+            digest = leaf_hash(row.body)
+            work.append_leaf_hash(digest)
+            added.append(digest)
     if work.size != upto:
         return False
     frontier.size, frontier._nodes = work.size, work._nodes
+    if leaves is not None:
+        leaves.extend(added)
     return True
 
 
@@ -169,24 +183,61 @@ class Tree:
         size = self.size if size is None else size
         if not 0 < old_size <= size <= self.size:
             raise ValueError(f"no consistency proof from size {old_size} to {size}")
-        proof: list[bytes] = []
+        return _consistency_path(old_size, size, self.mth)
 
-        def sub(m: int, lo: int, hi: int, whole: bool) -> None:
-            n = hi - lo
-            if m == n:
-                if not whole:
-                    proof.append(self.mth(lo, hi))
-                return
-            k = 1 << ((n - 1).bit_length() - 1)
-            if m <= k:
-                sub(m, lo, lo + k, whole)
-                proof.append(self.mth(lo + k, hi))
-            else:
-                sub(m - k, lo + k, hi, False)
-                proof.append(self.mth(lo, lo + k))
 
-        sub(old_size, 0, size, True)
-        return proof
+def _consistency_path(old_size: int, size: int, mth: Callable[[int, int], bytes]) -> list[bytes]:
+    """SUBPROOF(old_size, D[0:size], true) of RFC 9162 2.1.4.1, with ``mth`` for subtree hashes.
+
+    Every node it asks for lies wholly inside the old tree (and is then one
+    of the old tree's perfect subtrees) or wholly after it.
+    """
+    proof: list[bytes] = []
+
+    def sub(m: int, lo: int, hi: int, whole: bool) -> None:
+        n = hi - lo
+        if m == n:
+            if not whole:
+                proof.append(mth(lo, hi))
+            return
+        k = 1 << ((n - 1).bit_length() - 1)
+        if m <= k:
+            sub(m, lo, lo + k, whole)
+            proof.append(mth(lo + k, hi))
+        else:
+            sub(m - k, lo + k, hi, False)
+            proof.append(mth(lo, lo + k))
+
+    sub(old_size, 0, size, True)
+    return proof
+
+
+def extension_proof(old: Frontier, appended: Sequence[bytes]) -> list[bytes]:
+    """The RFC 9162 consistency proof from the tree ``old`` to ``old`` plus the leaf
+    hashes ``appended``, without the old leaves: the old tree's side of the
+    proof is made of its perfect subtrees, which are exactly its frontier.
+    Memory: about 64 bytes per appended leaf.
+    """
+    m = old.size
+    n = m + len(appended)
+    if not 0 < m <= n:
+        raise ValueError(f"no consistency proof from size {m} to {n}")
+    known: dict[tuple[int, int], bytes] = {}
+    start = 0
+    for node in old.nodes:  # largest subtree first
+        width = 1 << (((m - start).bit_length()) - 1)
+        known[(start, start + width)] = node
+        start += width
+    new = Tree(list(appended))
+
+    def mth(lo: int, hi: int) -> bytes:
+        if hi <= m:
+            return known[(lo, hi)]
+        if lo < m:  # never asked for by _consistency_path
+            raise AssertionError(f"subtree {lo}..{hi} straddles the old tree")
+        return new.mth(lo - m, hi - m)
+
+    return _consistency_path(m, n, mth)
 
 
 def verify_inclusion(

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from otel_audit.engine.ledger import Ledger, RawRow
 from otel_audit.errors import VerificationError
-from otel_audit.proof.chain import GENESIS, Checkpoint, link_hash
+from otel_audit.proof.chain import GENESIS, Checkpoint, check_checkpoints, link_hash
 from otel_audit.proof.keys import key_id, verify_signature
 from otel_audit.proof.merkle import Frontier
 
@@ -115,7 +115,11 @@ def _verify_chain(
     progress: Callable[[int], None] | None,
 ) -> ChainReport:
     rep = ChainReport(chain)
-    stored = ledger.checkpoints(chain)
+    # Signatures and links of the stored checkpoints (proof/chain.py); each
+    # comes back as the version it was signed as, so message() below is right.
+    stored, problems = check_checkpoints(ledger.checkpoints(chain), public_key)
+    if problems:
+        raise _damage(problems[0].chain, problems[0].seq, problems[0].kind, problems[0].detail)
     rep.checkpoints = len(stored)
     # seq -> [(checkpoint, what)]; anchors are checkpoints held by another system.
     due: dict[int, list[tuple[Checkpoint, str]]] = {}

@@ -10,7 +10,8 @@ The emitted log record: event name ``otel_audit.checkpoint``, severity INFO,
 body ``otel-audit checkpoint <chain> seq <n> head <hex>``, and the attributes
 ``otel_audit.checkpoint.chain``, ``.seq`` (int), ``.head`` (hex), ``.time``
 (int, Unix ns), and when present ``.signature`` (hex), ``.key_id``,
-``.merkle_root`` (hex).
+``.merkle_root`` (hex), and for linked checkpoints ``.version`` (int) and
+``.prev`` (hex: the link the signature covers).
 
 ``read_anchors`` accepts a JSONL file, one JSON value per line, each line one of:
 
@@ -48,6 +49,8 @@ TIME = _PREFIX + "time"
 SIGNATURE = _PREFIX + "signature"
 KEY_ID = _PREFIX + "key_id"
 MERKLE_ROOT = _PREFIX + "merkle_root"
+VERSION = _PREFIX + "version"
+PREV = _PREFIX + "prev"
 
 
 def checkpoint_attributes(checkpoint: Checkpoint) -> dict[str, Any]:
@@ -64,6 +67,9 @@ def checkpoint_attributes(checkpoint: Checkpoint) -> dict[str, Any]:
         attrs[KEY_ID] = checkpoint.key_id
     if checkpoint.merkle_root:
         attrs[MERKLE_ROOT] = checkpoint.merkle_root.hex()
+    if checkpoint.version >= 2:  # the signed message covers the link: carry it
+        attrs[VERSION] = checkpoint.version
+        attrs[PREV] = checkpoint.to_dict()["prev"]
     return attrs
 
 
@@ -179,6 +185,11 @@ def checkpoint_from_attributes(attrs: dict[str, Any], where: str = "anchor") -> 
     signature = _hex(attrs[SIGNATURE], SIGNATURE, where) if attrs.get(SIGNATURE) else None
     merkle = _hex(attrs[MERKLE_ROOT], MERKLE_ROOT, where) if attrs.get(MERKLE_ROOT) else None
     key_id = attrs.get(KEY_ID)
+    try:
+        version = int(attrs.get(VERSION, 1))
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{where}: {VERSION} is not an integer") from None
+    prev = _hex(attrs[PREV], PREV, where) if version >= 2 and attrs.get(PREV) else None
     return Checkpoint(
         chain=str(attrs[CHAIN]),
         seq=seq,
@@ -187,6 +198,8 @@ def checkpoint_from_attributes(attrs: dict[str, Any], where: str = "anchor") -> 
         signature=signature,
         key_id=str(key_id) if key_id else None,
         merkle_root=merkle,
+        version=version,
+        prev=prev,
     )
 
 

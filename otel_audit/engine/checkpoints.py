@@ -1,0 +1,351 @@
+"""Checkpoints are made here, and only here: head, Merkle root, link, signer check, signature.
+
+A checkpoint of a chain states its head (the hash of record ``seq``) and the
+RFC 9162 Merkle root over records 1..seq, and is signed with Ed25519 when a
+key is configured. Signed checkpoints (version 2) link to the checkpoint
+signed before them (``Checkpoint.prev``), so deleting one from the middle of
+a chain is seen by verify.
+
+The rollback defence: a signer never signs a head that does not extend the
+last head it signed. What it signed last is kept per chain in its *signer
+state*, files beside the key (``<key file>.state/``, mode 0600, written
+atomically and fsynced), outside the ledger, so someone who can rewrite the
+ledger but not the key's directory cannot make it forget. Before signing, the
+records 1..N under the last signed root are read back from the ledger, their
+root compared, and an RFC 9162 consistency proof from that root to the new
+one checked. When that fails the signer refuses (``SignerRefused``: logged,
+counted, no signature) and puts its last signed checkpoint back into the
+ledger if it is missing there, so ``verify`` names the rewritten records.
+
+``Checkpointer`` is used by one writer thread (not thread-safe). Signer state
+is shared between processes (gunicorn workers that append to one chain with
+one key) under an exclusive file lock where the platform has ``fcntl``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any
+
+from otel_audit.engine.ledger import Appended, Ledger
+from otel_audit.errors import AuditError, VerificationError
+from otel_audit.proof.chain import CHECKPOINT_VERSION, GENESIS, Checkpoint
+from otel_audit.proof.keys import Signer
+from otel_audit.proof.merkle import Frontier, advance, extension_proof, verify_consistency
+
+try:  # POSIX; elsewhere the state is guarded within one process only
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+_log = logging.getLogger("otel_audit")
+
+STATE_FORMAT = "otel-audit-signer-state"
+_THREAD_LOCKS: dict[str, threading.Lock] = {}
+_THREAD_LOCKS_GUARD = threading.Lock()
+
+
+class SignerRefused(AuditError):
+    """The signer would not sign: the ledger does not extend what it signed last."""
+
+
+class SignerState:
+    """What a signer last signed, one JSON file per chain in ``directory``.
+
+    ``directory`` None keeps the state in memory (this process only).
+    Thread-safe and, with ``fcntl``, safe between processes under ``locked``.
+    """
+
+    def __init__(self, directory: str | None) -> None:
+        self.directory = directory
+        self._memory: dict[str, Checkpoint] = {}
+
+    def path(self, chain: str) -> str:
+        assert self.directory is not None
+        # Readable for an operator, unique for any chain name, short enough for any filesystem.
+        name = urllib.parse.quote(chain, safe="")[:80]
+        tag = hashlib.sha256(chain.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        return os.path.join(self.directory, f"{name}.{tag}.json")
+
+    @contextmanager
+    def locked(self, chain: str) -> Iterator[None]:
+        """Hold the chain's state exclusively (threads of this process, and other processes)."""
+        key = self.path(chain) if self.directory is not None else f"memory:{id(self)}:{chain}"
+        with _THREAD_LOCKS_GUARD:
+            lock = _THREAD_LOCKS.setdefault(key, threading.Lock())
+        with lock:
+            if self.directory is None or fcntl is None:
+                yield
+                return
+            self._ensure_directory()
+            try:
+                fd = os.open(key + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError as exc:
+                raise SignerRefused(
+                    f"cannot open the signer state lock {key + '.lock'!r}: {exc.strerror}"
+                ) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)  # releases the lock
+
+    def _ensure_directory(self) -> None:
+        assert self.directory is not None
+        try:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise SignerRefused(
+                f"cannot create the signer state directory {self.directory!r}: {exc.strerror}"
+            ) from None
+
+    def load(self, chain: str) -> Checkpoint | None:
+        """The last checkpoint signed for ``chain``, or None when nothing was signed yet."""
+        if self.directory is None:
+            return self._memory.get(chain)
+        path = self.path(chain)
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise SignerRefused(f"cannot read signer state {path!r}: {exc.strerror}") from None
+        try:
+            data = json.loads(raw)
+            if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
+                raise ValueError("not a signer state file")
+            checkpoint = Checkpoint.from_dict(data["checkpoint"])
+            if checkpoint.chain != chain or data.get("digest") != checkpoint.digest().hex():
+                raise ValueError("its checkpoint does not match its digest or chain")
+        except (ValueError, KeyError, TypeError) as exc:
+            # Never guess: a damaged state stops signing until an operator looks.
+            raise SignerRefused(f"signer state {path!r} is damaged ({exc})") from None
+        return checkpoint
+
+    def save(self, checkpoint: Checkpoint) -> None:
+        """Record ``checkpoint`` as the last signed of its chain: atomic and durable."""
+        if self.directory is None:
+            self._memory[checkpoint.chain] = checkpoint
+            return
+        self._ensure_directory()
+        path = self.path(checkpoint.chain)
+        data = {
+            "format": STATE_FORMAT,
+            "chain": checkpoint.chain,
+            "seq": checkpoint.seq,
+            "head": checkpoint.head.hex(),
+            "merkle_root": checkpoint.merkle_root.hex() if checkpoint.merkle_root else None,
+            "digest": checkpoint.digest().hex(),
+            "checkpoint": checkpoint.to_dict(),
+        }
+        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, json.dumps(data, sort_keys=True, indent=1).encode("utf-8") + b"\n")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            dir_fd = os.open(self.directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)  # the rename itself must survive a crash
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise SignerRefused(f"cannot write signer state {path!r}: {exc.strerror}") from None
+
+
+def _record_at(ledger: Ledger, chain: str, seq: int) -> bytes | None:
+    """The stored hash of record ``seq`` of ``chain``, None when there is none."""
+    for row in ledger.scan(chain, after_seq=seq - 1):
+        return row.hash if row.seq == seq else None
+    return None
+
+
+class Checkpointer:
+    """Makes the checkpoints of one chain for one writer. Not thread-safe."""
+
+    def __init__(self, chain: str, signer: Signer | None) -> None:
+        self.chain = chain
+        self.signer = signer
+        self.state = SignerState(signer.state_path) if signer is not None else None
+        # A tree this process has checked against a signed root (or the empty
+        # tree): extended from the ledger, so a checkpoint costs only the
+        # records since the last one, and several processes may share a chain.
+        self._frontier = Frontier()
+        self.refusals = 0
+
+    def make(
+        self, ledger: Ledger, head: Appended, io_lock: AbstractContextManager[Any]
+    ) -> Checkpoint | None:
+        """Make, sign and store the checkpoint of ``head``; None when there is nothing new.
+
+        Raises SignerRefused when the ledger does not extend what the key
+        signed last (or the signer state cannot be read or written), and
+        another AuditError when the checkpoint cannot be stored.
+        ``io_lock`` is held around every ledger call.
+        """
+        if self.signer is None or self.state is None:
+            return self._unsigned(ledger, head, io_lock)
+        with self.state.locked(self.chain):
+            last = self.state.load(self.chain)
+            try:
+                return self._signed(ledger, head, io_lock, self.signer, last)
+            except SignerRefused:
+                self.refusals += 1
+                if last is not None:
+                    self._restore(ledger, last, io_lock)
+                raise
+
+    def _unsigned(
+        self, ledger: Ledger, head: Appended, io_lock: AbstractContextManager[Any]
+    ) -> Checkpoint:
+        # Without a key nothing is refused; a gap (damaged chain) means no
+        # root rather than a wrong one.
+        work = self._frontier.copy() if self._frontier.size <= head.seq else Frontier()
+        with io_lock:
+            advanced = advance(work, ledger, self.chain, head.seq)
+        if advanced:
+            self._frontier = work
+        checkpoint = Checkpoint(
+            self.chain,
+            head.seq,
+            head.hash,
+            time.time_ns(),
+            merkle_root=work.root() if advanced else None,
+        )
+        with io_lock:
+            ledger.add_checkpoint(checkpoint)
+        return checkpoint
+
+    def _signed(
+        self,
+        ledger: Ledger,
+        head: Appended,
+        io_lock: AbstractContextManager[Any],
+        signer: Signer,
+        last: Checkpoint | None,
+    ) -> Checkpoint | None:
+        chain = self.chain
+        signed_seq = last.seq if last is not None else 0
+        refuse = f"refusing to sign chain {chain!r} at seq {head.seq}"
+        if last is not None:
+            with io_lock:
+                stored = _record_at(ledger, chain, last.seq)
+            if stored != last.head:
+                raise SignerRefused(
+                    f"{refuse}: the key last signed seq {last.seq} with head {last.head.hex()},"
+                    + (
+                        f" but the ledger holds no record {last.seq}"
+                        if stored is None
+                        else f" but the ledger's record {last.seq} now has hash {stored.hex()}"
+                    )
+                    + " (rolled back or rewritten)"
+                )
+            if head.seq <= last.seq:
+                # Another process signed this far already; nothing new to sign.
+                self._restore(ledger, last, io_lock)
+                return None
+        # The tree of the records the key signed, read back from the ledger.
+        work = self._frontier.copy() if self._frontier.size <= signed_seq else Frontier()
+        with io_lock:
+            whole = advance(work, ledger, chain, signed_seq)
+        if not whole:
+            raise SignerRefused(f"{refuse}: records 1..{signed_seq} it signed are not all there")
+        if last is not None and last.merkle_root is not None:
+            if work.root() != last.merkle_root:
+                raise SignerRefused(
+                    f"{refuse}: records 1..{last.seq} no longer have the merkle root it signed"
+                    " (rewritten)"
+                )
+        old = work.copy()
+        appended: list[bytes] = []
+        with io_lock:
+            whole = advance(work, ledger, chain, head.seq, appended)
+        if not whole:
+            raise SignerRefused(f"{refuse}: the chain has a gap before seq {head.seq}")
+        root = work.root()
+        if last is not None and last.merkle_root is not None and old.size:
+            # What a reviewer would check between the two signed roots (RFC 9162).
+            try:
+                verify_consistency(
+                    old.size, work.size, last.merkle_root, root, extension_proof(old, appended)
+                )
+            except VerificationError as exc:  # pragma: no cover - the roots were just compared
+                raise SignerRefused(f"{refuse}: {exc}") from None
+        if last is not None:
+            prev = last.digest()
+        else:
+            # First signature with this key's state: link to what the ledger holds.
+            with io_lock:
+                before = [cp for cp in ledger.checkpoints(chain) if cp.seq < head.seq]
+            prev = before[-1].digest() if before else GENESIS
+            # Trust on first use: said loudly when the ledger has history this
+            # state never saw (an upgrade, or a state that was removed).
+            _log.log(
+                logging.WARNING if before else logging.INFO,
+                "otel-audit: no signer state for chain %r in %s; trusting the ledger's"
+                " records 1..%d as they are and remembering from now on",
+                chain,
+                self.state.directory if self.state is not None else "memory",
+                head.seq,
+            )
+        unsigned = Checkpoint(
+            chain,
+            head.seq,
+            head.hash,
+            time.time_ns(),
+            key_id=signer.key_id,
+            merkle_root=root,
+            version=CHECKPOINT_VERSION,
+            prev=prev,
+        )
+        checkpoint = unsigned.signed(signer.sign(unsigned.message()), signer.key_id)
+        if last is not None:
+            self._restore(ledger, last, io_lock)
+        assert self.state is not None
+        # State first: a checkpoint in the ledger the state does not know would
+        # let a restarted signer link past it; one the ledger lacks is put back.
+        self.state.save(checkpoint)
+        with io_lock:
+            ledger.add_checkpoint(checkpoint)
+        self._frontier = work
+        return checkpoint
+
+    def _restore(
+        self, ledger: Ledger, last: Checkpoint, io_lock: AbstractContextManager[Any]
+    ) -> None:
+        """Put the last signed checkpoint back into the ledger when it is missing there."""
+        try:
+            with io_lock:
+                present = any(
+                    cp.seq == last.seq and cp.digest() == last.digest()
+                    for cp in ledger.checkpoints(self.chain)
+                    if cp.seq == last.seq
+                )
+                if not present:
+                    ledger.add_checkpoint(last)
+        except Exception as exc:  # evidence is best effort; the refusal stands anyway
+            _log.error("otel-audit: could not restore checkpoint %s: %s", last.seq, exc)
+            return
+        if not present:
+            _log.error(
+                "otel-audit: the checkpoint of chain %r at seq %d signed by this key was missing"
+                " from the ledger; restored it from the signer state",
+                self.chain,
+                last.seq,
+            )
