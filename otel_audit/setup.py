@@ -8,6 +8,7 @@ that becomes global. Existing processors and exporters keep working.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from typing import Any
@@ -17,7 +18,10 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import _get_from_env_or_default
 
-from otel_audit import _state, settings
+from otel_audit import settings
+from otel_audit.capture import installed
+from otel_audit.capture.actions import AuditAction
+from otel_audit.capture.installed import refuse_actions
 from otel_audit.capture.processor import AuditSpanProcessor
 from otel_audit.capture.sampler import AuditSampler
 from otel_audit.engine.ledger import open_ledger
@@ -27,6 +31,8 @@ from otel_audit.proof.keys import Signer
 from otel_audit.vocabulary import DEFAULT_KEPT_EFFECTS
 
 _log = logging.getLogger("otel_audit")
+
+__all__ = ["AuditPipeline", "configure", "install_sampler", "refuse_actions"]
 
 _OPTIONS = frozenset(
     {
@@ -57,6 +63,10 @@ class AuditPipeline:
         self.writer = writer
         self.tracer = provider.get_tracer("otel_audit")
 
+    def check(self) -> None:
+        """Raise LedgerUnavailable when this pipeline cannot record an action now."""
+        self.writer.check()
+
     @property
     def ledger_url(self) -> str:
         return self.writer.url
@@ -71,9 +81,13 @@ class AuditPipeline:
     def flush(self, timeout: float | None = 30.0) -> bool:
         return self.writer.flush(timeout)
 
+    def audit_action(self, action: str, **options: Any) -> AuditAction:
+        """``audit_action`` bound to this pipeline (for processes with several providers)."""
+        return AuditAction(action, pipeline=self, tracer=self.tracer, **options)
+
     def shutdown(self) -> None:
         """Commit everything queued, write the final checkpoint, stop the writer."""
-        _state.unregister(self)
+        installed.uninstall(self.provider, self)
         self.writer.shutdown()
 
 
@@ -140,28 +154,56 @@ def _register_metrics(pipeline: AuditPipeline, meter_provider: Any = None) -> No
     )
 
 
-def _handle_sigterm() -> None:
-    """Flush the audit pipelines on SIGTERM when nobody else handles it.
+class _SigtermFlush:
+    """Flushes the audit pipelines when SIGTERM arrives and nobody else handles it.
 
-    Only when the handler is still the default and we are on the main thread:
-    servers such as gunicorn install their own handlers and exit through
-    atexit, which shuts the TracerProvider (and so the writer) down cleanly.
+    The handler only re-arms the default action and wakes a thread through a
+    pipe (a signal handler may interrupt the main thread while it holds the
+    writer's locks: flushing there could deadlock). The thread shuts the
+    pipelines down, then sends SIGTERM again, which now ends the process.
+    Installed only when the handler is still the default and we are on the
+    main thread: servers such as gunicorn install their own handlers and exit
+    through atexit, which shuts the TracerProvider (and so the writer) down.
     """
-    if threading.current_thread() is not threading.main_thread():
-        return
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        return
 
-    def on_sigterm(signum: int, _frame: Any) -> None:
-        for pipeline in _state.pipelines():
+    def __init__(self) -> None:
+        self.pipelines: list[AuditPipeline] = []
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+        threading.Thread(target=self._run, name="otel-audit-sigterm", daemon=True).start()
+
+    def handler(self, signum: int, _frame: Any) -> None:
+        signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+        try:
+            os.write(self._write, b"T")
+        except OSError:
+            pass
+
+    def _run(self) -> None:
+        os.read(self._read, 1)
+        for pipeline in list(self.pipelines):
             try:
                 pipeline.shutdown()
             except Exception:
                 _log.exception("otel-audit: shutdown on SIGTERM failed")
-        signal.signal(signum, signal.SIG_DFL)
-        signal.raise_signal(signum)
+        os.kill(os.getpid(), signal.SIGTERM)
 
-    signal.signal(signal.SIGTERM, on_sigterm)
+
+_sigterm: _SigtermFlush | None = None
+
+
+def _handle_sigterm(pipeline: AuditPipeline) -> None:
+    global _sigterm
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if _sigterm is not None and signal.getsignal(signal.SIGTERM) == _sigterm.handler:
+        _sigterm.pipelines.append(pipeline)
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+    _sigterm = _SigtermFlush()
+    _sigterm.pipelines.append(pipeline)
+    signal.signal(signal.SIGTERM, _sigterm.handler)
 
 
 def configure(
@@ -198,7 +240,7 @@ def configure(
     policy = load_policy(options.get("policy"))
     signer = Signer.from_file(conf.signing_key) if conf.signing_key else None
     provider = _provider(options.get("tracer_provider"), service_name)
-    if any(p.provider is provider for p in _state.pipelines()):
+    if installed.installed_on(provider) is not None:
         # A second processor would write every record twice.
         raise ConfigError(
             "an audit pipeline is already installed on this tracer provider"
@@ -235,9 +277,10 @@ def configure(
         install_sampler(provider)
     pipeline = AuditPipeline(provider, processor, writer)
     _register_metrics(pipeline, options.get("meter_provider"))
-    _state.register(pipeline)
+    installed.install(provider, pipeline)
+    installed.refuse_actions(None)  # a pipeline now records what is audited
     if options.get("handle_sigterm", True):
-        _handle_sigterm()
+        _handle_sigterm(pipeline)
     from otel_audit.transport.anchors import install_anchor_logging
     from otel_audit.transport.forward import start_forwarder_from_env
 

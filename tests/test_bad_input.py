@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import sqlite3
+import time
 import subprocess
 import sys
 import tempfile
@@ -387,6 +388,12 @@ def test_a_lost_effect_record_fails_the_enclosing_action(make_pipeline, tmp_path
                     attributes={"http.request.method": "POST"},
                 ):
                     pass
+                # The effect's record is queued (sync durability waits at the
+                # action's exit); hold the lock until its commit has failed.
+                deadline = time.monotonic() + 10
+                while pipeline.stats().failed == 0:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.01)
             finally:
                 release.set()
                 locker.join()

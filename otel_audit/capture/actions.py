@@ -7,8 +7,11 @@ action in a context starts a trail. On exit the outcome is ``success``, or
 ``failure`` when an exception escapes, or what the code said (``deny``,
 ``fail``). Fail-closed: when the audit ledger cannot be written the action
 refuses to start (``LedgerUnavailable``), and when its record was not
-committed the exit raises ``LedgerWriteError``. Each use is independent, so
-one decorated function may run on many threads at once.
+committed the exit raises ``LedgerWriteError``. In ``sync`` durability the
+exit waits once for the action's own record and every record of its effects
+(the action scope, capture/scope.py); ``async with`` and decorated coroutines
+wait without blocking the event loop. Each use is independent, so one
+decorated function may run on many threads or tasks at once.
 """
 
 from __future__ import annotations
@@ -16,13 +19,12 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from otel_audit import _state
 from otel_audit import vocabulary as v
 from otel_audit.capture.context import (
     Actor,
@@ -32,10 +34,21 @@ from otel_audit.capture.context import (
     with_actor,
     with_trail,
 )
-from otel_audit.capture.processor import take_failure
-from otel_audit.policy.rules import write_intent
+from otel_audit.capture.installed import check_refusal, global_pipeline
+from otel_audit.capture.scope import ActionScope, current_scope, random_trail_id, with_scope
+from otel_audit.errors import AuditError
+from otel_audit.policy.rules import queue_intent
+
+if TYPE_CHECKING:
+    from otel_audit.engine.writer import LedgerWriter, Ticket
+    from otel_audit.setup import AuditPipeline
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def intent_writer(scope: ActionScope | None) -> LedgerWriter:
+    assert scope is not None and scope.pipeline is not None
+    return scope.pipeline.writer
 
 
 class AuditAction:
@@ -55,6 +68,7 @@ class AuditAction:
         name: str | None = None,
         kind: SpanKind = SpanKind.INTERNAL,
         tracer: trace.Tracer | None = None,
+        pipeline: AuditPipeline | None = None,
     ) -> None:
         if not isinstance(action, str) or not action:
             raise ValueError("action must be a non-empty string such as 'order.create'")
@@ -70,6 +84,9 @@ class AuditAction:
         self.name = name or action
         self.kind = kind
         self._tracer = tracer
+        self._bound_pipeline = pipeline
+        self._scope: ActionScope | None = None
+        self._ctx: otel_context.Context | None = None
         self._outcome: str | None = None
         self._reason: str | None = None
         self._span: trace.Span | None = None
@@ -114,11 +131,23 @@ class AuditAction:
 
     # -- context manager ---------------------------------------------------
 
-    def __enter__(self) -> AuditAction:
+    def _find_pipeline(self, ctx: otel_context.Context) -> AuditPipeline | None:
+        if self._bound_pipeline is not None:
+            return self._bound_pipeline
+        scope = current_scope(ctx)
+        if scope is not None and scope.pipeline is not None:
+            return scope.pipeline
+        return global_pipeline()
+
+    def _start(self) -> Ticket | None:
+        """Start the span and the scope; the ticket of a ``blocking`` intent, if any."""
         if self._span is not None:
             raise RuntimeError("an AuditAction instance cannot be entered twice; use a new one")
-        _state.check_healthy()
+        check_refusal()
         ctx = otel_context.get_current()
+        pipeline = self._find_pipeline(ctx)
+        if pipeline is not None:
+            pipeline.writer.check()  # fail closed before the body runs
         trail = current_trail(ctx)
         actor = self.actor or current_actor(ctx)
         attrs: dict[str, Any] = dict(self.attributes)
@@ -134,42 +163,45 @@ class AuditAction:
             attrs[v.RESOURCE_ID] = self.resource_id
         if trail is not None:
             attrs[v.TRAIL_ID] = trail
-        tracer = self._tracer or _state.tracer()
-        span = tracer.start_span(self.name, context=ctx, kind=self.kind, attributes=attrs)
+        tracer = self._tracer or (
+            pipeline.tracer if pipeline is not None else trace.get_tracer("otel_audit")
+        )
+        scope = ActionScope(pipeline, trail or "", 0, parent=current_scope(ctx))
+        # The scope is in the span's parent context so the processor files the
+        # action's own record under it.
+        span = tracer.start_span(
+            self.name, context=with_scope(scope, ctx), kind=self.kind, attributes=attrs
+        )
+        span_id = span.get_span_context().span_id
+        scope.span_id = span_id
         if trail is None:
             # The first action of a context starts the trail; its id is the
             # span id of that action, so the trail names its origin.
-            span_id = span.get_span_context().span_id
-            trail = format(span_id, "016x") if span_id else _state.random_trail_id()
+            trail = format(span_id, "016x") if span_id else random_trail_id()
             span.set_attribute(v.TRAIL_ID, trail)
-        self._trail = trail
-        try:
-            # ``blocking`` durability: the intent is committed before the body runs.
-            write_intent(span)
-        except BaseException as exc:
-            span.set_attribute(v.OUTCOME, v.FAILURE)
-            span.set_attribute(v.REASON, type(exc).__name__)
-            span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
-            span.end()
-            take_failure(span.get_span_context().span_id)
-            raise
+            scope.trail_id = trail
+        self._span, self._scope = span, scope
         ctx = trace.set_span_in_context(span, ctx)
-        ctx = with_trail(trail, ctx)
+        ctx = with_scope(scope, with_trail(trail, ctx))
         if self.actor is not None:
             ctx = with_actor(self.actor, ctx)
-        self._span = span
-        self._token = otel_context.attach(ctx)
-        return self
+        self._ctx = ctx
+        try:
+            # ``blocking`` durability: the intent is committed before the body runs.
+            return queue_intent(span, pipeline) if pipeline is not None else None
+        except BaseException as exc:
+            self._end(exc)
+            raise
 
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        span = self._span
-        assert span is not None
-        if self._token is not None:
-            otel_context.detach(self._token)  # type: ignore[arg-type]
-            self._token = None
+    def _end(self, exc: BaseException | None, failure: AuditError | None = None) -> None:
+        span, scope = self._span, self._scope
+        assert span is not None and scope is not None
         outcome, reason = self._outcome, self._reason
+        if exc is None and failure is not None:
+            # An effect lost its record: the action must not claim success.
+            exc = failure
         if exc is not None:
-            if outcome is None:
+            if outcome is None or outcome == v.SUCCESS:
                 outcome = v.FAILURE if isinstance(exc, Exception) else v.UNKNOWN
             if reason is None:
                 # The type, not the message: messages often carry values that
@@ -184,10 +216,62 @@ class AuditAction:
         span.set_attribute(v.OUTCOME, outcome)
         if reason:
             span.set_attribute(v.REASON, reason)
+        scope.close()
         span.end()
-        failure = take_failure(span.get_span_context().span_id, self._trail)
+
+    def __enter__(self) -> AuditAction:
+        intent = self._start()
+        if intent is not None:
+            try:
+                intent.wait(intent_writer(self._scope))
+            except BaseException as exc:
+                self._end(exc)
+                if self._scope is not None:
+                    self._scope.settle()
+                raise
+        assert self._ctx is not None
+        self._token = otel_context.attach(self._ctx)
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        scope = self._detach()
+        failure = scope.settle()  # the effects' records, all at once
+        self._end(exc, failure)
+        failure = scope.settle()  # then the action's own record
         if failure is not None:
+            scope.propagate(failure)
             raise failure
+
+    async def __aenter__(self) -> AuditAction:
+        intent = self._start()
+        if intent is not None:
+            scope = self._scope
+            assert scope is not None
+            scope.add_ticket(intent_writer(scope), intent)
+            failure = await scope.settle_async()
+            if failure is not None:
+                self._end(failure)
+                await scope.settle_async()
+                raise failure
+        assert self._ctx is not None
+        self._token = otel_context.attach(self._ctx)
+        return self
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        scope = self._detach()
+        failure = await scope.settle_async()
+        self._end(exc, failure)
+        failure = await scope.settle_async()
+        if failure is not None:
+            scope.propagate(failure)
+            raise failure
+
+    def _detach(self) -> ActionScope:
+        assert self._span is not None and self._scope is not None
+        if self._token is not None:
+            otel_context.detach(self._token)  # type: ignore[arg-type]
+            self._token = None
+        return self._scope
 
     # -- decorator -----------------------------------------------------------
 
@@ -201,6 +285,7 @@ class AuditAction:
             name=self.name,
             kind=self.kind,
             tracer=self._tracer,
+            pipeline=self._bound_pipeline,
         )
 
     def __call__(self, func: F) -> F:
@@ -208,7 +293,7 @@ class AuditAction:
 
             @functools.wraps(func)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                with self._fresh():
+                async with self._fresh():
                     return await func(*args, **kwargs)
 
             return async_wrapper  # type: ignore[return-value]

@@ -2,11 +2,14 @@
 
 Selected: a span with ``audit.event`` (a user action), or a span inside a
 trail whose effect the policy keeps (by default data writes, outbound calls,
-message publishes, notifications). ``on_start`` stamps the trail id and the
-context's actor on every span started inside a trail, whatever made it.
-``on_end`` never raises: a failure to commit is kept for the audited action
-that ended the span (see ``take_failure``), counted, and logged.
-Thread-safe.
+message publishes, notifications); the rule is semantics.selection's.
+``on_start`` stamps the trail id and the context's actor on every span
+started inside a trail, whatever made it, and files the span under the
+action scope of its context (capture/scope.py). ``on_end`` never raises: in
+``sync`` durability a record inside an action is queued and its ticket handed
+to the action, which waits once at its exit; a record outside any action is
+committed before ``on_end`` returns; a failure is handed to the action (or
+logged and counted when there is none). Thread-safe.
 """
 
 from __future__ import annotations
@@ -14,81 +17,23 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 
 from otel_audit import vocabulary as v
 from otel_audit.capture.context import current_actor, current_trail
-from otel_audit.engine.record import Record, encode, record_from_span
+from otel_audit.capture.scope import ActionScope, current_scope
+from otel_audit.engine.record import encode, record_from_span
 from otel_audit.engine.writer import LedgerWriter
 from otel_audit.errors import AuditError, LedgerWriteError
-from otel_audit.semantics.effects import classify
+from otel_audit.policy.decision import Decision, Policy
+from otel_audit.semantics.selection import select
 
 _log = logging.getLogger("otel_audit")
-_failures = threading.local()
 
-
-@dataclass(frozen=True)
-class Decision:
-    """What a policy decided for one selected span."""
-
-    #: ``metadata`` or ``full`` (``none`` is expressed by deciding None).
-    level: str = "full"
-    #: ``blocking``, ``sync`` or ``async``; None keeps the pipeline's durability.
-    durability: str | None = None
-    #: Attributes to add to the record (e.g. ``audit.data.classification``).
-    attributes: dict[str, Any] = field(default_factory=dict)
-
-
-class Policy(Protocol):
-    """The hook an audit policy plugs into the processor (see otel_audit.policy.rules)."""
-
-    def decide(self, span: ReadableSpan, derived: dict[str, Any]) -> Decision | None:
-        """None leaves the span out of the ledger."""
-
-    def apply(self, record: Record, decision: Decision) -> Record:
-        """Redact ``record`` for ``decision.level``; runs before encoding (DESIGN rule 4)."""
-
-
-_MAX_TRAIL_FAILURES = 64
-
-
-def _note_failure(span: ReadableSpan, exc: AuditError) -> None:
-    """Keep ``exc`` for the audited action that ends ``span``, or ends its trail's action."""
-    _failures.value = (span.context.span_id, exc)
-    trail = (span.attributes or {}).get(v.TRAIL_ID)
-    if isinstance(trail, str):
-        trails: dict[str, AuditError] = getattr(_failures, "trails", None) or {}
-        if len(trails) >= _MAX_TRAIL_FAILURES:
-            trails.pop(next(iter(trails)))  # bounded: a thread never grows without end
-        trails[trail] = exc
-        _failures.trails = trails
-
-
-def _trail_failed(trail: object) -> bool:
-    """True when an effect of ``trail`` lost its record on this thread (not yet taken)."""
-    trails: dict[str, AuditError] = getattr(_failures, "trails", None) or {}
-    return isinstance(trail, str) and trail in trails
-
-
-def take_failure(span_id: int, trail_id: str | None = None) -> AuditError | None:
-    """The commit error of span ``span_id``, or of an effect in trail ``trail_id``,
-    ended on this thread since it was last taken (each is returned once).
-
-    An effect (a DB write inside the action) whose record was not committed
-    makes the enclosing action fail too: the trail would otherwise miss it.
-    """
-    own = None
-    failure = getattr(_failures, "value", None)
-    if failure is not None and failure[0] == span_id:
-        _failures.value = None
-        own = failure[1]
-    trails: dict[str, AuditError] | None = getattr(_failures, "trails", None)
-    in_trail = trails.pop(trail_id, None) if trails and trail_id is not None else None
-    return own or in_trail
+__all__ = ["AuditSpanProcessor", "Decision", "Policy"]
 
 
 class AuditSpanProcessor(SpanProcessor):
@@ -111,9 +56,19 @@ class AuditSpanProcessor(SpanProcessor):
         self.effects = frozenset(effects)
         self.policy = policy
         self.dropped_by_policy = 0
+        #: Records that could not be written (each also failed its action, if any).
+        self.failures = 0
+        self._lock = threading.Lock()
+        # span id -> the action scope of the context the span started in.
+        self._scopes: dict[int, ActionScope] = {}
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
         try:
+            scope = current_scope(parent_context)
+            if scope is not None:
+                # Ended spans are looked up by id: a span may end on another
+                # thread, or after its context was detached.
+                self._scopes[span.context.span_id] = scope
             trail = current_trail(parent_context)
             if trail is None:
                 return
@@ -128,20 +83,9 @@ class AuditSpanProcessor(SpanProcessor):
 
     def select(self, span: ReadableSpan) -> dict[str, Any] | None:
         """Attributes to add to the record of ``span``, or None when it is not audited."""
-        attrs = span.attributes or {}
-        extra: dict[str, Any] = {}
-        if attrs.get(v.EVENT) is True:
-            selected = True
-        elif v.TRAIL_ID in attrs:
-            effect = classify(attrs, span.kind, span.name)
-            if effect is not None and v.EFFECT not in attrs:
-                extra[v.EFFECT] = effect
-            selected = effect in self.effects
-        else:
-            selected = False
-        return extra if selected else None
+        return select(span.attributes or {}, span.kind, span.name, self.effects)
 
-    def _service(self, span: ReadableSpan) -> str:
+    def service_of(self, span: ReadableSpan) -> str:
         if self.service_name:
             return self.service_name
         resource = span.resource
@@ -149,16 +93,11 @@ class AuditSpanProcessor(SpanProcessor):
         return str(name) if name else "unknown_service"
 
     def on_end(self, span: ReadableSpan) -> None:
+        scope = self._scopes.pop(span.context.span_id, None) if self._scopes else None
         try:
             extra = self.select(span)
             if extra is None:
                 return
-            attrs = span.attributes or {}
-            if attrs.get(v.EVENT) is True and _trail_failed(attrs.get(v.TRAIL_ID)):
-                # An effect of this action lost its record: the action's own
-                # record must not claim success (its caller gets the error too).
-                extra[v.OUTCOME] = v.FAILURE
-                extra[v.REASON] = "LedgerWriteError"
             durability = self.durability
             decision: Decision | None = None
             if self.policy is not None:
@@ -168,21 +107,35 @@ class AuditSpanProcessor(SpanProcessor):
                     return
                 extra.update(decision.attributes)
                 durability = decision.durability or durability
-            record = record_from_span(span, self._service(span), extra)
+            record = record_from_span(span, self.service_of(span), extra)
             if decision is not None and self.policy is not None:
                 record = self.policy.apply(record, decision)
             body = encode(record)
-            if durability in ("sync", "blocking"):
-                self.writer.write(body)
-            else:
+            if durability == "async":
                 self.writer.submit(body)
+                return
+            if scope is not None:
+                own = span.context.span_id == scope.span_id
+                ticket = self.writer.enqueue(body)
+                if scope.add_ticket(self.writer, ticket, own=own):
+                    return  # the action waits for it at its exit
+                ticket.wait(self.writer)  # its action is gone: commit before returning
+            else:
+                self.writer.write(body)
         except AuditError as exc:
-            _note_failure(span, exc)
+            self._failed(span, scope, exc)
         except Exception as exc:  # never raise into span.end()
             _log.exception("otel-audit: could not record span %r", span.name)
-            _note_failure(
-                span, LedgerWriteError(f"audit record of span {span.name!r} not written: {exc!r}")
-            )
+            error = LedgerWriteError(f"audit record of span {span.name!r} not written: {exc!r}")
+            self._failed(span, scope, error)
+
+    def _failed(self, span: ReadableSpan, scope: ActionScope | None, error: AuditError) -> None:
+        with self._lock:
+            self.failures += 1
+        if scope is not None:
+            scope.fail(error)  # the action is recorded as failed and raises
+        else:
+            _log.error("otel-audit: audit record of span %r not written: %s", span.name, error)
 
     def shutdown(self) -> None:
         self.writer.shutdown()

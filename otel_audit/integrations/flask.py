@@ -42,7 +42,7 @@ from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from otel_audit import _state
+from otel_audit.capture import installed
 from otel_audit import vocabulary as v
 from otel_audit.capture.context import (
     Actor,
@@ -337,7 +337,8 @@ def _candidate(parent: Context | None, name: str, kind: Any, attributes: Any) ->
 
 
 def _ensure_candidate() -> None:
-    samplers = [getattr(p.provider, "sampler", None) for p in _state.pipelines()]
+    pipeline = installed.global_pipeline()
+    samplers = [getattr(pipeline.provider, "sampler", None)] if pipeline is not None else []
     samplers.append(getattr(trace.get_tracer_provider(), "sampler", None))
     for sampler in samplers:
         if isinstance(sampler, AuditSampler) and _candidate not in sampler.candidates:
@@ -543,7 +544,10 @@ class AuditFlask:
         state = _Request(span, is_audited, ip, peer_actor)
         if is_audited:
             try:
-                _state.check_healthy()
+                installed.check_refusal()
+                pipeline = installed.global_pipeline()
+                if pipeline is not None:
+                    pipeline.check()
             except AuditError as exc:
                 # Fail closed: an action that cannot be recorded is not performed.
                 span.set_attributes({v.EVENT: True, v.ACTION: action or "", v.OUTCOME: v.FAILURE})

@@ -32,9 +32,9 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry.sdk.trace import ReadableSpan
 
 from otel_audit import vocabulary as v
-from otel_audit.capture.processor import Decision
 from otel_audit.engine.record import Record
 from otel_audit.errors import ConfigError
+from otel_audit.policy.decision import Decision
 from otel_audit.policy.boundary import (
     BLOCKED,
     DESTINATION,
@@ -64,6 +64,9 @@ from otel_audit.settings import OTEL_AUDIT_POLICY
 
 if TYPE_CHECKING:
     from opentelemetry import trace
+
+    from otel_audit.engine.writer import Ticket
+    from otel_audit.setup import AuditPipeline
 
 
 LEVELS = ("none", "metadata", "full")
@@ -695,30 +698,32 @@ def load_policy(spec: Any = None, env: Mapping[str, str] | None = None) -> Audit
     return AuditPolicy.load(path)
 
 
-def write_intent(span: Any) -> None:
-    """Commit the intent of an audit action whose policy durability is ``blocking``.
+def queue_intent(span: Any, pipeline: AuditPipeline) -> Ticket | None:
+    """Queue the intent record of an audit action whose policy durability is ``blocking``.
 
     Called by ``audit_action`` after its span started and before its body
-    runs; raises LedgerUnavailable / LedgerWriteError when the intent cannot
-    be committed, so the body never runs unaudited.
+    runs; the caller waits on the returned ticket (None: no intent needed),
+    so the body never runs unaudited. Raises LedgerUnavailable when the
+    ledger cannot be written.
     """
-    from otel_audit import _state
     from otel_audit.engine.record import encode, record_from_span
 
-    found = _state.pipelines()
-    # Only the pipeline of the provider that made the span (a span carries its
-    # provider's resource object), unless the span cannot tell.
-    own = [p for p in found if getattr(span, "resource", None) is p.provider.resource]
-    for pipeline in own or found:
-        processor = pipeline.processor
-        policy = processor.policy
-        if not isinstance(policy, AuditPolicy):
-            continue
-        decision = policy.decide(span, {})
-        if decision is None or decision.durability != "blocking":
-            continue
-        pipeline.writer.check()
-        extra = dict(decision.attributes)
-        extra[INTENT] = True
-        record = record_from_span(span, processor._service(span), extra)
-        pipeline.writer.write(encode(policy.apply(record, decision)))
+    processor = pipeline.processor
+    policy = processor.policy
+    if not isinstance(policy, AuditPolicy):
+        return None
+    decision = policy.decide(span, {})
+    if decision is None or decision.durability != "blocking":
+        return None
+    pipeline.writer.check()
+    extra = dict(decision.attributes)
+    extra[INTENT] = True
+    record = record_from_span(span, processor.service_of(span), extra)
+    return pipeline.writer.enqueue(encode(policy.apply(record, decision)))
+
+
+def write_intent(span: Any, pipeline: AuditPipeline) -> None:
+    """``queue_intent`` and wait for the commit (raises LedgerWriteError when it failed)."""
+    ticket = queue_intent(span, pipeline)
+    if ticket is not None:
+        ticket.wait(pipeline.writer)

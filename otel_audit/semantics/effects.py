@@ -30,7 +30,6 @@ from urllib.parse import urlsplit
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
-from otel_audit import _state
 from otel_audit import vocabulary as v
 
 _WRITE_OPS = frozenset(
@@ -165,9 +164,19 @@ def effect_span(
     attrs = dict(attributes or {})
     attrs[v.EFFECT] = effect
     # The audit pipeline's tracer, like audit_action: the span must reach the ledger.
-    used = tracer or _state.tracer()
+    used = tracer or _audit_tracer()
     with used.start_as_current_span(name, kind=kind, attributes=attrs) as span:
         yield span
+
+
+def _audit_tracer() -> trace.Tracer:
+    from otel_audit.capture.installed import global_pipeline
+    from otel_audit.capture.scope import current_scope
+
+    scope = current_scope()
+    pipeline = scope.pipeline if scope is not None else None
+    pipeline = pipeline or global_pipeline()
+    return pipeline.tracer if pipeline is not None else trace.get_tracer("otel_audit")
 
 
 def notification(

@@ -1,0 +1,174 @@
+"""The action scope: what one audited action owns, carried in the OpenTelemetry context.
+
+``audit_action`` (and the Flask integration's request action) opens a scope
+and attaches it to the context with the action's span. Because it lives in
+the context (contextvars), it travels wherever the context travels: into
+``asyncio`` tasks, ``asyncio.to_thread``, executors and threads that carry a
+copied context. The processor finds the scope of each span it ends and puts
+there the ticket of the span's record (sync durability) or its failure.
+
+At the action's exit the scope is *settled*: the action waits once for every
+record of its effects (one fsync wait per action, not per record, with group
+commit shared between actions), and an action returns normally only if every
+one of them is durable; otherwise the action is recorded as failed and raises
+(DESIGN rule 2). A record that ends after its action has exited (a
+fire-and-forget thread) is written synchronously by the thread that ends it.
+
+Thread-safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import threading
+from typing import TYPE_CHECKING
+
+from opentelemetry import context as otel_context
+from opentelemetry.context import Context
+
+from otel_audit.errors import AuditError, LedgerWriteError
+
+if TYPE_CHECKING:
+    from otel_audit.engine.writer import LedgerWriter, Ticket
+    from otel_audit.setup import AuditPipeline
+
+_SCOPE_KEY = otel_context.create_key("otel_audit.scope")
+
+
+class ActionScope:
+    """Pending records and failures of one audited action; see the module docstring."""
+
+    __slots__ = (
+        "pipeline", "trail_id", "span_id", "parent", "_lock", "_tickets", "_failures", "_open"
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        pipeline: AuditPipeline | None,
+        trail_id: str,
+        span_id: int,
+        parent: ActionScope | None = None,
+    ) -> None:
+        self.pipeline = pipeline
+        #: The enclosing action: a lost record here fails it too, even if the
+        #: code between them catches the error.
+        self.parent = parent
+        self.trail_id = trail_id
+        #: The action's own span: its record is settled apart (after the effects).
+        self.span_id = span_id
+        self._lock = threading.Lock()
+        self._tickets: list[tuple[LedgerWriter, Ticket]] = []
+        self._failures: list[AuditError] = []
+        self._open = True
+
+    def add_ticket(self, writer: LedgerWriter, ticket: Ticket, own: bool = False) -> bool:
+        """Hand a queued record to the action; False when the action has already exited.
+
+        ``own``: the action's own record, accepted until the action has settled it.
+        """
+        with self._lock:
+            if not self._open and not own:
+                return False
+            self._tickets.append((writer, ticket))
+            return True
+
+    def fail(self, error: AuditError) -> None:
+        """Note that a record of this action (or one of its effects) was not written."""
+        with self._lock:
+            self._failures.append(error)
+
+    def _take(self) -> list[tuple[LedgerWriter, Ticket]]:
+        with self._lock:
+            tickets, self._tickets = self._tickets, []
+            return tickets
+
+    def close(self) -> None:
+        """No more records join the action; later ones are written by the thread ending them."""
+        with self._lock:
+            self._open = False
+
+    def _collect(self, tickets: list[tuple[LedgerWriter, Ticket]]) -> None:
+        for _writer, ticket in tickets:
+            if ticket.error is not None:
+                self.fail(ticket.error)
+
+    def settle(self) -> AuditError | None:
+        """Wait for every record handed in so far; the first failure, if any."""
+        for writer, ticket in self._take():
+            try:
+                ticket.wait(writer)
+            except AuditError as exc:
+                self.fail(exc)
+            except Exception as exc:  # never let a bug pass as success
+                self.fail(LedgerWriteError(f"audit record not confirmed: {exc!r}"))
+        return self.failure()
+
+    async def settle_async(self) -> AuditError | None:
+        """``settle`` without blocking the event loop: the writer thread wakes the loop."""
+        tickets = self._take()
+        pending = [t for _w, t in tickets if not t.done]
+        if pending:
+            loop = asyncio.get_running_loop()
+            done = loop.create_future()
+            remaining = [len(pending)]
+            counter = threading.Lock()
+
+            def one_done(_ticket: Ticket) -> None:
+                with counter:
+                    remaining[0] -= 1
+                    last = remaining[0] == 0
+                if last:
+                    loop.call_soon_threadsafe(_finish, done)
+
+            for ticket in pending:
+                ticket.add_callback(one_done)
+            await _wait_or_writer_gone(done, tickets)
+        for writer, ticket in tickets:
+            if not ticket.done:
+                self.fail(LedgerWriteError(f"audit writer for {writer.url} stopped before commit"))
+        self._collect(tickets)
+        return self.failure()
+
+    def propagate(self, error: AuditError) -> None:
+        if self.parent is not None:
+            self.parent.fail(error)
+
+    def failure(self) -> AuditError | None:
+        with self._lock:
+            return self._failures[0] if self._failures else None
+
+
+def _finish(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+async def _wait_or_writer_gone(
+    done: asyncio.Future[None], tickets: list[tuple[LedgerWriter, Ticket]]
+) -> None:
+    # The writer resolves every ticket, even on failure or shutdown; a dead
+    # writer thread (a bug) is the one case where nobody would: look each second.
+    while True:
+        try:
+            await asyncio.wait_for(asyncio.shield(done), 1.0)
+            return
+        except asyncio.TimeoutError:
+            for writer, ticket in tickets:
+                thread = writer._thread
+                if not ticket.done and (thread is None or not thread.is_alive()):
+                    return
+
+
+def current_scope(ctx: Context | None = None) -> ActionScope | None:
+    """The scope of the innermost audited action of ``ctx`` (default: current), or None."""
+    scope = otel_context.get_value(_SCOPE_KEY, ctx)
+    return scope if isinstance(scope, ActionScope) else None
+
+
+def with_scope(scope: ActionScope, ctx: Context | None = None) -> Context:
+    return otel_context.set_value(_SCOPE_KEY, scope, ctx)
+
+
+def random_trail_id() -> str:
+    return secrets.token_hex(8)
