@@ -24,7 +24,8 @@ def sql(rec: Any) -> str:
 
 def records(ledger_url: str, **filters: Any) -> list[Any]:
     with open_ledger(ledger_url, create=False, readonly=True) as ledger:
-        return [r.record for r in ledger.query(Query(**filters))]
+        # Outcome records: each audited request also committed an intent before its view.
+        return [r.record for r in ledger.query(Query(**filters)) if not r.record.attr(v.INTENT)]
 
 
 def wait_for_records(ledger_url: str, predicate, timeout: float = 15.0) -> list[Any]:

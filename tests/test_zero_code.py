@@ -23,7 +23,8 @@ ALICE = ("alice", "alice-pw")
 
 def records(ledger_url: str):
     with open_ledger(ledger_url, create=False, readonly=True) as ledger:
-        return [r.record for r in ledger.query(Query())]
+        # Outcome records: each audited request also committed an intent before its view.
+        return [r.record for r in ledger.query(Query()) if not r.record.attr(v.INTENT)]
 
 
 def otlp_env(sink, **extra: str) -> dict[str, str]:
@@ -91,14 +92,44 @@ def test_not_active_without_a_ledger_setting(run_service, tmp_path: pathlib.Path
     assert not list(tmp_path.glob("audit.db")) and not list(tmp_path.glob("*.db-wal"))
 
 
-def test_bad_setting_is_one_error_and_the_service_still_runs(run_service, tmp_path):
-    env = base_env(f"sqlite:///{tmp_path / 'audit.db'}", tmp_path, OTEL_AUDIT_DURABILITY="maybe")
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"OTEL_AUDIT_DURABILITY": "maybe"},
+        {"OTEL_AUDIT_LEDGER": "sqlite:////nonexistent-dir/x/audit.db"},
+        {"OTEL_AUDIT_LEDGER": "mysql://nope"},
+        {"OTEL_AUDIT_SIGNING_KEY": "/nonexistent/audit-signing.key"},
+        {"OTEL_AUDIT_TRUSTED_PEERS": "10.0.0.0/99"},
+    ],
+)
+def test_a_broken_setup_refuses_audited_requests_until_fixed(run_service, tmp_path, bad):
+    """The operator asked for auditing: a change that cannot be recorded is not made (503)."""
+    env = base_env(f"sqlite:///{tmp_path / 'audit.db'}", tmp_path, **bad)
     inventory = run_service("otel_audit._demo.inventory:app", env=env)
-    assert requests.get(inventory.url + "/stock/apple", headers={"X-Shop-Internal": "1"}).ok
+    internal = {"X-Shop-Internal": "1"}
+    assert requests.get(inventory.url + "/stock/apple", headers=internal).ok  # not audited
+    reply = requests.post(inventory.url + "/stock/apple/release", json={"qty": 1}, headers=internal)
+    assert reply.status_code == 503 and reply.text == "audit not configured\n"
     inventory.stop()
     out = inventory.output()
-    assert "otel-audit: not auditing this process: " in out and "OTEL_AUDIT_DURABILITY" in out
-    assert "Traceback" not in out
+    name = next(iter(bad))
+    assert "otel-audit: audit setup failed: " in out and name.split("_")[-1].lower() in out.lower()
+    assert "OTEL_AUDIT_FAIL_OPEN=true" in out and "Traceback" not in out
+
+
+def test_fail_open_is_an_explicit_choice(run_service, tmp_path):
+    env = base_env(
+        f"sqlite:///{tmp_path / 'audit.db'}", tmp_path,
+        OTEL_AUDIT_DURABILITY="maybe", OTEL_AUDIT_FAIL_OPEN="true",
+    )  # fmt: skip
+    inventory = run_service("otel_audit._demo.inventory:app", env=env)
+    reply = requests.post(inventory.url + "/stock/apple/release", json={"qty": 1},
+                          headers={"X-Shop-Internal": "1"})  # fmt: skip
+    assert reply.ok
+    inventory.stop()
+    out = inventory.output()
+    assert "otel-audit: not auditing this process (OTEL_AUDIT_FAIL_OPEN=true): " in out
+    assert "OTEL_AUDIT_DURABILITY" in out and "Traceback" not in out
 
 
 def test_gunicorn_workers_lose_nothing(run_service, otlp_sink, tmp_path: pathlib.Path):

@@ -25,11 +25,13 @@ An ``AuditFlask`` instance may serve several apps and many threads at once.
 
 from __future__ import annotations
 
+import copy
 import functools
 import ipaddress
 import logging
 import os
 import re
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +44,6 @@ from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from otel_audit.capture import installed
 from otel_audit import vocabulary as v
 from otel_audit.capture.context import (
     Actor,
@@ -52,31 +53,52 @@ from otel_audit.capture.context import (
     with_actor,
     with_trail,
 )
+from otel_audit.capture.installed import check_refusal, global_pipeline
 from otel_audit.capture.sampler import AuditSampler
+from otel_audit.capture.scope import ActionScope, current_scope, with_scope
 from otel_audit.errors import AuditError, ConfigError
+from otel_audit.integrations.actors import (
+    DEFAULT_RESOLVERS,
+    ActorResolver,
+    OperatorResolver,
+    actor_from_user,
+    basic_auth_resolver,
+    jwt_issued_identity,
+    session_user,
+)
+from otel_audit.policy.rules import write_intent
 from otel_audit.settings import (
+    OTEL_AUDIT_ACTOR_RESOLVER,
     OTEL_AUDIT_FLASK_METHODS,
+    OTEL_AUDIT_FLASK_ROUTES,
+    OTEL_AUDIT_TRUST_BASIC_AUTH,
     OTEL_AUDIT_TRUSTED_PEERS,
     OTEL_AUDIT_TRUSTED_PROXIES,
 )
 
 __all__ = [
+    "DEFAULT_RESOLVERS",
     "OTEL_AUDIT_FLASK_METHODS",
     "OTEL_AUDIT_TRUSTED_PEERS",
     "OTEL_AUDIT_TRUSTED_PROXIES",
     "AuditFlask",
     "ActorResolver",
+    "FlaskSettings",
     "audited",
     "client_ip",
     "default_action",
     "not_audited",
     "outcome_for_status",
+    "refuse_requests",
+    "settings_from_env",
 ]
 
 # Settings (names in settings.py): OTEL_AUDIT_TRUSTED_PEERS, CIDRs whose inbound
 # actor and trail baggage is believed; OTEL_AUDIT_TRUSTED_PROXIES, CIDRs of
 # reverse proxies whose X-Forwarded-For is believed; OTEL_AUDIT_FLASK_METHODS,
-# the audited HTTP methods (default POST,PUT,PATCH,DELETE).
+# the audited HTTP methods (default POST,PUT,PATCH,DELETE); OTEL_AUDIT_FLASK_ROUTES,
+# route -> action name / true / false; OTEL_AUDIT_ACTOR_RESOLVER, module:function;
+# OTEL_AUDIT_TRUST_BASIC_AUTH, believe the HTTP basic username (default false).
 _DEFAULT_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _EXTENSION = "otel_audit"
 _G_KEY = "_otel_audit"
@@ -84,17 +106,41 @@ _VIEW_ATTR = "_otel_audit_view"
 _VERBS = {"POST": "create", "PUT": "update", "PATCH": "update", "DELETE": "delete"}
 # An actor id arriving in baggage is network input: a short token only.
 _ACTOR_ID = re.compile(r"^[\w.@:+-]{1,128}$")
+LOGIN = "user.login"
+LOGOUT = "user.logout"
+_LOGIN_WORDS = frozenset({"login", "log_in", "signin", "sign_in", "logon", "log_on"})
+_LOGOUT_WORDS = frozenset({"logout", "log_out", "signout", "sign_out", "logoff", "log_off"})
+_REGISTER_WORDS = frozenset({"register", "signup", "sign_up"})
+# A last path segment that names what was done, not what it was done to.
+_ACTION_WORDS = {
+    "create": "create", "new": "create", "add": "create", "update": "update", "edit": "update",
+    "modify": "update", "change": "update", "delete": "delete", "remove": "delete",
+    "destroy": "delete", "cancel": "cancel", "approve": "approve", "reject": "reject",
+    "publish": "publish", "unpublish": "unpublish", "archive": "archive", "restore": "restore",
+    "reset": "reset", "upload": "upload", "import": "import", "export": "export", "send": "send",
+    "submit": "submit", "confirm": "confirm", "verify": "verify", "activate": "activate",
+    "deactivate": "deactivate", "enable": "enable", "disable": "disable", "lock": "lock",
+    "unlock": "unlock", "like": "like", "unlike": "unlike", "follow": "follow",
+    "unfollow": "unfollow", "vote": "vote", "close": "close", "open": "open", "assign": "assign",
+    "invite": "invite", "share": "share", "refund": "refund", "pay": "pay",
+}  # fmt: skip
+# Segments that name a page, not a resource: ``POST /index`` is a form posted to a page.
+_PAGE_WORDS = frozenset({"index", "home", "main", "default", "page", "form", "root", "view"})
+_API_WORDS = re.compile(r"^(api|v\d+(\.\d+)?|rest|json)$")
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off", ""})
 
 _log = logging.getLogger("otel_audit.integrations.flask")
 
-#: Returns the actor of the current request, or None to let the next resolver try.
-ActorResolver = Callable[[], Actor | str | None]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # Methods and forced routes of every AuditFlask, for the sampler candidate: a
 # span is sampled before any Flask hook runs, so the decision needs them here.
 _candidate_methods: set[str] = set()
 _candidate_routes: set[str] = set()
+# Set when the operator asked for auditing and setup failed (zero-code): every
+# request that would be audited is refused until the process restarts fixed.
+_refusal: str | None = None
 
 
 # -- configuration helpers ----------------------------------------------------
@@ -116,17 +162,83 @@ def _networks(value: str | Iterable[str] | None, setting: str) -> tuple[Network,
     return tuple(out)
 
 
-def _methods(value: Iterable[str] | None) -> frozenset[str]:
+def _methods(value: Iterable[str] | None, env: Mapping[str, str] | None = None) -> frozenset[str]:
     if value is None:
-        env = os.environ.get(OTEL_AUDIT_FLASK_METHODS, "").strip()
-        if not env:
+        text = (os.environ if env is None else env).get(OTEL_AUDIT_FLASK_METHODS, "").strip()
+        if not text:
             return _DEFAULT_METHODS
-        value = env.split(",")
+        value = text.split(",")
     methods = frozenset(m.strip().upper() for m in value if m.strip())
     bad = sorted(m for m in methods if not m.isalpha())
     if bad:
         raise ConfigError(f"{OTEL_AUDIT_FLASK_METHODS} has an invalid method: {bad[0]!r}")
     return methods
+
+
+def parse_bool(value: str | None, setting: str, default: bool = False) -> bool:
+    """``true/false`` (also 1/0, yes/no, on/off) of an ``OTEL_AUDIT_*`` variable."""
+    if value is None or not value.strip():
+        return default
+    word = value.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise ConfigError(f"{setting} must be true or false, got {value!r}")
+
+
+def _routes_from_env(value: str | None) -> dict[str, str | bool]:
+    """``OTEL_AUDIT_FLASK_ROUTES``: ``KEY=VALUE`` pairs, comma-separated.
+
+    KEY is ``"METHOD /rule"``, an endpoint name or a rule; VALUE an action
+    name (``user.login``), ``true`` (audit) or ``false`` (never audit).
+    """
+    out: dict[str, str | bool] = {}
+    for item in (value or "").split(","):
+        if not item.strip():
+            continue
+        key, sep, val = item.rpartition("=")
+        key, val = key.strip(), val.strip()
+        if not sep or not key or not val:
+            raise ConfigError(f"{OTEL_AUDIT_FLASK_ROUTES} entries are KEY=ACTION, got {item!r}")
+        low = val.lower()
+        if low in ("true", "false"):
+            out[key] = low == "true"
+        elif re.fullmatch(r"[A-Za-z0-9_.:-]{1,128}", val):
+            out[key] = val
+        else:
+            raise ConfigError(f"{OTEL_AUDIT_FLASK_ROUTES} has an invalid action name: {val!r}")
+    return out
+
+
+@dataclass(frozen=True)
+class FlaskSettings:
+    """The integration's ``OTEL_AUDIT_*`` settings, validated (``settings_from_env``)."""
+
+    methods: frozenset[str]
+    routes: Mapping[str, str | bool]
+    trusted_peers: tuple[Network, ...]
+    trusted_proxies: tuple[Network, ...]
+    actor_resolver: OperatorResolver | None
+    trust_basic_auth: bool
+
+
+def settings_from_env(env: Mapping[str, str] | None = None) -> FlaskSettings:
+    """Read and validate the Flask settings; ConfigError names the first bad one."""
+    env = os.environ if env is None else env
+    spec = (env.get(OTEL_AUDIT_ACTOR_RESOLVER) or "").strip()
+    return FlaskSettings(
+        methods=_methods(None, env),
+        routes=_routes_from_env(env.get(OTEL_AUDIT_FLASK_ROUTES)),
+        trusted_peers=_networks(env.get(OTEL_AUDIT_TRUSTED_PEERS, ""), OTEL_AUDIT_TRUSTED_PEERS),
+        trusted_proxies=_networks(
+            env.get(OTEL_AUDIT_TRUSTED_PROXIES, ""), OTEL_AUDIT_TRUSTED_PROXIES
+        ),
+        actor_resolver=OperatorResolver(spec, OTEL_AUDIT_ACTOR_RESOLVER) if spec else None,
+        trust_basic_auth=parse_bool(
+            env.get(OTEL_AUDIT_TRUST_BASIC_AUTH), OTEL_AUDIT_TRUST_BASIC_AUTH
+        ),
+    )
 
 
 def _in(address: str | None, networks: Sequence[Network]) -> bool:
@@ -139,6 +251,35 @@ def _in(address: str | None, networks: Sequence[Network]) -> bool:
     return any(ip in net for net in networks)
 
 
+def parse_hop(hop: str) -> str | None:
+    """The address of one X-Forwarded-For / Forwarded hop, or None when it names none.
+
+    Accepts ``1.2.3.4``, ``1.2.3.4:5678``, ``2001:db8::1``, ``[2001:db8::1]``,
+    ``[2001:db8::1]:5678``, quoted forms and ``for=`` (RFC 7239); ``unknown``,
+    obfuscated identifiers (``_hidden``) and garbage are None.
+    """
+    hop = hop.strip().strip('"').strip()
+    if hop.lower().startswith("for="):
+        hop = hop[4:].strip().strip('"')
+    if hop.startswith("["):
+        end = hop.find("]")
+        if end < 0:
+            return None
+        rest = hop[end + 1 :]
+        if rest and not (rest.startswith(":") and rest[1:].isdigit()):
+            return None
+        hop = hop[1:end]
+    elif hop.count(":") == 1:
+        host, port = hop.split(":")
+        if not port.isdigit():
+            return None
+        hop = host
+    try:
+        return str(ipaddress.ip_address(hop.split("%")[0]))
+    except ValueError:
+        return None
+
+
 def client_ip(
     remote_addr: str | None, forwarded_for: str | None, proxies: Sequence[Network]
 ) -> str | None:
@@ -146,19 +287,19 @@ def client_ip(
 
     Only hops appended by a proxy we trust are believed: starting at the
     direct peer, each trusted hop hands over to the address it forwarded for,
-    and the first untrusted one is the client. Anything else is forgeable.
+    and the first untrusted one is the client. A hop that names no address
+    (``unknown``, an obfuscated name, garbage) leaves the client unknown:
+    None, never the address of the proxy that forwarded the request.
     """
     address = remote_addr
     if not forwarded_for or not _in(address, proxies):
         return address
-    hops = [h.strip() for h in forwarded_for.split(",") if h.strip()]
+    hops = [h for h in forwarded_for.split(",") if h.strip()]
     while hops and _in(address, proxies):
-        hop = hops.pop()
-        try:
-            ipaddress.ip_address(hop)
-        except ValueError:
-            break  # garbage in the header: stop at the last proxy we trust
-        address = hop
+        parsed = parse_hop(hops.pop())
+        if parsed is None:
+            return None  # the client is unknown; it is not the proxy
+        address = parsed
     return address
 
 
@@ -179,7 +320,9 @@ def _singular(word: str) -> str:
     word = word.replace("-", "_")
     if word.endswith("ies") and len(word) > 4:
         return word[:-3] + "y"
-    if word.endswith("s") and not word.endswith("ss") and len(word) > 3:
+    if word.endswith(("sses", "shes", "ches", "xes")) and len(word) > 4:
+        return word[:-2]
+    if word.endswith("s") and not word.endswith(("ss", "us", "is")) and len(word) > 3:
         return word[:-1]
     return word
 
@@ -192,22 +335,67 @@ def _param_name(segment: str) -> str:
     return segment[1:-1].split(":")[-1]
 
 
-def default_action(rule: str | None, method: str, endpoint: str | None = None) -> str:
-    """An ``audit.action`` from a route: ``POST /orders`` -> ``order.create``.
+def _word(segment: str) -> str:
+    return segment.lower().replace("-", "_")
 
-    ``DELETE /orders/<id>`` -> ``order.delete``; a static segment after a
-    parameter is the verb: ``POST /orders/<id>/cancel`` -> ``order.cancel``.
+
+def auth_event(rule: str | None, endpoint: str | None) -> str | None:
+    """``user.login`` / ``user.logout`` when the route is a login or logout, else None.
+
+    Known from the last static path segment or the view's name: ``/login``,
+    ``/auth/signin``, endpoint ``auth.logout``, ...
     """
-    verb = _VERBS.get(method.upper(), method.lower())
+    words = set()
+    segments = [s for s in (rule or "").strip("/").split("/") if s and not _is_param(s)]
+    if segments:
+        words.add(_word(segments[-1]))
+    if endpoint:
+        words.add(_word(endpoint.rsplit(".", 1)[-1]))
+    if words & _LOGIN_WORDS:
+        return LOGIN
+    if words & _LOGOUT_WORDS:
+        return LOGOUT
+    return None
+
+
+def default_action(rule: str | None, method: str, endpoint: str | None = None) -> str:
+    """An ``audit.action`` from a route, ``noun.verb``, documented in docs/flask.md.
+
+    ``POST /orders`` -> ``order.create``; ``DELETE /orders/<id>`` -> ``order.delete``;
+    a last segment that is a verb names the verb: ``POST /orders/<id>/cancel``
+    -> ``order.cancel``, ``POST /blog/<id>/update`` -> ``blog.update``, and
+    ``POST /create`` in blueprint ``blog`` -> ``blog.create``; login, logout
+    and sign-up routes -> ``user.login``, ``user.logout``, ``user.register``;
+    a page that is no resource (``/``, ``/index``, ``/home``) -> ``<view>.submit``.
+    """
+    event = auth_event(rule, endpoint)
+    if event is not None:
+        return event
+    method = method.upper()
+    verb = _VERBS.get(method, method.lower())
     segments = [s for s in (rule or "").strip("/").split("/") if s]
-    if not segments or all(_is_param(s) for s in segments):
-        return f"{(endpoint or 'request').replace('.', '_')}.{verb}"
-    last = segments[-1]
-    if not _is_param(last) and len(segments) >= 3 and _is_param(segments[-2]):
-        noun = segments[-3] if not _is_param(segments[-3]) else last
-        return f"{_singular(noun)}.{last.replace('-', '_')}"
-    static = [s for s in segments if not _is_param(s)]
-    return f"{_singular(static[-1])}.{verb}"
+    static = [_word(s) for s in segments if not _is_param(s) and not _API_WORDS.match(s.lower())]
+    view = _word((endpoint or "request").rsplit(".", 1)[-1])
+    blueprint = _word(endpoint.rsplit(".", 1)[0]) if endpoint and "." in endpoint else None
+    if static and static[-1] in _REGISTER_WORDS:
+        return "user.register"
+    after_param = len(segments) >= 2 and _is_param(segments[-2]) and not _is_param(segments[-1])
+    if static and (static[-1] in _ACTION_WORDS or after_param) and not _is_param(segments[-1]):
+        # ``.../<id>/cancel``, ``/posts/create``, ``/create``: the segment is the verb.
+        verb = _ACTION_WORDS.get(static[-1], static[-1])
+        nouns = [s for s in static[:-1] if s not in _PAGE_WORDS]
+        noun = nouns[-1] if nouns else (blueprint or view)
+        if noun == static[-1] or noun in _ACTION_WORDS:
+            noun = blueprint or "record"
+        return f"{_singular(noun)}.{verb}"
+    nouns = [s for s in static if s not in _PAGE_WORDS]
+    if not nouns:
+        # A form posted to a page (``POST /``, ``POST /index``): name the page.
+        if method == "POST":
+            verb = "submit"
+        page = view if view not in _PAGE_WORDS or not blueprint else blueprint
+        return f"{page.replace('.', '_')}.{verb}"
+    return f"{_singular(nouns[-1])}.{verb}"
 
 
 def _default_resource(rule: str | None, view_args: Mapping[str, Any]) -> tuple[str, str] | None:
@@ -225,7 +413,9 @@ def _default_resource(rule: str | None, view_args: Mapping[str, Any]) -> tuple[s
         if name.endswith("_id") and len(name) > 3:
             found = (name[:-3], str(view_args[name]))
         elif (
-            name in ("id", "pk", "key", "name", "sku") and i > 0 and not _is_param(segments[i - 1])
+            name in ("id", "pk", "key", "name", "sku", "uuid", "slug")
+            and i > 0
+            and not _is_param(segments[i - 1])
         ):
             found = (_singular(segments[i - 1]), str(view_args[name]))
     return found
@@ -266,63 +456,6 @@ def not_audited(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
-# -- default actor resolvers -----------------------------------------------------
-
-
-def _field(user: Any, name: str) -> Any:
-    if isinstance(user, Mapping):
-        return user.get(name)
-    return getattr(user, name, None)
-
-
-def _roles(value: Any) -> tuple[str, ...]:
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return tuple(sorted(str(r) for r in value))
-    return ()
-
-
-def _from_g_user() -> Actor | None:
-    """``flask.g.user``: a mapping or object with ``id`` (or ``username``) set by the app."""
-    user = g.get("user")
-    if user is None:
-        return None
-    ident = _field(user, "id")
-    if ident is None or ident == "":
-        ident = _field(user, "username")
-    if ident is None or ident == "":
-        return None
-    return Actor(str(ident), v.ACTOR_USER, _roles(_field(user, "roles")), "app")
-
-
-def _from_flask_login() -> Actor | None:
-    """flask_login's ``current_user`` when the extension is installed and set up on the app."""
-    app = flask.current_app
-    if not hasattr(app, "login_manager"):
-        return None
-    try:
-        import flask_login  # type: ignore[import-untyped]
-    except ImportError:
-        return None
-    user = flask_login.current_user
-    if user is None or not getattr(user, "is_authenticated", False):
-        return None
-    ident = user.get_id()
-    if ident is None:
-        return None
-    return Actor(str(ident), v.ACTOR_USER, _roles(getattr(user, "roles", None)), "flask_login")
-
-
-def _from_basic_auth() -> Actor | None:
-    """The HTTP basic username, believed because the app let the request through (not 401)."""
-    auth = request.authorization
-    if auth is None or (auth.type or "").lower() != "basic" or not auth.username:
-        return None
-    return Actor(str(auth.username), v.ACTOR_USER, (), "basic")
-
-
-DEFAULT_RESOLVERS: tuple[ActorResolver, ...] = (_from_g_user, _from_flask_login, _from_basic_auth)
-
-
 # -- sampling ---------------------------------------------------------------------
 
 
@@ -337,12 +470,72 @@ def _candidate(parent: Context | None, name: str, kind: Any, attributes: Any) ->
 
 
 def _ensure_candidate() -> None:
-    pipeline = installed.global_pipeline()
+    pipeline = global_pipeline()
     samplers = [getattr(pipeline.provider, "sampler", None)] if pipeline is not None else []
     samplers.append(getattr(trace.get_tracer_provider(), "sampler", None))
     for sampler in samplers:
         if isinstance(sampler, AuditSampler) and _candidate not in sampler.candidates:
             sampler.add_candidate(_candidate)
+
+
+# -- the request record before the view -------------------------------------------
+
+_views_lock = threading.Lock()
+_blocking_views: dict[int, Any] = {}
+
+
+class _BlockingByDefault:
+    """The pipeline as ``write_intent`` sees it, with ``blocking`` as the policy's default.
+
+    A state-changing request commits its intent before the view runs unless
+    the policy names another durability for it (a rule, or ``[defaults]``).
+    """
+
+    def __init__(self, pipeline: Any) -> None:
+        policy = copy.copy(pipeline.processor.policy)
+        if getattr(policy, "durability", "") is None:
+            policy.durability = "blocking"
+        processor = copy.copy(pipeline.processor)
+        processor.policy = policy
+        self.processor = processor
+        self.writer = pipeline.writer
+
+
+def _request_pipeline(pipeline: Any) -> Any:
+    with _views_lock:
+        view = _blocking_views.get(id(pipeline))
+        if view is None or view.writer is not pipeline.writer:
+            view = _blocking_views[id(pipeline)] = _BlockingByDefault(pipeline)
+        return view
+
+
+def refuse_requests(reason: str | None) -> None:
+    """Answer 503 to every request that would be audited (``reason``), or stop (None).
+
+    The zero-code hook calls it when the operator asked for auditing and setup
+    failed: a state-changing request must not run unaudited (DESIGN rule 2).
+    """
+    global _refusal
+    _refusal = reason
+
+
+def install_refusal(app: flask.Flask, reason: str) -> None:
+    """Refuse (503) the state-changing requests of ``app``: auditing was asked for and is broken.
+
+    For the zero-code hook when even the integration's own settings are bad.
+    """
+
+    def refuse() -> flask.Response | None:
+        if request.method.upper() in _DEFAULT_METHODS:
+            _log.error("otel-audit: refusing %s %s: %s", request.method, request.path, reason)
+            return _unavailable("audit not configured")
+        return None
+
+    app.before_request(refuse)
+
+
+def _unavailable(message: str) -> flask.Response:
+    return flask.Response(f"{message}\n", status=503, headers={"Retry-After": "5"})
 
 
 # -- the extension -----------------------------------------------------------------
@@ -360,6 +553,10 @@ class _Request:
     actor: Actor | None = None
     status: int | None = None
     exception: BaseException | None = None
+    event: str | None = None  # LOGIN / LOGOUT
+    scope: ActionScope | None = None
+    login_actor: Actor | None = None
+    lost: AuditError | None = None  # a record of the request that was not written
 
 
 class AuditFlask:
@@ -370,8 +567,9 @@ class AuditFlask:
     rule or ``"METHOD rule"`` whose value is an action name, True (audit) or
     False (skip); ``resources`` view-argument name -> resource type;
     ``actor_resolver`` tried before the defaults (``resolvers`` replaces
-    them); ``trusted_peers`` / ``trusted_proxies`` CIDR lists.
-    Thread-safe once ``init_app`` has returned.
+    them); ``trusted_peers`` / ``trusted_proxies`` CIDR lists;
+    ``trust_basic_auth`` believe the HTTP basic username (only for apps that
+    verify it themselves). Thread-safe once ``init_app`` has returned.
     """
 
     def __init__(
@@ -385,16 +583,32 @@ class AuditFlask:
         resolvers: Sequence[ActorResolver] | None = None,
         trusted_peers: str | Iterable[str] | None = None,
         trusted_proxies: str | Iterable[str] | None = None,
+        trust_basic_auth: bool | None = None,
     ) -> None:
-        self.methods = _methods(methods)
-        self.routes: dict[str, str | bool] = dict(routes or {})
+        env = settings_from_env()
+        self.methods = _methods(methods) if methods is not None else env.methods
+        self.routes: dict[str, str | bool] = dict(env.routes)
+        self.routes.update(routes or {})
         self.resources = dict(resources or {})
         chain = list(resolvers) if resolvers is not None else list(DEFAULT_RESOLVERS)
+        trust_basic = env.trust_basic_auth if trust_basic_auth is None else trust_basic_auth
+        if trust_basic and resolvers is None:
+            chain.append(basic_auth_resolver)
         if actor_resolver is not None:
             chain.insert(0, actor_resolver)
+        if env.actor_resolver is not None:
+            chain.insert(0, env.actor_resolver)
         self.resolvers: tuple[ActorResolver, ...] = tuple(chain)
-        self.trusted_peers = _networks(trusted_peers, OTEL_AUDIT_TRUSTED_PEERS)
-        self.trusted_proxies = _networks(trusted_proxies, OTEL_AUDIT_TRUSTED_PROXIES)
+        self.trusted_peers = (
+            _networks(trusted_peers, OTEL_AUDIT_TRUSTED_PEERS)
+            if trusted_peers is not None
+            else env.trusted_peers
+        )
+        self.trusted_proxies = (
+            _networks(trusted_proxies, OTEL_AUDIT_TRUSTED_PROXIES)
+            if trusted_proxies is not None
+            else env.trusted_proxies
+        )
         _candidate_methods.update(self.methods)
         if app is not None:
             self.init_app(app)
@@ -431,6 +645,15 @@ class AuditFlask:
                 return self.routes[key]
         return None
 
+    def _login_view(self, endpoint: str | None) -> bool:
+        """The endpoint is Flask-Login's ``login_view`` (for the app or its blueprint)."""
+        manager = getattr(flask.current_app, "login_manager", None)
+        if manager is None or endpoint is None:
+            return False
+        views = {getattr(manager, "login_view", None)}
+        views.update((getattr(manager, "blueprint_login_views", None) or {}).values())
+        return endpoint in views
+
     def _decide(self) -> tuple[bool, str | None, tuple[str, str] | None]:
         """(audited, action, resource) of the current request."""
         method = request.method.upper()
@@ -439,17 +662,27 @@ class AuditFlask:
         view = flask.current_app.view_functions.get(endpoint) if endpoint else None
         mark: _ViewRule | None = getattr(view, _VIEW_ATTR, None)
         entry = self._route_entry(method, rule, endpoint)
+        named = (mark.action if mark is not None else None) or (
+            entry if isinstance(entry, str) else None
+        )
+        event = auth_event(rule, endpoint)
+        if self._login_view(endpoint):
+            event = LOGIN
+        if named is not None:
+            event = (
+                LOGIN if named.endswith(".login") else LOGOUT if named.endswith(".logout") else None
+            )
         if mark is not None:
             is_audited = mark.audited
         elif entry is not None:
             is_audited = entry is not False
+        elif event == LOGOUT:
+            is_audited = rule is not None  # a logout is an event even as a GET
         else:
             is_audited = method in self.methods and rule is not None
         if not is_audited:
             return False, None, None
-        action = (mark.action if mark is not None else None) or (
-            entry if isinstance(entry, str) else None
-        )
+        action = named or (event if event is not None else default_action(rule, method, endpoint))
         args = request.view_args or {}
         resource: tuple[str, str] | None = None
         if mark is not None and mark.resource is not None:
@@ -461,7 +694,12 @@ class AuditFlask:
                     resource = (rtype, str(args[arg]))
         if resource is None:
             resource = _default_resource(rule, args)
-        return True, action or default_action(rule, method, endpoint), resource
+        if resource is None:
+            for arg in ("id", "pk", "uuid"):
+                if arg in args and "." in action:
+                    resource = (action.split(".", 1)[0], str(args[arg]))
+                    break
+        return True, action, resource
 
     def _peer_actor(self, ctx: Context, ip: str | None) -> Actor | None:
         if not _in(ip, self.trusted_peers):
@@ -473,7 +711,10 @@ class AuditFlask:
         return Actor(ident, str(kind), (), "trusted-peer", ip)
 
     def resolve_actor(self) -> Actor | None:
-        """The actor of the current request from the app's authentication, or None."""
+        """The actor of the current request from the app's authentication, or None.
+
+        Raises ConfigError when the operator's resolver cannot be loaded.
+        """
         ctx_actor = current_actor()
         state: _Request | None = g.get(_G_KEY)
         if ctx_actor is not None and (state is None or ctx_actor is not state.peer_actor):
@@ -481,14 +722,23 @@ class AuditFlask:
         for resolver in self.resolvers:
             try:
                 found = resolver()
+            except ConfigError:
+                raise
             except Exception:  # a broken resolver must not break the request
                 _log.exception("otel-audit: actor resolver %r failed", resolver)
                 continue
-            if isinstance(found, str) and found:
-                return Actor(found, v.ACTOR_USER, (), "app")
             if isinstance(found, Actor):
                 return found
+            if found is not None:
+                actor = actor_from_user(found, "app")
+                if actor is not None:
+                    return actor
         return None
+
+    def _forwarded(self) -> str | None:
+        """Every X-Forwarded-For header, joined: a proxy may add its own header line."""
+        values = request.headers.getlist("X-Forwarded-For")
+        return ",".join(values) if values else None
 
     # -- hooks -------------------------------------------------------------------
 
@@ -496,8 +746,8 @@ class AuditFlask:
         try:
             return self._start()
         except Exception:
-            _log.exception("otel-audit: before_request failed; request not audited")
-            return None
+            _log.exception("otel-audit: before_request failed; request refused")
+            return _unavailable("audit unavailable")
 
     def _note_forced_routes(self, app: flask.Flask) -> None:
         """Once per app: tell the sampler candidate which routes are audited whatever the method.
@@ -512,16 +762,17 @@ class AuditFlask:
         for rule in app.url_map.iter_rules():
             mark = getattr(app.view_functions.get(rule.endpoint), _VIEW_ATTR, None)
             entry = self.routes.get(rule.endpoint, self.routes.get(rule.rule))
-            if (mark is not None and mark.audited) or (entry is not None and entry is not False):
+            forced = (mark is not None and mark.audited) or (
+                entry is not None and entry is not False
+            )
+            if forced or auth_event(rule.rule, rule.endpoint) == LOGOUT:
                 _candidate_routes.add(rule.rule)
 
     def _start(self) -> Any:
         self._note_forced_routes(flask.current_app)
         span = trace.get_current_span()
         ctx = otel_context.get_current()
-        ip = client_ip(
-            request.remote_addr, request.headers.get("X-Forwarded-For"), self.trusted_proxies
-        )
+        ip = client_ip(request.remote_addr, self._forwarded(), self.trusted_proxies)
         peer_actor = self._peer_actor(ctx, ip)
         if peer_actor is None:
             # Forged identity must not be believed here nor forwarded downstream,
@@ -535,24 +786,27 @@ class AuditFlask:
             # Only a trusted peer continues a trail: anyone else could graft
             # their requests onto another user's trail.
             ctx = baggage.remove_baggage(v.TRAIL_ID, ctx)
+        is_audited, action, resource = self._decide()
+        if is_audited and _refusal is not None:
+            _log.error("otel-audit: refusing %s %s: %s", request.method, request.path, _refusal)
+            return _unavailable("audit not configured")
         if not span.is_recording():
             state = _Request(span, False, ip, None)
             state.token = otel_context.attach(ctx)
             setattr(g, _G_KEY, state)
             return None
-        is_audited, action, resource = self._decide()
         state = _Request(span, is_audited, ip, peer_actor)
         if is_audited:
+            pipeline = global_pipeline()
             try:
-                installed.check_refusal()
-                pipeline = installed.global_pipeline()
+                check_refusal()
                 if pipeline is not None:
-                    pipeline.check()
+                    pipeline.writer.check()
             except AuditError as exc:
                 # Fail closed: an action that cannot be recorded is not performed.
                 span.set_attributes({v.EVENT: True, v.ACTION: action or "", v.OUTCOME: v.FAILURE})
                 span.set_attribute(v.REASON, type(exc).__name__)
-                return flask.Response("audit ledger unavailable\n", status=503)
+                return _unavailable("audit ledger unavailable")
             trail = current_trail(ctx)
             if not valid_trail_id(trail):
                 trail = format(span.get_span_context().span_id, "016x")
@@ -562,7 +816,16 @@ class AuditFlask:
             if ip:
                 attrs[v.ACTOR_IP] = ip
             span.set_attributes(attrs)
+            state.event = LOGIN if action == LOGIN or (action or "").endswith(".login") else None
+            if action == LOGOUT or (action or "").endswith(".logout"):
+                state.event = LOGOUT
             ctx = with_trail(str(trail), ctx)
+            if pipeline is not None:
+                # Effects of the view are settled at its end (one wait, group commit).
+                state.scope = ActionScope(
+                    pipeline, str(trail), span.get_span_context().span_id, current_scope(ctx)
+                )
+                ctx = with_scope(state.scope, ctx)
         state.token = otel_context.attach(ctx)
         setattr(g, _G_KEY, state)
         return None
@@ -576,23 +839,74 @@ class AuditFlask:
                 if found is not None and found is not state.peer_actor:
                     state.actor = Actor(found.id, found.type, found.roles, found.auth, state.ip)
                     token = otel_context.attach(with_actor(state.actor))
+            except ConfigError as exc:
+                _log.error("otel-audit: refusing %s %s: %s", request.method, request.path, exc)
+                return _unavailable("audit not configured")
             except Exception:
                 _log.exception("otel-audit: actor resolution failed")
         try:
-            return original()
+            if state is not None and state.audited:
+                refused = self._write_intent(state)
+                if refused is not None:
+                    return refused
+            result = original()
+            if state is not None and state.scope is not None:
+                lost = state.scope.settle()  # the records of the view's effects
+                if lost is not None:
+                    state.lost = lost
+                    _log.error("otel-audit: %s %s: %s", request.method, request.path, lost)
+                    return _unavailable("audit record of a change not written")
+            return result
         finally:
+            if state is not None and state.scope is not None:
+                state.scope.close()
             if token is not None:
                 otel_context.detach(token)
+
+    def _write_intent(self, state: _Request) -> flask.Response | None:
+        """Commit the request's record before the view runs; a 503 when it cannot be."""
+        span = state.span
+        actor = state.actor or state.peer_actor
+        # Who logs in is known after the view; a basic-auth name only when the
+        # app did not refuse it (401): neither is written into the intent.
+        if state.event != LOGIN and not (actor is not None and actor.auth == "basic"):
+            if actor is not None:
+                span.set_attributes(actor.attributes())
+            else:
+                span.set_attribute(v.ACTOR_TYPE, v.ACTOR_ANONYMOUS)
+        pipeline = global_pipeline()
+        if pipeline is None:
+            return None
+        try:
+            write_intent(span, _request_pipeline(pipeline))
+        except AuditError as exc:
+            state.lost = exc
+            _log.error("otel-audit: request record not written, %s %s refused: %s",
+                       request.method, request.path, exc)  # fmt: skip
+            return _unavailable("audit ledger unavailable")
+        return None
 
     def _on_finished(self, sender: Any, response: flask.Response, **_: Any) -> None:
         state: _Request | None = g.get(_G_KEY)
         if state is not None:
             state.status = response.status_code
+            if state.event == LOGIN and state.audited:
+                try:
+                    state.login_actor = self._logged_in(response)
+                except Exception:
+                    _log.exception("otel-audit: login outcome")
 
     def _on_exception(self, sender: Any, exception: BaseException, **_: Any) -> None:
         state: _Request | None = g.get(_G_KEY)
         if state is not None:
             state.exception = exception
+
+    def _logged_in(self, response: flask.Response) -> Actor | None:
+        """Who is authenticated at the end of a login request (resolvers, session, issued JWT)."""
+        found = self.resolve_actor()
+        if found is None:
+            found = session_user() or jwt_issued_identity(response)
+        return found
 
     def _teardown_request(self, exc: BaseException | None) -> None:
         state: _Request | None = g.get(_G_KEY)
@@ -611,24 +925,36 @@ class AuditFlask:
     def _finish(self, state: _Request, exc: BaseException | None) -> None:
         status = state.status if state.status is not None else (500 if exc else None)
         outcome = outcome_for_status(status, exc)
-        actor = state.actor
-        if actor is None:
-            found = self.resolve_actor()  # e.g. a login view that authenticated in the view
-            if found is not None and found is not state.peer_actor:
-                actor = Actor(found.id, found.type, found.roles, found.auth, state.ip)
-        if actor is not None and actor.auth == "basic" and status == 401:
-            actor = None  # the app refused the credentials: the name is only a claim
-        actor = actor or state.peer_actor
+        reason = type(exc).__name__ if exc is not None else f"http {status}"
+        if state.event == LOGIN:
+            # Who logged in is who is authenticated after the view; nobody: it failed,
+            # whatever the status (most apps answer a wrong password with a redirect).
+            actor = state.login_actor
+            if actor is None and state.status is None:
+                actor = self.resolve_actor()
+            if actor is None or outcome != v.SUCCESS:
+                actor = None
+                if outcome == v.SUCCESS:
+                    outcome, reason = v.FAILURE, "no authenticated user"
+        else:
+            actor = state.actor
+            if actor is None and state.event != LOGOUT:
+                found = self.resolve_actor()  # e.g. a view that authenticated itself
+                if found is not None and found is not state.peer_actor:
+                    actor = found
+            if actor is not None and actor.auth == "basic" and status == 401:
+                actor = None  # the app refused the credentials: the name is only a claim
+            actor = actor or state.peer_actor
+        if state.lost is not None:
+            outcome, reason = v.FAILURE, type(state.lost).__name__
         span = state.span
         if actor is not None:
+            actor = Actor(actor.id, actor.type, actor.roles, actor.auth, state.ip)
             span.set_attributes(actor.attributes())
-            if state.ip:
-                span.set_attribute(v.ACTOR_IP, state.ip)
         else:
             span.set_attribute(v.ACTOR_TYPE, v.ACTOR_ANONYMOUS)
         span.set_attribute(v.OUTCOME, outcome)
         if outcome != v.SUCCESS:
-            reason = type(exc).__name__ if exc is not None else f"http {status}"
             span.set_attribute(v.REASON, reason)
         if exc is not None:
             span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
