@@ -5,12 +5,12 @@ from __future__ import annotations
 import math
 import os
 import sqlite3
-import time
 import subprocess
 import sys
 import tempfile
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest

@@ -1,0 +1,250 @@
+"""The action scope travels with the context: lost records on other threads and tasks,
+async actions that share commits, two pipelines in one process, SIGTERM at a bad moment."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextvars
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+
+import otel_audit
+from otel_audit import vocabulary as v
+from otel_audit.engine.ledger import Query, open_ledger
+from otel_audit.errors import LedgerUnavailable, LedgerWriteError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _records(url: str, **query):
+    with open_ledger(url, readonly=True) as ledger:
+        return [r.record for r in ledger.query(Query(**query))]
+
+
+class _Locker:
+    """Holds the SQLite write lock of ``db`` from another connection (a real outage)."""
+
+    def __init__(self, db: Path) -> None:
+        self.db, self.release, self.held = str(db), threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        con = sqlite3.connect(self.db, isolation_level=None)
+        con.execute("BEGIN EXCLUSIVE")
+        self.held.set()
+        self.release.wait(30)
+        con.execute("ROLLBACK")
+        con.close()
+
+    def __enter__(self) -> _Locker:
+        self.thread.start()
+        assert self.held.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release.set()
+        self.thread.join()
+
+
+def _wait_failed(pipeline, at_least: int = 1) -> None:
+    deadline = time.monotonic() + 10
+    while pipeline.stats().failed < at_least:
+        assert time.monotonic() < deadline, "the writer never tried the commit"
+        time.sleep(0.01)
+
+
+def _write_effect(provider: TracerProvider) -> None:
+    with provider.get_tracer("app").start_as_current_span(
+        "INSERT orders",
+        kind=trace.SpanKind.CLIENT,
+        attributes={"db.system": "sqlite", "db.statement": "INSERT INTO orders VALUES (1)"},
+    ):
+        pass
+
+
+@pytest.mark.parametrize("how", ["to_thread", "executor", "thread"])
+def test_an_effect_lost_on_another_thread_fails_its_action(make_pipeline, tmp_path, how):
+    db = tmp_path / "audit.db"
+    pipeline, provider, _ = make_pipeline(ledger=f"sqlite:///{db}?busy_timeout=50")
+    pipeline.writer.probe_interval = 0.0
+    with otel_audit.audit_action("warm.up"):
+        pass
+
+    def effect_then_wait() -> None:
+        _write_effect(provider)
+        _wait_failed(pipeline)  # keep the ledger locked until the effect's commit failed
+
+    async def in_task() -> None:
+        await asyncio.to_thread(effect_then_wait)
+
+    with pytest.raises(LedgerWriteError):
+        with otel_audit.audit_action("order.pay"):
+            with _Locker(db):
+                if how == "to_thread":
+                    asyncio.run(in_task())
+                elif how == "executor":
+                    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                        ctx = contextvars.copy_context()
+                        pool.submit(ctx.run, effect_then_wait).result()
+                else:
+                    ctx = contextvars.copy_context()
+                    worker = threading.Thread(target=ctx.run, args=(effect_then_wait,))
+                    worker.start()
+                    worker.join()
+    pipeline.flush()
+    (pay,) = _records(pipeline.ledger_url, action="order.pay")
+    assert (pay.attr(v.OUTCOME), pay.attr(v.REASON)) == ("failure", "LedgerWriteError")
+    assert "INSERT orders" not in [r.name for r in _records(pipeline.ledger_url)]
+
+
+def test_a_lost_record_fails_the_enclosing_action_even_when_the_inner_error_is_caught(
+    make_pipeline, tmp_path
+):
+    db = tmp_path / "audit.db"
+    pipeline, provider, _ = make_pipeline(ledger=f"sqlite:///{db}?busy_timeout=50")
+    pipeline.writer.probe_interval = 0.0
+    with pytest.raises(LedgerWriteError):
+        with otel_audit.audit_action("batch.run"):
+            try:
+                with otel_audit.audit_action("order.pay"):
+                    with _Locker(db):
+                        _write_effect(provider)
+                        _wait_failed(pipeline)
+            except LedgerWriteError:
+                pass  # the application swallows it; the outer action must not
+
+
+def test_effects_are_committed_before_the_action_returns_in_one_wait(make_pipeline):
+    pipeline, provider, _ = make_pipeline()
+    with otel_audit.audit_action("order.create", resource=("order", "1")):
+        for _ in range(5):
+            _write_effect(provider)
+    # No flush: sync durability means everything is already durable.
+    names = [r.name for r in _records(pipeline.ledger_url)]
+    assert names.count("INSERT orders") == 5 and "order.create" in names
+    assert pipeline.stats().batches <= 3  # the effects shared commits
+
+
+def test_async_actions_share_commits_and_never_block_the_event_loop(make_pipeline, tmp_path):
+    db = tmp_path / "audit.db"
+    pipeline, provider, _ = make_pipeline(ledger=f"sqlite:///{db}?busy_timeout=10000")
+    ticks: list[float] = []
+
+    async def ticker(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            ticks.append(time.monotonic())
+            await asyncio.sleep(0.005)
+
+    @otel_audit.audit_action("order.read")
+    async def one(i: int) -> int:
+        _write_effect(provider)
+        await asyncio.sleep(0)
+        return i
+
+    async def main() -> list[int]:
+        stop = asyncio.Event()
+        tick = asyncio.create_task(ticker(stop))
+        results = await asyncio.gather(*(one(i) for i in range(200)))
+        stop.set()
+        await tick
+        return list(results)
+
+    before = pipeline.stats().batches
+    # The ledger is locked by another connection for a second: every commit
+    # waits. A loop blocked on a commit would stop ticking for that second.
+    with _Locker(db) as locker:
+        locked_at = time.monotonic()
+        threading.Timer(1.0, locker.release.set).start()
+        assert asyncio.run(main()) == list(range(200))
+        released_at = time.monotonic()
+    during = [t for t in ticks if locked_at + 0.3 < t < released_at - 0.3]
+    assert len(during) >= 5, "the event loop was blocked while actions waited for commits"
+    # 400 records (200 actions + 200 effects) in far fewer commits than records.
+    assert pipeline.stats().committed >= 400
+    assert pipeline.stats().batches - before < 50
+    assert len(_records(pipeline.ledger_url, action="order.read")) == 200
+
+
+def test_async_with_fails_closed_without_blocking(make_pipeline, tmp_path):
+    db = tmp_path / "audit.db"
+    pipeline, provider, _ = make_pipeline(ledger=f"sqlite:///{db}?busy_timeout=50")
+    pipeline.writer.probe_interval = 0.0
+
+    async def main() -> None:
+        async with otel_audit.audit_action("order.pay"):
+            with _Locker(db):
+                _write_effect(provider)
+                await asyncio.to_thread(_wait_failed, pipeline)
+
+    with pytest.raises(LedgerWriteError):
+        asyncio.run(main())
+
+
+def test_two_pipelines_in_one_process_have_their_own_health(tmp_path):
+    broken_db, good_db = tmp_path / "broken.db", tmp_path / "good.db"
+    p1, p2 = TracerProvider(shutdown_on_exit=False), TracerProvider(shutdown_on_exit=False)
+    broken = otel_audit.configure(ledger=f"sqlite:///{broken_db}?busy_timeout=50",
+                                  service_name="a", tracer_provider=p1, handle_sigterm=False)  # fmt: skip
+    good = otel_audit.configure(ledger=f"sqlite:///{good_db}", service_name="b",
+                                tracer_provider=p2, handle_sigterm=False)  # fmt: skip
+    try:
+        broken.writer.probe_interval = 60.0
+        with _Locker(broken_db):
+            with pytest.raises(LedgerWriteError):
+                with broken.audit_action("a.write"):
+                    pass
+            with pytest.raises(LedgerUnavailable):
+                with broken.audit_action("a.again"):
+                    pass
+            # The other provider's pipeline is healthy and keeps auditing.
+            with good.audit_action("b.write"):
+                pass
+        assert [r.attr(v.ACTION) for r in _records(good.ledger_url)] == ["b.write"]
+        assert _records(good.ledger_url)[0].service == "b"
+    finally:
+        broken.shutdown()
+        good.shutdown()
+
+
+def test_sigterm_while_the_main_thread_holds_the_writers_lock_does_not_deadlock(tmp_path):
+    db = tmp_path / "audit.db"
+    script = textwrap.dedent(
+        f"""
+        import os, signal, sys, time
+        import otel_audit
+        pipeline = otel_audit.configure(ledger="sqlite:///{db}", service_name="svc",
+                                        durability="async")
+        for i in range(50):
+            with otel_audit.audit_action("job.step", resource=("step", str(i))):
+                pass
+        print("ready", flush=True)
+        # The signal lands while this thread holds the writer's condition lock
+        # (as it does for a moment on every full queue and flush): a handler that
+        # flushed here would wait for this very lock forever.
+        with pipeline.writer._cond:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.3)
+        time.sleep(30)
+        print("not terminated", flush=True)
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=REPO
+    )
+    assert proc.returncode == -signal.SIGTERM, proc.stderr
+    assert "not terminated" not in proc.stdout
+    # Everything queued before the signal was flushed and checkpointed on the way out.
+    assert len(_records(f"sqlite:///{db}", action="job.step")) == 50
+    with open_ledger(f"sqlite:///{db}", readonly=True) as ledger:
+        assert ledger.checkpoints("svc")
