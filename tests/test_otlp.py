@@ -195,3 +195,58 @@ def test_exported_names_are_the_public_ones():
 
     assert set(otlp.__all__) <= set(dir(otlp))
     assert otel_audit  # the package imports with otlp present
+
+
+def test_every_attribute_type_is_cleaned_as_in_process():
+    """The one-pass OTLP decoding keeps the general normalisation's values and cut names."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    from otel_audit.engine.record import clean_attributes
+
+    request = ExportTraceServiceRequest()
+    span = request.resource_spans.add().scope_spans.add().spans.add()
+    span.trace_id, span.span_id, span.name = b"\x01" * 16, b"\x02" * 8, "s"
+    raw = {}
+
+    def put(key, setter, value):
+        kv = span.attributes.add()
+        kv.key = key
+        if setter:
+            setter(kv.value)
+        raw[key] = value
+
+    put(v.EVENT, lambda a: setattr(a, "bool_value", True), True)
+    put("short", lambda a: setattr(a, "string_value", "abc"), "abc")
+    put("long", lambda a: setattr(a, "string_value", "x" * 30), "x" * 30)
+    put("utf8", lambda a: setattr(a, "string_value", "élan-€"), "élan-€")
+    put("utf8-long", lambda a: setattr(a, "string_value", "é" * 30), "é" * 30)
+    put("int", lambda a: setattr(a, "int_value", -(2**63)), -(2**63))
+    put("nan", lambda a: setattr(a, "double_value", float("nan")), float("nan"))
+    put("inf", lambda a: setattr(a, "double_value", float("-inf")), float("-inf"))
+    put("bytes", lambda a: setattr(a, "bytes_value", b"\0" * 30), b"\0" * 30)
+    put("empty", None, None)
+    put("k" * 30, lambda a: setattr(a, "int_value", 1), 1)
+
+    def array(a):
+        a.array_value.values.add().string_value = "y" * 30
+        a.array_value.values.add().double_value = 1.5
+
+    put("array", array, ["y" * 30, 1.5])
+
+    def kvlist(a):
+        item = a.kvlist_value.values.add()
+        item.key, item.value.int_value = "n", 7
+
+    put("kvlist", kvlist, json.dumps({"n": 7}))
+    # The same key twice: the last one wins, and its cut state with it.
+    put("twice", lambda a: setattr(a, "string_value", "z" * 30), "z" * 30)
+    put("twice", lambda a: setattr(a, "string_value", "ok"), "ok")
+
+    (record,), rejected, _ = records_from_request(request, max_len=16)
+    expected, cut = clean_attributes(raw, 16)
+    assert not rejected
+    assert encode(record) == encode(
+        type(record)(**{**record.__dict__, "attributes": expected, "truncated": tuple(cut)})
+    )
+    assert set(record.truncated) == {"long", "utf8-long", "bytes", "array"}
+    assert "k" * 16 in record.attributes

@@ -221,6 +221,47 @@ def _attributes(kvs: Iterable[KeyValue]) -> dict[str, Any]:
     return out
 
 
+def _clean_attributes(kvs: Iterable[KeyValue], max_len: int) -> tuple[dict[str, Any], list[str]]:
+    """``clean_attributes(_attributes(kvs))`` in one pass: the same values and cut names.
+
+    Nearly every attribute is short text, an int or a bool; those are taken
+    as they are, with no second walk over the attributes: protobuf text is
+    valid UTF-8 (the parser checks it, and cannot hold a lone surrogate), so
+    only its length can need cleaning. Anything else goes through the general
+    normalisation of ``record.clean_attributes``, so the bytes never differ.
+    """
+    out: dict[str, Any] = {}
+    cut: dict[str, bool] | None = None
+    for kv in kvs:
+        key = kv.key
+        if len(key) > max_len:
+            key = _clean_str(key, max_len)[0]
+        value = kv.value
+        which = value.WhichOneof("value")
+        if which == "string_value":
+            text = value.string_value
+            if len(text) <= max_len:
+                out[key] = text
+                if cut is not None:
+                    cut.pop(key, None)
+                continue
+        elif which == "int_value" or which == "bool_value":
+            out[key] = getattr(value, which)
+            if cut is not None:
+                cut.pop(key, None)
+            continue
+        raw = getattr(value, which) if which in _SCALARS else _any_value(value)
+        cleaned, names = clean_attributes({key: raw}, max_len)
+        for name, item in cleaned.items():
+            out[name] = item
+            if cut is None:
+                cut = {}
+            cut[name] = name in names
+    if not cut:
+        return out, []
+    return out, [key for key in out if cut.get(key)]
+
+
 def is_audit_span(attributes: dict[str, Any]) -> bool:
     """A span the audit path keeps: a user action, or a span inside a trail."""
     return attributes.get(v.EVENT) is True or v.TRAIL_ID in attributes
@@ -264,7 +305,7 @@ def records_from_request(
                 if span.parent_span_id and len(span.parent_span_id) != 8:
                     rejected.append(Rejected(trace_id, span_id, "invalid parent span id"))
                     continue
-                attrs = _attributes(span.attributes)
+                attrs, cut = _clean_attributes(span.attributes, max_len)
                 kind = _KIND_NAMES.get(span.kind, "INTERNAL")
                 extra: dict[str, Any] = {}
                 if attrs.get(v.EVENT) is True:
@@ -282,15 +323,21 @@ def records_from_request(
                 if not selected and not keep_all:
                     ignored += 1
                     continue
+                # Derived names are short text: added after cleaning, as they are.
                 attrs.update(extra)
-                records.append(_record(span, attrs, kind, service, scope, max_len))
+                records.append(_record(span, attrs, cut, kind, service, scope, max_len))
     return records, rejected, ignored
 
 
 def _record(
-    span: Span, attrs: dict[str, Any], kind: str, service: str, scope: str | None, max_len: int
+    span: Span,
+    attributes: dict[str, Any],
+    cut: list[str],
+    kind: str,
+    service: str,
+    scope: str | None,
+    max_len: int,
 ) -> Record:
-    attributes, cut = clean_attributes(attrs, max_len)
     status = _STATUS_NAMES.get(span.status.code, "UNSET")
     message = span.status.message
     return Record(
@@ -309,7 +356,7 @@ def _record(
             Link(
                 ln.trace_id.hex(),
                 ln.span_id.hex(),
-                clean_attributes(_attributes(ln.attributes), max_len)[0],
+                _clean_attributes(ln.attributes, max_len)[0],
             )
             for ln in span.links
         ),
@@ -317,7 +364,7 @@ def _record(
             Event(
                 ev.name,
                 int(ev.time_unix_nano),
-                clean_attributes(_attributes(ev.attributes), max_len)[0],
+                _clean_attributes(ev.attributes, max_len)[0],
             )
             for ev in span.events
         ),
