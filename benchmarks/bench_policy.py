@@ -2,6 +2,11 @@
 
 Run: .venv/bin/python benchmarks/bench_policy.py [--spans N]
 
+0. Default redaction per span, for typical spans (a Flask server span, a
+   database span, an audit action), in microseconds and as a ratio of what
+   the stock SDK spends creating and ending the same span (BatchSpanProcessor,
+   exporter that does nothing) measured in the same run; then a profile of
+   where the redaction time goes.
 1. Per record: the work ``on_end`` does for one realistic span (15 attributes
    including a URL, a SQL statement, captured headers, and an event), from the
    finished span to its canonical bytes: without a policy (the core path),
@@ -18,6 +23,9 @@ Run: .venv/bin/python benchmarks/bench_policy.py [--spans N]
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import tempfile
 import time
 from pathlib import Path
@@ -94,6 +102,151 @@ hosts = ["billing.internal:443"]
 """
 
 
+# Typical spans, with the attributes their instrumentations set.
+TYPICAL: dict[str, tuple[str, SpanKind, dict[str, Any]]] = {
+    "Flask server span": (
+        "POST /orders/<order_id>",
+        SpanKind.SERVER,
+        {
+            "http.request.method": "POST",
+            "url.scheme": "http",
+            "server.address": "shop.internal",
+            "server.port": 8080,
+            "network.peer.address": "10.0.3.7",
+            "client.address": "203.0.113.9",
+            "user_agent.original": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 "
+            "(KHTML, like Gecko) Chrome/120.0 Safari/537.36",
+            "url.path": "/orders/42",
+            "url.query": "expand=items&page=2",
+            "http.route": "/orders/<order_id>",
+            "network.protocol.version": "1.1",
+            "http.response.status_code": 200,
+            v.EVENT: True,
+            v.ACTION: "order.update",
+            v.ACTOR_ID: "alice",
+            v.ACTOR_TYPE: "user",
+            v.ACTOR_AUTH: "session",
+            v.ACTOR_IP: "203.0.113.9",
+            v.RESOURCE_TYPE: "order",
+            v.RESOURCE_ID: "42",
+            v.OUTCOME: "success",
+            v.TRAIL_ID: "4bf92f3577b34da6",
+        },
+    ),
+    "database span": (
+        "INSERT shop.orders",
+        SpanKind.CLIENT,
+        {
+            "db.system": "sqlite",
+            "db.name": "shop.db",
+            "db.statement": "INSERT INTO orders (id, customer, total) VALUES (?, ?, ?)",
+            "db.operation.name": "INSERT",
+            "server.address": "localhost",
+            v.EFFECT: "data.write",
+            v.TRAIL_ID: "4bf92f3577b34da6",
+        },
+    ),
+    "audit action": (
+        "invoice.approve",
+        SpanKind.INTERNAL,
+        {
+            v.EVENT: True,
+            v.ACTION: "invoice.approve",
+            v.ACTOR_ID: "bob",
+            v.ACTOR_TYPE: "user",
+            v.RESOURCE_TYPE: "invoice",
+            v.RESOURCE_ID: "INV-2024-0042",
+            v.OUTCOME: "success",
+            v.TRAIL_ID: "00f067aa0ba902b7",
+            "invoice.amount": 1250.0,
+            "invoice.currency": "EUR",
+        },
+    ),
+}
+
+
+def varied(name: str, i: int) -> dict[str, Any]:
+    """The attributes of the ``i``-th span of a kind: ids and trails differ span to span."""
+    attributes = dict(TYPICAL[name][2])
+    attributes[v.TRAIL_ID] = f"{i * 7919:016x}"
+    if name == "Flask server span":
+        attributes["url.path"] = f"/orders/{i}"
+        attributes[v.RESOURCE_ID] = str(i)
+    elif name == "audit action":
+        attributes[v.RESOURCE_ID] = f"INV-2024-{i:05d}"
+        attributes["invoice.amount"] = float(i)
+    return attributes
+
+
+def typical_spans(name: str, n: int) -> list[ReadableSpan]:
+    span_name, kind, _ = TYPICAL[name]
+    provider = TracerProvider(shutdown_on_exit=False)
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("bench")
+    for i in range(n):
+        with tracer.start_as_current_span(span_name, kind=kind, attributes=varied(name, i)):
+            pass
+    return list(exporter.get_finished_spans())
+
+
+def stock_span_cost(name: str, n: int) -> float:
+    """Microseconds the stock SDK spends creating and ending one such span."""
+    span_name, kind, _ = TYPICAL[name]
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(BatchSpanProcessor(NoopExporter(), max_queue_size=1 << 20))
+    tracer = provider.get_tracer("bench")
+    attributes = [varied(name, i) for i in range(n)]
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        for attrs in attributes:
+            with tracer.start_as_current_span(span_name, kind=kind, attributes=attrs):
+                pass
+        best = min(best, (time.perf_counter() - started) / n * 1e6)
+    provider.shutdown()
+    return best
+
+
+def redaction_cost(records: list[Any]) -> float:
+    """Microseconds of default redaction (``policy.redactor.record``) per record, best of 3.
+
+    Each round starts with a fresh policy: its caches are filled by the
+    measured spans themselves, as in a service that just started.
+    """
+    best = float("inf")
+    for _ in range(3):
+        redact = load_policy(env={}).redactor.record
+        started = time.perf_counter()
+        for record in records:
+            redact(record)
+        best = min(best, (time.perf_counter() - started) / len(records) * 1e6)
+    return best
+
+
+def typical(n: int) -> None:
+    print(f"default redaction per span ({n} spans of each kind, best of 3)")
+    print(f"  {'span':<20}{'stock SDK span':>16}{'redaction':>12}{'ratio':>8}")
+    everything = []
+    for name in TYPICAL:
+        records = [record_from_span(s, "shop") for s in typical_spans(name, n)]
+        everything.extend(records)
+        stock = stock_span_cost(name, n)
+        redaction = redaction_cost(records)
+        print(f"  {name:<20}{stock:13.1f} us{redaction:9.1f} us{redaction / stock:8.2f}")
+    policy = load_policy(env={})
+    profiler = cProfile.Profile()
+    profiler.runcall(lambda: [policy.redactor.record(r) for r in everything])
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(8)
+    lines = [ln for ln in out.getvalue().splitlines() if ln.strip()]
+    start = next(i for i, ln in enumerate(lines) if ln.lstrip().startswith("ncalls"))
+    print("\nwhere the redaction time goes (cProfile, all three kinds, top 8 by own time)")
+    for line in lines[start : start + 9]:
+        print("  " + line.replace(str(Path.cwd()) + "/", ""))
+    print()
+
+
 class NoopExporter(SpanExporter):
     def export(self, spans):  # type: ignore[no-untyped-def]
         return SpanExportResult.SUCCESS
@@ -161,6 +314,7 @@ def main() -> None:
         policy_file = directory / "policy.toml"
         policy_file.write_text(CONFIGURED.format(key=key))
         default, configured = load_policy(env={}), AuditPolicy.load(str(policy_file))
+        typical(min(args.spans, 5000))
 
         spans = finished_spans(min(args.spans, 5000))
         per_record(spans[:200], default)  # warm up

@@ -145,7 +145,11 @@ _KEY_SAFE = frozenset(
         "messaging.system", "messaging.operation", "messaging.operation.type", "rpc.system",
         "rpc.service", "rpc.method", "code.function", "code.namespace", "code.filepath",
         "code.function.name", "code.file.path", "thread.name", "otel.status_code",
-        "otel.scope.name", "exception.type", "error.type",
+        "otel.scope.name", "exception.type", "error.type", "client.address",
+        "network.peer.address", "network.local.address", "net.peer.ip", "net.peer.name",
+        "net.peer.port", "net.host.name", "net.host.port", "net.host.ip", "http.host",
+        "http.server_name", "http.status_code", "http.response.status_code",
+        "server.socket.address", "server.socket.port", "db.name", "db.namespace",
     }
 )  # fmt: skip
 
@@ -352,11 +356,9 @@ def _scrub(text: str, found: list[str] | None, cards: bool = True) -> str:
         out = _mask_pairs(out, found)
     if "://" in out and "@" in out:
         out = _USERINFO.sub(lambda m: _masked_userinfo(m, found), out)
-    if "/" in out:
-        if _PATH_TOKEN.search(out) is not None:
-            out = _PATH_TOKEN.sub(lambda m: _masked_path(m, found), out)
-        out = _RANDOM_SEGMENT.sub(lambda m: _masked_segment(m, found), out)
-    elif "=" in out:
+    if n >= 17 and "/" in out and _PATH_TOKEN.search(out) is not None:
+        out = _PATH_TOKEN.sub(lambda m: _masked_path(m, found), out)
+    if n >= 25 and ("/" in out or "=" in out):
         out = _RANDOM_SEGMENT.sub(lambda m: _masked_segment(m, found), out)
     if n >= 40 and ("aws" in low or "secret" in low):
         out = _AWS_SECRET.sub(lambda m: _masked_aws_secret(m, found), out)
@@ -472,6 +474,12 @@ _SQL_LITERAL = re.compile(
 _EXCEPTION_MASKED = frozenset({"exception.message"})
 _EXCEPTION_DROPPED = frozenset({"exception.stacktrace"})
 _MAX_CACHED_NAMES = 4096
+# Values repeat (user agents, statements, routes, scope and service names):
+# short values found clean are remembered, so each is scanned once. Only
+# clean values are kept, so the cache never holds a secret; it is emptied
+# when full, so it follows what the service currently sends.
+_MAX_CACHED_VALUES = 8192
+_MAX_CACHED_VALUE_LENGTH = 512
 # Values shorter than this are not hunted for elsewhere in the record: a
 # two-letter password would otherwise mask every "ab" in it.
 _MIN_ECHO = 6
@@ -587,6 +595,7 @@ class Redactor:
         # may compute one twice, never differently.
         self._methods: dict[str, str | None] = {}
         self._plans: dict[str, tuple[str, str]] = {}
+        self._clean: set[str] = set()
         for rule in self.rules:
             if rule.method not in METHODS:
                 raise ConfigError(f"redaction method must be one of {', '.join(METHODS)}")
@@ -645,9 +654,16 @@ class Redactor:
         return plan
 
     def _text(self, text: str, found: list[str] | None) -> str:
+        clean = self._clean
+        if text in clean:
+            return text
         out = _scrub(text, found)
         for rule in self.value_rules:
             out = rule.regex.sub(MASK, out)
+        if out == text and len(text) <= _MAX_CACHED_VALUE_LENGTH:
+            if len(clean) >= _MAX_CACHED_VALUES:
+                clean.clear()
+            clean.add(text)
         return out
 
     def _value(self, value: Any, found: list[str] | None) -> Any:
@@ -680,8 +696,9 @@ class Redactor:
         removed (whole or found inside a value) to ``found``.
         """
         out: dict[str, Any] = {}
+        plans = self._plans
         for name, value in attributes.items():
-            stored, action = self._plan(name)
+            stored, action = plans.get(name) or self._plan(name)
             if action == _SCAN:
                 out[stored] = self._value(value, found)
             elif action == _KEEP:
@@ -773,12 +790,42 @@ def _echo_attributes(attributes: dict[str, Any], secrets_: list[str]) -> dict[st
     }
 
 
+def _in(value: Any, secrets_: list[str]) -> bool:
+    if isinstance(value, str):
+        return any(secret in value for secret in secrets_)
+    if isinstance(value, list):
+        return any(isinstance(x, str) and _in(x, secrets_) for x in value)
+    return False
+
+
+def _in_attributes(attributes: dict[str, Any], secrets_: list[str]) -> bool:
+    return any(
+        _in(value, secrets_) for name, value in attributes.items() if name not in _NEVER_SCANNED
+    )
+
+
+def _appears(record: Record, secrets_: list[str]) -> bool:
+    return (
+        _in(record.name, secrets_)
+        or _in(record.status_message, secrets_)
+        or _in_attributes(record.attributes, secrets_)
+        or any(
+            _in(ev.name, secrets_) or _in_attributes(ev.attributes, secrets_)
+            for ev in record.events
+        )
+        or any(_in_attributes(ln.attributes, secrets_) for ln in record.links)
+    )
+
+
 def _mask_echoes(record: Record, secrets_: list[str]) -> Record:
     """``record`` with every other occurrence of the secrets found in it masked too.
 
     The password of ``db.password`` in the connection string beside it, the
     reset token of a URL path in ``audit.resource.id`` and the span name.
+    Usually a secret appears only where it was found: then nothing is rebuilt.
     """
+    if not _appears(record, secrets_):
+        return record
     return replace(
         record,
         name=_echo(record.name, secrets_),
