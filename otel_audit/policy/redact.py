@@ -728,6 +728,8 @@ class Redactor:
         """``record`` with every string it keeps redacted (see the module docstring)."""
         found: list[str] = []
         text = self._text
+        if record.truncated:  # names of cut values, as stored
+            record = replace(record, truncated=tuple(self._plan(n)[0] for n in record.truncated))
         scope = text(record.scope, found) if record.scope else record.scope
         service = text(record.service, found)
         if not record.events and not record.links and not record.status_message:
