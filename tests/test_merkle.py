@@ -17,6 +17,7 @@ from otel_audit.proof.merkle import (
     EMPTY_ROOT,
     Frontier,
     Tree,
+    extension_proof,
     leaf_hash,
     node_hash,
     root_of,
@@ -181,3 +182,30 @@ def test_root_is_right_when_two_writers_share_a_chain(make_pipeline, tmp_path) -
         for cp in cps:
             assert cp.merkle_root == rfc_mth(bodies[: cp.seq])
         verify_ledger(ledger)
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(2, 400), data=st.data())
+def test_extension_proof_from_the_frontier_is_the_rfc_proof(n: int, data: st.DataObject) -> None:
+    """What the signer checks before signing: the consistency proof built from the old
+    tree's frontier and the new leaves only is RFC 9162's, and verifies."""
+    d = leaves(n)
+    old = data.draw(st.integers(1, n - 1))
+    frontier = Frontier()
+    for body in d[:old]:
+        frontier.append(body)
+    proof = extension_proof(frontier, [leaf_hash(b) for b in d[old:]])
+    assert proof == rfc_subproof(old, d, True)
+    verify_consistency(old, n, frontier.root(), rfc_mth(d), proof)
+    # The same new leaves after a rewritten old tree give a proof the signed root rejects.
+    forged = Frontier()
+    for body in [b"forged"] + d[1:old]:
+        forged.append(body)
+    with pytest.raises(VerificationError):
+        verify_consistency(
+            old,
+            n,
+            frontier.root(),
+            rfc_mth([b"forged"] + d[1:]),
+            extension_proof(forged, [leaf_hash(b) for b in d[old:]]),
+        )
