@@ -83,6 +83,10 @@ def test_serve_process_commits_and_stops_cleanly(tmp_path, sig):
         (["--token-file", "/nonexistent/token"], "cannot read --token-file"),
         (["--tls-cert", "/nonexistent/cert.pem"], "TLS needs both a certificate and its key"),
         (
+            ["--effects", "data.read,bogus"],
+            "--effects 'data.read,bogus': effects names unknown effects: bogus",
+        ),
+        (
             ["--listen", "off", "--grpc-listen", "off"],
             "at least one of the HTTP and gRPC listeners",
         ),

@@ -14,7 +14,13 @@ from otel_audit._commands._common import (
 )
 from otel_audit.errors import ConfigError
 from otel_audit.proof.keys import Signer
-from otel_audit.settings import OTEL_AUDIT_CHAIN, OTEL_AUDIT_SERVE_TOKEN, OTEL_AUDIT_SIGNING_KEY
+from otel_audit.settings import (
+    OTEL_AUDIT_CHAIN,
+    OTEL_AUDIT_EFFECTS,
+    OTEL_AUDIT_SERVE_TOKEN,
+    OTEL_AUDIT_SIGNING_KEY,
+)
+from otel_audit.settings import load as load_settings
 from otel_audit.transport.serve import (
     DEFAULT_GRPC_ADDRESS,
     DEFAULT_HTTP_ADDRESS,
@@ -45,6 +51,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="OTLP/gRPC address (default %(default)s); 'off' disables it",
     )  # fmt: skip
     p.add_argument("--all", action="store_true", help="store every span, not only audit spans")
+    p.add_argument(
+        "--effects",
+        metavar="LIST",
+        help="effects kept for trail spans that do not say theirs (default "
+        f"${OTEL_AUDIT_EFFECTS}, else data.write,http.call,message.publish,notification); "
+        "a span carrying audit.effect is kept as its sender decided",
+    )
     p.add_argument(
         "--chain", help=f"chain to append to (default ${OTEL_AUDIT_CHAIN}, else 'otel-audit-serve')"
     )
@@ -105,6 +118,21 @@ def _token(args: argparse.Namespace) -> str | None:
     return os.environ.get(OTEL_AUDIT_SERVE_TOKEN, "").strip() or None
 
 
+def _effects(value: str | None) -> frozenset[str] | None:
+    """--effects, else OTEL_AUDIT_EFFECTS, validated by the settings module; None: the default."""
+    env = (
+        {OTEL_AUDIT_EFFECTS: os.environ[OTEL_AUDIT_EFFECTS]}
+        if OTEL_AUDIT_EFFECTS in os.environ
+        else {}
+    )
+    try:
+        return load_settings(effects=value, env=env).effects
+    except ConfigError as exc:
+        if value is None:
+            raise
+        raise ConfigError(f"--effects {value!r}: {exc}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     for name in ("max_request_size", "max_pending", "checkpoint_every"):
         if getattr(args, name) <= 0:
@@ -123,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
         chain=args.chain or os.environ.get(OTEL_AUDIT_CHAIN) or None,
         keep_all=args.all,
+        effects=_effects(args.effects),
         token=_token(args),
         max_request_size=args.max_request_size,
         max_pending=args.max_pending,
