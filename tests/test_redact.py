@@ -267,7 +267,8 @@ _FILLER = st.text(alphabet="abcdefghij XYZ.,:;()", max_size=12)
 _DIGIT_GROUPS = st.from_regex(r"([0-9]{1,4} ){0,2}", fullmatch=True)
 _DIGIT_TAIL = st.from_regex(r"( [0-9]{1,4}){0,2}", fullmatch=True)
 _SECRET_WORDS = ["password", "passwd", "secret", "token", "key", "credential", "api_key", "apiKey",
-                 "client_secret", "access_token", "privateKey", "auth-token"]  # fmt: skip
+                 "client_secret", "access_token", "privateKey", "auth-token", "PASSWORD",
+                 "accesstoken", "clientsecret", "pass", "pwd", "pw", "refreshToken"]  # fmt: skip
 _HEADERS = [
     ("http.request.header.authorization", "Bearer {}"),
     ("http.request.header.cookie", "session={}"),
@@ -297,7 +298,7 @@ def secret_cases(draw: st.DrawFn) -> tuple[list[str], dict]:
     token, token2, token3 = draw(_TOKEN), draw(_TOKEN), draw(_TOKEN)
     digits, card = draw(card_numbers())
     word = draw(st.sampled_from(_SECRET_WORDS))
-    prefix = draw(st.sampled_from(["", "app.", "db.", "user.", "AWS_"]))
+    prefix = draw(st.sampled_from(["", "app.", "db.", "user.", "AWS_", "PG", "oauth."]))
     header, shape = draw(st.sampled_from(_HEADERS))
     left, right = draw(_FILLER), draw(_FILLER)
     where = draw(

@@ -346,8 +346,11 @@ def _hinted(low: str) -> bool:
 def _scrub(text: str, found: list[str] | None, cards: bool = True) -> str:
     """``text`` with every secret shape masked; what was masked is appended to ``found``."""
     n = len(text)
-    if n < 4 or (n < 8 and "=" not in text and ":" not in text):
-        return text  # too short to hold any shape below
+    if n < 15 and "=" not in text and ":" not in text and " " not in text and "/" not in text:
+        # Too short for every shape below but a 13- or 14-digit card.
+        if cards and n >= 13 and _DIGITS.search(text) is not None:
+            return _CARD.sub(_card, text)
+        return text
     out = text
     if _SHAPE_GATE.search(out) is not None:
         out = _SHAPES.sub(lambda m: _masked_shape(m, found), out)
