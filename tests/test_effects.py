@@ -16,16 +16,9 @@ from opentelemetry.trace import SpanKind
 
 import otel_audit
 from otel_audit import vocabulary as v
+from otel_audit.capture.effects import effect_span, notification, publish
 from otel_audit.engine.ledger import Query, open_ledger
-from otel_audit.semantics.effects import (
-    classify,
-    effect_span,
-    http_peer,
-    mark_effect,
-    notification,
-    publish,
-    sql_operation,
-)
+from otel_audit.semantics.effects import classify, http_peer, mark_effect, sql_operation
 
 CLIENT, PRODUCER, INTERNAL = SpanKind.CLIENT, SpanKind.PRODUCER, SpanKind.INTERNAL
 

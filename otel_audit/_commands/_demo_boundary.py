@@ -16,9 +16,9 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-#: Audit actions of this part (POST /orders/export is named export.create from
+#: Audit actions of this part (POST /orders/export is named order.export from
 #: its route), left out of the demo's list of user steps.
-ACTIONS = frozenset({"export.create", "boundary.violation"})
+ACTIONS = frozenset({"order.export", "boundary.violation"})
 
 _POLICY = """\
 # The demo shop's audit policy (see docs/policy.md).

@@ -152,7 +152,9 @@ def _trails(ledger_url: str) -> list[tuple[str, str]]:
     with open_ledger(ledger_url, create=False, readonly=True) as ledger:
         for stored in ledger.query(Query(service="orders")):
             rec = stored.record
-            if rec.attr(v.EVENT) and rec.attr(v.ACTION) not in _demo_boundary.ACTIONS:
+            if rec.attr(v.INTENT) or not rec.attr(v.EVENT):
+                continue  # a request record before the view: its outcome record follows
+            if rec.attr(v.ACTION) not in _demo_boundary.ACTIONS:
                 who = rec.attr(v.ACTOR_ID) or rec.attr(v.ACTOR_TYPE)
                 out.append((str(rec.attr(v.TRAIL_ID)),
                             f"{who} did {rec.attr(v.ACTION)}: {rec.attr(v.OUTCOME)}"))  # fmt: skip

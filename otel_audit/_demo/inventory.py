@@ -21,7 +21,7 @@ from opentelemetry.trace import SpanKind
 from otel_audit import actor as audit_actor
 from otel_audit import current_actor
 from otel_audit._demo._common import Route, create_app, main, run_sql
-from otel_audit.semantics.effects import notification
+from otel_audit.capture.effects import notification
 
 DB = "inventory.db"
 SCHEMA = """

@@ -37,7 +37,6 @@ from otel_audit.capture.context import (
 from otel_audit.capture.installed import check_refusal, global_pipeline
 from otel_audit.capture.scope import ActionScope, current_scope, random_trail_id, with_scope
 from otel_audit.errors import AuditError
-from otel_audit.policy.rules import queue_intent
 
 if TYPE_CHECKING:
     from otel_audit.engine.writer import LedgerWriter, Ticket
@@ -188,7 +187,7 @@ class AuditAction:
         self._ctx = ctx
         try:
             # ``blocking`` durability: the intent is committed before the body runs.
-            return queue_intent(span, pipeline) if pipeline is not None else None
+            return pipeline.processor.queue_intent(span) if pipeline is not None else None
         except BaseException as exc:
             self._end(exc)
             raise

@@ -1,7 +1,7 @@
-"""What a policy decides for one selected span, and the hook the processor calls.
+"""What a policy decides for one selected span: the hook the processor calls.
 
-The processor depends on this protocol, not on the policy file format
-(policy/rules.py), so capture never imports policy rules.
+Capture defines the protocol and policy/rules.py implements it, so capture
+never imports the policy package (the dependency points from policy to capture).
 """
 
 from __future__ import annotations

@@ -24,11 +24,11 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 
 from otel_audit import vocabulary as v
 from otel_audit.capture.context import current_actor, current_trail
+from otel_audit.capture.decision import Decision, Policy
 from otel_audit.capture.scope import ActionScope, current_scope
 from otel_audit.engine.record import encode, record_from_span
-from otel_audit.engine.writer import LedgerWriter
+from otel_audit.engine.writer import LedgerWriter, Ticket
 from otel_audit.errors import AuditError, LedgerWriteError
-from otel_audit.policy.decision import Decision, Policy
 from otel_audit.semantics.selection import select
 
 _log = logging.getLogger("otel_audit")
@@ -136,6 +136,26 @@ class AuditSpanProcessor(SpanProcessor):
             scope.fail(error)  # the action is recorded as failed and raises
         else:
             _log.error("otel-audit: audit record of span %r not written: %s", span.name, error)
+
+    def queue_intent(self, span: Any, default: str | None = None) -> Ticket | None:
+        """Queue the intent record of an action whose durability is ``blocking``.
+
+        Called before the action's body runs; the caller waits on the ticket
+        (None: no intent is needed), so the body never runs unaudited.
+        ``default``: the durability when the policy names none for the span
+        (the Flask integration makes state-changing requests ``blocking``).
+        Raises LedgerUnavailable when the ledger cannot be written.
+        """
+        if self.policy is None:
+            return None
+        decision = self.policy.decide(span, {})
+        if decision is None or (decision.durability or default) != "blocking":
+            return None
+        self.writer.check()
+        extra = dict(decision.attributes)
+        extra[v.INTENT] = True
+        record = self.policy.apply(record_from_span(span, self.service_of(span), extra), decision)
+        return self.writer.enqueue(encode(record))
 
     def shutdown(self) -> None:
         self.writer.shutdown()

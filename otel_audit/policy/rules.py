@@ -34,7 +34,6 @@ from opentelemetry.sdk.trace import ReadableSpan
 from otel_audit import vocabulary as v
 from otel_audit.engine.record import Record
 from otel_audit.errors import ConfigError
-from otel_audit.policy.decision import Decision
 from otel_audit.policy.boundary import (
     BLOCKED,
     DESTINATION,
@@ -51,6 +50,7 @@ from otel_audit.policy.boundary import (
     join_labels,
     parse_labels,
 )
+from otel_audit.capture.decision import Decision
 from otel_audit.policy.redact import (
     METHODS,
     AttributeRule,
@@ -65,7 +65,6 @@ from otel_audit.settings import OTEL_AUDIT_POLICY
 if TYPE_CHECKING:
     from opentelemetry import trace
 
-    from otel_audit.engine.writer import Ticket
     from otel_audit.setup import AuditPipeline
 
 
@@ -698,32 +697,9 @@ def load_policy(spec: Any = None, env: Mapping[str, str] | None = None) -> Audit
     return AuditPolicy.load(path)
 
 
-def queue_intent(span: Any, pipeline: AuditPipeline) -> Ticket | None:
-    """Queue the intent record of an audit action whose policy durability is ``blocking``.
-
-    Called by ``audit_action`` after its span started and before its body
-    runs; the caller waits on the returned ticket (None: no intent needed),
-    so the body never runs unaudited. Raises LedgerUnavailable when the
-    ledger cannot be written.
-    """
-    from otel_audit.engine.record import encode, record_from_span
-
-    processor = pipeline.processor
-    policy = processor.policy
-    if not isinstance(policy, AuditPolicy):
-        return None
-    decision = policy.decide(span, {})
-    if decision is None or decision.durability != "blocking":
-        return None
-    pipeline.writer.check()
-    extra = dict(decision.attributes)
-    extra[INTENT] = True
-    record = record_from_span(span, processor.service_of(span), extra)
-    return pipeline.writer.enqueue(encode(policy.apply(record, decision)))
-
-
 def write_intent(span: Any, pipeline: AuditPipeline) -> None:
-    """``queue_intent`` and wait for the commit (raises LedgerWriteError when it failed)."""
-    ticket = queue_intent(span, pipeline)
+    """Commit the intent record of ``span`` when its durability is ``blocking`` (see
+    ``AuditSpanProcessor.queue_intent``); raises LedgerWriteError when it failed."""
+    ticket = pipeline.processor.queue_intent(span)
     if ticket is not None:
         ticket.wait(pipeline.writer)
