@@ -12,10 +12,11 @@ Two encoders produce format 1. ``encode_reference`` is the definition: the
 standard library's JSON encoder, as every record so far was written.
 ``encode`` is the fast path: orjson (C) with sorted keys, checked to give the
 same bytes. orjson writes some floats differently from Python's ``repr``
-(``0.00001`` for ``1e-05``) and refuses integers beyond 64 bits, lone
-surrogates and non-string keys; a record whose fast output holds a number in
-exponent form or below 0.0001, or that orjson refuses, is encoded by the
-reference path instead, so the bytes never differ. At import the fast path
+(``0.00001`` for ``1e-05``), non-finite floats as ``null`` (the reference
+refuses them), and refuses integers beyond 64 bits, lone surrogates and
+non-string keys; a record whose fast output holds a number below 0.0001 or
+an unexpected ``null``, or that orjson refuses, is encoded by the reference
+path instead, so the bytes never differ. At import the fast path
 checks itself against the reference over floats of every magnitude and every
 escaped character, and is switched off if an orjson release ever formats
 differently. The shared vectors in ``tests/vectors/record_v1.json`` pin both.
@@ -26,7 +27,6 @@ from __future__ import annotations
 import base64
 import json
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,10 +48,41 @@ try:
 except ImportError:  # pragma: no cover - a dependency; the reference path still works
     _orjson = None  # type: ignore[assignment]
 
-# A number in exponent form or below 0.0001, where orjson and repr() may differ.
-# Numbers start the text or follow ":", "," or "["; the same text inside a string only costs a
-# slow-path encode, never a wrong byte.
-_SUSPECT_NUMBER = re.compile(rb"(?:^|[:,\[])-?(?:0\.0000|[0-9]+(?:\.[0-9]+)?[eE])")
+# Where orjson and repr() write a float differently: below 0.0001 orjson
+# writes 0.00001 for 1e-05 and 1e-7 for 1e-07 (larger exponents agree, which
+# the self-check at import confirms). ``_suspect`` finds such a number: the
+# text "0.0000" or "e-" at the end of a number that starts the output or
+# follows ":", "," or "[". The same text inside a string only costs a
+# reference encode, never a wrong byte. Plain substring searches, because a
+# regular expression over a whole record costs more than orjson itself.
+_NUMBER_CHARS = frozenset(b"0123456789.")
+_NUMBER_STARTS = frozenset(b":,[")
+_MINUS = ord("-")
+
+
+def _starts_number(out: bytes, i: int) -> bool:
+    """True when a JSON number can start at ``out[i]`` (it is first or follows a separator)."""
+    if i > 0 and out[i - 1] == _MINUS:
+        i -= 1
+    return i == 0 or out[i - 1] in _NUMBER_STARTS
+
+
+def _suspect(out: bytes) -> bool:
+    """True when ``out`` may hold a number orjson wrote differently from the reference."""
+    i = out.find(b"0.0000")
+    while i >= 0:
+        if _starts_number(out, i):
+            return True
+        i = out.find(b"0.0000", i + 6)
+    i = out.find(b"e-")
+    while i >= 0:
+        j = i
+        while j > 0 and out[j - 1] in _NUMBER_CHARS:
+            j -= 1
+        if j < i and _starts_number(out, j):
+            return True
+        i = out.find(b"e-", i + 2)
+    return False
 
 
 @dataclass(frozen=True)
@@ -140,7 +171,7 @@ def _fast_dumps(data: Any, nulls: int = 0) -> bytes | None:
         out = _orjson.dumps(data, option=_FAST_OPTIONS)
     except TypeError:  # JSONEncodeError: a >64-bit int, a surrogate, a non-str key, ...
         return None
-    if _SUSPECT_NUMBER.search(out) is not None or out.count(b"null") > nulls:
+    if _suspect(out) or out.count(b"null") > nulls:
         return None
     return out
 
@@ -254,8 +285,15 @@ def clean_attributes(
     """Normalise OpenTelemetry attribute values for encoding; returns (values, cut names)."""
     out: dict[str, Any] = {}
     cut: list[str] = []
-    if not attributes:
-        return out, cut
+    if attributes:
+        _clean_into(out, cut, attributes, max_len)
+    return out, cut
+
+
+def _clean_into(
+    out: dict[str, Any], cut: list[str], attributes: Mapping[str, Any], max_len: int
+) -> None:
+    """Add the normalised ``attributes`` to ``out`` (later keys win), cut names to ``cut``."""
     for key, value in attributes.items():
         if type(key) is not str or not key.isascii() or len(key) > max_len:
             key, _ = _clean_str(str(key), max_len)
@@ -280,7 +318,6 @@ def clean_attributes(
             out[key], was_cut = _clean_scalar(value, max_len)
         if was_cut:
             cut.append(key)
-    return out, cut
 
 
 def hex_id(value: int, width: int) -> str:
@@ -295,11 +332,14 @@ def record_from_span(
 ) -> Record:
     """Build a Record from an SDK ReadableSpan (``extra_attributes`` override the span's)."""
     ctx = span.context
-    attributes, cut = clean_attributes(span.attributes, max_len)
+    # One pass over the span's attributes, then the extra ones over them.
+    attributes: dict[str, Any] = {}
+    cut: list[str] = []
+    span_attributes = span.attributes
+    if span_attributes:
+        _clean_into(attributes, cut, span_attributes, max_len)
     if extra_attributes:
-        more, more_cut = clean_attributes(extra_attributes, max_len)
-        attributes.update(more)
-        cut.extend(more_cut)
+        _clean_into(attributes, cut, extra_attributes, max_len)
     links = (
         tuple(
             Link(
@@ -376,13 +416,13 @@ def _self_check() -> bool:
             out = _orjson.dumps(probe, option=_FAST_OPTIONS)
         except TypeError:
             return False
-        if _SUSPECT_NUMBER.search(out):
+        if _suspect(out):
             # Deferred to the reference path, so it cannot differ; check the
             # values one by one so one suspect float does not hide the rest.
             if isinstance(probe, list):
                 for item in probe:
                     one = _orjson.dumps([item], option=_FAST_OPTIONS)
-                    if not _SUSPECT_NUMBER.search(one) and one != _dumps([item]).encode():
+                    if not _suspect(one) and one != _dumps([item]).encode():
                         return False
             continue
         if out != _dumps(probe).encode("utf-8"):
