@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         if not trail.roots:
             raise ConfigError(f"no records of trail {args.trail_id!r} in the ledger")
         if verify:
-            chains = {node.stored.chain for _, node in trail.nodes()}
+            chains = {n.stored.chain for _, n in trail.nodes() if isinstance(n.stored.chain, str)}
             heads = [ledger.head(chain) for chain in chains]
             total = sum(head.seq for head in heads if head is not None)
             with Progress(total, "verifying") as bar:

@@ -3,7 +3,8 @@
 search, export and trail find records through query columns, and a query can
 return what no chain walk vouches for: a row outside every sequence (seq 0, a
 chain stored as bytes), a row at or after the first damage of its chain, a
-row whose query columns were derived by an altered schema. ``Review`` verifies
+row whose query columns an altered schema derives (a review is then refused
+whole: the same schema can hide records). ``Review`` verifies
 each chain a result touches once, exactly as ``otel-audit verify`` does, and
 gives every record a ``Verdict``: ``intact`` (its chain verifies and a
 checkpoint covers it), ``unanchored`` (its chain verifies, no checkpoint yet)
@@ -38,7 +39,7 @@ DAMAGED = "damaged"  # not vouched for by its chain: never shown as good
 
 #: Damage after which no record of the chain is proven: a checkpoint that is
 #: unsigned or wrongly signed means the whole chain could have been recomputed.
-_WHOLE_CHAIN = frozenset({"bad signature", "schema"})
+_WHOLE_CHAIN = frozenset({"bad signature"})
 
 
 @dataclass(frozen=True)
@@ -76,15 +77,20 @@ class Review:
         self.public_key = public_key
         self.progress = progress
         self._chains: dict[str, _Chain] = {}
+        # An altered schema can hide records from a query as well as forge
+        # them, so no answer drawn through it is shown: the review is refused.
         problems = ledger.schema_problems()
-        self._schema = f"ledger schema was altered: {'; '.join(problems)}" if problems else ""
+        if problems:
+            raise VerificationError(
+                f"ledger schema was altered: {'; '.join(problems)}; its query columns cannot"
+                " be trusted (run otel-audit verify)",
+                kind="schema",
+            )
 
     # -- verdicts --------------------------------------------------------------
 
     def judge(self, stored: StoredRecord, query: Query | None = None) -> Verdict:
         """The verdict on ``stored``, as returned by ``query`` (when given)."""
-        if self._schema:
-            return Verdict(DAMAGED, self._schema)
         chain, seq = stored.chain, stored.seq
         if not isinstance(chain, str):
             return Verdict(DAMAGED, f"row is in no chain: its chain id {chain!r} is not text")

@@ -111,8 +111,17 @@ def _shown_first(s: StoredRecord) -> tuple[int, int]:
     return (0 if in_sequence else 1, 1 if intent else 0)
 
 
+def _place(stored: StoredRecord) -> tuple[str, int]:
+    """(chain, seq) as text and an integer, whatever types a tampered row holds."""
+    chain, seq = stored.chain, stored.seq
+    return (
+        chain if isinstance(chain, str) else repr(chain),
+        seq if type(seq) is int else 0,
+    )
+
+
 def _order(node: TrailNode) -> tuple[int, str, int]:
-    return (node.record.start, node.stored.chain, node.stored.seq)
+    return (node.record.start, *_place(node.stored))
 
 
 def build_trail(trail_id: str, stored: Iterable[StoredRecord]) -> Trail:
@@ -333,8 +342,8 @@ def node_dict(node: TrailNode) -> dict[str, Any]:
     """One node as JSON data (children nested)."""
     rec, a = node.record, node.record.attributes
     out: dict[str, Any] = {
-        "chain": node.stored.chain,
-        "seq": node.stored.seq,
+        "chain": _place(node.stored)[0],
+        "seq": node.stored.seq if type(node.stored.seq) is int else repr(node.stored.seq),
         "hash": node.stored.hash.hex(),
         "trace_id": rec.trace_id,
         "span_id": rec.span_id,

@@ -82,6 +82,21 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 ) WITHOUT ROWID;
 """
 
+# The head is the highest *integer* seq: a row planted with a text or real seq
+# (it sorts above every integer) must not become the seq appends continue from.
+_HEAD = (
+    "SELECT seq, hash FROM records WHERE chain = ? AND typeof(seq) = 'integer'"
+    " ORDER BY seq DESC LIMIT 1"
+)
+
+# A chain's rows in seq order. Rows with a seq of another type (text sorts
+# after every integer, a real between two) are in no sequence: stray_rows
+# names them, and the walk goes on over the real sequence around them.
+_SCAN = (
+    "SELECT seq, prev_hash, hash, body FROM records"
+    " WHERE chain = ? AND seq > ? AND typeof(seq) = 'integer' ORDER BY seq"
+)
+
 _QUERY_COLUMNS = {
     "actor": "actor_id",
     "action": "action",
@@ -249,10 +264,10 @@ class SQLiteLedger(Ledger):
             con.execute("BEGIN IMMEDIATE")
             try:
                 row = con.execute(
-                    "SELECT seq, hash FROM records WHERE chain = ? ORDER BY seq DESC LIMIT 1",
+                    _HEAD,
                     (chain,),
                 ).fetchone()
-                seq, prev = (row[0], row[1]) if row else (0, GENESIS)
+                seq, prev = (row[0], as_bytes(row[1])) if row else (0, GENESIS)
                 rows = []
                 out = []
                 keys: list[tuple[str, str]] = []
@@ -309,10 +324,8 @@ class SQLiteLedger(Ledger):
 
     def head(self, chain: str) -> Appended | None:
         with _mapped("reading chain head"):
-            row = self._con.execute(
-                "SELECT seq, hash FROM records WHERE chain = ? ORDER BY seq DESC LIMIT 1", (chain,)
-            ).fetchone()
-        return Appended(chain, row[0], row[1]) if row else None
+            row = self._con.execute(_HEAD, (chain,)).fetchone()
+        return Appended(chain, row[0], as_bytes(row[1])) if row else None
 
     def chains(self) -> list[str]:
         with _mapped("listing chains"):
@@ -325,8 +338,7 @@ class SQLiteLedger(Ledger):
     def scan(self, chain: str, after_seq: int = 0) -> Iterator[RawRow]:
         with _mapped(f"reading chain {chain!r}"):
             cur = self._con.execute(
-                "SELECT seq, prev_hash, hash, body FROM records WHERE chain = ? AND seq > ?"
-                " ORDER BY seq",
+                _SCAN,
                 (chain, after_seq),
             )
             while True:
@@ -342,8 +354,7 @@ class SQLiteLedger(Ledger):
     def scan_batches(self, chain: str, after_seq: int = 0) -> Iterator[Sequence[RawRow]]:
         with _mapped(f"reading chain {chain!r}"):
             cur = self._con.execute(
-                "SELECT seq, prev_hash, hash, body FROM records WHERE chain = ? AND seq > ?"
-                " ORDER BY seq",
+                _SCAN,
                 (chain, after_seq),
             )
             while True:
