@@ -389,3 +389,16 @@ def test_ordinary_names_and_values_reach_the_ledger_unchanged(app) -> None:
     with open_ledger(url, readonly=True) as ledger:
         (rec,) = [s.record for s in ledger.query(Query()) if s.record.name == "GET /orders/42"]
     assert {k: rec.attributes[k] for k in attributes} == attributes
+
+
+def test_redaction_is_idempotent() -> None:
+    """A record redacted twice (forwarded, then received by serve) is redacted once."""
+    texts = [f"upstream said: {value} (retrying)" for value in TOKENS.values()]
+    texts += [
+        f"https://files.example/a?page=2&{p}=c9VhJq2Lr8ZkT1wX&lang=en" for p in QUERY_PARAMETERS
+    ]
+    texts += [f"POST /reset/{RANDOM_TOKEN}", "postgresql://app:p4ss/w0rd@db:5432/shop"]
+    for text in texts:
+        once = scrub_text(text)
+        assert once != text
+        assert scrub_text(once) == once
