@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import sqlite3
+import subprocess
+import sys
+
+import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+import otel_audit
 from otel_audit import vocabulary as v
 from otel_audit.engine.ledger import Query
 from otel_audit.engine.record import Record, encode, record_from_span
+from otel_audit.errors import AuditError, LedgerWriteError
 from otel_audit.proof.chain import GENESIS, Checkpoint, link_hash
 from otel_audit.proof.verify import verify_ledger
 
@@ -191,3 +199,78 @@ def test_reopened_ledger_keeps_everything(make_ledger, ledger_url_for, ledger_ki
     again = make_ledger(ledger_kind, url=url, readonly=True)
     assert [r.body for r in again.scan("a")] == [rec(1)]
     assert verify_ledger(again).records == 1
+
+
+# -- a SQLite ledger file deleted or replaced under a running writer -----------------
+
+_WRITER = """
+import sys, time
+from otel_audit.engine.ledger import open_ledger
+from otel_audit.engine.record import Record, encode
+from otel_audit.errors import LedgerWriteError
+
+ledger = open_ledger(sys.argv[1])
+i = 0
+while True:
+    i += 1
+    body = encode(Record(trace_id=f"{i:032x}", span_id=f"{i:016x}", parent_span_id=None,
+                         name="op", kind="INTERNAL", service="shop", start=i, end=i + 1,
+                         attributes={}))
+    try:
+        ledger.append("shop", [body])
+    except LedgerWriteError as exc:
+        print("refused", i, exc, flush=True)
+        try:
+            ledger.append("shop", [body])   # every later commit is refused too
+        except LedgerWriteError:
+            print("refused again", flush=True)
+        sys.exit(0)
+    if i == 3:
+        print("ready", flush=True)
+    time.sleep(0.001)
+"""
+
+
+def _swap(path, how: str, tmp_path) -> None:
+    if how == "deleted":
+        os.remove(path)
+    else:  # another valid database moved over it, as a restore or an attacker would
+        other = tmp_path / "other.db"
+        sqlite3.connect(other).close()
+        os.replace(other, path)
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_sqlite_file_swapped_under_a_writer_process_fails_every_commit(tmp_path, how) -> None:
+    path = tmp_path / "audit.db"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert writer.stdout is not None
+        assert writer.stdout.readline() == "ready\n"
+        _swap(path, how, tmp_path)
+        refused = writer.stdout.readline()
+        assert refused.startswith("refused ") and "was deleted or replaced while open" in refused
+        assert writer.stdout.readline() == "refused again\n"
+        assert writer.wait(30) == 0
+    finally:
+        writer.kill()
+        writer.wait()
+
+
+def test_sqlite_file_deleted_under_audited_actions_refuses_them(tmp_path, make_pipeline) -> None:
+    path = tmp_path / "audit.db"
+    make_pipeline(ledger=f"sqlite:///{path}", durability="sync")
+    with otel_audit.audit_action("order.update", resource=("order", 1)):
+        pass
+    os.remove(path)
+    # The writer thread commits to the unlinked file and finds the path empty:
+    # the action fails closed, and the ones after it are refused too.
+    with pytest.raises(LedgerWriteError, match="was deleted or replaced while open"):
+        with otel_audit.audit_action("order.update", resource=("order", 2)):
+            pass
+    for i in range(3):
+        with pytest.raises(AuditError):
+            with otel_audit.audit_action("order.update", resource=("order", 3 + i)):
+                pass
