@@ -221,3 +221,17 @@ def test_an_honest_restart_signs_on_and_links(service) -> None:
         assert "ALERT" not in err, err
     result = cli("verify", "--ledger", url, "--public-key", str(pub))
     assert result.returncode == 0, result.stderr
+
+
+def test_a_replaced_key_starts_its_own_memory(service) -> None:
+    """The key file replaced by a new key at the same path: the old key's state
+    says nothing about the new key, which signs on (and says so)."""
+    url, db, key, pub = service
+    run_service(url, key, 0, 4)
+    key.unlink()
+    pub.unlink()
+    generate_keypair(key, pub)
+    stats, log = run_service(url, key, 4, 4)
+    assert stats["checkpoint_errors"] == 0 and "ALERT" not in log
+    assert "starting anew" in log
+    assert checkpoint_seqs(db) == [4, 8]

@@ -27,4 +27,8 @@ def run(args: argparse.Namespace) -> int:
     kid = generate_keypair(private, public)
     print(f"wrote {private} (private, mode 0600) and {public} (public); key id {kid}")
     print("keep the private key out of the ledger's directory; give reviewers the .pub file")
+    print(
+        f"the signer remembers what it signed in {private}.state/ (beside the key, outside"
+        " the ledger): the service account must be able to write there"
+    )
     return 0

@@ -203,6 +203,16 @@ class Checkpointer:
             return self._unsigned(ledger, head, io_lock)
         with self.state.locked(self.chain):
             last = self.state.load(self.chain)
+            if last is not None and last.key_id != self.signer.key_id:
+                # Another key's memory (the key file was replaced): it says
+                # nothing about what this key signed.
+                _log.warning(
+                    "otel-audit: signer state of chain %r is for key %s, not %s; starting anew",
+                    self.chain,
+                    last.key_id,
+                    self.signer.key_id,
+                )
+                last = None
             try:
                 return self._signed(ledger, head, io_lock, self.signer, last)
             except SignerRefused:
