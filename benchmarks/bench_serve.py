@@ -163,7 +163,7 @@ def _serve_round(batches: list[list[Any]], total: int) -> tuple[float, bool]:
         serve = subprocess.Popen(
             [sys.executable, "-m", "otel_audit", "serve", "--ledger", db,
              "--listen", "127.0.0.1:0", "--grpc-listen", "off"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         try:
             line = serve.stdout.readline() if serve.stdout else ""
@@ -178,7 +178,11 @@ def _serve_round(batches: list[list[Any]], total: int) -> tuple[float, bool]:
             )
         finally:
             serve.terminate()
-            serve.wait(60)
+            _, err = serve.communicate(timeout=60)
+        shared = re.search(r"\((\d+) requests, (\d+) transactions\)", err or "")
+        if shared:
+            requests, commits = int(shared.group(1)), int(shared.group(2))
+            print(f"{'':<28} {requests} requests committed in {commits} ledger transactions")
         with open_ledger(db, create=False) as ledger:
             stored = ledger.count()
             keys = {

@@ -179,7 +179,8 @@ def run(args: argparse.Namespace) -> int:
             server.stop()
     stats = server.stats()
     print(
-        f"otel-audit serve: stopped; {stats.committed} records committed, "
+        f"otel-audit serve: stopped; {stats.committed} records committed "
+        f"({stats.requests} requests, {stats.commits} transactions), "
         f"{stats.duplicates} duplicates skipped, {stats.rejected} rejected",
         file=sys.stderr,
     )

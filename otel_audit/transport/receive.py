@@ -67,6 +67,8 @@ class ReceiverStats:
     pushed_back: int
     failed_commits: int
     checkpoints: int
+    #: Ledger transactions that committed records (requests share them).
+    commits: int = 0
 
 
 class Pending:
@@ -261,6 +263,7 @@ class AuditReceiver:
             duplicates=duplicates,
             failed_commits=writer.failed,
             checkpoints=writer.checkpoints,
+            commits=writer.batches,
         )
 
     def close(self, timeout: float = 30.0) -> None:
