@@ -10,6 +10,7 @@ from otel_audit.capture.actions import AuditAction, audit_action
 from otel_audit.capture.context import (
     Actor,
     actor,
+    continue_trail,
     current_actor,
     current_trail,
     reset_actor,
@@ -51,6 +52,7 @@ __all__ = [
     "actor",
     "audit_action",
     "configure",
+    "continue_trail",
     "current_actor",
     "current_trail",
     "open_ledger",

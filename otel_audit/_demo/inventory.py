@@ -19,7 +19,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 
 from otel_audit import actor as audit_actor
-from otel_audit import current_actor
+from otel_audit import continue_trail, current_actor
 from otel_audit._demo._common import Route, create_app, main, run_sql
 from otel_audit.capture.effects import notification
 
@@ -64,8 +64,9 @@ def _work() -> None:
     while True:
         job = _jobs.get()
         # Attach the extracted context (not only parent the span on it): the
-        # trail rides in its baggage, and spans below must see it.
-        token = otel_context.attach(propagate.extract(job["headers"]))
+        # trail rides in its baggage, and spans below must see it. The queue is
+        # this process's own, so its baggage is trusted to continue the trail.
+        token = otel_context.attach(continue_trail(propagate.extract(job["headers"])))
         try:
             with _tracer.start_as_current_span("restock check", kind=SpanKind.CONSUMER):
                 # The actor travels inside the process, not in the headers.

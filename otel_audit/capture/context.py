@@ -1,7 +1,8 @@
 """Trail and actor in the OpenTelemetry context.
 
 The trail id rides in the context under a private key and in W3C baggage
-(``audit.trail.id``) so propagators carry it to other services. The actor
+(``audit.trail.id``) so propagators carry it to other services; a receiving
+process continues it only from peers it trusts (``continue_trail``). The actor
 rides in the context for this process; it is also put in baggage for
 downstream services, which accept it only from peers their operator trusts
 (DESIGN rule 3): nothing here ever *reads* an actor from baggage.
@@ -55,12 +56,27 @@ def valid_trail_id(value: object) -> bool:
 
 
 def current_trail(ctx: Context | None = None) -> str | None:
-    """The trail id of ``ctx`` (default: the current context), or None."""
+    """The trail id of ``ctx`` (default: the current context), or None.
+
+    Only a trail this process started or chose to continue (``continue_trail``):
+    an ``audit.trail.id`` that merely arrived in inbound baggage is not one, or
+    any client could graft its actions onto another user's trail.
+    """
     trail = otel_context.get_value(_TRAIL_KEY, ctx)
-    if trail is not None:
-        return str(trail)
+    return None if trail is None else str(trail)
+
+
+def continue_trail(ctx: Context | None = None) -> Context:
+    """``ctx`` (default: current) continuing the trail its inbound baggage names.
+
+    Call it only for a context that came from a peer the application trusts
+    (the Flask integration does, for ``OTEL_AUDIT_TRUSTED_PEERS``); an absent
+    or malformed trail id leaves ``ctx`` as it is.
+    """
     carried = baggage.get_baggage(v.TRAIL_ID, ctx)
-    return carried if isinstance(carried, str) and valid_trail_id(carried) else None
+    if isinstance(carried, str) and valid_trail_id(carried):
+        return with_trail(carried, ctx)
+    return ctx if ctx is not None else otel_context.get_current()
 
 
 def current_actor(ctx: Context | None = None) -> Actor | None:

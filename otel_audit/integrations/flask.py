@@ -47,6 +47,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from otel_audit import vocabulary as v
 from otel_audit.capture.context import (
     Actor,
+    continue_trail,
     current_actor,
     current_trail,
     valid_trail_id,
@@ -782,7 +783,9 @@ class AuditFlask:
                     ctx = baggage.remove_baggage(name, ctx)
         else:
             ctx = with_actor(peer_actor, ctx)
-        if not _in(ip, self.trusted_peers) and baggage.get_baggage(v.TRAIL_ID, ctx) is not None:
+        if _in(ip, self.trusted_peers):
+            ctx = continue_trail(ctx)
+        elif baggage.get_baggage(v.TRAIL_ID, ctx) is not None:
             # Only a trusted peer continues a trail: anyone else could graft
             # their requests onto another user's trail.
             ctx = baggage.remove_baggage(v.TRAIL_ID, ctx)
