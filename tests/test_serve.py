@@ -527,3 +527,22 @@ def test_defaults_bind_loopback():
     assert DEFAULT_GRPC_ADDRESS == ("127.0.0.1", 4317)
     assert parse_address(":9000", 4318, "--listen") == ("127.0.0.1", 9000)
     assert parse_address("[::1]:9000", 4318, "--listen") == ("::1", 9000)
+
+
+def test_a_retry_reaching_another_instance_is_stored_once_and_verifies(make_server, tmp_path):
+    """Two serve instances (one chain each) on one ledger: a span is stored once, anywhere."""
+    from otel_audit.cli import main
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    body = encode_spans(_spans(3, 0)).SerializeToString()
+    first = make_server(ledger=url, grpc_address=None, chain="serve-a")
+    assert _post(first, body)[0] == 200
+    first.stop()
+    # The sender did not see the answer and retries on the other instance,
+    # whose chain is still empty.
+    second = make_server(ledger=url, grpc_address=None, chain="serve-b")
+    assert _post(second, body)[0] == 200
+    assert second.stats().duplicates == 3
+    second.stop()
+    assert len(_stored(url)) == 3
+    assert main(["verify", "--ledger", url]) == 0

@@ -12,8 +12,11 @@ The writer expects one position per body. When the transaction skipped
 duplicates, the positions are the appended ones padded with the
 transaction's head (the chain's head before it when nothing was new): the
 last position is always the real head, which is what the writer checkpoints,
-and every body is covered by it. Everything but ``append`` is the wrapped
-ledger's. Thread-safety: the wrapped ledger's (the writer serialises its
+and every body is covered by it. Spans are unique across the whole ledger,
+so a chain may receive only spans already stored in other chains (a sender's
+retry reaching another serve instance): its position is then the genesis
+(seq 0), and the checkpoint the writer makes of it, which would cover
+nothing, is not stored. Everything else is the wrapped ledger's. Thread-safety: the wrapped ledger's (the writer serialises its
 appends); the counters are read under a lock.
 """
 
@@ -24,7 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from otel_audit.engine.ledger import Appended, Ledger
-from otel_audit.proof.chain import GENESIS
+from otel_audit.proof.chain import GENESIS, Checkpoint
 
 
 class IdempotentAppends:
@@ -55,6 +58,11 @@ class IdempotentAppends:
             # chains has no head; seq 0 is the genesis position.
             head = self._ledger.head(chain) or Appended(chain, 0, GENESIS)
         return stored + [head] * missing
+
+    def add_checkpoint(self, checkpoint: Checkpoint) -> None:
+        if checkpoint.seq == 0:
+            return  # an empty chain: nothing to cover
+        self._ledger.add_checkpoint(checkpoint)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._ledger, name)
