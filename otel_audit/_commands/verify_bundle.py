@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 from otel_audit._progress import Progress
 from otel_audit.errors import ConfigError
@@ -33,10 +32,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"bundle {args.bundle!r} does not exist or is not a file")
     with Progress(None, "verifying") as bar:
         report = verify_bundle(args.bundle, public_key, progress=bar)
-    for note in report.notes:
-        print(f"note: {note}", file=sys.stderr)
     print(
         f"ok: {report.records} records in {report.chains} chains proven against"
         f" {report.checkpoints} checkpoints signed by key {report.key_id}"
     )
+    # What the bundle holds that its proofs do not cover (older formats), after the verdict.
+    for note in report.notes:
+        print(f"note: {note}")
     return 0
