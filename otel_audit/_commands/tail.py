@@ -1,14 +1,23 @@
-"""``otel-audit tail``: the newest records as JSON lines, optionally following."""
+"""``otel-audit tail``: the newest records as JSON lines, optionally following.
+
+Each record is checked against its chain first (review/checked.py): a damaged
+one is printed as its place and a ``verification`` member only, and tail
+exits 1 (without --follow) after the lines.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from collections.abc import Iterable
 
 from otel_audit._commands._common import add_ledger_argument, open_for_reading
 from otel_audit.engine.ledger import Ledger, StoredRecord
-from otel_audit.export.jsonl import write
+from otel_audit.errors import VerificationError
+from otel_audit.export.jsonl import as_dict
+from otel_audit.review.checked import Review, Verdict
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -50,24 +59,48 @@ def _newest(ledger: Ledger, chain: str, n: int) -> list[StoredRecord]:
     ]
 
 
+def _write(review: Review, rows: Iterable[StoredRecord], bad: list[Verdict]) -> None:
+    for stored in rows:
+        verdict = review.judge(stored)
+        if verdict.damaged:
+            bad.append(verdict)
+            line = {
+                "chain": stored.chain,
+                "seq": stored.seq,
+                "verification": {"status": verdict.status, "detail": verdict.detail},
+            }
+        else:
+            line = as_dict(review.concluded(stored))
+        sys.stdout.write(json.dumps(line, ensure_ascii=False, sort_keys=True) + "\n")
+
+
 def run(args: argparse.Namespace) -> int:
+    bad: list[Verdict] = []
     with open_for_reading(args) as ledger:
+        review = Review(ledger)
         seen: dict[str, int] = {}
         for chain in ledger.chains():
-            rows = _newest(ledger, chain, args.lines)
-            write(rows, sys.stdout)
+            if not isinstance(chain, str):
+                continue  # a row whose chain id is not text: verify names it
+            _write(review, _newest(ledger, chain, args.lines), bad)
             head = ledger.head(chain)
             seen[chain] = head.seq if head else 0
         sys.stdout.flush()
         while args.follow:
             time.sleep(args.interval)
             for chain in ledger.chains():
+                if not isinstance(chain, str):
+                    continue
                 new = [
                     StoredRecord(chain, r.seq, r.prev_hash, r.hash, r.body)
                     for r in ledger.scan(chain, after_seq=seen.get(chain, 0))
                 ]
                 if new:
-                    write(new, sys.stdout)
+                    _write(review, new, bad)
                     seen[chain] = new[-1].seq
             sys.stdout.flush()
+    if bad:
+        raise VerificationError(
+            f"{len(bad)} of the records shown are damaged (run otel-audit verify): {bad[0].detail}"
+        )
     return 0

@@ -123,9 +123,7 @@ def event(stored: StoredRecord) -> dict[str, Any]:
     else:
         who = str(actor_type or "anonymous")
         initiator = {"typeURI": "unknown", "id": _uid("actor-type", who), "name": who}
-    outcome = a.get(v.OUTCOME)
-    if outcome is None and rec.status == "ERROR":
-        outcome = v.FAILURE
+    outcome = stored.outcome
     out: dict[str, Any] = {
         "typeURI": TYPE_URI_EVENT,
         "eventType": "activity",

@@ -81,7 +81,7 @@ def row(stored: StoredRecord) -> list[str]:
         a.get(v.ACTION),
         a.get(v.RESOURCE_TYPE),
         a.get(v.RESOURCE_ID),
-        a.get(v.OUTCOME),
+        stored.outcome,
         a.get(v.REASON),
         a.get(v.EFFECT),
         a.get(v.TRAIL_ID),

@@ -27,6 +27,9 @@ def as_dict(stored: StoredRecord) -> dict[str, Any]:
     }
     out.update(rec)
     out["time"] = iso(rec["start"])
+    # The outcome a reviewer sees (StoredRecord.outcome): 'unknown' for an
+    # action whose request record was written and whose outcome never was.
+    out["outcome"] = stored.outcome
     return out
 
 

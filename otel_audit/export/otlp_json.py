@@ -58,6 +58,10 @@ def span(stored: StoredRecord) -> dict[str, Any]:
     attrs = dict(rec.attributes)
     attrs.update({"otel_audit.proof.chain": stored.chain, "otel_audit.seq": stored.seq,
                   "otel_audit.hash": stored.hash.hex()})  # fmt: skip
+    if stored.outcome == "unknown" and rec.attr("audit.outcome") != "unknown":
+        # An intent no outcome record concluded: its span carries no outcome
+        # of its own, so the outcome reviewers see rides beside its place.
+        attrs["otel_audit.outcome"] = "unknown"
     out: dict[str, Any] = {
         "traceId": rec.trace_id,
         "spanId": rec.span_id,
