@@ -20,10 +20,14 @@ from otel_audit.proof.verify import verify_ledger
 from .test_ledger_backends import rec
 
 COMMIT = b"COMMIT\x00"
+# An append that continues from the head it remembers is one autocommit INSERT:
+# that statement's reply is its COMMIT's.
+INSERT = b"INSERT INTO otel_audit.records"
 
 
 class CuttingProxy:
-    """Forwards 127.0.0.1:port to the server; ``arm(mode)`` cuts the next COMMIT.
+    """Forwards 127.0.0.1:port to the server; ``arm(mode, marker)`` cuts the next message
+    holding ``marker`` (a COMMIT by default).
 
     ``after``: forward the COMMIT, wait for the server's reply, drop it and
     close the client side. ``before``: close both sides without forwarding it.
@@ -34,15 +38,17 @@ class CuttingProxy:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.mode: str | None = None
+        self.marker = COMMIT
         self.refuse = False  # True: accept and hang up at once, like a server that is away
         self.cut = threading.Event()
         self._lock = threading.Lock()
         self._socks: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
-    def arm(self, mode: str) -> None:
+    def arm(self, mode: str, marker: bytes = COMMIT) -> None:
         with self._lock:
             self.mode = mode
+            self.marker = marker
             self.cut.clear()
 
     def _accept(self) -> None:
@@ -70,7 +76,7 @@ class CuttingProxy:
                 _close(server)
                 return
             with self._lock:
-                mode = self.mode if COMMIT in data else None
+                mode = self.mode if self.marker in data else None
                 if mode:
                     self.mode = None
             if mode == "before":
@@ -125,19 +131,29 @@ def proxied(pg_url, pg_server):
     proxy.close()
 
 
+@pytest.mark.parametrize("path", ["locked", "remembered head"])
 @pytest.mark.parametrize("mode", ["after", "before"])
-def test_lost_commit_is_resolved_without_loss_or_duplicate(proxied, pg_url, mode):
+def test_lost_commit_is_resolved_without_loss_or_duplicate(proxied, pg_url, mode, path):
     proxy, url = proxied
+    first = PostgresLedger(pg_url)
     ledger = PostgresLedger(url, retry_seconds=10)
     try:
-        ledger.append("c", [rec(1)])
-        proxy.arm(mode)
+        if path == "locked":
+            # A ledger's first append to a chain reads the head under the lock
+            # in a transaction (BEGIN ... COMMIT).
+            first.append("c", [rec(1)])
+            proxy.arm(mode)
+        else:
+            # Later ones continue from the head it wrote: one autocommit INSERT.
+            ledger.append("c", [rec(1)])
+            proxy.arm(mode, INSERT)
         appended = ledger.append("c", [rec(2), rec(3)])
-        assert proxy.cut.is_set()  # the connection really was cut at COMMIT
+        assert proxy.cut.is_set()  # the connection really was cut at the commit
         assert [(a.seq) for a in appended] == [2, 3]
         ledger.append("c", [rec(4)])
     finally:
         ledger.close()
+        first.close()
     direct = PostgresLedger(pg_url, readonly=True)
     try:
         assert [r.body for r in direct.scan("c")] == [rec(1), rec(2), rec(3), rec(4)]
@@ -155,7 +171,7 @@ def test_unknown_outcome_is_settled_by_the_next_append(proxied, pg_url, pg_serve
     try:
         ledger.append("c", [rec(1)])
         proxy.refuse = True  # no reconnect possible
-        proxy.arm("after")
+        proxy.arm("after", INSERT)  # the append continues from its remembered head
         with pytest.raises(LedgerWriteError, match=r"failed \(commit outcome unknown\)"):
             ledger.append("c", [rec(2), rec(3)])
         assert proxy.cut.is_set()

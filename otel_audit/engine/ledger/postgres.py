@@ -1,10 +1,15 @@
 """The PostgreSQL ledger: one shared store for many services on many machines.
 
 Every writer appends to its own chain (``default_chain`` is
-``service/hostname/pid``), so there is no global lock: an append takes a
-per-chain transaction-scoped advisory lock, reads the chain head and inserts,
-all in one transaction, and the (chain, seq) primary key rejects a fork even
-if the lock were bypassed. ``synchronous_commit`` is forced on, so ``append``
+``service/hostname/pid``), so there is no global lock and chains commit in
+parallel. A batch is one multi-row INSERT (arrays unnested server-side), one
+statement and one round trip. The chain head a writer appended last is kept
+in memory: the next batch continues from it without reading the head or
+taking a lock, and the (chain, seq) primary key rejects it if anyone else
+appended in between (a fork is impossible either way). Only then, on a
+first append, after an unknown COMMIT outcome or for a chain another writer
+shares, does an append take the per-chain transaction-scoped advisory lock
+and read the head in the same transaction. ``synchronous_commit`` is forced on, so ``append``
 returns only after PostgreSQL committed (and, with a synchronous standby,
 replicated) the records.
 
@@ -151,6 +156,206 @@ _MIGRATIONS: list[list[str]] = [
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
 
+# -- the schema this version creates, as the catalog describes it ------------
+# ``schema_problems`` compares the stored schema with these. Indexes are left
+# out: they change how fast a query runs, never what it returns.
+
+#: (table, column) -> (type, NOT NULL, generated, default or generation expression, collation)
+_COLUMNS: dict[tuple[str, str], tuple[str, bool, str, str, str]] = {
+    ("checkpoints", "chain"): ("text", True, "", "", "C"),
+    ("checkpoints", "seq"): ("bigint", True, "", "", ""),
+    ("checkpoints", "head"): ("bytea", True, "", "", ""),
+    ("checkpoints", "time"): ("bigint", True, "", "", ""),
+    ("checkpoints", "signature"): ("bytea", False, "", "", ""),
+    ("checkpoints", "key_id"): ("text", False, "", "", "default"),
+    ("checkpoints", "merkle_root"): ("bytea", False, "", "", ""),
+    ("meta", "key"): ("text", True, "", "", "default"),
+    ("meta", "value"): ("text", True, "", "", "default"),
+    ("records", "chain"): ("text", True, "", "", "C"),
+    ("records", "seq"): ("bigint", True, "", "", ""),
+    ("records", "prev_hash"): ("bytea", True, "", "", ""),
+    ("records", "hash"): ("bytea", True, "", "", ""),
+    ("records", "body"): ("bytea", True, "", "", ""),
+    ("records", "doc"): ("jsonb", False, "s", f"{SCHEMA}.body_json(body)", ""),
+    ("records", "stored_at"): ("timestamp with time zone", True, "", "now()", ""),
+}
+#: (table, constraint) -> definition
+_CONSTRAINTS = {
+    ("checkpoints", "checkpoints_pkey"): "PRIMARY KEY (chain, seq)",
+    ("meta", "meta_pkey"): "PRIMARY KEY (key)",
+    ("records", "records_pkey"): "PRIMARY KEY (chain, seq)",
+    ("records", "records_seq_check"): "CHECK ((seq > 0))",
+}
+_TABLES = ("checkpoints", "meta", "records")
+
+
+def _function_source() -> str:
+    """The body of ``body_json`` exactly as the migration creates it (pg_proc.prosrc)."""
+    for statement in _MIGRATIONS[0]:
+        if "FUNCTION" in statement and "body_json" in statement:
+            return statement.split("$$")[1]
+    raise AssertionError("body_json is not in the migrations")
+
+
+#: (name, identity arguments) -> (returns, language, volatility, strict, security definer,
+#: settings, source)
+_FUNCTIONS: dict[tuple[str, str], tuple[str, str, str, bool, bool, object, str]] = {
+    ("body_json", "body bytea"): ("jsonb", "plpgsql", "i", True, False, None, _function_source()),
+}
+
+
+def _schema_problems(con: psycopg.Connection[Any]) -> list[str]:
+    """How the ``otel_audit`` schema differs from the one this version creates."""
+    with con.transaction():
+        # Deparsed expressions name functions relative to the search path: fix it.
+        con.execute("SET LOCAL search_path TO pg_catalog")
+        return _compare_schema(con)
+
+
+def _compare_schema(con: psycopg.Connection[Any]) -> list[str]:
+    problems: list[str] = []
+    ns = (SCHEMA,)
+    rels = {
+        str(name): (str(kind), bool(rls), bool(force))
+        for name, kind, rls, force in con.execute(
+            "SELECT c.relname, c.relkind, c.relrowsecurity, c.relforcerowsecurity"
+            " FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = %s AND c.relkind <> 'i'",
+            ns,
+        ).fetchall()
+    }
+    for table in _TABLES:
+        if table not in rels:
+            problems.append(f"table {table} is missing")
+        elif rels[table][0] != "r":
+            problems.append(f"{table} is no longer a plain table (relkind {rels[table][0]!r})")
+        elif rels[table][1] or rels[table][2]:
+            problems.append(f"table {table} has row-level security enabled (rows can be hidden)")
+    for name in sorted(set(rels) - set(_TABLES)):
+        problems.append(f"relation {name} is not part of the ledger schema")
+    found_cols = {
+        (str(t), str(c)): (str(ty), bool(nn), str(gen), str(expr), str(coll))
+        for t, c, ty, nn, gen, expr, coll in con.execute(
+            "SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,"
+            " a.attgenerated, coalesce(pg_get_expr(d.adbin, d.adrelid), ''),"
+            " coalesce(co.collname, '')"
+            " FROM pg_catalog.pg_attribute a"
+            " JOIN pg_catalog.pg_class c ON c.oid = a.attrelid"
+            " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+            " LEFT JOIN pg_catalog.pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum"
+            " LEFT JOIN pg_catalog.pg_collation co"
+            "   ON co.oid = a.attcollation AND a.attcollation <> 0"
+            " WHERE n.nspname = %s AND c.relname = ANY(%s) AND a.attnum > 0"
+            " AND NOT a.attisdropped",
+            (SCHEMA, list(_TABLES)),
+        ).fetchall()
+    }
+    for key, want in sorted(_COLUMNS.items()):
+        table, column = key
+        if table not in rels:
+            continue
+        got = found_cols.get(key)
+        if got is None:
+            problems.append(f"column {table}.{column} is missing")
+        elif got != want:
+            problems.append(
+                f"column {table}.{column} differs from the one this version creates"
+                f" ({_describe_column(got)} instead of {_describe_column(want)})"
+            )
+    for table, column in sorted(set(found_cols) - set(_COLUMNS)):
+        problems.append(f"column {table}.{column} is not part of the ledger schema")
+    found_cons = {
+        (str(t), str(name)): str(definition)
+        for t, name, definition in con.execute(
+            "SELECT c.relname, con.conname, pg_get_constraintdef(con.oid)"
+            " FROM pg_catalog.pg_constraint con JOIN pg_catalog.pg_class c ON c.oid = con.conrelid"
+            " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s",
+            ns,
+        ).fetchall()
+    }
+    for key, want_def in sorted(_CONSTRAINTS.items()):
+        if key[0] not in rels:
+            continue
+        if key not in found_cons:
+            problems.append(f"constraint {key[1]} ({want_def}) on {key[0]} is missing")
+        elif found_cons[key] != want_def:
+            problems.append(
+                f"constraint {key[1]} on {key[0]} is {found_cons[key]!r}, not {want_def!r}"
+            )
+    for key in sorted(set(found_cons) - set(_CONSTRAINTS)):
+        problems.append(f"constraint {key[1]} on {key[0]} is not part of the ledger schema")
+    found_funcs = {
+        (str(name), str(args)): (
+            str(ret),
+            str(lang),
+            str(vol),
+            bool(strict),
+            bool(secdef),
+            conf,
+            str(src),
+        )
+        for name, args, ret, lang, vol, strict, secdef, conf, src in con.execute(
+            "SELECT p.proname, pg_get_function_identity_arguments(p.oid),"
+            " format_type(p.prorettype, NULL), l.lanname, p.provolatile, p.proisstrict,"
+            " p.prosecdef, p.proconfig, p.prosrc"
+            " FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace"
+            " JOIN pg_catalog.pg_language l ON l.oid = p.prolang WHERE n.nspname = %s",
+            ns,
+        ).fetchall()
+    }
+    for fkey, fwant in sorted(_FUNCTIONS.items()):
+        if fkey not in found_funcs:
+            problems.append(f"function {fkey[0]}({fkey[1]}) is missing")
+        elif found_funcs[fkey] != fwant:
+            problems.append(
+                f"function {fkey[0]}({fkey[1]}) behind the query columns differs from the one"
+                " this version creates (replaced)"
+            )
+    for fkey in sorted(set(found_funcs) - set(_FUNCTIONS)):
+        problems.append(f"function {fkey[0]}({fkey[1]}) is not part of the ledger schema")
+    for table, name in con.execute(
+        "SELECT c.relname, t.tgname FROM pg_catalog.pg_trigger t"
+        " JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid"
+        " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s AND NOT t.tgisinternal ORDER BY 1, 2",
+        ns,
+    ).fetchall():
+        problems.append(f"trigger {name} on {table} is not part of the ledger schema")
+    for table, name in con.execute(
+        "SELECT c.relname, r.rulename FROM pg_catalog.pg_rewrite r"
+        " JOIN pg_catalog.pg_class c ON c.oid = r.ev_class"
+        " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s AND c.relkind = 'r' ORDER BY 1, 2",
+        ns,
+    ).fetchall():
+        problems.append(f"rule {name} on {table} is not part of the ledger schema")
+    for table, name in con.execute(
+        "SELECT c.relname, p.polname FROM pg_catalog.pg_policy p"
+        " JOIN pg_catalog.pg_class c ON c.oid = p.polrelid"
+        " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s ORDER BY 1, 2",
+        ns,
+    ).fetchall():
+        problems.append(
+            f"row-level security policy {name} on {table} is not part of the ledger schema"
+        )
+    return problems
+
+
+def _describe_column(desc: tuple[str, bool, str, str, str]) -> str:
+    kind, not_null, generated, expr, collation = desc
+    out = kind + (" NOT NULL" if not_null else "")
+    if generated:
+        out += f" GENERATED ALWAYS AS ({expr})"
+    elif expr:
+        out += f" DEFAULT {expr}"
+    else:
+        out += ""
+    if collation and collation != "default":
+        out += f' COLLATE "{collation}"'
+    return out
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return text or type(exc).__name__
@@ -211,6 +416,48 @@ class _Retry(Exception):
         self.cause = cause
 
 
+class _Conflict(Exception):
+    """The remembered chain head is stale: another writer appended (internal)."""
+
+
+_INSERT = (
+    f"INSERT INTO {SCHEMA}.records (chain, seq, prev_hash, hash, body)"
+    " SELECT %s, * FROM unnest(%s::bigint[], %s::bytea[], %s::bytea[], %s::bytea[])"
+)
+
+
+def _insert(
+    con: psycopg.Connection[Any], chain: str, rows: list[tuple[int, bytes, bytes, bytes]]
+) -> None:
+    """Insert ``rows`` (seq, prev_hash, hash, body) of ``chain`` in one statement."""
+    con.execute(
+        _INSERT,
+        (
+            chain,
+            [r[0] for r in rows],
+            [r[1] for r in rows],
+            [r[2] for r in rows],
+            [r[3] for r in rows],
+        ),
+        binary=True,
+    )
+
+
+def _link(
+    chain: str, seq: int, prev: bytes, bodies: Sequence[bytes]
+) -> tuple[list[tuple[int, bytes, bytes, bytes]], list[tuple[bytes, Appended]]]:
+    """Rows (seq, prev_hash, hash, body) continuing ``chain`` after (``seq``, ``prev``)."""
+    rows: list[tuple[int, bytes, bytes, bytes]] = []
+    new: list[tuple[bytes, Appended]] = []
+    for body in bodies:
+        seq += 1
+        digest = link_hash(prev, body)
+        rows.append((seq, prev, digest, body))
+        new.append((body, Appended(chain, seq, digest)))
+        prev = digest
+    return rows, new
+
+
 class PostgresLedger(Ledger):
     """A ledger in a PostgreSQL database (schema ``otel_audit``); see the module docstring."""
 
@@ -238,6 +485,9 @@ class PostgresLedger(Ledger):
         self._con: psycopg.Connection[Any] | None = None
         self._pid = 0
         self._unresolved: dict[str, list[_Pending]] = {}
+        # Chain -> (seq, hash) this ledger appended last; chains another writer shares.
+        self._heads: dict[str, tuple[int, bytes]] = {}
+        self._shared: set[str] = set()
         with self._lock:
             self._con = self._connect()
             try:
@@ -291,6 +541,7 @@ class PostgresLedger(Ledger):
             backoff = min(backoff * 2, 1.0)
 
     def _drop(self) -> None:
+        self._heads.clear()
         con, self._con = self._con, None
         if con is not None and self._pid == os.getpid():
             try:
@@ -371,7 +622,19 @@ class PostgresLedger(Ledger):
                         f"postgresql ledger: {what} failed{unknown}: {exc}"
                     ) from exc
                 try:
+                    head = None
+                    if not dedupe and chain not in self._shared and not self._unresolved.get(chain):
+                        head = self._heads.get(chain)
+                    if head is not None:
+                        return self._append_after(con, chain, bodies, head)
                     return self._append_once(con, chain, bodies, dedupe, deadline)
+                except _Conflict as exc:
+                    # Someone else appended to this chain (one that skipped the
+                    # lock, trusting its remembered head): nothing was written;
+                    # from now on read this chain's head under the lock.
+                    self._shared.add(chain)
+                    if time.monotonic() >= deadline:
+                        raise LedgerWriteError(f"postgresql ledger: {what} failed: {exc}") from exc
                 except _Retry as exc:
                     self._drop()
                     if time.monotonic() >= deadline:
@@ -428,7 +691,7 @@ class PostgresLedger(Ledger):
                 ).fetchone()
                 seq, prev = (int(row[0]), bytes(row[1])) if row else (0, GENESIS)
                 stored = self._stored_keys(con, bodies) if dedupe else set()
-                rows: list[tuple[str, int, bytes, bytes, bytes]] = []
+                rows: list[tuple[int, bytes, bytes, bytes]] = []
                 new: list[tuple[bytes, Appended]] = []
                 for body in bodies:
                     earlier = done.get(body)
@@ -443,23 +706,19 @@ class PostgresLedger(Ledger):
                             stored.add(key)
                     seq += 1
                     digest = link_hash(prev, body)
-                    rows.append((chain, seq, prev, digest, body))
+                    rows.append((seq, prev, digest, body))
                     appended = Appended(chain, seq, digest)
                     new.append((body, appended))
                     out.append(appended)
                     prev = digest
                 if rows:
-                    with con.cursor() as cur:
-                        cur.executemany(
-                            f"INSERT INTO {SCHEMA}.records (chain, seq, prev_hash, hash, body)"
-                            " VALUES (%s, %s, %s, %s, %s)",
-                            rows,
-                        )
+                    _insert(con, chain, rows)
                     # From here the COMMIT may succeed without us hearing it.
-                    mine = _Pending(rows[0][1], rows[0][3], new)
+                    mine = _Pending(rows[0][0], rows[0][2], new)
                     self._unresolved.setdefault(chain, []).append(mine)
             # Committed and confirmed: every earlier unknown outcome is settled too.
             self._unresolved.pop(chain, None)
+            self._heads[chain] = (seq, prev)
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             raise _Retry(exc) from exc
         except psycopg.Error as exc:
@@ -467,10 +726,47 @@ class PostgresLedger(Ledger):
             pending = self._unresolved.get(chain, [])
             if mine is not None and mine in pending:
                 pending.remove(mine)
+            if isinstance(exc, psycopg.errors.UniqueViolation):
+                raise _Conflict(_one_line(exc)) from exc
             raise LedgerWriteError(
                 f"postgresql ledger: appending to chain {chain!r} failed: {_one_line(exc)}"
             ) from exc
         return out
+
+    def _append_after(
+        self,
+        con: psycopg.Connection[Any],
+        chain: str,
+        bodies: list[bytes],
+        head: tuple[int, bytes],
+    ) -> list[Appended]:
+        """Append after the head this ledger wrote last: one INSERT, its own transaction.
+
+        No lock and no head read: if another writer appended in between, the
+        first seq is taken and the primary key refuses the whole statement
+        (``_Conflict``); nothing was written and the caller takes the locked path.
+        """
+        rows, new = _link(chain, head[0], head[1], bodies)
+        mine = _Pending(rows[0][0], rows[0][2], new)
+        self._unresolved.setdefault(chain, []).append(mine)
+        try:
+            # Autocommit: the statement is a transaction, committed (and
+            # synchronous_commit waited for) when it returns.
+            _insert(con, chain, rows)
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            self._heads.pop(chain, None)
+            raise _Retry(exc) from exc  # outcome unknown: ``mine`` stays pending
+        except psycopg.Error as exc:
+            self._heads.pop(chain, None)
+            self._unresolved.pop(chain, None)  # refused: nothing of it was written
+            if isinstance(exc, psycopg.errors.UniqueViolation):
+                raise _Conflict(_one_line(exc)) from exc
+            raise LedgerWriteError(
+                f"postgresql ledger: appending to chain {chain!r} failed: {_one_line(exc)}"
+            ) from exc
+        self._unresolved.pop(chain, None)
+        self._heads[chain] = (rows[-1][0], rows[-1][2])
+        return [appended for _, appended in new]
 
     def _stored_keys(
         self, con: psycopg.Connection[Any], bodies: list[bytes]
@@ -610,6 +906,28 @@ class PostgresLedger(Ledger):
             lambda con: con.execute(f"SELECT count(*) FROM {SCHEMA}.records").fetchone(),
         )
         return int(row[0]) if row else 0
+
+    def schema_problems(self) -> list[str]:
+        """How the ``otel_audit`` schema differs from the one this version creates.
+
+        Compares the catalog: tables, columns (types, NOT NULL, the expression
+        generating ``doc``), constraints (the ``seq > 0`` CHECK), the function
+        behind the query columns (its source, language and volatility), and
+        that there is no trigger, rule or row-level security policy on them.
+        """
+        return self._read("reading the schema", _schema_problems)
+
+    def stray_rows(self, limit: int = 10) -> list[tuple[object, object, str]]:
+        """Record rows no chain walk reaches: a seq below 1 (possible once the CHECK is gone)."""
+        rows = self._read(
+            "looking for rows outside every sequence",
+            lambda con: con.execute(
+                f"SELECT chain, seq FROM {SCHEMA}.records WHERE seq < 1 ORDER BY chain, seq"
+                " LIMIT %s",
+                (limit,),
+            ).fetchall(),
+        )
+        return [(str(c), int(q), f"seq {int(q)} is outside every sequence") for c, q in rows]
 
     def check_generated(self) -> None:
         """Raise VerificationError when a stored ``doc`` differs from what its body gives.
