@@ -13,11 +13,13 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
 import pytest
 
+from otel_audit.engine.checkpoints import SignerState
 from otel_audit.engine.ledger import open_ledger
 from otel_audit.engine.record import canonical_json
 from otel_audit.proof.chain import GENESIS, link_hash
@@ -235,3 +237,30 @@ def test_a_replaced_key_starts_its_own_memory(service) -> None:
     assert stats["checkpoint_errors"] == 0 and "ALERT" not in log
     assert "starting anew" in log
     assert checkpoint_seqs(db) == [4, 8]
+
+
+def test_a_worker_forked_while_the_state_is_locked_can_still_sign(tmp_path: Path) -> None:
+    """gunicorn forks workers at any moment: a child must not inherit the parent's
+    held state lock (thread lock or file lock) for good."""
+    state = SignerState(str(tmp_path / "k.key.state"))
+    marker = tmp_path / "child-signed"
+    with state.locked("shop"):
+        pid = os.fork()
+        if pid == 0:  # the child: waits for the parent's release, then takes the lock
+            try:
+                with state.locked("shop"):
+                    marker.write_text("ok")
+            finally:
+                os._exit(0)
+        assert not marker.exists()  # still the parent's
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child never got the signer state lock")
+    assert os.waitstatus_to_exitcode(status) == 0 and marker.read_text() == "ok"

@@ -51,6 +51,28 @@ _log = logging.getLogger("otel_audit")
 STATE_FORMAT = "otel-audit-signer-state"
 _THREAD_LOCKS: dict[str, threading.Lock] = {}
 _THREAD_LOCKS_GUARD = threading.Lock()
+# Descriptors holding a state file lock right now: a child inherits them, and
+# an flock lasts while any copy is open, so the child closes its copies.
+_HELD_FDS: set[int] = set()
+
+
+def _fresh_locks_after_fork() -> None:
+    # A lock another thread held at fork() stays held in the child forever:
+    # the child (a gunicorn worker) starts with fresh ones; the file lock,
+    # taken on a descriptor opened per use, still orders it against the parent.
+    global _THREAD_LOCKS_GUARD
+    for fd in list(_HELD_FDS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_FDS.clear()
+    _THREAD_LOCKS.clear()
+    _THREAD_LOCKS_GUARD = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_locks_after_fork)
 
 
 class SignerRefused(AuditError):
@@ -92,10 +114,12 @@ class SignerState:
                 raise SignerRefused(
                     f"cannot open the signer state lock {key + '.lock'!r}: {exc.strerror}"
                 ) from None
+            _HELD_FDS.add(fd)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 yield
             finally:
+                _HELD_FDS.discard(fd)
                 os.close(fd)  # releases the lock
 
     def _ensure_directory(self) -> None:
