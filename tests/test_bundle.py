@@ -500,21 +500,27 @@ def test_type_confusion_in_a_bundle_is_a_clear_error(
     assert err.startswith("otel-audit: bundle damaged: ") and err.count("\n") == 1, err
 
 
-@pytest.mark.parametrize("seq", [0, -1])
-def test_bundle_refuses_a_row_outside_the_chain_sequence(shop, tmp_path, capsys, seq) -> None:
-    # An insider adds a copy of alice's record outside the sequence (no chain walk reaches it).
+@pytest.mark.parametrize(
+    "chain, seq, shown",
+    [("chain", 0, "'orders' seq 0"), ("chain", -1, "'orders' seq -1"),
+     ("chain", "'x1'", "'orders' seq 'x1'"), ("CAST(chain AS BLOB)", 1, "b'orders' seq 1")],
+)  # fmt: skip
+def test_bundle_refuses_a_row_outside_the_chain_sequence(
+    shop, tmp_path, capsys, chain, seq, shown
+) -> None:
+    # An insider adds a copy of alice's record outside the sequence (no chain walk
+    # reaches it): a seq below 1, a seq of text, a chain of bytes.
     with sqlite3.connect(shop.path) as con:
         con.execute(
-            "INSERT INTO records (chain, seq, prev_hash, hash, body)"
-            " SELECT chain, ?, prev_hash, hash, body FROM records WHERE chain = 'orders' AND seq = 1",
-            (seq,),
+            f"INSERT INTO records (chain, seq, prev_hash, hash, body) SELECT {chain}, {seq},"
+            " prev_hash, hash, body FROM records WHERE chain = 'orders' AND seq = 1"
         )
     out = tmp_path / "evidence.zip"
     args = ["bundle", "--ledger", shop.url, "-o", str(out), "--public-key", str(shop.public_key)]
     assert main(args) == 1
     err = capsys.readouterr().err
     assert err == (
-        f"otel-audit: chain 'orders' seq {seq}: inserted: the selection holds a row outside every"
+        f"otel-audit: chain {shown}: inserted: the selection holds a row outside every"
         " chain's sequence; no bundle is written (run otel-audit verify)\n"
     )
     assert not out.exists()

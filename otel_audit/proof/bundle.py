@@ -105,11 +105,10 @@ def _unaccounted(stored: StoredRecord) -> VerificationError | None:
     chain, seq = stored.chain, stored.seq
     if isinstance(chain, str) and type(seq) is int and seq >= 1:
         return None
-    name = chain if isinstance(chain, str) else repr(chain)
     return VerificationError(
-        f"chain {name!r} seq {seq!r}: inserted: the selection holds a row outside every"
+        f"chain {chain!r} seq {seq!r}: inserted: the selection holds a row outside every"
         " chain's sequence; no bundle is written (run otel-audit verify)",
-        chain=str(name),
+        chain=chain if isinstance(chain, str) else repr(chain),
         seq=seq if type(seq) is int else 0,
         kind="inserted",
     )
