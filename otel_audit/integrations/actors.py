@@ -160,13 +160,17 @@ def _from_jwt() -> Actor | None:
     decoded = g.get("_jwt_extended_jwt")  # set by verify_jwt_in_request only
     if not decoded:
         return None
-    loaded = g.get("_jwt_extended_jwt_user")
-    if isinstance(loaded, Mapping) and loaded.get("loaded_user") is not None:
-        found = actor_from_user(loaded["loaded_user"], "jwt")
-        if found is not None:
-            return found
+    if not isinstance(decoded, Mapping):
+        return None
+    # The identity claim is the id (the same one a login issued); roles from the loaded user.
     claim = flask.current_app.config.get("JWT_IDENTITY_CLAIM", "sub")
-    return actor_from_user(decoded.get(claim), "jwt") if isinstance(decoded, Mapping) else None
+    found = actor_from_user(decoded.get(claim), "jwt")
+    loaded = g.get("_jwt_extended_jwt_user")
+    if found is not None and isinstance(loaded, Mapping) and loaded.get("loaded_user") is not None:
+        roles = _roles(loaded["loaded_user"])
+        if roles:
+            found = Actor(found.id, found.type, roles, found.auth)
+    return found
 
 
 def basic_auth_resolver() -> Actor | None:

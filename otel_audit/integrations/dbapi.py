@@ -20,6 +20,7 @@ Thread-safe: the proxies hold no state of their own.
 from __future__ import annotations
 
 import sqlite3
+import sys
 import threading
 from typing import Any
 
@@ -32,13 +33,15 @@ from otel_audit.semantics.effects import sql_operation
 __all__ = ["install_sqlite3_shortcuts", "is_traced_connection"]
 
 _SHORTCUTS = ("execute", "executemany", "executescript")
+# wrapt 2 names the base of every proxy BaseObjectProxy (the instrumentations use it).
+_PROXY: type[Any] = getattr(wrapt, "BaseObjectProxy", wrapt.ObjectProxy)
 _tracer = trace.get_tracer("otel_audit.integrations.dbapi")
 
 
 def is_traced_connection(conn: Any) -> bool:
     """True for a connection returned by a DB-API instrumentation (its proxy, or ours around it)."""
     seen = 0
-    while isinstance(conn, wrapt.ObjectProxy) and seen < 8:
+    while isinstance(conn, _PROXY) and seen < 8:
         if type(conn).__module__.startswith("opentelemetry.instrumentation"):
             return True
         conn = conn.__wrapped__
@@ -96,8 +99,31 @@ class _ShortcutConnection(wrapt.ObjectProxy[Any]):
         return self.__wrapped__.__exit__(*args)
 
 
+def _caller_module() -> str:
+    """The module that called ``sqlite3.connect`` (skipping wrapt's own frames)."""
+    frame = sys._getframe(2)
+    for _ in range(4):
+        if frame is None:
+            return ""
+        name = str(frame.f_globals.get("__name__", ""))
+        if not name.startswith("wrapt"):
+            return name
+        frame = frame.f_back
+    return ""
+
+
+def _untraced(conn: Any) -> Any:
+    while isinstance(conn, _PROXY):
+        conn = conn.__wrapped__
+    return conn
+
+
 def _connect_wrapper(wrapped: Any, _instance: Any, args: Any, kwargs: Any) -> Any:
     conn = wrapped(*args, **kwargs)
+    if _caller_module().startswith("otel_audit."):
+        # The ledger's own statements are never traced: as spans inside a
+        # request's trail they would become records of writing records.
+        return _untraced(conn)
     if not is_traced_connection(conn):
         return conn
     missing = _missing(conn)

@@ -25,13 +25,11 @@ An ``AuditFlask`` instance may serve several apps and many threads at once.
 
 from __future__ import annotations
 
-import copy
 import functools
 import ipaddress
 import logging
 import os
 import re
-import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -67,7 +65,6 @@ from otel_audit.integrations.actors import (
     jwt_issued_identity,
     session_user,
 )
-from otel_audit.policy.rules import write_intent
 from otel_audit.settings import (
     OTEL_AUDIT_ACTOR_RESOLVER,
     OTEL_AUDIT_FLASK_METHODS,
@@ -481,34 +478,6 @@ def _ensure_candidate() -> None:
 
 # -- the request record before the view -------------------------------------------
 
-_views_lock = threading.Lock()
-_blocking_views: dict[int, Any] = {}
-
-
-class _BlockingByDefault:
-    """The pipeline as ``write_intent`` sees it, with ``blocking`` as the policy's default.
-
-    A state-changing request commits its intent before the view runs unless
-    the policy names another durability for it (a rule, or ``[defaults]``).
-    """
-
-    def __init__(self, pipeline: Any) -> None:
-        policy = copy.copy(pipeline.processor.policy)
-        if getattr(policy, "durability", "") is None:
-            policy.durability = "blocking"
-        processor = copy.copy(pipeline.processor)
-        processor.policy = policy
-        self.processor = processor
-        self.writer = pipeline.writer
-
-
-def _request_pipeline(pipeline: Any) -> Any:
-    with _views_lock:
-        view = _blocking_views.get(id(pipeline))
-        if view is None or view.writer is not pipeline.writer:
-            view = _blocking_views[id(pipeline)] = _BlockingByDefault(pipeline)
-        return view
-
 
 def refuse_requests(reason: str | None) -> None:
     """Answer 503 to every request that would be audited (``reason``), or stop (None).
@@ -881,7 +850,11 @@ class AuditFlask:
         if pipeline is None:
             return None
         try:
-            write_intent(span, _request_pipeline(pipeline))
+            # State-changing requests are ``blocking`` unless the policy names
+            # another durability for them: no change without a record.
+            ticket = pipeline.processor.queue_intent(span, default="blocking")
+            if ticket is not None:
+                ticket.wait(pipeline.writer)
         except AuditError as exc:
             state.lost = exc
             _log.error("otel-audit: request record not written, %s %s refused: %s",
@@ -938,11 +911,14 @@ class AuditFlask:
             if actor is None or outcome != v.SUCCESS:
                 actor = None
                 if outcome == v.SUCCESS:
-                    outcome, reason = v.FAILURE, "no authenticated user"
+                    reason = "no authenticated user"
+                outcome = v.FAILURE  # a refused login (401/403 too) is a failed login
         else:
             actor = state.actor
-            if actor is None and state.event != LOGOUT:
-                found = self.resolve_actor()  # e.g. a view that authenticated itself
+            if actor is None:
+                # A view that authenticated itself: a login_required decorator of
+                # Flask-HTTPAuth or flask-jwt-extended runs inside the view.
+                found = self.resolve_actor()
                 if found is not None and found is not state.peer_actor:
                     actor = found
             if actor is not None and actor.auth == "basic" and status == 401:
