@@ -325,12 +325,16 @@ def records_from_request(
                     continue
                 # Derived names are short text: added after cleaning, as they are.
                 attrs.update(extra)
-                records.append(_record(span, attrs, cut, kind, service, scope, max_len))
+                records.append(
+                    _record(span, trace_id, span_id, attrs, cut, kind, service, scope, max_len)
+                )
     return records, rejected, ignored
 
 
 def _record(
     span: Span,
+    trace_id: str,
+    span_id: str,
     attributes: dict[str, Any],
     cut: list[str],
     kind: str,
@@ -338,21 +342,26 @@ def _record(
     scope: str | None,
     max_len: int,
 ) -> Record:
-    status = _STATUS_NAMES.get(span.status.code, "UNSET")
-    message = span.status.message
+    # Protobuf text is valid UTF-8: only its length can need cleaning.
+    span_status = span.status
+    message = span_status.message
+    name = span.name
+    parent = span.parent_span_id
     return Record(
-        trace_id=span.trace_id.hex(),
-        span_id=span.span_id.hex(),
-        parent_span_id=span.parent_span_id.hex() if span.parent_span_id else None,
-        name=_clean_str(span.name, max_len)[0],
+        trace_id=trace_id,
+        span_id=span_id,
+        parent_span_id=parent.hex() if parent else None,
+        name=name if len(name) <= max_len else _clean_str(name, max_len)[0],
         kind=kind,
         service=service,
         start=int(span.start_time_unix_nano),
         end=int(span.end_time_unix_nano),
-        status=status,
+        status=_STATUS_NAMES.get(span_status.code, "UNSET"),
         status_message=_clean_str(message, max_len)[0] if message else None,
         attributes=attributes,
-        links=tuple(
+        links=()
+        if not span.links
+        else tuple(
             Link(
                 ln.trace_id.hex(),
                 ln.span_id.hex(),
@@ -360,7 +369,9 @@ def _record(
             )
             for ln in span.links
         ),
-        events=tuple(
+        events=()
+        if not span.events
+        else tuple(
             Event(
                 ev.name,
                 int(ev.time_unix_nano),
