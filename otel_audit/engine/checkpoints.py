@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
-from otel_audit.engine.ledger import Appended, Ledger
+from otel_audit.engine.ledger import Appended, Ledger, Query
 from otel_audit.errors import AuditError, VerificationError
 from otel_audit.proof.chain import CHECKPOINT_VERSION, GENESIS, Checkpoint
 from otel_audit.proof.keys import Signer
@@ -195,8 +195,9 @@ class SignerState:
 
 def _record_at(ledger: Ledger, chain: str, seq: int) -> bytes | None:
     """The stored hash of record ``seq`` of ``chain``, None when there is none."""
-    for row in ledger.scan(chain, after_seq=seq - 1):
-        return row.hash if row.seq == seq else None
+    # One indexed row (a scan would fetch a whole batch after it).
+    for row in ledger.query(Query(chain=chain, after=(chain, seq - 1), limit=1)):
+        return row.hash if row.seq == seq and row.chain == chain else None
     return None
 
 
