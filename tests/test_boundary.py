@@ -25,6 +25,7 @@ from urllib.parse import parse_qs
 import pytest
 import requests
 import urllib3
+from opentelemetry import context as otel_context
 from opentelemetry.instrumentation.requests import RequestsInstrumentor
 from opentelemetry.instrumentation.sqlite3 import SQLite3Instrumentor
 from opentelemetry.instrumentation.urllib3 import URLLib3Instrumentor
@@ -207,9 +208,14 @@ def world(request, tmp_path: pathlib.Path, make_pipeline, serve_wsgi):
     def billing_app(environ: dict[str, Any], start: Callable[..., Any]) -> list[bytes]:
         length = int(environ.get("CONTENT_LENGTH") or 0)
         data = environ["wsgi.input"].read(length)
-        with otel_audit.audit_action("invoice.create", tracer=billing_tracer):
-            if "forward=1" in environ.get("QUERY_STRING", ""):
-                http.request("POST", f"{sink_srv.url}/from-billing", body=data)
+        # The shop is a peer billing trusts: its baggage continues the trail.
+        token = otel_context.attach(otel_audit.continue_trail())
+        try:
+            with otel_audit.audit_action("invoice.create", tracer=billing_tracer):
+                if "forward=1" in environ.get("QUERY_STRING", ""):
+                    http.request("POST", f"{sink_srv.url}/from-billing", body=data)
+        finally:
+            otel_context.detach(token)
         start("200 OK", [("Content-Type", "text/plain")])
         return [b"billed"]
 
