@@ -12,7 +12,7 @@ from otel_audit.cli import main
 from otel_audit.engine.ledger import open_ledger
 from otel_audit.engine.record import Record, encode
 from otel_audit.proof.bundle import verify_bundle
-from otel_audit.proof.chain import GENESIS, Checkpoint, check_checkpoints
+from otel_audit.proof.chain import GENESIS, Checkpoint, check_checkpoints, link_hash
 from otel_audit.proof.keys import Signer, generate_keypair, load_public_key
 from otel_audit.proof.merkle import root_of
 from otel_audit.transport.anchors import checkpoint_attributes, checkpoint_from_attributes
@@ -36,12 +36,14 @@ def keys(tmp_path):
     return key, pub
 
 
-def run_writer(make_pipeline, url: str, key, actions: int) -> None:
+def run_writer(make_pipeline, url: str, key, actions: int) -> str:
+    """One life of a signing service; returns its chain."""
     pipeline, provider, _ = make_pipeline(url, signing_key=str(key), checkpoint_every=2)
     for i in range(actions):
         with pipeline.audit_action("order.update", resource=("order", str(i)), actor="alice"):
             pass
     pipeline.shutdown()
+    return pipeline.chain
 
 
 def test_deleting_a_checkpoint_in_the_middle_is_damage(make_pipeline, tmp_path, keys, capsys):
@@ -136,3 +138,60 @@ def test_linked_checkpoints_round_trip_through_anchors_and_dicts(make_pipeline, 
     assert damage == []
     with pytest.raises(ValueError, match="checkpoint prev is not a hex string"):
         Checkpoint.from_dict({**emitted[0].to_dict(), "prev": None})
+
+
+def _sql(url: str, statements: list[tuple[str, tuple]]) -> None:
+    """An insider with direct database access (superuser on PostgreSQL)."""
+    if url.startswith("sqlite:///"):
+        with sqlite3.connect(url[len("sqlite:///") :]) as con:
+            for sql, args in statements:
+                con.execute(sql.replace("%s", "?").replace("{s}.", ""), args)
+        return
+    import psycopg
+
+    from otel_audit.engine.ledger.postgres import SCHEMA
+
+    with psycopg.connect(url) as con:
+        for sql, args in statements:
+            con.execute(sql.replace("{s}", SCHEMA), args)
+
+
+def test_deleted_checkpoint_and_rollback_on_both_backends(
+    make_pipeline, keys, capsys, ledger_kind, ledger_url_for
+):
+    key, pub = keys
+    url = ledger_url_for(ledger_kind)
+    chain = run_writer(make_pipeline, url, key, 8)  # checkpoints at 2, 4, 6, 8
+    # 1. A checkpoint deleted from the middle.
+    _sql(url, [("DELETE FROM {s}.checkpoints WHERE chain = %s AND seq = 4", (chain,))])
+    assert main(["verify", "--ledger", url, "--public-key", str(pub)]) == 1
+    assert f"chain {chain!r} seq 6: bad signature" in capsys.readouterr().err
+    # 2. The newest ones deleted and their records rewritten, hashes recomputed.
+    with open_ledger(url) as ledger:
+        rows = list(ledger.scan(chain))
+    prev = rows[3].hash
+    rewrite = [("DELETE FROM {s}.checkpoints WHERE chain = %s AND seq > 2", (chain,))]
+    for row in rows[4:]:
+        body = row.body.replace(b'"alice"', b'"mallory"')
+        digest = link_hash(prev, body)
+        rewrite.append(
+            (
+                "UPDATE {s}.records SET prev_hash = %s, hash = %s, body = %s"
+                " WHERE chain = %s AND seq = %s",
+                (prev, digest, body, chain, row.seq),
+            )
+        )
+        prev = digest
+    _sql(url, rewrite)
+    # The service restarts (a new pipeline on the same key) and must not sign.
+    pipeline, _, _ = make_pipeline(url, signing_key=str(key), checkpoint_every=2)
+    for i in range(2):
+        with pipeline.audit_action("order.update", resource=("order", str(i)), actor="bob"):
+            pass
+    pipeline.shutdown()
+    stats = pipeline.stats()
+    assert stats.checkpoints == 0 and stats.checkpoint_errors >= 1
+    with open_ledger(url) as ledger:
+        assert [cp.seq for cp in ledger.checkpoints(chain)] == [2, 8]  # 8 restored
+    assert main(["verify", "--ledger", url, "--public-key", str(pub)]) == 1
+    assert f"chain {chain!r} seq 8: bad signature" in capsys.readouterr().err
