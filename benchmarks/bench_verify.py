@@ -9,8 +9,9 @@ per chain (what the writer does), then in the same run measures:
 * ``verify_ledger`` with the public key (reads every row, checks every link,
   every checkpoint signature and Merkle root, accounts for every row and the
   schema);
-* their ratio (goal, issue 13: >= 0.5), and with ``--profile`` where verify's
-  time goes (cProfile, top functions by own time).
+* their ratio (goal, issue 13: >= 0.5), and where verify's time goes: reading
+  the rows, the link hashes, the Merkle leaf and node hashes, each timed alone
+  (with ``--profile`` also cProfile's top functions by own time).
 
 Run: .venv/bin/python benchmarks/bench_verify.py [--records N] [--profile]
 """
@@ -100,6 +101,22 @@ def bare_chain(bodies: dict[str, list[bytes]]) -> int:
     return n
 
 
+def _fetch(ledger) -> None:  # type: ignore[no-untyped-def]
+    for chain in CHAINS:
+        for batch in ledger.scan_batches(chain):
+            for _row in batch:
+                pass
+
+
+def _leaves(bodies: dict[str, list[bytes]]) -> None:
+    """Leaf hashes and the n-1 inner nodes of each chain's tree, as verify builds them."""
+    sha256 = hashlib.sha256
+    for chain_bodies in bodies.values():
+        level = [sha256(b"\x00" + body).digest() for body in chain_bodies]
+        while len(level) > 1:
+            level = [sha256(b"\x01" + a + b).digest() for a, b in zip(level[0::2], level[1::2])]
+
+
 def best_of(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
     best = float("inf")
     for _ in range(repeat):
@@ -139,6 +156,14 @@ def main() -> None:
                 f"verify_ledger (key)      {verify_rate:12,.0f} records/s  ({size / verify_s / 1e6:.0f} MB/s)"
             )
             print(f"ratio verify/bare        {verify_rate / base_rate:12.2f}   (goal >= 0.5)")
+            # Where the time goes: the parts of verify's work, each alone.
+            fetch_s = best_of(lambda: _fetch(ledger), args.repeat)
+            leaf_s = best_of(lambda: _leaves(bodies), args.repeat)
+            print("where verify's time goes (each part alone, per record):")
+            print(f"  read rows from SQLite      {fetch_s / n * 1e6:7.2f} us")
+            print(f"  link hash (the bare loop)  {base_s / n * 1e6:7.2f} us")
+            print(f"  Merkle leaf + node hashes  {leaf_s / n * 1e6:7.2f} us")
+            print(f"  verify, all of it          {verify_s / n * 1e6:7.2f} us")
             if args.profile:
                 prof = cProfile.Profile()
                 prof.enable()
