@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from otel_audit.engine.checkpoints import SignerState
+from otel_audit.engine.checkpoints import SignerState, check_against_state
 from otel_audit.engine.ledger import open_ledger
 from otel_audit.engine.record import canonical_json
 from otel_audit.proof.chain import GENESIS, link_hash
@@ -264,3 +264,32 @@ def test_a_worker_forked_while_the_state_is_locked_can_still_sign(tmp_path: Path
         os.waitpid(pid, 0)
         pytest.fail("the forked child never got the signer state lock")
     assert os.waitstatus_to_exitcode(status) == 0 and marker.read_text() == "ok"
+
+
+def test_the_signer_state_shows_a_rollback_before_any_restart(service) -> None:
+    """Where the key's directory is readable, the window before the signer's next
+    attempt closes too: the ledger is compared with what the key remembers."""
+    url, db, key, pub = service
+    run_service(url, key, 0, 8)
+    state = SignerState(str(key) + ".state")
+    with open_ledger(url) as ledger:
+        assert check_against_state(ledger, state) == []
+    forge(db, keep_checkpoints_upto=4)
+    with open_ledger(url) as ledger:
+        (damage,) = check_against_state(ledger, state)
+    assert (damage.chain, damage.seq, damage.kind) == ("shop", 8, "modified")
+    assert "the key last signed head" in damage.detail
+
+
+def test_the_signer_state_names_a_deleted_newest_checkpoint(service) -> None:
+    url, db, key, pub = service
+    run_service(url, key, 0, 4)
+    with sqlite3.connect(db) as con:
+        con.execute("DELETE FROM checkpoints WHERE seq = 4")
+    with open_ledger(url) as ledger:
+        (damage,) = check_against_state(ledger, SignerState(str(key) + ".state"))
+    assert (damage.chain, damage.seq, damage.kind) == ("shop", 4, "deleted")
+    assert str(damage) == (
+        "chain 'shop' seq 4: deleted: the checkpoint the key last signed at seq 4"
+        " (signer state) is not in the ledger"
+    )

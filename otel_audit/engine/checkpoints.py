@@ -37,7 +37,7 @@ from typing import Any
 
 from otel_audit.engine.ledger import Appended, Ledger, Query
 from otel_audit.errors import AuditError, VerificationError
-from otel_audit.proof.chain import CHECKPOINT_VERSION, GENESIS, Checkpoint
+from otel_audit.proof.chain import CHECKPOINT_VERSION, GENESIS, Checkpoint, CheckpointDamage
 from otel_audit.proof.keys import Signer
 from otel_audit.proof.merkle import Frontier, advance, extension_proof, verify_consistency
 
@@ -191,6 +191,53 @@ class SignerState:
             except OSError:
                 pass
             raise SignerRefused(f"cannot write signer state {path!r}: {exc.strerror}") from None
+
+
+def check_against_state(ledger: Ledger, state: SignerState) -> list[CheckpointDamage]:
+    """What the ledger lost of what the signer remembers: for each chain the state
+    knows, its last signed checkpoint must be in the ledger, and the record it
+    covers must still have the signed head. Catches a rollback before the signer's
+    next attempt does (for ``verify`` run where the key's directory is readable).
+    """
+    if state.directory is None or not os.path.isdir(state.directory):
+        return []
+    damage: list[CheckpointDamage] = []
+    for name in sorted(os.listdir(state.directory)):
+        if not name.endswith(".json"):
+            continue
+        try:
+            with open(os.path.join(state.directory, name), "rb") as f:
+                chain = json.loads(f.read())["chain"]
+            last = state.load(chain) if isinstance(chain, str) else None
+        except (OSError, ValueError, KeyError, TypeError, SignerRefused) as exc:
+            damage.append(CheckpointDamage("", 0, "signer state", f"{name}: unreadable ({exc})"))
+            continue
+        if last is None:
+            continue
+        present = any(cp.digest() == last.digest() for cp in ledger.checkpoints(chain))
+        stored = _record_at(ledger, chain, last.seq)
+        if stored != last.head:
+            damage.append(
+                CheckpointDamage(
+                    chain,
+                    last.seq,
+                    "modified" if stored is not None else "truncated",
+                    f"the key last signed head {last.head.hex()} at seq {last.seq} (signer"
+                    " state); the ledger's record "
+                    + ("is gone" if stored is None else f"has hash {stored.hex()}"),
+                )
+            )
+        elif not present:
+            damage.append(
+                CheckpointDamage(
+                    chain,
+                    last.seq,
+                    "deleted",
+                    f"the checkpoint the key last signed at seq {last.seq} (signer state)"
+                    " is not in the ledger",
+                )
+            )
+    return damage
 
 
 def _record_at(ledger: Ledger, chain: str, seq: int) -> bytes | None:

@@ -501,13 +501,14 @@ class LedgerWriter:
                            self.checkpoint_interval, exc)  # fmt: skip
             return
         self._last_checkpoint_error = None
-        with self._cond:
-            self._counts["checkpoints"] += 1
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
-        if checkpoint is not None:
-            for listener in self.checkpoint_listeners:
-                _safe(listener, checkpoint)
+        if checkpoint is None:  # another process already signed this head or a later one
+            return
+        with self._cond:
+            self._counts["checkpoints"] += 1
+        for listener in self.checkpoint_listeners:
+            _safe(listener, checkpoint)
 
     # -- lifecycle -----------------------------------------------------
 

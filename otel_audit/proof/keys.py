@@ -3,7 +3,9 @@
 The private key signs chain heads; keep it out of the ledger and, ideally,
 off the ledger's host (a secrets manager or a file readable only by the audit
 writer). Anyone who can write the ledger and read the key can rewrite history
-undetectably; anyone with only write access cannot. Thread-safe.
+undetectably; anyone with only write access cannot. Beside the key lives the
+signer state (``<key file>.state/``, see engine/checkpoints.py): what the key
+last signed, so it never signs a rolled-back history. Thread-safe.
 """
 
 from __future__ import annotations
