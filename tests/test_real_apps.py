@@ -11,6 +11,7 @@ in the ledger bytes or in any export; and ``otel-audit verify`` passes.
 
 from __future__ import annotations
 
+import json
 import pathlib
 import secrets
 import sqlite3
@@ -19,11 +20,14 @@ import sys
 from typing import Any
 from urllib.parse import quote_plus
 
+import jsonschema
 import psycopg
 import requests
 
 from otel_audit import vocabulary as v
 from otel_audit.engine.ledger import Query, open_ledger
+from otel_audit.engine.ledger.postgres import SCHEMA as PG_SCHEMA
+from otel_audit.export.ocsf import OCSF_VERSION
 from tests.plugins.flask_service import base_env
 
 APPS = pathlib.Path(__file__).parent / "apps"
@@ -94,14 +98,26 @@ def assert_intent_before_each_outcome(ledger_url: str) -> None:
             assert rec.span_id in seen, f"no intent before {summary(rec)}"
 
 
-def assert_no_secrets(ledger_url: str, ledger_path: pathlib.Path, secret_values: list[str]) -> None:
-    """No secret in the ledger's bytes (file and WAL) nor in any export; verify passes."""
+def ledger_bytes(ledger_url: str, ledger_path: pathlib.Path | None) -> dict[str, bytes]:
+    """What the ledger stores: the SQLite file and WAL, or PostgreSQL's record bodies."""
+    if ledger_path is not None:
+        return {p.name: p.read_bytes() for p in ledger_path.parent.glob(ledger_path.name + "*")}
+    with psycopg.connect(ledger_url) as conn:
+        rows = conn.execute(f"SELECT body FROM {PG_SCHEMA}.records ORDER BY chain, seq")
+        return {"postgresql records": b"\n".join(bytes(body) for (body,) in rows)}
+
+
+def assert_no_secrets(
+    ledger_url: str, ledger_path: pathlib.Path | None, secret_values: list[str]
+) -> dict[str, bytes]:
+    """No secret in the ledger's bytes nor in any export; verify passes. Returns the exports."""
     needles = set()
     for value in secret_values:
         needles.update({value, quote_plus(value)})
         if "$" in value:  # a werkzeug hash: method$salt$digest; each part alone too
             needles.update(part for part in value.split("$")[1:] if len(part) >= 8)
-    blobs = {p.name: p.read_bytes() for p in ledger_path.parent.glob(ledger_path.name + "*")}
+    blobs = ledger_bytes(ledger_url, ledger_path)
+    assert any(blobs.values())
     for fmt in EXPORTS:
         out = subprocess.run(
             [sys.executable, "-m", "otel_audit", "export", "--ledger", ledger_url, "--format", fmt],
@@ -117,6 +133,28 @@ def assert_no_secrets(ledger_url: str, ledger_path: pathlib.Path, secret_values:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
+    return blobs
+
+
+def assert_authentication_events(
+    exported: dict[str, bytes], expected: list[tuple[Any, ...]]
+) -> None:
+    """Logins and logouts are OCSF Authentication (3002) events, valid by the published schema."""
+    from ocsf_json_schema import OcsfJsonSchemaEmbedded, get_ocsf_schema
+
+    schema = OcsfJsonSchemaEmbedded(get_ocsf_schema(version=OCSF_VERSION))
+    validator = jsonschema.Draft202012Validator(
+        schema.get_class_schema(schema.lookup_class_name_from_uid(3002), profiles=["trace"])
+    )
+    events = [json.loads(line) for line in exported["export ocsf"].splitlines()]
+    auth = [
+        e for e in events
+        if e["class_uid"] == 3002 and not e["unmapped"]["attributes"].get(v.INTENT)
+    ]  # fmt: skip
+    for event in auth:
+        assert not sorted(validator.iter_errors(event), key=str), event
+    got = [(e["activity_name"], e["status"], e["user"].get("uid")) for e in auth]
+    assert got == expected
 
 
 # -- the Flask tutorial ---------------------------------------------------------------
@@ -190,7 +228,11 @@ def test_flask_tutorial_blog(run_service, tmp_path: pathlib.Path):
         and r.attr(v.TRAIL_ID) in {got[5].attr(v.TRAIL_ID), got[6].attr(v.TRAIL_ID)}
     )  # fmt: skip
     assert_intent_before_each_outcome(ledger)
-    assert_no_secrets(ledger, ledger_path, [*pw.values(), *hashes])
+    exported = assert_no_secrets(ledger, ledger_path, [*pw.values(), *hashes])
+    assert_authentication_events(exported, [
+        ("Logon", "Failure", None), ("Logon", "Success", a), ("Logon", "Success", b),
+        ("Logoff", "Success", a),
+    ])  # fmt: skip
 
 
 def stored_records(ledger_url: str) -> list[Any]:
@@ -305,13 +347,17 @@ def test_flask_httpauth_token_api(run_service, tmp_path: pathlib.Path):
 # -- flask-jwt-extended, SQLAlchemy Core on PostgreSQL (psycopg) -----------------------
 
 
-def test_jwt_api_on_postgresql(run_service, tmp_path: pathlib.Path, pg_url: str):
+def test_jwt_api_on_postgresql(run_service, tmp_path: pathlib.Path, pg_server, pg_url: str):
     pw = "frank-" + secrets.token_hex(8)
     database = pg_url.replace("postgresql://", "postgresql+psycopg://", 1)
-    env, ledger, ledger_path = app_env(
+    env, _, _ = app_env(
         tmp_path, ITEMS_DATABASE_URL=database, ITEMS_USERS=f"frank:{pw}",
         ITEMS_JWT_SECRET=secrets.token_hex(32),
     )  # fmt: skip
+    # The ledger on PostgreSQL too: psycopg is instrumented, yet the ledger's own
+    # statements never become spans (they would be records of writing records).
+    ledger = pg_server.create_database(f"ledger_{secrets.token_hex(4)}")
+    env["OTEL_AUDIT_LEDGER"] = ledger
     init_db("jwt_api", env, tmp_path)
     api = run_service("jwt_api:app", env=env, gunicorn_workers=2, ready_path="/health")
     url = api.url
@@ -348,4 +394,7 @@ def test_jwt_api_on_postgresql(run_service, tmp_path: pathlib.Path, pg_url: str)
     writes = [r for r in stored_records(ledger) if r.attr(v.EFFECT) == v.DATA_WRITE]
     assert {r.attr("db.system") or r.attr("db.system.name") for r in writes} == {"postgresql"}
     assert_intent_before_each_outcome(ledger)
-    assert_no_secrets(ledger, ledger_path, [pw, token, *hashes])
+    exported = assert_no_secrets(ledger, None, [pw, token, *hashes])
+    assert_authentication_events(exported, [
+        ("Logon", "Failure", None), ("Logon", "Success", "frank"), ("Logoff", "Success", "frank"),
+    ])  # fmt: skip

@@ -5,6 +5,10 @@
 * a data effect (``data.write``/``data.read``) -> Datastore Activity (6005),
   the table or database as its target;
 * an outbound call (``http.call``) -> HTTP Activity (4002);
+* a login or logout (an action whose last word is ``login``/``signin``/``logon``
+  or ``logout``/``signout``/``logoff``, e.g. ``user.login``) -> Authentication
+  (3002), activity Logon or Logoff, ``user`` the user who logged in or out
+  (``Unknown`` for a failed login: who tried is not known);
 * other effects (message publish, notification) -> API Activity, activity Other.
 
 Every event carries ``trace`` (trace id, span id, parent, service; under
@@ -12,7 +16,8 @@ Every event carries ``trace`` (trace id, span id, parent, service; under
 trace profile), the record's
 place in the ledger as ``metadata.uid`` (``chain:seq``) and ``metadata.sequence``,
 the trail id as ``metadata.correlation_uid``, and the audit attributes under
-``unmapped``. Times are Unix milliseconds (OCSF ``timestamp_t``).
+``unmapped`` (Datastore Activity and Authentication do not take the trace
+profile either: their ids ride in ``unmapped.trace``). Times are Unix milliseconds (OCSF ``timestamp_t``).
 """
 
 from __future__ import annotations
@@ -32,13 +37,25 @@ OCSF_VERSION = "1.5.0"
 API_ACTIVITY = 6003
 DATASTORE_ACTIVITY = 6005
 HTTP_ACTIVITY = 4002
-_CATEGORY = {API_ACTIVITY: 6, DATASTORE_ACTIVITY: 6, HTTP_ACTIVITY: 4}
+AUTHENTICATION = 3002
+_CATEGORY = {API_ACTIVITY: 6, DATASTORE_ACTIVITY: 6, HTTP_ACTIVITY: 4, AUTHENTICATION: 3}
 _CLASS_NAME = {
     API_ACTIVITY: "API Activity",
     DATASTORE_ACTIVITY: "Datastore Activity",
     HTTP_ACTIVITY: "HTTP Activity",
+    AUTHENTICATION: "Authentication",
 }
-_CATEGORY_NAME = {6: "Application Activity", 4: "Network Activity"}
+_CATEGORY_NAME = {
+    6: "Application Activity",
+    4: "Network Activity",
+    3: "Identity & Access Management",
+}
+# Authentication: 1 Logon, 2 Logoff; by the last word of the action.
+_AUTH_WORDS = {
+    "login": 1, "signin": 1, "logon": 1, "log_in": 1, "sign_in": 1,
+    "logout": 2, "signout": 2, "logoff": 2, "log_out": 2, "sign_out": 2,
+}  # fmt: skip
+_AUTH_NAMES = {1: "Logon", 2: "Logoff"}
 
 # API Activity: 1 Create, 2 Read, 3 Update, 4 Delete, 99 Other.
 _API_VERBS = {
@@ -81,6 +98,18 @@ def _api_activity(action: str) -> int:
         if word in _API_VERBS:
             return _API_VERBS[word]
     return 99
+
+
+def _auth_activity(action: Any) -> int | None:
+    """Logon (1) / Logoff (2) for a login or logout action, else None."""
+    if not isinstance(action, str) or not action:
+        return None
+    return _AUTH_WORDS.get(action.lower().replace("-", "_").rsplit(".", 1)[-1])
+
+
+def _user(rec: Record) -> dict[str, Any]:
+    actor = _actor(rec).get("user")
+    return actor if actor is not None else {"name": "unknown", "type_id": 0, "type": "Unknown"}
 
 
 def _actor(rec: Record) -> dict[str, Any]:
@@ -163,6 +192,17 @@ def event(stored: StoredRecord) -> dict[str, Any]:
             body["dst_endpoint"] = {"hostname": str(host), "svc_name": str(host)}
         body["src_endpoint"] = _src_endpoint(rec)
         body["app_name"] = rec.service  # HTTP Activity has no actor: who acted is in unmapped
+    elif a.get(v.EVENT) and _auth_activity(a.get(v.ACTION)) is not None:
+        class_uid = AUTHENTICATION
+        activity = _auth_activity(a.get(v.ACTION)) or 1
+        activity_name = _AUTH_NAMES[activity]
+        body["user"] = _user(rec)
+        body["service"] = {"name": rec.service}
+        body["src_endpoint"] = _src_endpoint(rec)
+        body["is_remote"] = True
+        if a.get(v.ACTOR_AUTH):
+            body["auth_protocol"] = str(a[v.ACTOR_AUTH])
+            body["auth_protocol_id"] = 99
     else:
         class_uid = API_ACTIVITY
         action = str(a.get(v.ACTION) or effect or rec.name)
@@ -229,8 +269,8 @@ def event(stored: StoredRecord) -> dict[str, Any]:
             "attributes": a,
         },
     }
-    if class_uid == DATASTORE_ACTIVITY:
-        # Datastore Activity does not take the trace profile (OCSF 1.5-1.8):
+    if class_uid in (DATASTORE_ACTIVITY, AUTHENTICATION):
+        # Datastore Activity and Authentication do not take the trace profile (OCSF 1.5-1.8):
         # the ids ride in ``unmapped`` instead, under the same names.
         out["unmapped"]["trace"] = out.pop("trace")
         metadata["profiles"] = []

@@ -123,13 +123,11 @@ def _fail_open() -> bool:
 def _install_effects() -> None:
     """Trace the writes the standard instrumentations miss; log the libraries still untraced."""
     from otel_audit.integrations.coverage import FALLBACK, MISSING, survey
-    from otel_audit.integrations.dbapi import install_sqlite3_shortcuts
     from otel_audit.integrations.sqlalchemy_events import (
         install_sqlalchemy_events,
         upstream_instrumented,
     )
 
-    install_sqlite3_shortcuts()
     fallbacks = set()
     if not upstream_instrumented() and install_sqlalchemy_events():
         fallbacks.add("sqlalchemy")
@@ -155,10 +153,14 @@ def initialize() -> None:
         return
     from opentelemetry.sdk.trace import TracerProvider
 
+    from otel_audit.integrations.dbapi import install_ledger_guard, install_sqlite3_shortcuts
     from otel_audit.integrations.flask import settings_from_env
     from otel_audit.setup import configure
 
     try:
+        # Before the ledger is opened: its own connections must stay untraced.
+        install_sqlite3_shortcuts()
+        install_ledger_guard()
         if not isinstance(trace.get_tracer_provider(), TracerProvider):
             _configure_sdk()
         settings_from_env()  # a bad Flask setting is a setup failure too

@@ -22,6 +22,7 @@ from __future__ import annotations
 import sqlite3
 import sys
 import threading
+from types import FrameType
 from typing import Any
 
 import wrapt
@@ -30,7 +31,7 @@ from opentelemetry.trace import SpanKind
 
 from otel_audit.semantics.effects import sql_operation
 
-__all__ = ["install_sqlite3_shortcuts", "is_traced_connection"]
+__all__ = ["install_ledger_guard", "install_sqlite3_shortcuts", "is_traced_connection"]
 
 _SHORTCUTS = ("execute", "executemany", "executescript")
 # wrapt 2 names the base of every proxy BaseObjectProxy (the instrumentations use it).
@@ -101,7 +102,7 @@ class _ShortcutConnection(wrapt.ObjectProxy[Any]):
 
 def _caller_module() -> str:
     """The module that called ``sqlite3.connect`` (skipping wrapt's own frames)."""
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     for _ in range(4):
         if frame is None:
             return ""
@@ -147,3 +148,28 @@ def install_sqlite3_shortcuts() -> bool:
                 wrapt.wrap_function_wrapper(module, "connect", _connect_wrapper)
             _installed = True
     return True
+
+
+def _psycopg_connect_wrapper(wrapped: Any, _instance: Any, args: Any, kwargs: Any) -> Any:
+    conn = wrapped(*args, **kwargs)
+    if _caller_module().startswith("otel_audit."):
+        # The PostgreSQL ledger's statements are never traced either (see above).
+        import psycopg
+
+        if str(getattr(conn.cursor_factory, "__module__", "")).startswith("opentelemetry."):
+            conn.cursor_factory = psycopg.Cursor
+    return conn
+
+
+_guarded = False
+
+
+def install_ledger_guard() -> None:
+    """Keep the PostgreSQL ledger's own connections untraced when psycopg is instrumented."""
+    global _guarded
+    psycopg = sys.modules.get("psycopg")
+    with _install_lock:
+        if _guarded or psycopg is None:
+            return
+        wrapt.wrap_function_wrapper(psycopg, "connect", _psycopg_connect_wrapper)
+        _guarded = True
