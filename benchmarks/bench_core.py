@@ -1,6 +1,6 @@
 """Audited span throughput vs the stock SDK, commit latency, and verify speed.
 
-Run: .venv/bin/python benchmarks/bench_core.py [--spans N] [--verify-records N]
+Run: .venv/bin/python benchmarks/bench_core.py [--spans N] [--verify-records N] [--profile]
 
 Every workload makes the same spans (name, kind, the audit.* attributes of a
 user action) through the real SDK. The baseline is the stock TracerProvider
@@ -8,15 +8,27 @@ with a BatchSpanProcessor and an exporter that does nothing; the audited runs
 add otel_audit's processor writing to a real SQLite ledger in a temp dir
 (every span is an audit record: the worst case). Ratios are audited/baseline
 in the same run; absolute numbers vary on shared machines.
+
+Then, per record, where the time goes: each step of the processor's path
+(select, policy decision, build, redaction, encode, hash) timed on the same
+spans with the pipeline's own policy, beside the stock SDK's cost per span
+and the commit wait the sync runs measured. ``--profile`` adds a cProfile of
+a 1-thread async and sync run over every thread (the application's and the
+writer's), summed by part of the package.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import os
+import pstats
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
@@ -24,6 +36,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 import otel_audit
 from otel_audit import vocabulary as v
 from otel_audit.engine.ledger import open_ledger
+from otel_audit.engine.record import encode, encode_reference, fast_encoder, record_from_span
+from otel_audit.proof.chain import GENESIS, link_hash
 from otel_audit.proof.verify import verify_ledger
 
 ATTRS = {
@@ -92,6 +106,118 @@ def audited(
     return provider, pipeline
 
 
+def sample_spans(n: int) -> list[Any]:
+    """``n`` finished spans like the workload's, from a provider that exports nothing."""
+    provider = TracerProvider(shutdown_on_exit=False)
+    tracer = provider.get_tracer("bench")
+    out = []
+    for _ in range(n):
+        span = tracer.start_span("order.update", attributes=ATTRS)
+        span.end()
+        out.append(span)
+    return out
+
+
+def per_call_us(fn: Any, items: list[Any], repeat: int = 5) -> float:
+    """Best-of-``repeat`` thread CPU microseconds of ``fn`` per item (CPU time: the
+    machine is shared, so wall time would count other processes' turns)."""
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.thread_time()
+        for item in items:
+            fn(item)
+        best = min(best, time.thread_time() - t0)
+    return best / len(items) * 1e6
+
+
+def breakdown(pipeline: otel_audit.AuditPipeline, n: int = 2000) -> list[tuple[str, float]]:
+    """Microseconds per record of each step of the processor's path, on the same spans."""
+    processor: Any = pipeline.processor
+    policy = processor.policy
+    spans = sample_spans(n)
+    service = processor.service_of(spans[0])
+    extras = [processor.select(s) or {} for s in spans]
+    decisions = [policy.decide(s, dict(e)) for s, e in zip(spans, extras)]
+    pairs = list(zip(spans, extras, decisions))
+    records = [record_from_span(s, service, e) for s, e, _ in pairs]
+    redacted = [policy.apply(r, d) for r, (_, _, d) in zip(records, pairs)]
+    bodies = [encode(r) for r in redacted]
+    return [
+        ("select", per_call_us(processor.select, spans)),
+        ("policy decision", per_call_us(lambda p: policy.decide(p[0], dict(p[1])), pairs)),
+        ("build (record_from_span)", per_call_us(lambda p: record_from_span(p[0], service, p[1]), pairs)),
+        ("redaction (policy.apply)", per_call_us(lambda rd: policy.apply(rd[0], rd[1]), list(zip(records, decisions)))),
+        (f"encode ({fast_encoder() or 'stdlib'})", per_call_us(encode, redacted)),
+        ("encode (stdlib reference)", per_call_us(encode_reference, redacted)),
+        ("hash (SHA-256 link)", per_call_us(lambda b: link_hash(GENESIS, b), bodies)),
+    ]  # fmt: skip
+
+
+# Parts of the package and what they are, for the profile summary.
+_PARTS = [
+    ("otel_audit/capture/processor.py", "capture/processor.py"),
+    ("otel_audit/capture/", "capture/ (actions, scope, context)"),
+    ("otel_audit/engine/writer.py", "engine/writer.py"),
+    ("otel_audit/engine/record.py", "engine/record.py"),
+    ("otel_audit/engine/ledger/", "engine/ledger/ (SQLite calls)"),
+    ("otel_audit/policy/", "policy/ (decision, redaction)"),
+    ("otel_audit/semantics/", "semantics/ (select)"),
+    ("otel_audit/", "otel_audit (other)"),
+    ("opentelemetry/", "OpenTelemetry SDK"),
+    ("threading.py", "threading (waits, locks)"),
+]
+
+
+def _part(filename: str, name: str) -> str:
+    if filename == "~":  # a C function: sqlite3, locks, hashlib, orjson
+        if "sqlite3" in name or "execute" in name or "commit" in name:
+            return "sqlite3 (C: execute, commit, fsync)"
+        if "lock" in name or "wait" in name:
+            return "locks and waits (C)"
+        return "other C calls"
+    for prefix, part in _PARTS:
+        if prefix in filename.replace(os.sep, "/"):
+            return part
+    return "other Python"
+
+
+def profiled(tmp: Path, durability: str, spans: int) -> None:
+    """Profile every thread of one audited 1-thread run and print time by part."""
+    profiles: list[cProfile.Profile] = []
+
+    def start(frame: Any, event: str, arg: Any) -> None:  # the first event of a new thread
+        sys.setprofile(None)
+        prof = cProfile.Profile(time.thread_time)  # CPU: a blocked thread costs nothing
+        profiles.append(prof)
+        prof.enable()
+
+    threading.setprofile(start)
+    provider, pipeline = audited(tmp, f"profile-{durability}", durability)
+    run(provider, spans, 1)
+    pipeline.flush(None)
+    pipeline.shutdown()
+    threading.setprofile(None)  # type: ignore[arg-type]
+    by_part: dict[str, float] = {}
+    by_func: dict[str, float] = {}
+    for prof in profiles:
+        prof.disable()
+        stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+        for (filename, _line, name), (_cc, _nc, tottime, _ct, _callers) in stats.items():
+            part = _part(filename, name)
+            by_part[part] = by_part.get(part, 0.0) + tottime
+            key = f"{Path(filename).name}:{name}" if filename != "~" else name
+            by_func[key] = by_func.get(key, 0.0) + tottime
+    total = sum(by_part.values())
+    print(f"\nprofile, {durability}, 1 thread, {spans} spans: {total / spans * 1e6:.1f} us of"
+          " profiled thread CPU per record (every thread; cProfile inflates Python calls)")  # fmt: skip
+    for part, t in sorted(by_part.items(), key=lambda kv: -kv[1]):
+        if t / total >= 0.01:
+            print(f"  {part:40} {t / spans * 1e6:8.2f} us/record {100 * t / total:5.1f} %")
+    print("  top functions (own time):")
+    for name, t in sorted(by_func.items(), key=lambda kv: -kv[1])[:12]:
+        print(f"    {name:60} {t / spans * 1e6:8.2f} us/record")
+
+
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))] * 1000
@@ -101,11 +227,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--spans", type=int, default=40_000)
     ap.add_argument("--verify-records", type=int, default=300_000)
+    ap.add_argument("--profile", action="store_true", help="profile a 1-thread async and sync run")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="otel-audit-bench-"))
     print(f"spans per run: {args.spans}; ledger in {tmp}")
 
     rows = []
+    steps: list[tuple[str, float]] = []
+    commit_p50: dict[str, float] = {}
     for threads in (1, 16):
         base = run(provider_with_batch(), args.spans, threads)
         for durability in ("async", "sync"):
@@ -117,6 +246,9 @@ def main() -> None:
             # async: what the producers saw, and also until everything was durable
             durable = args.spans / (time.perf_counter() - start)
             stats = pipeline.stats()
+            if not steps:
+                steps = breakdown(pipeline)
+            commit_p50[f"{durability} {threads}"] = stats.commit_latency_p50_ms
             pipeline.shutdown()
             rows.append(
                 (
@@ -140,6 +272,23 @@ def main() -> None:
         print(
             f"{mode:6} {threads:>7} {base:>14,.0f} {rate:>16,.0f} {rate / base:>6.2f} {durable:>10,.0f} {p50:>13.3f} {p99:>8.3f} {committed / max(batches, 1):>14.1f}"
         )
+
+    base1 = next(r[2] for r in rows if r[1] == 1)
+    print()
+    print("per record, where the time goes (thread CPU us, best of 5, same spans):")
+    print(f"  {'stock SDK span + BatchSpanProcessor (wall, 1 thread)':52} {1e6 / base1:8.2f}")
+    for name, us in steps:
+        print(f"  {name:52} {us:8.2f}")
+    sync1 = next(r for r in rows if r[0] == "sync" and r[1] == 1)
+    sync16 = next(r for r in rows if r[0] == "sync" and r[1] == 16)
+    print(f"  {'commit wait, sync 1 thread (on_end p50, wall)':52} {sync1[5] * 1000:8.2f}")
+    print(f"  {'commit wait, sync 16 threads (on_end p50, wall)':52} {sync16[5] * 1000:8.2f}"
+          f"  ({sync16[7] / max(sync16[8], 1):.1f} records per commit;"
+          f" writer commit p50 {commit_p50.get('sync 16', 0.0):.2f} ms)")  # fmt: skip
+
+    if args.profile:
+        for durability in ("async", "sync"):
+            profiled(tmp, durability, min(args.spans, 10_000))
 
     # verify speed on a ledger built directly from canonical bodies
     db = tmp / "verify.db"

@@ -324,6 +324,24 @@ def hex_id(value: int, width: int) -> str:
     return format(value, f"0{width}x")
 
 
+def _enum_name(value: Any, known: tuple[str, ...], default: str) -> str:
+    name = getattr(value, "name", None)
+    return name if name in known else default
+
+
+# The SDK's enum members by identity: ``.name`` on an enum is a slow descriptor.
+_KIND_NAMES: dict[Any, str] = {}
+_STATUS_NAMES: dict[Any, str] = {}
+try:
+    from opentelemetry.trace import SpanKind as _SpanKind
+    from opentelemetry.trace import StatusCode as _StatusCode
+
+    _KIND_NAMES = {k: k.name for k in _SpanKind if k.name in _KINDS}
+    _STATUS_NAMES = {c: c.name for c in _StatusCode if c.name in _STATUSES}
+except ImportError:  # pragma: no cover - the API is a dependency
+    pass
+
+
 def record_from_span(
     span: Any,
     service: str,
@@ -340,46 +358,58 @@ def record_from_span(
         _clean_into(attributes, cut, span_attributes, max_len)
     if extra_attributes:
         _clean_into(attributes, cut, extra_attributes, max_len)
+    # Span properties copy (links, events) or compute (enum names): read each once.
+    span_links = span.links
     links = (
         tuple(
             Link(
-                hex_id(ln.context.trace_id, 32),
-                hex_id(ln.context.span_id, 16),
+                format(ln.context.trace_id, "032x"),
+                format(ln.context.span_id, "016x"),
                 clean_attributes(ln.attributes, max_len)[0],
             )
-            for ln in span.links
+            for ln in span_links
         )
-        if span.links
+        if span_links
         else ()
     )
+    span_events = span.events
     events = (
         tuple(
             Event(ev.name, int(ev.timestamp or 0), clean_attributes(ev.attributes, max_len)[0])
-            for ev in span.events
+            for ev in span_events
         )
-        if span.events
+        if span_events
         else ()
     )
     parent = span.parent
     status = span.status
-    kind = span.kind.name if span.kind is not None else "INTERNAL"
-    scope = span.instrumentation_scope.name if span.instrumentation_scope else None
-    message = status.description if status is not None else None
+    span_kind = span.kind
+    kind = _KIND_NAMES.get(span_kind) or _enum_name(span_kind, _KINDS, "INTERNAL")
+    if status is not None:
+        code = status.status_code
+        status_name = _STATUS_NAMES.get(code) or code.name
+        message = status.description
+    else:
+        status_name, message = "UNSET", None
+    instrumentation = span.instrumentation_scope
+    name = span.name
+    if type(name) is not str or not name.isascii() or len(name) > max_len:
+        name = _clean_str(str(name), max_len)[0]
     return Record(
-        trace_id=hex_id(ctx.trace_id, 32),
-        span_id=hex_id(ctx.span_id, 16),
-        parent_span_id=hex_id(parent.span_id, 16) if parent is not None else None,
-        name=_clean_str(str(span.name), max_len)[0],
-        kind=kind if kind in _KINDS else "INTERNAL",
+        trace_id=format(ctx.trace_id, "032x"),
+        span_id=format(ctx.span_id, "016x"),
+        parent_span_id=format(parent.span_id, "016x") if parent is not None else None,
+        name=name,
+        kind=kind,
         service=service,
         start=int(span.start_time or 0),
         end=int(span.end_time or 0),
-        status=status.status_code.name if status is not None else "UNSET",
+        status=status_name,
         status_message=_clean_str(message, max_len)[0] if message else None,
         attributes=attributes,
         links=links,
         events=events,
-        scope=scope,
+        scope=instrumentation.name if instrumentation else None,
         truncated=tuple(cut),
     )
 
