@@ -218,3 +218,16 @@ def test_ledger_pulled_from_under_serve_is_503_never_200(make_server, tmp_path, 
         os.replace(other, path)
     status, headers, _ = _post(server, encode_spans(_spans(1, 0)).SerializeToString())
     assert status == 503 and headers["Retry-After"] == "1"
+
+
+def test_endless_header_lines_are_refused_in_bounded_memory(served):
+    proc, port = served
+    before = _peak_rss(proc.pid)
+    line = b"X-Padding: " + b"a" * 1000 + b"\r\n"
+    answer = _attack(
+        port,
+        b"POST /v1/traces HTTP/1.1\r\nHost: serve\r\n",
+        (line * 64 for _ in range(3200)),  # 200 MiB of headers
+    )
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert _peak_rss(proc.pid) - before < 32 << 20

@@ -60,6 +60,8 @@ DEFAULT_GRPC_ADDRESS = ("127.0.0.1", 4317)
 _KEEP_ALIVE = 30
 # Many exporters reconnecting at once after an outage must not be refused.
 _BACKLOG = 2048
+# Largest request line plus headers.
+_MAX_HEAD = 64 * 1024
 
 
 def parse_address(value: str, default_port: int, what: str) -> tuple[str, int]:
@@ -168,6 +170,7 @@ class AuditServer:
             ssl_certfile=cert,
             ssl_keyfile=key,
             backlog=_BACKLOG,
+            http=_bounded_head_protocol(),
         )
         return uvicorn.Server(config)
 
@@ -279,6 +282,41 @@ class AuditServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _bounded_head_protocol() -> type[Any]:
+    """uvicorn's httptools protocol, refusing a request line plus headers over ``_MAX_HEAD``.
+
+    httptools parses in C (chunked framing included, so a million one-byte
+    chunks cost little), but neither it nor uvicorn bounds the head: endless
+    header lines would grow the process without limit. Counted here as the
+    parser hands them over; past the limit the parser is stopped and uvicorn
+    answers 400 and closes the connection (``tests/test_serve_hostile.py``).
+    """
+    import httptools
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class BoundedHead(HttpToolsProtocol):
+        _head = 0
+
+        def on_message_begin(self) -> None:
+            self._head = 0
+            super().on_message_begin()
+
+        def on_url(self, url: bytes) -> None:
+            self._count(len(url))
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._count(len(name) + len(value))
+            super().on_header(name, value)
+
+        def _count(self, size: int) -> None:
+            self._head += size
+            if self._head > _MAX_HEAD:
+                raise httptools.HttpParserError(f"request head over {_MAX_HEAD} bytes")
+
+    return BoundedHead
 
 
 def _listen(address: tuple[str, int]) -> socket.socket:
