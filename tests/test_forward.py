@@ -9,6 +9,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -452,3 +454,52 @@ def test_bad_endpoint_is_a_config_error(outbox, endpoint, reason, capsys, monkey
     monkeypatch.setenv("OTEL_AUDIT_FORWARD_ENDPOINT", endpoint)
     with pytest.raises(ConfigError, match="OTEL_AUDIT_FORWARD_ENDPOINT"):
         forwarder_from_env(outbox)
+
+
+def test_retry_after_is_honoured_and_the_client_does_not_retry_a_503_itself(outbox, tmp_path):
+    """A receiver answering 503 + Retry-After: 1 once: one wait of about a second, one resend."""
+    import http.server
+
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceResponse,
+    )
+
+    arrivals: list[float] = []
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            arrivals.append(time.monotonic())
+            if len(arrivals) == 1:
+                self.send_response(503)
+                self.send_header("Retry-After", "1")
+                payload = b""
+            else:
+                self.send_response(200)
+                payload = ExportTraceServiceResponse().SerializeToString()
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    stub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    _fill(outbox, 3)
+    forwarder = Forwarder(
+        outbox,
+        f"http://127.0.0.1:{stub.server_address[1]}",
+        state_path=str(tmp_path / "cursor.json"),
+    ).start()
+    try:
+        assert forwarder.flush(30)
+    finally:
+        forwarder.stop()
+        stub.shutdown()
+        stub.server_close()
+    assert len(arrivals) == 2
+    assert arrivals[1] - arrivals[0] >= 0.85  # Retry-After: 1, with +-10% jitter
+    assert forwarder.stats().forwarded == 3 and "HTTP 503" in (forwarder.stats().last_error or "")
