@@ -147,7 +147,10 @@ class OTLPHTTPApp:
         done: asyncio.Future[None] = loop.create_future()
 
         def wake(_pending: Pending) -> None:
-            loop.call_soon_threadsafe(_set, done)
+            try:
+                loop.call_soon_threadsafe(_set, done)
+            except RuntimeError:
+                pass  # the loop is gone (answered 503 on timeout, then stopped)
 
         pending.add_done_callback(wake)
         try:
