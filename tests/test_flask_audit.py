@@ -7,7 +7,12 @@ and sampling, driven over real HTTP on loopback.
 
 from __future__ import annotations
 
+import functools
+import http.client
+import os
 import pathlib
+import subprocess
+import sys
 import textwrap
 from typing import Any
 
@@ -110,6 +115,10 @@ APP = textwrap.dedent(
     @app.get("/plain")
     def plain():
         return {"ok": True}
+
+    def operator_actor():
+        # What an operator names with OTEL_AUDIT_ACTOR_RESOLVER=testapp:operator_actor.
+        return request.headers.get("X-Operator-User")
 
     @app.post("/ping")
     @not_audited
@@ -297,3 +306,131 @@ def test_a_bad_trusted_peers_setting_is_one_clear_error():
 
     with pytest.raises(ConfigError, match="OTEL_AUDIT_TRUSTED_PEERS has an invalid address"):
         AuditFlask(trusted_peers="10.0.0.0/99")
+
+
+def outcome_records(ledger_url: str) -> list[Any]:
+    return [r for r in audit_records(ledger_url) if r.attr(v.EVENT) and not r.attr(v.INTENT)]
+
+
+def test_parse_hop_forms():
+    from otel_audit.integrations.flask import parse_hop
+
+    assert parse_hop("6.6.6.6:4242") == "6.6.6.6"
+    assert parse_hop(" [2001:db8::1]:443 ") == "2001:db8::1"
+    assert parse_hop('"[2001:db8::1]"') == "2001:db8::1"
+    assert parse_hop("2001:db8::1") == "2001:db8::1"
+    assert parse_hop("for=192.0.2.60") == "192.0.2.60"
+    for bad in ("unknown", "_hidden", "6.6.6.6:http", "[2001:db8::1", "", "evil.example"):
+        assert parse_hop(bad) is None
+
+
+def _delete_with_headers(url: str, path: str, headers: list[tuple[str, str]]) -> int:
+    """A request whose header lines are sent exactly as given (repeated lines too)."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.putrequest("DELETE", path)
+    for name, value in headers:
+        conn.putheader(name, value)
+    conn.endheaders()
+    status = conn.getresponse().status
+    conn.close()
+    return status
+
+
+def test_forged_forwarded_hops_never_make_a_trusted_peer(app_service):
+    """Attack: proxy and peer ranges overlap; the attacker hides behind hop forms.
+
+    Each request arrives from 127.0.0.1 (a trusted proxy, also a trusted peer)
+    with forged actor baggage; only a hop that really is a trusted peer may
+    pass an actor, and an unreadable hop is an unknown client, not the proxy.
+    """
+    service, ledger = app_service(
+        OTEL_AUDIT_TRUSTED_PROXIES="127.0.0.0/8", OTEL_AUDIT_TRUSTED_PEERS="127.0.0.0/8"
+    )
+    forged = ("baggage", "audit.actor.id=admin,audit.actor.type=user")
+    cases = {
+        "ipport": [("X-Forwarded-For", "6.6.6.6:4242")],
+        "v6port": [("X-Forwarded-For", "[2001:db8::66]:443")],
+        "unknown": [("X-Forwarded-For", "unknown")],
+        "hidden": [("X-Forwarded-For", "_hidden")],
+        # The attacker's own line first, the proxy's line after it.
+        "twolines": [("X-Forwarded-For", "127.0.0.9"), ("X-Forwarded-For", "6.6.6.6")],
+        "garbage": [("X-Forwarded-For", "127.0.0.9, not-an-address")],
+        "peer": [("X-Forwarded-For", "127.0.0.7:5000")],  # a real peer behind the proxy
+    }
+    for name, headers in cases.items():
+        assert _delete_with_headers(service.url, f"/anon/items/{name}", [*headers, forged]) == 204
+    got = {r.attr(v.RESOURCE_ID): r for r in outcome_records(ledger)}
+    seen = {name: (got[name].attr(v.ACTOR_ID), got[name].attr(v.ACTOR_IP)) for name in cases}
+    assert seen == {
+        "ipport": (None, "6.6.6.6"),
+        "v6port": (None, "2001:db8::66"),
+        "unknown": (None, None),
+        "hidden": (None, None),
+        "twolines": (None, "6.6.6.6"),
+        "garbage": (None, None),
+        "peer": ("admin", "127.0.0.7"),
+    }
+
+
+def test_forged_basic_header_names_nobody(app_service):
+    """Attack: ``Authorization: Basic admin:x`` to routes that authenticate otherwise or not at all."""
+    service, ledger = app_service()
+    assert requests.delete(service.url + "/anon/items/9", auth=("admin", "x")).status_code == 204
+    assert requests.post(service.url + "/status/401", auth=("admin", "x")).status_code == 401
+    recs = outcome_records(ledger)
+    assert len(recs) == 2 and all(r.attr(v.ACTOR_ID) is None for r in recs)
+    assert all(r.attr(v.ACTOR_TYPE) == v.ACTOR_ANONYMOUS for r in recs)
+
+
+def test_operator_resolver_and_route_names_from_settings(app_service):
+    service, ledger = app_service(
+        OTEL_AUDIT_ACTOR_RESOLVER="testapp:operator_actor",
+        OTEL_AUDIT_FLASK_ROUTES="DELETE /anon/items/<item_id>=item.purge, plain=true",
+    )
+    who = {"X-Operator-User": "olga"}
+    assert requests.delete(service.url + "/anon/items/3", headers=who).status_code == 204
+    assert requests.get(service.url + "/plain", headers=who).ok
+    got = [
+        (r.attr(v.ACTION), r.attr(v.ACTOR_ID), r.attr(v.ACTOR_AUTH))
+        for r in outcome_records(ledger)
+    ]
+    assert got == [("item.purge", "olga", "app"), ("plain.get", "olga", "app")]
+
+
+def test_an_operator_resolver_that_cannot_load_refuses_audited_requests(app_service):
+    service, ledger = app_service(OTEL_AUDIT_ACTOR_RESOLVER="no_such_module:who")
+    reply = requests.delete(service.url + "/anon/items/3")
+    assert reply.status_code == 503 and reply.text == "audit not configured\n"
+    assert requests.get(service.url + "/plain").ok  # not audited: served
+    service.stop()
+    assert "OTEL_AUDIT_ACTOR_RESOLVER: cannot load 'no_such_module:who'" in service.output()
+
+
+def test_doctor_names_untraced_libraries_and_bad_settings(tmp_path):
+    env = {k: val for k, val in os.environ.items() if not k.startswith("OTEL_")}
+    run = functools.partial(
+        subprocess.run, [sys.executable, "-m", "otel_audit", "doctor"], capture_output=True,
+        text=True, timeout=60,
+    )  # fmt: skip
+    ok = run(env=env)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert (
+        "database library sqlite3: instrumented: by opentelemetry-instrumentation-sqlite3"
+        in ok.stdout
+    )
+    assert "database library sqlalchemy " in ok.stdout and "traced by otel-audit" in ok.stdout
+    bad = run(
+        env=dict(
+            env,
+            OTEL_PYTHON_DISABLED_INSTRUMENTATIONS="sqlite3",
+            OTEL_AUDIT_LEDGER=f"sqlite:///{tmp_path}/a.db",
+            OTEL_AUDIT_DURABILITY="maybe",
+        )
+    )
+    assert bad.returncode == 1 and not bad.stderr
+    assert (
+        "database library sqlite3: not instrumented: sqlite3 is listed in"
+        " OTEL_PYTHON_DISABLED_INSTRUMENTATIONS; its effects are not audited"
+    ) in bad.stdout
+    assert "settings: OTEL_AUDIT_DURABILITY must be one of" in bad.stdout
