@@ -34,6 +34,8 @@ from otel_audit.semantics.effects import sql_operation
 __all__ = ["install_ledger_guard", "install_sqlite3_shortcuts", "is_traced_connection"]
 
 _SHORTCUTS = ("execute", "executemany", "executescript")
+# Modules whose connections are the audit's own storage (never traced).
+_LEDGER_MODULES = ("otel_audit.engine.", "otel_audit.transport.", "otel_audit.proof.")
 # wrapt 2 names the base of every proxy BaseObjectProxy (the instrumentations use it).
 _PROXY: type[Any] = getattr(wrapt, "BaseObjectProxy", wrapt.ObjectProxy)
 _tracer = trace.get_tracer("otel_audit.integrations.dbapi")
@@ -121,7 +123,7 @@ def _untraced(conn: Any) -> Any:
 
 def _connect_wrapper(wrapped: Any, _instance: Any, args: Any, kwargs: Any) -> Any:
     conn = wrapped(*args, **kwargs)
-    if _caller_module().startswith("otel_audit."):
+    if _caller_module().startswith(_LEDGER_MODULES):
         # The ledger's own statements are never traced: as spans inside a
         # request's trail they would become records of writing records.
         return _untraced(conn)
@@ -152,7 +154,7 @@ def install_sqlite3_shortcuts() -> bool:
 
 def _psycopg_connect_wrapper(wrapped: Any, _instance: Any, args: Any, kwargs: Any) -> Any:
     conn = wrapped(*args, **kwargs)
-    if _caller_module().startswith("otel_audit."):
+    if _caller_module().startswith(_LEDGER_MODULES):
         # The PostgreSQL ledger's statements are never traced either (see above).
         import psycopg
 
