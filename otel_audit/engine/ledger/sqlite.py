@@ -190,7 +190,9 @@ class SQLiteLedger(Ledger):
             # The identity of the file the connection opened: a commit that
             # finds another file (or none) at the path wrote to an orphan.
             try:
-                self._identity = _identity(path) if not readonly else None
+                # Absolute: a process that changes directory later still names this file.
+                self._abspath = os.path.abspath(path)
+                self._identity = _identity(self._abspath) if not readonly else None
             except OSError as exc:
                 raise LedgerError(f"ledger file {path!r} vanished while opening: {exc}") from exc
         except BaseException:
@@ -202,7 +204,7 @@ class SQLiteLedger(Ledger):
         if self._identity is None:
             return
         try:
-            now = _identity(self.path)
+            now = _identity(self._abspath)
         except OSError:
             now = None
         if now != self._identity:
