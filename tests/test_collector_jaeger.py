@@ -116,7 +116,10 @@ def test_audit_spans_reach_serve_once_and_the_trail_shows_in_jaeger(otel_stack, 
     assert verify(otel_stack.ledger).returncode == 0
 
     # The trail, found in Jaeger by its tag, with the ledger's tree across both services.
-    (create,) = [r for r in served if r["attributes"].get(v.ACTION) == "order.create"]
+    (create,) = [
+        r for r in served
+        if r["attributes"].get(v.ACTION) == "order.create" and r["attributes"].get(v.OUTCOME) == v.SUCCESS
+    ]  # fmt: skip
     trail = create["attributes"][v.TRAIL_ID]
     trail_records = [r for r in served if r["attributes"].get(v.TRAIL_ID) == trail]
     assert {r["service"] for r in trail_records} == {"orders", "inventory"}
@@ -190,7 +193,8 @@ def test_jaeger_down_never_holds_up_the_audit_route(otel_stack, shop):
     # The audit route flows while Jaeger is away, and the gateway refused nothing.
     assert_serve_has_exactly(otel_stack, local, timeout=30)
     wait_until(
-        lambda: "otlp_grpc/jaeger" in otel_stack.gateway.tail(200),
+        lambda: any("otlp_grpc/jaeger" in line and ("\twarn\t" in line or "\terror\t" in line)
+                    for line in otel_stack.gateway.tail(400).splitlines()),
         30, "the gateway reporting Jaeger's failure",
     )  # fmt: skip
     assert otel_stack.metric("gateway", "otelcol_receiver_refused_spans") == 0

@@ -217,6 +217,25 @@ def test_jaeger_json_has_the_ui_import_shape(shop, capsys) -> None:
     assert sum(p in ids for p in parents) == 4
 
 
+def test_jaeger_tags_keep_large_integers_exact_and_arrays_compact(make_pipeline, capsys) -> None:
+    """Beyond 2^53 a JavaScript number rounds: Jaeger's own API writes such int64 tags as strings."""
+    from otel_audit import audit_action
+
+    pipeline, provider, _ = make_pipeline(service_name="web")
+    attributes = {"big": 2**53, "edge": 2**53 - 1, "low": -(2**60), "list": [1, "a"]}
+    with audit_action("thing.do", resource=("thing", "1"), actor="alice", attributes=attributes,
+                      tracer=provider.get_tracer("web.scope")):  # fmt: skip
+        pass
+    (trace,) = json.loads(export(capsys, pipeline.ledger_url, "jaeger"))["data"]
+    (span,) = trace["spans"]
+    tags = {t["key"]: (t["type"], t["value"]) for t in span["tags"]}
+    assert tags["big"] == ("int64", "9007199254740992")
+    assert tags["edge"] == ("int64", 2**53 - 1)
+    assert tags["low"] == ("int64", str(-(2**60)))
+    assert tags["list"] == ("string", '[1,"a"]')
+    assert tags["otel.scope.name"] == ("string", "web.scope")
+
+
 def test_csv_columns_and_formula_guard(make_pipeline, tmp_path, capsys) -> None:
     from otel_audit import audit_action
 

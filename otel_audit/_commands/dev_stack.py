@@ -233,10 +233,13 @@ def jaeger_env(ports: Ports) -> dict[str, str]:
 
 
 def _clean_environment(extra: Mapping[str, str]) -> dict[str, str]:
-    # The children must see only this stack's settings, not a caller's
-    # OTELCOL_*/JAEGER_* variables or its OTel SDK configuration.
+    # The children must see only this stack's addresses, not a caller's
+    # OTELCOL_*/JAEGER_* variables or its OTel SDK configuration (serve keeps
+    # the OTEL_AUDIT_* ones: a policy, a signing key).
     env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("OTELCOL_", "JAEGER_", "OTEL_"))
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("OTELCOL_", "JAEGER_", "OTEL_")) or k.startswith("OTEL_AUDIT_")
     }
     env.update(extra)
     return env

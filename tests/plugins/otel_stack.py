@@ -140,7 +140,8 @@ class OtelStack:
             text = reply.read().decode()
         total = 0.0
         for line in text.splitlines():
-            if not line.startswith(name + "{") and not line.startswith(name + " "):
+            # Counters carry Prometheus' "_total" suffix.
+            if not line.startswith((f"{name}{{", f"{name} ", f"{name}_total{{", f"{name}_total ")):
                 continue
             if all(f'{k}="{v}"' in line for k, v in labels.items()):
                 total += float(line.rsplit(" ", 1)[1])
