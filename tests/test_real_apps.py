@@ -11,6 +11,8 @@ in the ledger bytes or in any export; and ``otel-audit verify`` passes.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import pathlib
 import secrets
@@ -25,6 +27,7 @@ import psycopg
 import requests
 
 from otel_audit import vocabulary as v
+from otel_audit.cli import main as cli_main
 from otel_audit.engine.ledger import Query, open_ledger
 from otel_audit.engine.ledger.postgres import SCHEMA as PG_SCHEMA
 from otel_audit.export.ocsf import OCSF_VERSION
@@ -108,7 +111,10 @@ def ledger_bytes(ledger_url: str, ledger_path: pathlib.Path | None) -> dict[str,
 
 
 def assert_no_secrets(
-    ledger_url: str, ledger_path: pathlib.Path | None, secret_values: list[str]
+    ledger_url: str,
+    ledger_path: pathlib.Path | None,
+    secret_values: list[str],
+    ledger_dir: pathlib.Path,
 ) -> dict[str, bytes]:
     """No secret in the ledger's bytes nor in any export; verify passes. Returns the exports."""
     needles = set()
@@ -119,20 +125,18 @@ def assert_no_secrets(
     blobs = ledger_bytes(ledger_url, ledger_path)
     assert any(blobs.values())
     for fmt in EXPORTS:
-        out = subprocess.run(
-            [sys.executable, "-m", "otel_audit", "export", "--ledger", ledger_url, "--format", fmt],
-            capture_output=True, timeout=60,
-        )  # fmt: skip
-        assert out.returncode == 0, out.stderr
-        blobs[f"export {fmt}"] = out.stdout
+        out_file = ledger_dir / f"export.{fmt}"
+        assert (
+            cli_main(["export", "--ledger", ledger_url, "--format", fmt, "-o", str(out_file)]) == 0
+        )
+        blobs[f"export {fmt}"] = out_file.read_bytes()
     for where, blob in blobs.items():
         for needle in needles:
             assert needle.encode() not in blob, f"a secret is in {where}"
-    result = subprocess.run(
-        [sys.executable, "-m", "otel_audit", "verify", "--ledger", ledger_url],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
+    report = io.StringIO()
+    with contextlib.redirect_stdout(report):
+        code = cli_main(["verify", "--ledger", ledger_url])
+    assert code == 0, report.getvalue()
     return blobs
 
 
@@ -228,7 +232,7 @@ def test_flask_tutorial_blog(run_service, tmp_path: pathlib.Path):
         and r.attr(v.TRAIL_ID) in {got[5].attr(v.TRAIL_ID), got[6].attr(v.TRAIL_ID)}
     )  # fmt: skip
     assert_intent_before_each_outcome(ledger)
-    exported = assert_no_secrets(ledger, ledger_path, [*pw.values(), *hashes])
+    exported = assert_no_secrets(ledger, ledger_path, [*pw.values(), *hashes], tmp_path)
     assert_authentication_events(exported, [
         ("Logon", "Failure", None), ("Logon", "Success", a), ("Logon", "Success", b),
         ("Logoff", "Success", a),
@@ -290,7 +294,7 @@ def test_flask_sqlalchemy_and_flask_login_with_forms(run_service, tmp_path: path
     assert [s.startswith("DELETE FROM note") for s in effects_of(ledger, got[5])] == [True]
     assert effects_of(ledger, got[4]) == []
     assert_intent_before_each_outcome(ledger)
-    assert_no_secrets(ledger, ledger_path, [*pw.values(), *hashes])
+    assert_no_secrets(ledger, ledger_path, [*pw.values(), *hashes], tmp_path)
 
 
 # -- Flask-HTTPAuth tokens ------------------------------------------------------------
@@ -341,7 +345,7 @@ def test_flask_httpauth_token_api(run_service, tmp_path: pathlib.Path):
     assert effects_of(ledger, got[4]) == ["DELETE FROM tasks WHERE id = ? AND owner_id = ?"]
     assert all(r.attr(v.ACTOR_ID) != "admin" for r in stored_records(ledger))
     assert_intent_before_each_outcome(ledger)
-    assert_no_secrets(ledger, ledger_path, [pw, token, *hashes])
+    assert_no_secrets(ledger, ledger_path, [pw, token, *hashes], tmp_path)
 
 
 # -- flask-jwt-extended, SQLAlchemy Core on PostgreSQL (psycopg) -----------------------
@@ -394,7 +398,7 @@ def test_jwt_api_on_postgresql(run_service, tmp_path: pathlib.Path, pg_server, p
     writes = [r for r in stored_records(ledger) if r.attr(v.EFFECT) == v.DATA_WRITE]
     assert {r.attr("db.system") or r.attr("db.system.name") for r in writes} == {"postgresql"}
     assert_intent_before_each_outcome(ledger)
-    exported = assert_no_secrets(ledger, None, [pw, token, *hashes])
+    exported = assert_no_secrets(ledger, None, [pw, token, *hashes], tmp_path)
     assert_authentication_events(exported, [
         ("Logon", "Failure", None), ("Logon", "Success", "frank"), ("Logoff", "Success", "frank"),
     ])  # fmt: skip
