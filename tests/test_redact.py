@@ -35,6 +35,7 @@ from otel_audit.engine.ledger import Query, open_ledger
 from otel_audit.export import formats
 from otel_audit.policy.redact import (
     HmacKey,
+    Redactor,
     check_commitment,
     commit,
     luhn_valid,
@@ -417,3 +418,17 @@ def test_no_generated_secret_reaches_ledger_exports_or_logs(leak_rig, case) -> N
         assert secret not in logs, secret
     # The redaction did not just destroy the records: they are all there.
     assert re.search(r'"audit\.action":\s*"order\.export"', exported)
+
+
+def test_remembered_clean_values_never_skip_a_rule() -> None:
+    """A value seen clean once is remembered; the same text as a statement is still sanitised."""
+    redactor = Redactor()
+    statement = "UPDATE users SET role = 'admin' WHERE id = 7"
+    for _ in range(2):
+        assert redactor.attributes({"app.note": statement}) == {"app.note": statement}
+        assert redactor.attributes({"db.statement": statement}) == {
+            "db.statement": "UPDATE users SET role = ? WHERE id = ?"
+        }
+        assert redactor.attributes({"app.note": f"{statement} pw=hunter22"}) == {
+            "app.note": f"{statement} pw=[REDACTED]"
+        }

@@ -583,7 +583,11 @@ class ValueRule:
 
 
 class Redactor:
-    """Applies configured rules, then the defaults, to a whole Record. Immutable."""
+    """Applies configured rules, then the defaults, to a whole Record.
+
+    Thread-safe: its settings never change; its caches (plans per attribute
+    name, clean values) may be filled by racing threads, never differently.
+    """
 
     def __init__(
         self,
@@ -599,6 +603,7 @@ class Redactor:
         self._methods: dict[str, str | None] = {}
         self._plans: dict[str, tuple[str, str]] = {}
         self._clean: set[str] = set()
+        self._clean_statements: set[str] = set()
         for rule in self.rules:
             if rule.method not in METHODS:
                 raise ConfigError(f"redaction method must be one of {', '.join(METHODS)}")
@@ -669,6 +674,19 @@ class Redactor:
             clean.add(text)
         return out
 
+    def _statement(self, statement: str, found: list[str] | None) -> str:
+        # Parametrized statements repeat and have no literals: remembered
+        # apart from other values, since only these also passed sanitize_sql.
+        clean = self._clean_statements
+        if statement in clean:
+            return statement
+        out = self._text(sanitize_sql(statement), found)
+        if out == statement and len(statement) <= _MAX_CACHED_VALUE_LENGTH:
+            if len(clean) >= _MAX_CACHED_VALUES:
+                clean.clear()
+            clean.add(statement)
+        return out
+
     def _value(self, value: Any, found: list[str] | None) -> Any:
         if isinstance(value, str):
             return self._text(value, found)
@@ -708,7 +726,7 @@ class Redactor:
                 out[stored] = value
             elif action == _SQL:
                 out[stored] = (
-                    self._text(sanitize_sql(value), found)
+                    self._statement(value, found)
                     if isinstance(value, str)
                     else self._value(value, found)
                 )
