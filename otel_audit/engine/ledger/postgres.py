@@ -2,8 +2,7 @@
 
 Every writer appends to its own chain (``default_chain`` is
 ``service/hostname/pid``), so there is no global lock and chains commit in
-parallel. A batch is one multi-row INSERT (arrays unnested server-side), one
-statement and one round trip. The chain head a writer appended last is kept
+parallel. A batch is one binary COPY into the records table: one statement. The chain head a writer appended last is kept
 in memory: the next batch continues from it without reading the head or
 taking a lock, and the (chain, seq) primary key rejects it if anyone else
 appended in between (a fork is impossible either way). Only then, on a
@@ -420,27 +419,22 @@ class _Conflict(Exception):
     """The remembered chain head is stale: another writer appended (internal)."""
 
 
-_INSERT = (
-    f"INSERT INTO {SCHEMA}.records (chain, seq, prev_hash, hash, body)"
-    " SELECT %s, * FROM unnest(%s::bigint[], %s::bytea[], %s::bytea[], %s::bytea[])"
-)
+_COPY = f"COPY {SCHEMA}.records (chain, seq, prev_hash, hash, body) FROM STDIN (FORMAT BINARY)"
+_COPY_TYPES = ["text", "int8", "bytea", "bytea", "bytea"]
 
 
 def _insert(
     con: psycopg.Connection[Any], chain: str, rows: list[tuple[int, bytes, bytes, bytes]]
 ) -> None:
-    """Insert ``rows`` (seq, prev_hash, hash, body) of ``chain`` in one statement."""
-    con.execute(
-        _INSERT,
-        (
-            chain,
-            [r[0] for r in rows],
-            [r[1] for r in rows],
-            [r[2] for r in rows],
-            [r[3] for r in rows],
-        ),
-        binary=True,
-    )
+    """Insert ``rows`` (seq, prev_hash, hash, body) of ``chain`` in one statement.
+
+    Binary COPY: the rows go to the server without per-value Python work
+    (psycopg's array parameters, the alternative, cost ~40 us of Python per row).
+    """
+    with con.cursor() as cur, cur.copy(_COPY) as copy:
+        copy.set_types(_COPY_TYPES)
+        for seq, prev, digest, body in rows:
+            copy.write_row((chain, seq, prev, digest, body))
 
 
 def _link(
@@ -740,7 +734,7 @@ class PostgresLedger(Ledger):
         bodies: list[bytes],
         head: tuple[int, bytes],
     ) -> list[Appended]:
-        """Append after the head this ledger wrote last: one INSERT, its own transaction.
+        """Append after the head this ledger wrote last: one COPY, its own transaction.
 
         No lock and no head read: if another writer appended in between, the
         first seq is taken and the primary key refuses the whole statement
