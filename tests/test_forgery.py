@@ -278,3 +278,21 @@ def test_verify_api_names_planted_row(shop: Shop) -> None:
         assert ledger.stray_rows() == [("shop", 0, "seq 0 is outside every sequence")]
         assert ledger.schema_problems() == []
     assert (info.value.chain, info.value.seq, info.value.kind) == ("shop", 0, "inserted")
+
+
+@pytest.mark.parametrize(
+    "chain, seq, expected",
+    [
+        ("shop", 0, "chain 'shop' seq 0: "),  # without the key: inserted; with it: bad signature
+        (b"shop", 5, "inserted: checkpoint row is in no chain"),
+    ],
+)
+def test_checkpoint_rows_outside_every_chain(shop: Shop, chain, seq, expected) -> None:
+    con = sqlite3.connect(shop.db)
+    row = con.execute(
+        "SELECT head, time, signature, key_id, merkle_root FROM checkpoints ORDER BY seq LIMIT 1"
+    ).fetchone()
+    con.execute("INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?)", (chain, seq, *row))
+    con.commit()
+    con.close()
+    assert_verify_fails(shop, expected)

@@ -120,6 +120,15 @@ def _account_for_every_row(ledger: Ledger, report: VerifyReport) -> None:
     # The walks read every row of a text chain with an integer seq above 0 and
     # name any value of the wrong type in it; a row they did not read shows
     # in the count, and only then is the (slower) stray search run to name it.
+    walked = {c.chain for c in report.chains}
+    for cp in ledger.checkpoints():
+        if cp.chain not in walked:  # its chain id was stored as another type than text
+            raise VerificationError(
+                f"chain {cp.chain!r} seq {cp.seq}: inserted: checkpoint row is in no chain",
+                chain=cp.chain,
+                seq=cp.seq,
+                kind="inserted",
+            )
     stored = ledger.count()
     if stored == report.records:
         return
@@ -178,6 +187,9 @@ def _verify_chain(
     # checkpoint carries one, are built a perfect subtree at a time.
     merkle = any(cp.merkle_root for cps in due.values() for cp, _ in cps)
     pending = sorted(due)  # seqs with checkpoints or anchors to check, in order
+    if pending and pending[0] < 1:
+        _cp, what = due[pending[0]][0]
+        raise _damage(chain, pending[0], "inserted", f"the {what} is outside the chain's sequence")
     nodes: list[bytes] = []  # Merkle frontier: roots of perfect subtrees, largest first
     expected = GENESIS
     before: bytes | None = None  # hash of the record before the previous one
