@@ -3,6 +3,12 @@
 Each format is a module here exposing ``NAME`` and ``write(records, out)``,
 where ``records`` yields ``StoredRecord`` and ``out`` is a text stream. The
 registry is filled by discovery so a new format is one new module.
+
+Writers receive only records already checked against their chains (the
+``export`` command passes them through ``review.checked.Review``), so a
+format needs no checks of its own; the outcome it shows is
+``StoredRecord.outcome`` (``unknown`` for an action whose request record was
+written and whose outcome record never was), never its own derivation.
 """
 
 from __future__ import annotations
