@@ -831,6 +831,10 @@ class AuditFlask:
             return result
         finally:
             if state is not None and state.scope is not None:
+                # Also when the view raised: its effects' records are waited for.
+                lost = state.scope.settle()
+                if lost is not None and state.lost is None:
+                    state.lost = lost
                 state.scope.close()
             if token is not None:
                 otel_context.detach(token)
