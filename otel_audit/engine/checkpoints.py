@@ -369,12 +369,17 @@ class Checkpointer:
                 )
             except VerificationError as exc:  # pragma: no cover - the roots were just compared
                 raise SignerRefused(f"{refuse}: {exc}") from None
+        with io_lock:
+            stored_cps = ledger.checkpoints(chain)
+        if any(cp.seq == head.seq for cp in stored_cps):
+            # Checkpointed already (a process without this state): a second,
+            # different checkpoint at one seq could never be stored beside it.
+            return None
         if last is not None:
             prev = last.digest()
         else:
             # First signature with this key's state: link to what the ledger holds.
-            with io_lock:
-                before = [cp for cp in ledger.checkpoints(chain) if cp.seq < head.seq]
+            before = [cp for cp in stored_cps if cp.seq < head.seq]
             prev = before[-1].digest() if before else GENESIS
             # Trust on first use: said loudly when the ledger has history this
             # state never saw (an upgrade, or a state that was removed).
@@ -414,20 +419,25 @@ class Checkpointer:
         """Put the last signed checkpoint back into the ledger when it is missing there."""
         try:
             with io_lock:
-                present = any(
-                    cp.seq == last.seq and cp.digest() == last.digest()
-                    for cp in ledger.checkpoints(self.chain)
-                    if cp.seq == last.seq
-                )
-                if not present:
+                at_seq = [cp for cp in ledger.checkpoints(self.chain) if cp.seq == last.seq]
+                if any(cp.digest() == last.digest() for cp in at_seq):
+                    return
+                if not at_seq:
                     ledger.add_checkpoint(last)
         except Exception as exc:  # evidence is best effort; the refusal stands anyway
             _log.error("otel-audit: could not restore checkpoint %s: %s", last.seq, exc)
             return
-        if not present:
+        if at_seq:
             _log.error(
-                "otel-audit: the checkpoint of chain %r at seq %d signed by this key was missing"
-                " from the ledger; restored it from the signer state",
+                "otel-audit: the ledger holds another checkpoint of chain %r at seq %d than the"
+                " one this key signed (its signer state has it)",
                 self.chain,
                 last.seq,
             )
+            return
+        _log.error(
+            "otel-audit: the checkpoint of chain %r at seq %d signed by this key was missing"
+            " from the ledger; restored it from the signer state",
+            self.chain,
+            last.seq,
+        )
