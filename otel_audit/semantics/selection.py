@@ -4,7 +4,9 @@ A span is an audit record when it is an audit action (``audit.event=true``),
 or when it is inside a trail (``audit.trail.id``) and its effect, as
 classified from its semantic-convention attributes (semantics.effects), is
 one the pipeline keeps. The decision is the sender's: a receiver (``serve``)
-stores what it was sent and never selects again.
+keeps every span that says what it is (``audit.event``, or ``audit.effect``
+stamped by the sender's pipeline) and classifies only trail spans that arrive
+undecided (a Collector routes every span of a trail to it).
 """
 
 from __future__ import annotations
