@@ -202,6 +202,11 @@ def test_values_stored_as_text_are_damage(shop: Shop, column, value, expected) -
     con.commit()
     con.close()
     assert_verify_fails(shop, "chain 'shop' seq 4", expected)
+    # tail shows the newest records: seq 4 onwards is damaged, marked, exit 1
+    done = cli("tail", "--ledger", str(shop.db), "-n", "20")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [line["seq"] for line in lines if "verification" in line][0] == 4
 
 
 def test_rebuilt_table_with_another_query_expression(shop: Shop, capsys, tmp_path) -> None:
