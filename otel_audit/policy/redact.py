@@ -749,40 +749,28 @@ class Redactor:
         """``record`` with every string it keeps redacted (see the module docstring)."""
         found: list[str] = []
         text = self._text
-        if record.truncated:  # names of cut values, as stored
-            record = replace(record, truncated=tuple(self._plan(n)[0] for n in record.truncated))
-        scope = text(record.scope, found) if record.scope else record.scope
-        service = text(record.service, found)
-        if not record.events and not record.links and not record.status_message:
-            # The common case, built directly: dataclasses.replace costs more
-            # than the redaction of a small record.
-            out = Record(
-                record.trace_id, record.span_id, record.parent_span_id, text(record.name, found),
-                record.kind, service, record.start, record.end, record.status, None,
-                self.attributes(record.attributes, None, found), (), (), scope,
-                record.truncated, record.version,
-            )  # fmt: skip
-        else:
-            out = replace(
-                record,
-                name=text(record.name, found),
-                service=service,
-                scope=scope,
-                status_message=(
-                    text(record.status_message, found) if record.status_message else None
-                ),
-                attributes=self.attributes(record.attributes, None, found),
-                events=tuple(
-                    Event(
-                        text(ev.name, found), ev.time, self.attributes(ev.attributes, None, found)
-                    )
-                    for ev in record.events
-                ),
-                links=tuple(
-                    Link(ln.trace_id, ln.span_id, self.attributes(ln.attributes, None, found))
-                    for ln in record.links
-                ),
-            )
+        attributes = self.attributes
+        truncated = record.truncated
+        if truncated:  # names of cut values, as stored
+            truncated = tuple(self._plan(n)[0] for n in truncated)
+        # Built directly: dataclasses.replace costs more than the redaction
+        # of a small record.
+        out = Record(
+            record.trace_id, record.span_id, record.parent_span_id, text(record.name, found),
+            record.kind, text(record.service, found), record.start, record.end, record.status,
+            text(record.status_message, found) if record.status_message else None,
+            attributes(record.attributes, None, found),
+            tuple(
+                Link(ln.trace_id, ln.span_id, attributes(ln.attributes, None, found))
+                for ln in record.links
+            ) if record.links else (),
+            tuple(
+                Event(text(ev.name, found), ev.time, attributes(ev.attributes, None, found))
+                for ev in record.events
+            ) if record.events else (),
+            text(record.scope, found) if record.scope else record.scope,
+            truncated, record.version,
+        )  # fmt: skip
         if found:
             echoes = {s for s in found if len(s) >= _MIN_ECHO and not s.startswith(MASK[:-1])}
             if echoes:
@@ -813,31 +801,24 @@ def _echo_attributes(attributes: dict[str, Any], secrets_: list[str]) -> dict[st
     }
 
 
-def _in(value: Any, secrets_: list[str]) -> bool:
-    if isinstance(value, str):
-        return any(secret in value for secret in secrets_)
-    if isinstance(value, list):
-        return any(isinstance(x, str) and _in(x, secrets_) for x in value)
-    return False
-
-
-def _in_attributes(attributes: dict[str, Any], secrets_: list[str]) -> bool:
-    return any(
-        _in(value, secrets_) for name, value in attributes.items() if name not in _NEVER_SCANNED
-    )
-
-
 def _appears(record: Record, secrets_: list[str]) -> bool:
-    return (
-        _in(record.name, secrets_)
-        or _in(record.status_message, secrets_)
-        or _in_attributes(record.attributes, secrets_)
-        or any(
-            _in(ev.name, secrets_) or _in_attributes(ev.attributes, secrets_)
-            for ev in record.events
-        )
-        or any(_in_attributes(ln.attributes, secrets_) for ln in record.links)
-    )
+    """True when a secret is in a string of ``record`` that the echo pass would rewrite."""
+    parts = [record.name, record.status_message or ""]
+    for attributes in (
+        record.attributes,
+        *(ev.attributes for ev in record.events),
+        *(ln.attributes for ln in record.links),
+    ):
+        for name, value in attributes.items():
+            if name in _NEVER_SCANNED:
+                continue
+            if type(value) is str:
+                parts.append(value)
+            elif type(value) is list:
+                parts.extend(x for x in value if type(x) is str)
+    parts.extend(ev.name for ev in record.events)
+    blob = "\x00".join(parts)
+    return any(secret in blob for secret in secrets_)
 
 
 def _mask_echoes(record: Record, secrets_: list[str]) -> Record:
