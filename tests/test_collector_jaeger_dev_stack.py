@@ -50,7 +50,12 @@ def test_dev_stack_shows_a_services_trail_in_jaeger_and_stops_cleanly(otel_binar
             "otel_audit._demo.inventory:app",
             env=base_env(f"sqlite:///{tmp_path / 'local.db'}", tmp_path, **extra),
         )
-        reply = requests.post(inventory.url + "/stock/apple/release", json={"qty": 1}, timeout=30)
+        reply = requests.post(
+            inventory.url + "/stock/apple/release",
+            json={"qty": 1},
+            auth=("alice", "alice-pw"),
+            timeout=30,
+        )
         assert reply.status_code == 200, reply.text
 
         ledger = f"sqlite:///{tmp_path / 'dev' / 'audit.db'}"
