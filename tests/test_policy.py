@@ -574,3 +574,21 @@ def test_the_documented_example_is_valid(tmp_path, monkeypatch) -> None:
          "db.statement": "INSERT INTO copy SELECT * FROM customers"}
     )  # fmt: skip
     assert (copy.classification, copy.violations) == ("production", ["production"])
+
+
+def test_default_policy_explains_the_default_redaction() -> None:
+    """With no policy file, explain names what the defaults mask and scan."""
+    policy = load_policy(env={})
+    e = policy.explain(
+        {
+            "PGPASSWORD": "hunter22",
+            "oauth.accesstoken": "t",
+            "user.pass": "p",
+            "passenger.count": 3,
+            "keyboard.layout": "de",
+            v.RESOURCE_ID: "Q2xhc3NpY0tleUFiY2RlZmdoaWprbG1ub3A9x",
+            "url.full": "https://x.example/cb?pw=abc&page=2",
+        }
+    )
+    assert e.redactions == {"PGPASSWORD": "mask", "oauth.accesstoken": "mask", "user.pass": "mask"}
+    assert sorted(e.scrubbed) == [v.RESOURCE_ID, "url.full"]
