@@ -10,16 +10,20 @@ import json
 import random
 import sqlite3
 import struct
+import time
 import zipfile
 import zlib
 
 import pytest
 
 from otel_audit.cli import main
-from otel_audit.engine.record import canonical_json
+from otel_audit.engine.ledger import open_ledger
+from otel_audit.engine.record import Record, canonical_json, encode
 from otel_audit.errors import VerificationError
 from otel_audit.proof.bundle import MANIFEST, verify_bundle
-from otel_audit.proof.keys import generate_keypair, load_public_key
+from otel_audit.proof.chain import Checkpoint
+from otel_audit.proof.keys import Signer, generate_keypair, load_public_key
+from otel_audit.proof.merkle import root_of
 
 from .test_trail import run_shop
 
@@ -528,3 +532,59 @@ def test_bundle_refuses_a_row_outside_the_chain_sequence(
     assert main(args + ["--chain", "inventory"]) == 0
     capsys.readouterr()
     assert verify_bundle(str(out), load_public_key(shop.public_key)).chains == 1
+
+
+def test_bundles_written_before_links_still_verify(tmp_path, capsys) -> None:
+    """A version 1 bundle (records with their chain hashes, unlinked checkpoints), as
+    older versions wrote it, verifies; verify-bundle says what in it is not proven."""
+    key, pub = tmp_path / "k.key", tmp_path / "k.pub"
+    generate_keypair(key, pub)
+    signer = Signer.from_file(key)
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    bodies = [
+        encode(Record(trace_id=f"{i:032x}", span_id=f"{i + 1:016x}", parent_span_id=None,
+                      name="order.update", kind="INTERNAL", service="shop", start=i, end=i + 1,
+                      attributes={"audit.event": True, "audit.action": "order.update"}))
+        for i in range(3)
+    ]  # fmt: skip
+    with open_ledger(url) as ledger:
+        appended = ledger.append("shop", bodies)
+        cp = Checkpoint("shop", 3, appended[-1].hash, time.time_ns(), merkle_root=root_of(bodies))
+        ledger.add_checkpoint(cp.signed(signer.sign(cp.message()), signer.key_id))
+        rows = {row.seq: row for row in ledger.scan("shop")}
+    out = tmp_path / "new.zip"
+    assert main(["bundle", "--ledger", url, "-o", str(out)]) == 0
+    capsys.readouterr()
+    # Rewrite it in the version 1 layout.
+    with zipfile.ZipFile(out) as zf:
+        files = {n: zf.read(n) for n in zf.namelist()}
+    records = []
+    for line in files["records.jsonl"].decode().splitlines():
+        rec = json.loads(line)
+        rec["prev_hash"], rec["hash"] = (
+            rows[rec["seq"]].prev_hash.hex(),
+            rows[rec["seq"]].hash.hex(),
+        )
+        records.append(canonical_json(rec) + "\n")
+    files["records.jsonl"] = "".join(records).encode()
+    cps = json.loads(files["checkpoints.json"])
+    for c in cps["checkpoints"]:
+        del c["prev"]
+    files["checkpoints.json"] = _canonical(cps)
+    manifest = json.loads(files[MANIFEST])
+    manifest["version"] = 1
+    files[MANIFEST] = _canonical(manifest)
+    old = tmp_path / "old.zip"
+    old.write_bytes(rezip(rehash(files)).getvalue())
+    assert main(["verify-bundle", str(old), "--public-key", str(pub)]) == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith("ok: 3 records in 1 chains")
+    assert (
+        "note: a version 1 bundle: the prev_hash and hash shown beside each record are not" in shown
+    )
+    # Its link hashes are still checked against the bytes where they can be.
+    rec = json.loads(records[0])
+    rec["hash"] = "00" * 32
+    files["records.jsonl"] = (canonical_json(rec) + "\n" + "".join(records[1:])).encode()
+    with pytest.raises(VerificationError, match="hash does not match the record's bytes"):
+        verify_bundle(rezip(rehash(files)), load_public_key(pub))
