@@ -147,3 +147,46 @@ def test_forged_baggage_is_not_forwarded_sampled_or_not(make_pipeline, serve, sa
     forged = "audit.actor.id=admin,audit.actor.type=user,audit.trail.id=feedfacecafe0001,x=1"
     reply = requests.get(url + "/outbound-baggage", headers={"baggage": forged})
     assert reply.json() == {"x": "1"}
+
+
+def test_flask_login_view_is_the_login_whatever_its_name(make_pipeline, serve):
+    """The login view is known from the login manager; success means a user is logged in after it."""
+    from flask_login import LoginManager, UserMixin, login_user, logout_user
+
+    pipeline, provider, _ = make_pipeline()
+    app = flask.Flask("logins")
+    app.secret_key = "test"
+    FlaskInstrumentor.instrument_app(app, tracer_provider=provider)
+    manager = LoginManager(app)
+    manager.login_view = "open_session"
+
+    class User(UserMixin):
+        def __init__(self, ident: str) -> None:
+            self.id = ident
+
+    manager.user_loader(User)
+
+    @app.post("/session/open")
+    def open_session() -> Any:
+        if flask.request.form.get("password") == "right":
+            login_user(User(flask.request.form["name"]))
+        return flask.redirect("/")  # success or not: a redirect, as most apps do
+
+    @app.get("/bye")
+    def bye() -> Any:  # a logout by GET, under a name the route rule does not know
+        logout_user()
+        return flask.redirect("/")
+
+    AuditFlask(app, routes={"bye": "user.logout"})
+    url = serve(app)
+    s = requests.Session()
+    assert s.post(url + "/session/open", data={"name": "gus", "password": "wrong"},
+                  allow_redirects=False).status_code == 302  # fmt: skip
+    assert s.post(url + "/session/open", data={"name": "gus", "password": "right"},
+                  allow_redirects=False).status_code == 302  # fmt: skip
+    assert s.get(url + "/bye", allow_redirects=False).status_code == 302
+    got = [(r.attr(v.ACTION), r.attr(v.ACTOR_ID), r.attr(v.OUTCOME)) for r in records(pipeline)]
+    assert got == [
+        ("user.login", None, v.FAILURE), ("user.login", "gus", v.SUCCESS),
+        ("user.logout", "gus", v.SUCCESS),
+    ]  # fmt: skip
