@@ -3,9 +3,10 @@
 ``otel_stack`` starts Jaeger v2, ``otel-audit serve`` (its own SQLite ledger),
 the gateway and the agent of ``collector-config/`` as shipped (addresses,
 directories, a throw-away CA and the tokens substituted through the documented
-``OTELCOL_*`` variables, by the same code as ``otel-audit dev-stack``), and the
-``otlp_sink`` fixture as the log backend. Each part is a ``Component`` the test
-can stop, kill and start again on the same ports.
+``OTELCOL_*`` variables, by the same code as ``otel-audit dev-stack``), and
+dev-stack's log backend (``logs.jsonl``). One stack serves a test module;
+``stack_running`` restarts whatever a previous test left stopped. Each part is
+a ``Component`` a test can stop, kill and start again on the same ports.
 
 The binaries come from the cache that ``scripts/build-otel-binaries`` fills
 (``$OTEL_AUDIT_BIN_CACHE``, else ``~/.cache/otel-audit/bin``); when they are
@@ -32,6 +33,7 @@ from otel_audit._commands.dev_stack import (
     COLLECTOR_BINARY,
     JAEGER_BINARY,
     Component,
+    LogFile,
     Ports,
     Secrets,
     agent_env,
@@ -97,11 +99,23 @@ class OtelStack:
     serve: Component
     gateway: Component
     agent: Component
-    logs: Any  # the otlp_sink fixture
+    logs: LogFile  # the log backend: OTLP/JSON lines in logs.jsonl
 
     @property
     def anchors(self) -> pathlib.Path:
         return self.dir / "gateway" / "anchors.jsonl"
+
+    def log_bodies(self) -> list[str]:
+        """The bodies of the log records the log backend received."""
+        if not self.logs.path.exists():
+            return []
+        return [
+            str(rec.get("body", {}).get("stringValue", ""))
+            for line in self.logs.path.read_text().splitlines()
+            for rl in json.loads(line).get("resourceLogs", [])
+            for sl in rl.get("scopeLogs", [])
+            for rec in sl.get("logRecords", [])
+        ]
 
     def components(self) -> list[Component]:
         return [self.jaeger, self.serve, self.gateway, self.agent]
@@ -173,17 +187,18 @@ def make_jaeger(binary: pathlib.Path, ports: Ports, log_dir: pathlib.Path) -> Co
     )  # fmt: skip
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def otel_stack(
-    tmp_path: pathlib.Path, otel_binaries: tuple[pathlib.Path, pathlib.Path], otlp_sink: Any,
-    request: pytest.FixtureRequest,
-) -> Iterator[OtelStack]:  # fmt: skip
+    tmp_path_factory: pytest.TempPathFactory, otel_binaries: tuple[pathlib.Path, pathlib.Path]
+) -> Iterator[OtelStack]:
+    """One stack for a test module (starting it is most of a test's time); see ``stack_running``."""
     collector, jaeger = otel_binaries
-    base = tmp_path / "stack"
+    base = tmp_path_factory.mktemp("stack")
     ports = Ports(agent_grpc=0, agent_http=0, jaeger_query=0).resolve()
     tokens = Secrets()
     write_tls_files(base / "tls")
     ledger = f"sqlite:///{base / 'serve.db'}"
+    logs = LogFile(base / "logs.jsonl", ports.logs_http).start()
     stack = OtelStack(
         dir=base, ports=ports, tokens=tokens, ledger=ledger,
         jaeger=make_jaeger(jaeger, ports, base),
@@ -196,7 +211,7 @@ def otel_stack(
         ),
         gateway=Component.collector(
             "gateway", collector, CONFIG_DIR / "gateway.yaml",
-            gateway_env(ports, base / "gateway", base / "tls", tokens, otlp_sink.endpoint), base,
+            gateway_env(ports, base / "gateway", base / "tls", tokens, logs.endpoint), base,
             lambda: _http_ok(f"http://127.0.0.1:{ports.gateway_health}/"),
         ),
         agent=Component.collector(
@@ -204,7 +219,7 @@ def otel_stack(
             agent_env(ports, base / "agent", base / "tls", tokens), base,
             lambda: _tcp_open(ports.agent_grpc) and _tcp_open(ports.agent_http),
         ),
-        logs=otlp_sink,
+        logs=logs,
     )  # fmt: skip
     try:
         for component in stack.components():
@@ -213,9 +228,19 @@ def otel_stack(
     finally:
         for component in reversed(stack.components()):
             component.stop()
-        if request.node.rep_call.failed if hasattr(request.node, "rep_call") else False:
-            for component in stack.components():
-                print(f"--- {component.name} log (tail) ---\n{component.tail(60)}")
+        logs.stop()
+
+
+@pytest.fixture
+def stack_running(otel_stack: OtelStack, request: pytest.FixtureRequest) -> Iterator[OtelStack]:
+    """The module's stack with every part running (a test may have stopped one); logs on failure."""
+    for component in otel_stack.components():
+        if not component.running():
+            component.start()
+    yield otel_stack
+    if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
+        for component in otel_stack.components():
+            print(f"--- {component.name} log (tail) ---\n{component.tail(60)}")
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
