@@ -190,3 +190,23 @@ def test_random_json_is_canonical_on_both_paths(data):
             canonical_json(data)
         return
     assert canonical_json(data) == expected
+
+
+def test_an_orjson_that_writes_differently_is_switched_off(monkeypatch):
+    # A future orjson release that wrote 1e+16 as 1e16 (as msgspec does) would
+    # change stored bytes: the import-time self-check must refuse it.
+    import orjson
+
+    from otel_audit.engine import record
+
+    class Divergent:
+        OPT_SORT_KEYS = orjson.OPT_SORT_KEYS
+        __version__ = "99"
+
+        @staticmethod
+        def dumps(data, option=0):
+            return orjson.dumps(data, option=option).replace(b"e+", b"e")
+
+    assert record._self_check()
+    monkeypatch.setattr(record, "_orjson", Divergent)
+    assert not record._self_check()
