@@ -42,6 +42,7 @@ from otel_audit.engine.record import (
     clean_attributes,
 )
 from otel_audit.semantics.effects import classify
+from otel_audit.semantics.spans import KINDS, kind_name, kind_number, status_name, status_number
 
 __all__ = [
     "MalformedRequest",
@@ -53,18 +54,8 @@ __all__ = [
     "response_bytes",
 ]
 
-# OTLP Span.SpanKind numbers -> record kind names and API kinds (for effect classification).
-_KIND_NAMES = {1: "INTERNAL", 2: "SERVER", 3: "CLIENT", 4: "PRODUCER", 5: "CONSUMER"}
-_API_KINDS = {
-    "INTERNAL": SpanKind.INTERNAL,
-    "SERVER": SpanKind.SERVER,
-    "CLIENT": SpanKind.CLIENT,
-    "PRODUCER": SpanKind.PRODUCER,
-    "CONSUMER": SpanKind.CONSUMER,
-}
-_KIND_NUMBERS = {name: number for number, name in _KIND_NAMES.items()}
-_STATUS_NAMES = {0: "UNSET", 1: "OK", 2: "ERROR"}
-_STATUS_NUMBERS = {name: number for number, name in _STATUS_NAMES.items()}
+# Record kind names -> API kinds (for effect classification of undecided spans).
+_API_KINDS = {name: SpanKind[name] for name in KINDS}
 _ZERO_TRACE = "0" * 32
 _ZERO_SPAN = "0" * 16
 
@@ -306,7 +297,7 @@ def records_from_request(
                     rejected.append(Rejected(trace_id, span_id, "invalid parent span id"))
                     continue
                 attrs, cut = _clean_attributes(span.attributes, max_len)
-                kind = _KIND_NAMES.get(span.kind, "INTERNAL")
+                kind = kind_name(span.kind)
                 extra: dict[str, Any] = {}
                 if attrs.get(v.EVENT) is True:
                     selected = True
@@ -356,7 +347,7 @@ def _record(
         service=service,
         start=int(span.start_time_unix_nano),
         end=int(span.end_time_unix_nano),
-        status=_STATUS_NAMES.get(span_status.code, "UNSET"),
+        status=status_name(span_status.code),
         status_message=_clean_str(message, max_len)[0] if message else None,
         attributes=attributes,
         links=()
@@ -443,10 +434,10 @@ def request_from_records(records: Sequence[Record]) -> ExportTraceServiceRequest
         if record.parent_span_id:
             span.parent_span_id = bytes.fromhex(record.parent_span_id)
         span.name = record.name
-        span.kind = _KIND_NUMBERS.get(record.kind, 1)
+        span.kind = kind_number(record.kind)
         span.start_time_unix_nano = record.start
         span.end_time_unix_nano = record.end
-        span.status.code = _STATUS_NUMBERS.get(record.status, 0)
+        span.status.code = status_number(record.status)
         if record.status_message:
             span.status.message = record.status_message
         _set_attributes(span.attributes, record.attributes)
