@@ -236,11 +236,15 @@ _SHAPE_GATE = re.compile(
 # ("https://...") never hides a secret one inside its value ("?token=...").
 _KEYED = re.compile(
     r"(?<![A-Za-z0-9_.-])(?P<header>(?i:(?:proxy-)?authorization|(?:set-)?cookie|x-api-key"
-    r"|x-auth-token)[ \t]*:[ \t]*)(?=(?P<line>[^\r\n]+))"
-    r"|(?P<scheme>(?i:\b(?:bearer|basic))\s+)(?=(?P<credential>[A-Za-z0-9\-._~+/]{8,}=*))"
-    r"|(?<![A-Za-z0-9_.-])(?P<name>[A-Za-z][A-Za-z0-9_.-]{0,63})(?P<sep>[\"']?[ \t]*[:=][ \t]*)"
-    r"(?=(?P<value>\"(?:[^\"\\]|\\.)*\"|'[^']*'|[^\s&,;\"'#)]+))"
+    r"|x-auth-token)[ \t]*:[ \t]*)"
+    r"|(?P<scheme>(?i:\b(?:bearer|basic))\s+)"
+    r"|(?<![A-Za-z0-9_.-])(?P<name>[A-Za-z][A-Za-z0-9_.-]{0,63})[\"']?[ \t]*[:=][ \t]*"
 )
+# What follows a match of _KEYED, matched only when the name is secret: a
+# value read for every pair would make a long run of "a:a:a:..." quadratic.
+_LINE = re.compile(r"[^\r\n]+")
+_CREDENTIAL = re.compile(r"[A-Za-z0-9\-._~+/]{8,}=*")
+_VALUE = re.compile(r"\"(?:[^\"\\]|\\.)*\"|'[^']*'|[^\s&,;\"'#)]+")
 
 # URL user-info: the password runs to the last "@" before the next blank, so
 # a password holding "/" or "@" is masked whole.
@@ -264,6 +268,8 @@ _TYPED_ID = re.compile(r"[a-z]{2,10}_")  # "cus_...", "pi_...": typed ids, not s
 _AWS_SECRET = re.compile(r"(?<![A-Za-z0-9/+=])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])")
 
 _CARD = re.compile(r"(?<![0-9])[0-9](?:[ -]?[0-9]){12,}(?![0-9])")
+_DIGIT_GROUP = re.compile(r"[0-9]+")
+_MAX_DIGIT_RUN = 256
 _DIGITS = re.compile(r"[0-9](?:[ -]?[0-9]){12}")
 
 
@@ -289,20 +295,30 @@ def _card(match: re.Match[str]) -> str:
     one as ``audit.resource.id``, which is kept (see scrub_id).
     """
     text = match.group(0)
-    groups = [(m.start(), m.end()) for m in re.finditer(r"[0-9]+", text)]
+    if len(text) > _MAX_DIGIT_RUN:
+        # No card is written like this; checking every window of a run this
+        # long would let a request burn the service's CPU.
+        return "[REDACTED:digits]"
+    groups = [(m.start(), m.end()) for m in _DIGIT_GROUP.finditer(text)]
     out, done, first = [], 0, 0
     while first < len(groups):
-        for last in range(len(groups) - 1, first - 1, -1):
-            span = groups[first : last + 1]
-            digits = "".join(text[a:b] for a, b in span)
-            if 13 <= len(digits) <= 19 and luhn_valid(digits):
-                out.append(text[done : span[0][0]])
-                out.append("[REDACTED:card]")
-                done = span[-1][1]
-                first = last + 1
+        # Only runs of at most 19 digits can be a card: linear in the run's
+        # length, however long a run of digits an attacker sends.
+        longest, digits = -1, ""
+        for last in range(first, len(groups)):
+            a, b = groups[last]
+            digits += text[a:b]
+            if len(digits) > 19:
                 break
-        else:
+            if len(digits) >= 13 and luhn_valid(digits):
+                longest = last
+        if longest < 0:
             first += 1
+            continue
+        out.append(text[done : groups[first][0]])
+        out.append("[REDACTED:card]")
+        done = groups[longest][1]
+        first = longest + 1
     out.append(text[done:])
     return "".join(out)
 
@@ -383,29 +399,32 @@ def _masked_shape(m: re.Match[str], found: list[str] | None) -> str:
 
 def _mask_pairs(text: str, found: list[str] | None) -> str:
     out: list[str] = []
-    done = 0
-    for m in _KEYED.finditer(text):
-        if m.start() < done:
-            continue  # inside a value already masked
+    done = pos = 0
+    search = _KEYED.search
+    while (m := search(text, pos)) is not None:
+        pos = m.end()
         if m.group("header") is not None:
-            group = "line"
+            value = _LINE.match(text, pos)
         elif m.group("scheme") is not None:
-            group = "credential"
-            if m.group("scheme")[:5].lower() == "basic" and not _basic_credential(
-                m.group("credential")
+            value = _CREDENTIAL.match(text, pos)
+            if (
+                value is not None
+                and m.group("scheme")[:5].lower() == "basic"
+                and not _basic_credential(value.group(0))
             ):
                 continue
+        elif secret_parameter(m.group("name")):
+            value = _VALUE.match(text, pos)
         else:
-            group = "value"
-            if not secret_parameter(m.group("name")):
-                continue
-        start, end = m.span(group)
-        secret = m.group(group)
+            continue
+        if value is None:
+            continue
+        secret = value.group(0)
         if not secret.startswith(MASK[:-1]):  # not what a shape already masked
             _note(found, secret.strip("\"'"))
-        out.append(text[done:start])
+        out.append(text[done : value.start()])
         out.append(MASK)
-        done = end
+        done = pos = value.end()
     if not out:
         return text
     out.append(text[done:])
