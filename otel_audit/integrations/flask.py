@@ -716,8 +716,12 @@ class AuditFlask:
         try:
             return self._start()
         except Exception:
-            _log.exception("otel-audit: before_request failed; request refused")
-            return _unavailable("audit unavailable")
+            # Fail closed only for what would be audited; other requests are served.
+            if request.method.upper() in self.methods:
+                _log.exception("otel-audit: before_request failed; request refused")
+                return _unavailable("audit unavailable")
+            _log.exception("otel-audit: before_request failed; request not audited")
+            return None
 
     def _note_forced_routes(self, app: flask.Flask) -> None:
         """Once per app: tell the sampler candidate which routes are audited whatever the method.
