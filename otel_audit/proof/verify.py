@@ -11,6 +11,7 @@ catches an insider who rewrote a record and recomputed every later hash.
 from __future__ import annotations
 
 import hashlib
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -186,7 +187,7 @@ def _verify_chain(
     # to name the first damage. Merkle roots (RFC 9162), only when some
     # checkpoint carries one, are built a perfect subtree at a time.
     merkle = any(cp.merkle_root for cps in due.values() for cp, _ in cps)
-    pending = sorted(due)  # seqs with checkpoints or anchors to check, in order
+    pending = deque(sorted(due))  # seqs with checkpoints or anchors to check, in order
     if pending and pending[0] < 1:
         _cp, what = due[pending[0]][0]
         raise _damage(chain, pending[0], "inserted", f"the {what} is outside the chain's sequence")
@@ -206,9 +207,7 @@ def _verify_chain(
         first, last = last_seq + 1, last_seq + n
         inside: list[int] = []
         while pending and pending[0] <= last:
-            seq = pending.pop(0)
-            if seq >= first:  # one below 1 stays due: reported after the walk
-                inside.append(seq)
+            inside.append(pending.popleft())
         if merkle:
             for seq, frontier in _merkle_batch(nodes, last_seq, batch, inside):
                 last_good_cp = _check_due(
