@@ -190,3 +190,26 @@ def test_flask_login_view_is_the_login_whatever_its_name(make_pipeline, serve):
         ("user.login", None, v.FAILURE), ("user.login", "gus", v.SUCCESS),
         ("user.logout", "gus", v.SUCCESS),
     ]  # fmt: skip
+
+
+def test_route_names_from_the_policy_file(make_pipeline, serve, tmp_path):
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        '[actions]\n"POST /carts/<cart_id>/checkout" = "cart.checkout"\nsearch = false\n'
+    )
+    pipeline, provider, _ = make_pipeline(policy=str(policy))
+    url = serve(make_app(provider))
+    assert requests.post(url + "/carts/c9/checkout").ok
+    assert requests.post(url + "/search").ok
+    actions = {r.attr(v.ACTION) for r in records(pipeline) if not r.attr(v.INTENT)}
+    assert actions == {"cart.checkout"}
+
+
+def test_a_bad_action_name_in_the_policy_file_names_its_line(tmp_path):
+    from otel_audit.errors import ConfigError
+    from otel_audit.policy.rules import AuditPolicy
+
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[actions]\n"POST /a" = "ok.name"\n"POST /b" = "not a name"\n')
+    with pytest.raises(ConfigError, match=r"policy.toml:3: actions.*must be an action name"):
+        AuditPolicy.load(str(policy))

@@ -209,6 +209,13 @@ def _routes_from_env(value: str | None) -> dict[str, str | bool]:
     return out
 
 
+def _policy_actions() -> dict[str, str | bool]:
+    """The ``[actions]`` table of the installed pipeline's policy file, if any."""
+    pipeline = global_pipeline()
+    policy = pipeline.processor.policy if pipeline is not None else None
+    return dict(getattr(policy, "actions", None) or {})
+
+
 @dataclass(frozen=True)
 class FlaskSettings:
     """The integration's ``OTEL_AUDIT_*`` settings, validated (``settings_from_env``)."""
@@ -557,7 +564,9 @@ class AuditFlask:
     ) -> None:
         env = settings_from_env()
         self.methods = _methods(methods) if methods is not None else env.methods
-        self.routes: dict[str, str | bool] = dict(env.routes)
+        # Route names: the policy file's [actions], then OTEL_AUDIT_FLASK_ROUTES, then code.
+        self.routes: dict[str, str | bool] = _policy_actions()
+        self.routes.update(env.routes)
         self.routes.update(routes or {})
         self.resources = dict(resources or {})
         chain = list(resolvers) if resolvers is not None else list(DEFAULT_RESOLVERS)

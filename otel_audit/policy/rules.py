@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry.sdk.trace import ReadableSpan
 
 from otel_audit import vocabulary as v
+from otel_audit.capture.decision import Decision
 from otel_audit.engine.record import Record
 from otel_audit.errors import ConfigError
 from otel_audit.policy.boundary import (
@@ -50,7 +51,6 @@ from otel_audit.policy.boundary import (
     join_labels,
     parse_labels,
 )
-from otel_audit.capture.decision import Decision
 from otel_audit.policy.redact import (
     METHODS,
     AttributeRule,
@@ -90,7 +90,8 @@ METADATA_ATTRIBUTES = frozenset(
 
 _SELECTORS = ("action", "route", "service", "effect", "resource_type", "classification")
 _RULE_KEYS = frozenset({"name", *_SELECTORS, "attributes", "level", "durability"})
-_TOP_KEYS = frozenset({"version", "defaults", "rules", "redact", "boundary"})
+_TOP_KEYS = frozenset({"version", "defaults", "rules", "redact", "boundary", "actions"})
+_ACTION_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 _CLASSIFY_KEYS = {
     "db_system": "db_system",
     "db_name": "db_name",
@@ -347,6 +348,7 @@ class AuditPolicy:
         source: str | None = None,
         logger_provider: Any = None,
         meter_provider: Any = None,
+        actions: Mapping[str, str | bool] | None = None,
     ) -> None:
         if level not in LEVELS:
             raise ConfigError(f"level must be one of {', '.join(LEVELS)}")
@@ -360,6 +362,9 @@ class AuditPolicy:
         self.source = source
         self.logger_provider = logger_provider
         self.meter_provider = meter_provider
+        #: ``[actions]``: route (``"POST /rule"``, endpoint or rule) -> action name,
+        #: or true/false to audit a route or never; read by the Flask integration.
+        self.actions: dict[str, str | bool] = dict(actions or {})
         self.base_effects: frozenset[str] = v.DEFAULT_KEPT_EFFECTS
         self._processor: BoundaryProcessor | None = None
         self._provider: Any = None
@@ -428,8 +433,19 @@ class AuditPolicy:
 
         redactor = cls._redactor(c, data.get("redact", {}), hmac_key)
         boundary = cls._boundary(c, data.get("boundary", {}))
+        actions: dict[str, str | bool] = {}
+        raw_actions = data.get("actions", {})
+        if not isinstance(raw_actions, dict):
+            raise c.fail(("actions",), "must be a table of route = action name")
+        for route, action in raw_actions.items():
+            where = ("actions", route)
+            if isinstance(action, bool) or (isinstance(action, str) and _ACTION_NAME.match(action)):
+                actions[str(route)] = action
+            else:
+                raise c.fail(where, "must be an action name such as 'user.login', or true/false")
         return cls(
             rules,
+            actions=actions,
             level=level,
             durability=durability,
             redactor=redactor,
