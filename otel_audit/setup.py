@@ -232,7 +232,7 @@ def configure(
         max_queue_size=options.get("max_queue_size"),
         effects=options.get("effects"),
     )
-    # Always a policy: with no file the default redaction still runs (DESIGN rule 4).
+    # Always a policy: with no file the default redaction still runs (docs/design.md, rule 4).
     # Loaded before the ledger is opened so a bad file leaves nothing half-built.
     from otel_audit.policy.boundary import install_propagator
     from otel_audit.policy.rules import load_policy

@@ -1,4 +1,4 @@
-"""The audit.* attribute vocabulary: a public contract (see DESIGN.md).
+"""The audit.* attribute vocabulary: a public contract (see docs/design.md).
 
 Every part of otel_audit (processor, policies, exports, Collector routing in
 collector-config/) refers to these names through this module, so a rename is
@@ -22,7 +22,7 @@ TRAIL_ID = "audit.trail.id"
 EFFECT = "audit.effect"
 DATA_CLASSIFICATION = "audit.data.classification"
 
-#: Every attribute name of the vocabulary, in DESIGN.md order.
+#: Every attribute name of the vocabulary, in the order of docs/design.md.
 ALL = (
     EVENT,
     ACTION,
@@ -40,7 +40,7 @@ ALL = (
     DATA_CLASSIFICATION,
 )
 
-# otel-audit's own extensions: not part of the DESIGN vocabulary above, but
+# otel-audit's own extensions: not part of the vocabulary of docs/design.md above, but
 # names that records, policies and reports rely on all the same.
 #: ``true`` on the intent record a ``blocking`` action writes before its body runs.
 INTENT = "audit.intent"

@@ -5,7 +5,7 @@ The trail id rides in the context under a private key and in W3C baggage
 process continues it only from peers it trusts (``continue_trail``). The actor
 rides in the context for this process; it is also put in baggage for
 downstream services, which accept it only from peers their operator trusts
-(DESIGN rule 3): nothing here ever *reads* an actor from baggage.
+(docs/design.md, rule 3): nothing here ever *reads* an actor from baggage.
 """
 
 from __future__ import annotations

@@ -33,4 +33,4 @@ class Policy(Protocol):
         """None leaves the span out of the ledger."""
 
     def apply(self, record: Record, decision: Decision) -> Record:
-        """Redact ``record`` for ``decision.level``; runs before encoding (DESIGN rule 4)."""
+        """Redact ``record`` for ``decision.level``; runs before encoding (docs/design.md, rule 4)."""

@@ -3,7 +3,7 @@
 Where the wrapped sampler says DROP for an audit action (``audit.event`` at
 start) or for a span inside a trail, the span is still recorded
 (RECORD_ONLY): the trace flags stay unsampled, so the normal exporters still
-see only sampled spans, while the AuditSpanProcessor sees it (DESIGN rule 1).
+see only sampled spans, while the AuditSpanProcessor sees it (docs/design.md, rule 1).
 Thread-safe when the wrapped sampler is.
 """
 

@@ -11,7 +11,7 @@ At the action's exit the scope is *settled*: the action waits once for every
 record of its effects (one fsync wait per action, not per record, with group
 commit shared between actions), and an action returns normally only if every
 one of them is durable; otherwise the action is recorded as failed and raises
-(DESIGN rule 2). A record that ends after its action has exited (a
+(docs/design.md, rule 2). A record that ends after its action has exited (a
 fire-and-forget thread) is written synchronously by the thread that ends it.
 
 Thread-safe.

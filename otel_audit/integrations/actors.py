@@ -5,7 +5,7 @@ Each resolver returns the actor the *application* authenticated, or None:
 Flask-Login's ``current_user``, the user Flask-HTTPAuth's verify callback
 returned, flask-jwt-extended's verified identity. None of them reads a
 credential from the request itself: a header anyone can send is a claim, not
-an identity (DESIGN rule 3). The HTTP basic username is believed only when
+an identity (docs/design.md, rule 3). The HTTP basic username is believed only when
 the operator says the application verifies it (``basic_auth_resolver``).
 
 User objects come in many shapes; ``actor_from_user`` understands mappings,

@@ -16,7 +16,7 @@ extension adds Flask hooks that run after the instrumentation's own:
 - ``teardown_request`` (runs before the instrumentation's, which ends the
   span): the outcome from the response status or the exception, the actor.
 
-Identity never comes from the network (DESIGN rule 3): inbound
+Identity never comes from the network (docs/design.md, rule 3): inbound
 ``audit.actor.*`` baggage is used only when the client address is in
 ``trusted_peers``, and is removed from the context otherwise so it is not
 forwarded to the next service either. Hooks never raise into the app.
@@ -490,7 +490,7 @@ def refuse_requests(reason: str | None) -> None:
     """Answer 503 to every request that would be audited (``reason``), or stop (None).
 
     The zero-code hook calls it when the operator asked for auditing and setup
-    failed: a state-changing request must not run unaudited (DESIGN rule 2).
+    failed: a state-changing request must not run unaudited (docs/design.md, rule 2).
     """
     global _refusal
     _refusal = reason

@@ -1,4 +1,4 @@
-"""Redaction of audit records before encoding (DESIGN rule 4).
+"""Redaction of audit records before encoding (docs/design.md, rule 4).
 
 Four methods, applied to one attribute value at a time:
 

@@ -148,7 +148,7 @@ class AuditReceiver:
         if max_pending <= 0:
             raise ConfigError("max_pending must be a positive integer")
         if redact is None:
-            # Secrets never reach the ledger (DESIGN rule 4), whoever sent them:
+            # Secrets never reach the ledger (docs/design.md, rule 4), whoever sent them:
             # the same default redaction (or OTEL_AUDIT_POLICY's) as in-process.
             from otel_audit.policy.rules import load_policy
 
