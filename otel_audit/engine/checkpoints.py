@@ -243,7 +243,8 @@ def check_against_state(ledger: Ledger, state: SignerState) -> list[CheckpointDa
 def _record_at(ledger: Ledger, chain: str, seq: int) -> bytes | None:
     """The stored hash of record ``seq`` of ``chain``, None when there is none."""
     # One indexed row (a scan would fetch a whole batch after it).
-    for row in ledger.query(Query(chain=chain, after=(chain, seq - 1), limit=1)):
+    # No chain filter: with one, SQLite scans the chain instead of seeking the cursor.
+    for row in ledger.query(Query(after=(chain, seq - 1), limit=1)):
         return row.hash if row.seq == seq and row.chain == chain else None
     return None
 
