@@ -366,6 +366,8 @@ class AuditPolicy:
         #: or true/false to audit a route or never; read by the Flask integration.
         self.actions: dict[str, str | bool] = dict(actions or {})
         self.base_effects: frozenset[str] = v.DEFAULT_KEPT_EFFECTS
+        # Shared by every span the default policy keeps; read-only by contract.
+        self._default_decision: Decision | None = None
         self._processor: BoundaryProcessor | None = None
         self._provider: Any = None
 
@@ -605,6 +607,23 @@ class AuditPolicy:
         )
 
     def decide(self, span: ReadableSpan, derived: dict[str, Any]) -> Decision | None:
+        if not self.rules and self._processor is None:
+            # No rules and no boundary (the default policy): nothing to match,
+            # so skip building the span's facts (the common, hot case).
+            attrs = span.attributes or {}
+            if attrs.get(v.ACTION) != VIOLATION_ACTION:
+                effect = derived.get(v.EFFECT) or attrs.get(v.EFFECT)
+                if isinstance(effect, str) and effect not in self.base_effects:
+                    return None
+                if self.level == "none":
+                    return None
+                found = self._default_decision
+                if found is None or (found.level, found.durability) != (
+                    self.level,
+                    self.durability,
+                ):
+                    found = self._default_decision = Decision(self.level, self.durability, {})
+                return found
         facts = self._facts(span, derived)
         extra: dict[str, Any] = {}
         label = facts.attributes.get(v.DATA_CLASSIFICATION)
