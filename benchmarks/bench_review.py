@@ -34,11 +34,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from otel_audit import vocabulary as v
 from otel_audit.engine.ledger import Query, open_ledger
 from otel_audit.engine.record import Record, encode
-from otel_audit.export import formats
 from otel_audit.proof.bundle import verify_bundle, write_bundle
 from otel_audit.proof.chain import Checkpoint
 from otel_audit.proof.keys import Signer
 from otel_audit.proof.merkle import Frontier, Tree, leaf_hash
+from otel_audit.review.export import formats
 
 CHAINS = ["orders", "inventory", "billing", "shipping", "accounts"]
 ACTORS = 1000

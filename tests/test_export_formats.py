@@ -18,7 +18,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from otel_audit import vocabulary as v
 from otel_audit.cli import main
-from otel_audit.export.ocsf import OCSF_VERSION
+from otel_audit.review.export.ocsf import OCSF_VERSION
 
 from .test_trail import run_shop
 

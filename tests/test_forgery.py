@@ -23,10 +23,10 @@ from otel_audit.cli import main
 from otel_audit.engine.ledger import open_ledger
 from otel_audit.engine.record import decode, encode
 from otel_audit.errors import VerificationError
-from otel_audit.export import formats
 from otel_audit.proof.chain import GENESIS, link_hash
 from otel_audit.proof.keys import generate_keypair, load_public_key
 from otel_audit.proof.verify import verify_ledger
+from otel_audit.review.export import formats
 
 FORGED_ACTION = "account.delete"
 

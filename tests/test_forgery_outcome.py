@@ -22,7 +22,7 @@ import requests
 
 from otel_audit import vocabulary as v
 from otel_audit.cli import main
-from otel_audit.export import formats
+from otel_audit.review.export import formats
 
 _SERVICE = """
 import os, sys

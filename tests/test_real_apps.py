@@ -30,7 +30,7 @@ from otel_audit import vocabulary as v
 from otel_audit.cli import main as cli_main
 from otel_audit.engine.ledger import Query, open_ledger
 from otel_audit.engine.ledger.postgres import SCHEMA as PG_SCHEMA
-from otel_audit.export.ocsf import OCSF_VERSION
+from otel_audit.review.export.ocsf import OCSF_VERSION
 from tests.plugins.flask_service import base_env
 
 APPS = pathlib.Path(__file__).parent / "apps"

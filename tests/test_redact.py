@@ -32,7 +32,6 @@ import otel_audit
 from otel_audit import vocabulary as v
 from otel_audit.cli import main
 from otel_audit.engine.ledger import Query, open_ledger
-from otel_audit.export import formats
 from otel_audit.policy.redact import (
     HmacKey,
     Redactor,
@@ -43,6 +42,7 @@ from otel_audit.policy.redact import (
     secret_name,
 )
 from otel_audit.policy.rules import AuditPolicy
+from otel_audit.review.export import formats
 
 
 def records(url: str) -> list[otel_audit.Record]:

@@ -32,9 +32,9 @@ import otel_audit
 from otel_audit import vocabulary as v
 from otel_audit.cli import main
 from otel_audit.engine.ledger import Query, open_ledger
-from otel_audit.export import formats
 from otel_audit.integrations.flask import AuditFlask
 from otel_audit.policy.redact import scrub_id, scrub_text, secret_name
+from otel_audit.review.export import formats
 
 FORMATS = ("jsonl", "csv", "cadf", "ocsf", "jaeger", "otlp-json")
 

@@ -15,7 +15,6 @@ from otel_audit import vocabulary as v
 from otel_audit._commands._common import add_ledger_argument, open_for_reading
 from otel_audit._commands._filters import parse_time
 from otel_audit.engine.ledger import Query
-from otel_audit.export.jsonl import iso
 from otel_audit.policy.boundary import (
     BLOCKED,
     DESTINATION,
@@ -25,6 +24,7 @@ from otel_audit.policy.boundary import (
     host,
     parse_labels,
 )
+from otel_audit.review.export.jsonl import iso
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

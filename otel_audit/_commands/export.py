@@ -18,9 +18,9 @@ from otel_audit._commands._filters import add_filter_arguments, query_from_args
 from otel_audit._progress import Progress, atomic_output
 from otel_audit.engine.ledger import Query, StoredRecord
 from otel_audit.errors import VerificationError
-from otel_audit.export import formats
 from otel_audit.proof.keys import load_public_key
 from otel_audit.review.checked import Review, Verdict, checked
+from otel_audit.review.export import formats
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -30,9 +30,9 @@ from otel_audit._commands._filters import (
 )
 from otel_audit.engine.ledger import StoredRecord
 from otel_audit.errors import VerificationError
-from otel_audit.export.jsonl import as_dict
 from otel_audit.proof.keys import load_public_key
 from otel_audit.review.checked import Review, Verdict
+from otel_audit.review.export.jsonl import as_dict
 
 _DEFAULT_LIMIT = 100
 _COLUMNS = (

@@ -16,8 +16,8 @@ from collections.abc import Iterable
 from otel_audit._commands._common import add_ledger_argument, open_for_reading
 from otel_audit.engine.ledger import Ledger, StoredRecord
 from otel_audit.errors import VerificationError
-from otel_audit.export.jsonl import as_dict
 from otel_audit.review.checked import Review, Verdict
+from otel_audit.review.export.jsonl import as_dict
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -25,12 +25,7 @@ from google.rpc import status_pb2  # type: ignore[import-untyped]
 
 from otel_audit.errors import AuditError
 from otel_audit.transport.otlp import MalformedRequest, response_bytes
-from otel_audit.transport.receive import (
-    RETRY_AFTER_SECONDS,
-    AuditReceiver,
-    Overloaded,
-    Pending,
-)
+from otel_audit.transport.receive import RETRY_AFTER_SECONDS, AuditReceiver, Overloaded, Pending
 
 _log = logging.getLogger("otel_audit.transport.serve")
 

@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 from otel_audit import vocabulary as v
 from otel_audit.engine.ledger import StoredRecord
-from otel_audit.export.jsonl import iso
+from otel_audit.review.export.jsonl import iso
 
 NAME = "csv"
 

@@ -28,7 +28,7 @@ from typing import Any, TextIO
 from otel_audit import vocabulary as v
 from otel_audit.engine.ledger import StoredRecord
 from otel_audit.engine.record import Record
-from otel_audit.export.jsonl import write_lines
+from otel_audit.review.export.jsonl import write_lines
 from otel_audit.semantics.effects import sql_operation
 
 NAME = "ocsf"
