@@ -141,9 +141,7 @@ def event(stored: StoredRecord) -> dict[str, Any]:
     rec = stored.record
     a = rec.attributes
     effect = a.get(v.EFFECT)
-    outcome = a.get(v.OUTCOME)
-    if outcome is None and rec.status == "ERROR":
-        outcome = v.FAILURE
+    outcome = stored.outcome  # the one derivation ('unknown' for an unconcluded intent)
     body: dict[str, Any] = {}
     if effect in (v.DATA_WRITE, v.DATA_READ) and not a.get(v.EVENT):
         class_uid = DATASTORE_ACTIVITY
