@@ -606,10 +606,20 @@ class AuditPolicy:
             attrs, str(service) if service else None, effect if isinstance(effect, str) else None
         )
 
+    def _unclassified(self, attrs: Mapping[str, Any]) -> bool:
+        """True when the boundary adds nothing to this span (no labels anywhere)."""
+        processor = self._processor
+        if processor is None:
+            return True
+        if processor.config.active or v.DATA_CLASSIFICATION in attrs:
+            return False
+        trail = attrs.get(v.TRAIL_ID)
+        return not (isinstance(trail, str) and processor.registry.get(trail))
+
     def decide(self, span: ReadableSpan, derived: dict[str, Any]) -> Decision | None:
-        if not self.rules and self._processor is None:
-            # No rules and no boundary (the default policy): nothing to match,
-            # so skip building the span's facts (the common, hot case).
+        if not self.rules and self._unclassified(span.attributes or {}):
+            # No rules and nothing classified (the default policy): nothing to
+            # match, so skip building the span's facts (the common, hot case).
             attrs = span.attributes or {}
             if attrs.get(v.ACTION) != VIOLATION_ACTION:
                 effect = derived.get(v.EFFECT) or attrs.get(v.EFFECT)
