@@ -221,6 +221,7 @@ class LedgerWriter:
         self._last_checkpoint = time.monotonic()
         self._last_checkpoint_error: str | None = None
         self._last_appended: Appended | None = None
+        self._checkpointer: Checkpointer | None = None
 
     def _after_fork(self) -> None:
         self._io_lock = threading.Lock()  # the inherited one is held by fork
@@ -481,7 +482,7 @@ class LedgerWriter:
         # Made in one place (engine/checkpoints.py): Merkle root, link, the
         # signer's rollback check, signature, storage. The checkpointer keeps
         # its frontier between checkpoints, so each costs only the records since.
-        checkpointer: Checkpointer | None = getattr(self, "_checkpointer", None)
+        checkpointer = self._checkpointer
         if checkpointer is None or checkpointer.signer is not self.signer:
             checkpointer = self._checkpointer = Checkpointer(self.chain, self.signer)
         try:

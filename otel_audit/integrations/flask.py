@@ -829,28 +829,26 @@ class AuditFlask:
                 return _unavailable("audit not configured")
             except Exception:
                 _log.exception("otel-audit: actor resolution failed")
+        lost = None
         try:
             if state is not None and state.audited:
                 refused = self._write_intent(state)
                 if refused is not None:
                     return refused
             result = original()
-            if state is not None and state.scope is not None:
-                lost = state.scope.settle()  # the records of the view's effects
-                if lost is not None:
-                    state.lost = lost
-                    _log.error("otel-audit: %s %s: %s", request.method, request.path, lost)
-                    return _unavailable("audit record of a change not written")
-            return result
         finally:
             if state is not None and state.scope is not None:
-                # Also when the view raised: its effects' records are waited for.
+                # The records of the view's effects, also when the view raised.
                 lost = state.scope.settle()
                 if lost is not None and state.lost is None:
                     state.lost = lost
                 state.scope.close()
             if token is not None:
                 otel_context.detach(token)
+        if lost is not None:
+            _log.error("otel-audit: %s %s: %s", request.method, request.path, lost)
+            return _unavailable("audit record of a change not written")
+        return result
 
     def _write_intent(self, state: _Request) -> flask.Response | None:
         """Commit the request's record before the view runs; a 503 when it cannot be."""

@@ -65,8 +65,6 @@ from otel_audit.settings import OTEL_AUDIT_POLICY
 if TYPE_CHECKING:
     from opentelemetry import trace
 
-    from otel_audit.setup import AuditPipeline
-
 
 LEVELS = ("none", "metadata", "full")
 DURABILITIES = ("blocking", "sync", "async")
@@ -740,11 +738,3 @@ def load_policy(spec: Any = None, env: Mapping[str, str] | None = None) -> Audit
     if not path:
         return AuditPolicy(redactor=Redactor(hmac_key=load_hmac_key(env=env)))
     return AuditPolicy.load(path)
-
-
-def write_intent(span: Any, pipeline: AuditPipeline) -> None:
-    """Commit the intent record of ``span`` when its durability is ``blocking`` (see
-    ``AuditSpanProcessor.queue_intent``); raises LedgerWriteError when it failed."""
-    ticket = pipeline.processor.queue_intent(span)
-    if ticket is not None:
-        ticket.wait(pipeline.writer)

@@ -86,7 +86,11 @@ class Checkpoint:
         The signature is among them, and it covers this checkpoint's own link,
         so the digests chain every checkpoint to all those before it.
         """
-        fields = {
+        return hashlib.sha256(canonical_json(self._stored()).encode("utf-8")).digest()
+
+    def _stored(self) -> dict[str, object]:
+        """The fields a ledger stores (what ``digest`` covers and ``to_dict`` starts from)."""
+        return {
             "chain": self.chain,
             "seq": self.seq,
             "head": self.head.hex(),
@@ -95,7 +99,6 @@ class Checkpoint:
             "key_id": self.key_id,
             "merkle_root": self.merkle_root.hex() if self.merkle_root else None,
         }
-        return hashlib.sha256(canonical_json(fields).encode("utf-8")).digest()
 
     def signed(self, signature: bytes, key_id: str) -> Checkpoint:
         return replace(self, signature=signature, key_id=key_id)
@@ -103,15 +106,7 @@ class Checkpoint:
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready dict; ``version`` and ``prev`` appear only for version 2 and later,
         so a version-1 checkpoint gives the same dict as before links existed."""
-        out: dict[str, object] = {
-            "chain": self.chain,
-            "seq": self.seq,
-            "head": self.head.hex(),
-            "time": self.time,
-            "signature": self.signature.hex() if self.signature else None,
-            "key_id": self.key_id,
-            "merkle_root": self.merkle_root.hex() if self.merkle_root else None,
-        }
+        out = self._stored()
         if self.version >= 2:
             out["version"] = self.version
             out["prev"] = (self.prev if self.prev is not None else GENESIS).hex()
