@@ -109,7 +109,7 @@ SECRET_NAMES = [
     "PGPASSWORD", "oauth.accesstoken", "oauth.clientsecret", "user.pass", "pwd", "passwd",
     "MYSQL_PWD", "db.pw", "AWS_SECRET_ACCESS_KEY", "refreshToken", "app.signingkey",
     "stripe.apikey", "smtp.passphrase", "DATABASE_PASSWORD2", "ldap.bindpass",
-    "http.request.header.x-csrf-token",
+    "http.request.header.x-csrf-token", "PGkey", "APIkey",
 ]  # fmt: skip
 
 

@@ -106,6 +106,9 @@ _NOT_SECRET_NAMES = frozenset(
 
 _SEGMENTS = re.compile(r"[A-Za-z0-9]+")
 _CAMEL_WORDS = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|[0-9]+")
+# The other reading of an upper-case run before lower case: "PGkey" is PG, key
+# (where camelCase reads P, Gkey).
+_CASE_RUNS = re.compile(r"[A-Z]+|[a-z]+")
 _DIGITS_AT_END = "0123456789"
 
 # Header attributes (http.request.header.<name>, http.response.header.<name>)
@@ -173,7 +176,7 @@ def _name_is_secret(name: str, extra: frozenset[str] = frozenset()) -> bool:
         if _segment_is_secret(low) or low in extra:
             return True
         if not segment.islower() and not segment.isupper():
-            for word in _CAMEL_WORDS.findall(segment):
+            for word in (*_CAMEL_WORDS.findall(segment), *_CASE_RUNS.findall(segment)):
                 word = word.lower()
                 if word in _NAME_WORDS or word in extra:
                     return True
