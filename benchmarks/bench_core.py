@@ -96,12 +96,12 @@ def run(
 
 
 def audited(
-    tmp: Path, name: str, durability: str
+    tmp: Path, name: str, durability: str, writer: str = "thread"
 ) -> tuple[TracerProvider, otel_audit.AuditPipeline]:
     provider = provider_with_batch()
     pipeline = otel_audit.configure(
         ledger=str(tmp / f"{name}.db"), service_name="bench", tracer_provider=provider,
-        durability=durability, handle_sigterm=False, max_queue_size=65536,
+        durability=durability, handle_sigterm=False, max_queue_size=65536, writer=writer,
     )  # fmt: skip
     return provider, pipeline
 
@@ -218,6 +218,16 @@ def profiled(tmp: Path, durability: str, spans: int) -> None:
         print(f"    {name:60} {t / spans * 1e6:8.2f} us/record")
 
 
+def worker_cpu(pipeline: otel_audit.AuditPipeline) -> float:
+    """CPU seconds the writer process has used (0 with the in-process writer)."""
+    proc = getattr(pipeline.writer, "_proc", None)
+    if proc is None:
+        return 0.0
+    with open(f"/proc/{proc.pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))] * 1000
@@ -228,6 +238,8 @@ def main() -> None:
     ap.add_argument("--spans", type=int, default=40_000)
     ap.add_argument("--verify-records", type=int, default=300_000)
     ap.add_argument("--profile", action="store_true", help="profile a 1-thread async and sync run")
+    ap.add_argument("--writer", choices=("thread", "process", "both"), default="both",
+                    help="where records are built and committed (configure(writer=...))")  # fmt: skip
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="otel-audit-bench-"))
     print(f"spans per run: {args.spans}; ledger in {tmp}")
@@ -235,56 +247,57 @@ def main() -> None:
     rows = []
     steps: list[tuple[str, float]] = []
     commit_p50: dict[str, float] = {}
+    writers = ("thread", "process") if args.writer == "both" else (args.writer,)
     for threads in (1, 16):
-        base = run(provider_with_batch(), args.spans, threads)
-        for durability in ("async", "sync"):
-            provider, pipeline = audited(tmp, f"{durability}{threads}", durability)
-            lat: list[float] = []
-            start = time.perf_counter()
-            rate = run(provider, args.spans, threads, lat)
-            pipeline.flush(None)
-            # async: what the producers saw, and also until everything was durable
-            durable = args.spans / (time.perf_counter() - start)
-            stats = pipeline.stats()
-            if not steps:
-                steps = breakdown(pipeline)
-            commit_p50[f"{durability} {threads}"] = stats.commit_latency_p50_ms
-            pipeline.shutdown()
-            rows.append(
-                (
-                    durability,
-                    threads,
-                    base,
-                    rate,
-                    durable,
-                    pct(lat, 0.5),
-                    pct(lat, 0.99),
-                    stats.committed,
-                    stats.batches,
+        for writer in writers:
+            for durability in ("async", "sync"):
+                # The stock run just before each audited one: the ratio pairs
+                # neighbours, so a machine that slows down mid-run skews less.
+                base = run(provider_with_batch(), args.spans, threads)
+                provider, pipeline = audited(
+                    tmp, f"{writer}-{durability}{threads}", durability, writer
                 )
-            )
+                lat: list[float] = []
+                cpu0 = worker_cpu(pipeline)
+                start = time.perf_counter()
+                rate = run(provider, args.spans, threads, lat)
+                pipeline.flush(None)
+                # async: what the producers saw, and also until everything was durable
+                durable = args.spans / (time.perf_counter() - start)
+                worker_us = (worker_cpu(pipeline) - cpu0) / args.spans * 1e6
+                stats = pipeline.stats()
+                if not steps:
+                    steps = breakdown(pipeline)
+                commit_p50[f"{writer} {durability} {threads}"] = stats.commit_latency_p50_ms
+                pipeline.shutdown()
+                rows.append((writer, durability, threads, base, rate, durable, pct(lat, 0.5),
+                             pct(lat, 0.99), stats.committed, stats.batches, worker_us))  # fmt: skip
 
     print()
     print(
-        f"{'mode':6} {'threads':>7} {'stock spans/s':>14} {'audited spans/s':>16} {'ratio':>6} {'durable/s':>10} {'on_end p50 ms':>13} {'p99 ms':>8} {'records/commit':>14}"
+        f"{'writer':7} {'mode':6} {'threads':>7} {'stock spans/s':>14} {'audited spans/s':>16} {'ratio':>6}"
+        f" {'durable/s':>10} {'on_end p50 ms':>13} {'p99 ms':>8} {'records/commit':>14} {'worker CPU us/rec':>17}"
     )
-    for mode, threads, base, rate, durable, p50, p99, committed, batches in rows:
+    for writer, mode, threads, base, rate, durable, p50, p99, committed, batches, wus in rows:
         print(
-            f"{mode:6} {threads:>7} {base:>14,.0f} {rate:>16,.0f} {rate / base:>6.2f} {durable:>10,.0f} {p50:>13.3f} {p99:>8.3f} {committed / max(batches, 1):>14.1f}"
+            f"{writer:7} {mode:6} {threads:>7} {base:>14,.0f} {rate:>16,.0f} {rate / base:>6.2f}"
+            f" {durable:>10,.0f} {p50:>13.3f} {p99:>8.3f} {committed / max(batches, 1):>14.1f}"
+            f" {wus if writer == 'process' else float('nan'):>17.1f}"
         )
 
-    base1 = next(r[2] for r in rows if r[1] == 1)
+    base1 = next(r[3] for r in rows if r[2] == 1)
     print()
     print("per record, where the time goes (thread CPU us, best of 5, same spans):")
     print(f"  {'stock SDK span + BatchSpanProcessor (wall, 1 thread)':52} {1e6 / base1:8.2f}")
     for name, us in steps:
         print(f"  {name:52} {us:8.2f}")
-    sync1 = next(r for r in rows if r[0] == "sync" and r[1] == 1)
-    sync16 = next(r for r in rows if r[0] == "sync" and r[1] == 16)
-    print(f"  {'commit wait, sync 1 thread (on_end p50, wall)':52} {sync1[5] * 1000:8.2f}")
-    print(f"  {'commit wait, sync 16 threads (on_end p50, wall)':52} {sync16[5] * 1000:8.2f}"
-          f"  ({sync16[7] / max(sync16[8], 1):.1f} records per commit;"
-          f" writer commit p50 {commit_p50.get('sync 16', 0.0):.2f} ms)")  # fmt: skip
+    for row in rows:
+        writer, mode, threads = row[0], row[1], row[2]
+        if mode != "sync":
+            continue
+        print(f"  {f'commit wait, {writer} writer, sync {threads} thread(s) (on_end p50, wall)':52}"
+              f" {row[6] * 1000:8.2f}  ({row[8] / max(row[9], 1):.1f} records per commit;"
+              f" commit p50 {commit_p50.get(f'{writer} sync {threads}', 0.0):.2f} ms)")  # fmt: skip
 
     if args.profile:
         for durability in ("async", "sync"):

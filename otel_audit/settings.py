@@ -23,6 +23,7 @@ OTEL_AUDIT_CHECKPOINT_EVERY = "OTEL_AUDIT_CHECKPOINT_EVERY"
 OTEL_AUDIT_CHECKPOINT_INTERVAL = "OTEL_AUDIT_CHECKPOINT_INTERVAL"
 OTEL_AUDIT_MAX_QUEUE_SIZE = "OTEL_AUDIT_MAX_QUEUE_SIZE"
 OTEL_AUDIT_EFFECTS = "OTEL_AUDIT_EFFECTS"
+OTEL_AUDIT_WRITER = "OTEL_AUDIT_WRITER"
 # Settings of the parts (read and validated where they are used; named here
 # so every OTEL_AUDIT_* variable of the package is listed in one place).
 OTEL_AUDIT_POLICY = "OTEL_AUDIT_POLICY"  # policy.py
@@ -50,6 +51,8 @@ _DEFAULT_CHECKPOINT_INTERVAL = 10.0
 _DEFAULT_MAX_QUEUE_SIZE = 8192
 
 DURABILITIES = ("sync", "async")
+#: Where records are built and committed: a thread of the application, or a process of their own.
+WRITERS = ("thread", "process")
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class Settings:
     checkpoint_interval: float
     max_queue_size: int
     effects: frozenset[str] | None
+    writer: str = "thread"
 
 
 def _pick(arg: Any, env: Mapping[str, str], name: str) -> tuple[Any, str]:
@@ -103,6 +107,7 @@ def load(
     checkpoint_interval: float | None = None,
     max_queue_size: int | None = None,
     effects: Any = None,
+    writer: str | None = None,
     env: Mapping[str, str] | None = None,
 ) -> Settings:
     """Resolve every setting; raises ConfigError naming the first bad one."""
@@ -141,4 +146,9 @@ def load(
         if unknown:
             raise ConfigError(f"{where} names unknown effects: {', '.join(unknown)}")
 
-    return Settings(ledger_url, mode, key, chain_id, every, interval, queue, kept)
+    value, where = _pick(writer, env, OTEL_AUDIT_WRITER)
+    where_to = str(value).strip().lower() if value is not None else "thread"
+    if where_to not in WRITERS:
+        raise ConfigError(f"{where} must be one of thread, process; got {value!r}")
+
+    return Settings(ledger_url, mode, key, chain_id, every, interval, queue, kept, where_to)

@@ -25,6 +25,7 @@ from otel_audit.capture.installed import refuse_actions
 from otel_audit.capture.processor import AuditSpanProcessor
 from otel_audit.capture.sampler import AuditSampler
 from otel_audit.engine.ledger import open_ledger
+from otel_audit.engine.remote import ProcessWriter
 from otel_audit.engine.writer import LedgerWriter, WriterStats
 from otel_audit.errors import ConfigError
 from otel_audit.proof.keys import Signer
@@ -48,6 +49,7 @@ _OPTIONS = frozenset(
         "handle_sigterm",
         "meter_provider",
         "policy",
+        "writer",
     }
 )
 
@@ -56,7 +58,10 @@ class AuditPipeline:
     """What ``configure`` installed: processor, writer, provider. Thread-safe."""
 
     def __init__(
-        self, provider: TracerProvider, processor: AuditSpanProcessor, writer: LedgerWriter
+        self,
+        provider: TracerProvider,
+        processor: AuditSpanProcessor,
+        writer: LedgerWriter | ProcessWriter,
     ) -> None:
         self.provider = provider
         self.processor = processor
@@ -206,6 +211,21 @@ def _handle_sigterm(pipeline: AuditPipeline) -> None:
     signal.signal(signal.SIGTERM, _sigterm.handler)
 
 
+def _policy_source(spec: Any) -> str | None:
+    """The policy file a writer process loads, so it redacts as this process would.
+
+    None: the defaults (the worker reads the same ``OTEL_AUDIT_*`` variables).
+    """
+    if spec is None:
+        return None
+    if isinstance(spec, (str, os.PathLike)):
+        return os.path.abspath(os.fspath(spec))
+    raise ConfigError(
+        "writer='process' needs the policy as a file (policy=path or OTEL_AUDIT_POLICY):"
+        " the writer process loads the same file; a policy object cannot be sent to it"
+    )
+
+
 def configure(
     ledger: str | None = None, service_name: str | None = None, **options: Any
 ) -> AuditPipeline:
@@ -231,6 +251,7 @@ def configure(
         checkpoint_interval=options.get("checkpoint_interval"),
         max_queue_size=options.get("max_queue_size"),
         effects=options.get("effects"),
+        writer=options.get("writer"),
     )
     # Always a policy: with no file the default redaction still runs (docs/design.md, rule 4).
     # Loaded before the ledger is opened so a bad file leaves nothing half-built.
@@ -252,15 +273,29 @@ def configure(
     )
     ledger_obj = open_ledger(conf.ledger)
     chain = conf.chain or getattr(ledger_obj, "default_chain", lambda s: s)(service)
-    writer = LedgerWriter(
-        conf.ledger,
-        chain,
-        max_queue_size=conf.max_queue_size,
-        checkpoint_every=conf.checkpoint_every,
-        checkpoint_interval=conf.checkpoint_interval,
-        signer=signer,
-        ledger=ledger_obj,
-    )
+    writer: LedgerWriter | ProcessWriter
+    if conf.writer == "process":
+        ledger_obj.close()  # the worker opens its own
+        writer = ProcessWriter(
+            conf.ledger,
+            chain,
+            service=service,
+            policy=_policy_source(options.get("policy")),
+            signing_key=conf.signing_key,
+            max_queue_size=conf.max_queue_size,
+            checkpoint_every=conf.checkpoint_every,
+            checkpoint_interval=conf.checkpoint_interval,
+        )
+    else:
+        writer = LedgerWriter(
+            conf.ledger,
+            chain,
+            max_queue_size=conf.max_queue_size,
+            checkpoint_every=conf.checkpoint_every,
+            checkpoint_interval=conf.checkpoint_interval,
+            signer=signer,
+            ledger=ledger_obj,
+        )
     processor = AuditSpanProcessor(
         writer,
         service,

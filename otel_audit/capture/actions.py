@@ -39,13 +39,14 @@ from otel_audit.capture.scope import ActionScope, current_scope, random_trail_id
 from otel_audit.errors import AuditError
 
 if TYPE_CHECKING:
+    from otel_audit.engine.remote import ProcessWriter
     from otel_audit.engine.writer import LedgerWriter, Ticket
     from otel_audit.setup import AuditPipeline
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def intent_writer(scope: ActionScope | None) -> LedgerWriter:
+def intent_writer(scope: ActionScope | None) -> LedgerWriter | ProcessWriter:
     assert scope is not None and scope.pipeline is not None
     return scope.pipeline.writer
 

@@ -27,6 +27,7 @@ from otel_audit.capture.context import current_actor, current_trail
 from otel_audit.capture.decision import Decision, Policy
 from otel_audit.capture.scope import ActionScope, current_scope
 from otel_audit.engine.record import encode, record_from_span
+from otel_audit.engine.remote import ProcessWriter
 from otel_audit.engine.writer import LedgerWriter, Ticket
 from otel_audit.errors import AuditError, LedgerWriteError
 from otel_audit.semantics.selection import select
@@ -41,7 +42,7 @@ class AuditSpanProcessor(SpanProcessor):
 
     def __init__(
         self,
-        writer: LedgerWriter,
+        writer: LedgerWriter | ProcessWriter,
         service_name: str | None = None,
         *,
         durability: str = "sync",
@@ -61,6 +62,20 @@ class AuditSpanProcessor(SpanProcessor):
         self._lock = threading.Lock()
         # span id -> the action scope of the context the span started in.
         self._scopes: dict[int, ActionScope] = {}
+        # A writer process (engine/remote.py) builds records itself from the
+        # span; this process keeps the selection and the policy's decision.
+        self._remote = writer if isinstance(writer, ProcessWriter) else None
+        if self._remote is not None:
+            self._remote.fallback = self._body_of
+
+    def _body_of(
+        self, span: ReadableSpan, extra: dict[str, Any], level: str, durability: str
+    ) -> bytes:
+        """The in-process record path, for a span the writer process cannot be sent."""
+        record = record_from_span(span, self.service_of(span), extra)
+        if level and self.policy is not None:
+            record = self.policy.apply(record, Decision(level, durability or None, {}))
+        return encode(record)
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
         try:
@@ -107,6 +122,9 @@ class AuditSpanProcessor(SpanProcessor):
                     return
                 extra.update(decision.attributes)
                 durability = decision.durability or durability
+            if self._remote is not None:
+                self._send(span, scope, extra, decision, durability)
+                return
             record = record_from_span(span, self.service_of(span), extra)
             if decision is not None and self.policy is not None:
                 record = self.policy.apply(record, decision)
@@ -128,6 +146,29 @@ class AuditSpanProcessor(SpanProcessor):
             _log.exception("otel-audit: could not record span %r", span.name)
             error = LedgerWriteError(f"audit record of span {span.name!r} not written: {exc!r}")
             self._failed(span, scope, error)
+
+    def _send(
+        self,
+        span: ReadableSpan,
+        scope: ActionScope | None,
+        extra: dict[str, Any],
+        decision: Decision | None,
+        durability: str,
+    ) -> None:
+        """``on_end``'s path with a writer process: the same waits, the record built there."""
+        remote = self._remote
+        assert remote is not None
+        level = decision.level if decision is not None else ""
+        if durability == "async":
+            remote.send_span(span, extra, level, durability, False)
+            return
+        ticket = remote.send_span(span, extra, level, durability, True)
+        assert ticket is not None
+        if scope is not None:
+            own = span.context.span_id == scope.span_id
+            if scope.add_ticket(remote, ticket, own=own):
+                return
+        ticket.wait(remote)
 
     def _failed(self, span: ReadableSpan, scope: ActionScope | None, error: AuditError) -> None:
         with self._lock:

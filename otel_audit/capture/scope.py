@@ -30,7 +30,8 @@ from opentelemetry.context import Context
 from otel_audit.errors import AuditError, LedgerWriteError
 
 if TYPE_CHECKING:
-    from otel_audit.engine.writer import LedgerWriter, Ticket
+    from otel_audit.engine.writer import Ticket
+    from otel_audit.engine.writer import Waitable as LedgerWriter
     from otel_audit.setup import AuditPipeline
 
 _SCOPE_KEY = otel_context.create_key("otel_audit.scope")

@@ -29,6 +29,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from otel_audit.engine.checkpoints import Checkpointer, SignerRefused
 from otel_audit.engine.ledger import Appended, Ledger, open_ledger
@@ -46,6 +47,13 @@ _INHERITED: list[object] = []
 
 # Orders add_callback against resolve; held for a few instructions only.
 _CALLBACK_LOCK = threading.Lock()
+
+
+class Waitable(Protocol):
+    """What ``Ticket.wait`` needs of a writer: its name and the thread that answers tickets."""
+
+    url: str
+    _thread: threading.Thread | None
 
 
 class Ticket:
@@ -89,7 +97,7 @@ class Ticket:
                 return
         callback(self)
 
-    def wait(self, writer: LedgerWriter) -> Appended:
+    def wait(self, writer: Waitable) -> Appended:
         """Block until resolved; raise its error (LedgerWriteError) if it was not committed."""
         while not self.lock.acquire(timeout=1.0):
             thread = writer._thread
@@ -108,11 +116,13 @@ class Ticket:
 class _Item:
     """One queued record; compared by identity, so a producer can take back its own."""
 
-    __slots__ = ("body", "ticket")
+    __slots__ = ("body", "ticket", "retry")
 
-    def __init__(self, body: bytes, ticket: Ticket | None) -> None:
+    def __init__(self, body: bytes, ticket: Ticket | None, retry: bool) -> None:
         self.body = body
         self.ticket = ticket
+        #: Kept for a retry when a commit fails (async records), instead of failed at once.
+        self.retry = retry
 
 
 _MAX_BATCH = 8192
@@ -256,7 +266,7 @@ class LedgerWriter:
         if not self._healthy and time.monotonic() < self._refuse_until:
             raise LedgerUnavailable(f"audit ledger {self.url} is unavailable: {self._last_error}")
 
-    def _enqueue(self, body: bytes, wait: bool) -> Ticket | None:
+    def _enqueue(self, body: bytes, wait: bool, retry: bool = False) -> Ticket | None:
         if self._closed:
             raise LedgerUnavailable(f"audit writer for {self.url} is shut down")
         if self._thread is None:
@@ -281,7 +291,7 @@ class LedgerWriter:
             if self._closed:
                 raise LedgerUnavailable(f"audit writer for {self.url} is shut down")
         ticket = Ticket() if wait else None
-        item = _Item(body, ticket)
+        item = _Item(body, ticket, retry or not wait)
         self._queue.append(item)  # atomic: no lock on the hot path
         if not self._wake.is_set():
             self._wake.set()
@@ -300,9 +310,15 @@ class LedgerWriter:
         """Queue ``body`` for commit (async); blocks while the queue is full, never drops."""
         self._enqueue(body, False)
 
-    def enqueue(self, body: bytes) -> Ticket:
-        """Queue ``body`` and return its ticket without waiting (sync at the action boundary)."""
-        ticket = self._enqueue(body, True)
+    def enqueue(self, body: bytes, *, retry: bool = False) -> Ticket:
+        """Queue ``body`` and return its ticket without waiting (sync at the action boundary).
+
+        ``retry``: a failed commit is retried like an async record's (the
+        ticket resolves once it commits, or fails at shutdown) instead of
+        failing the ticket at once; the writer process acknowledges async
+        records this way.
+        """
+        ticket = self._enqueue(body, True, retry)
         assert ticket is not None
         return ticket
 
@@ -440,7 +456,7 @@ class LedgerWriter:
         """Fail the sync records of ``items`` now; keep the async ones for a retry."""
         _log.error("otel-audit: %s", error)
         failure = error if isinstance(error, LedgerWriteError) else LedgerWriteError(str(error))
-        keep = [item for item in items if item.ticket is None]
+        keep = [item for item in items if item.retry]
         with self._cond:
             self._healthy = False
             self._refuse_until = time.monotonic() + self.probe_interval
@@ -452,7 +468,7 @@ class LedgerWriter:
             self._inflight = len(keep)
             self._cond.notify_all()
         for item in items:
-            if item.ticket is not None:
+            if item.ticket is not None and not item.retry:
                 item.ticket.resolve(None, failure)
         return not keep
 

@@ -1,0 +1,214 @@
+"""The writer process: builds, redacts, encodes and commits what an application sends.
+
+Started by ``engine/remote.py`` (``configure(writer="process")``) as
+``python -m otel_audit.engine.worker``; it talks over its standard input
+and output in frames (``engine/remote.py`` describes them). The
+application's process keeps only the cheap part of each audit record (the
+span's fields and the policy's decision); the record's Python work (build,
+redaction, encoding, hashing, the ledger's append) runs here, on another
+interpreter and another core, through the same functions the in-process
+path calls, so the bytes are the same.
+
+Standard input closing (the application exited or was killed) drains what
+arrived and shuts the writer down with a final checkpoint. SIGINT and
+SIGTERM are ignored: a terminal's Ctrl-C or a service manager's SIGTERM to
+the whole process group must not lose records the application already
+handed over; the application's own shutdown ends this process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import sys
+import threading
+from types import SimpleNamespace
+from typing import Any, BinaryIO
+
+from opentelemetry.trace import SpanKind, StatusCode
+
+from otel_audit.capture.decision import Decision
+from otel_audit.engine.record import encode, record_from_span
+from otel_audit.engine.remote import read_frame, write_frame
+from otel_audit.engine.writer import LedgerWriter, Ticket
+from otel_audit.errors import AuditError
+
+_KINDS = {k.value: k for k in SpanKind}
+_CODES = {c.value: c for c in StatusCode}
+
+
+def span_view(snap: list[Any]) -> SimpleNamespace:
+    """The fields ``record_from_span`` reads, from a span snapshot (``remote.snapshot``)."""
+    (trace_id, span_id, parent_id, name, kind, start, end, code, message, attrs, events, links,
+     scope) = snap  # fmt: skip
+    parent_id = parent_id or None
+    message = message or None
+    scope = scope or None
+    trace = int(trace_id, 16)
+    return SimpleNamespace(
+        name=name,
+        context=SimpleNamespace(trace_id=trace, span_id=span_id),
+        parent=SimpleNamespace(span_id=parent_id) if parent_id is not None else None,
+        kind=_KINDS.get(kind, SpanKind.INTERNAL),
+        status=SimpleNamespace(status_code=_CODES.get(code, StatusCode.UNSET), description=message),
+        start_time=start,
+        end_time=end,
+        attributes=attrs,
+        events=[SimpleNamespace(name=n, timestamp=t, attributes=a) for n, t, a in events or ()],
+        links=[
+            SimpleNamespace(context=SimpleNamespace(trace_id=int(t, 16), span_id=s), attributes=a)
+            for t, s, a in links or ()
+        ],
+        instrumentation_scope=SimpleNamespace(name=scope) if scope is not None else None,
+    )
+
+
+class Worker:
+    """One writer process: reads frames, commits records, answers with acknowledgements."""
+
+    def __init__(self, config: dict[str, Any], out: BinaryIO) -> None:
+        from otel_audit.policy.rules import load_policy
+        from otel_audit.proof.keys import Signer
+
+        self.service = config["service"]
+        self.policy = load_policy(config.get("policy"))
+        signer = Signer.from_file(config["signing_key"]) if config.get("signing_key") else None
+        self.writer = LedgerWriter(
+            config["ledger"],
+            config["chain"],
+            max_queue_size=config["max_queue_size"],
+            checkpoint_every=config["checkpoint_every"],
+            checkpoint_interval=config["checkpoint_interval"],
+            signer=signer,
+        )
+        self.writer.checkpoint_listeners.append(self._checkpointed)
+        self.writer.commit_listeners.append(self._committed)
+        self._out = out
+        self._out_lock = threading.Lock()
+        self._acks: list[list[Any]] = []
+        self._commits: list[list[float]] = []
+        self._acks_lock = threading.Lock()
+        self._acks_ready = threading.Event()
+        self._closing = False
+        self._sender = threading.Thread(target=self._send_acks, name="otel-audit-acks", daemon=True)
+        self._sender.start()
+
+    # -- answers -----------------------------------------------------------
+
+    def send(self, frame: Any) -> None:
+        with self._out_lock:
+            write_frame(self._out, frame)
+
+    def _checkpointed(self, checkpoint: Any) -> None:
+        self.send(["c", checkpoint.to_dict()])
+
+    def _committed(self, seconds: float, n: int) -> None:
+        with self._acks_lock:
+            self._commits.append([seconds, n])
+
+    def _resolved(self, ident: int) -> Any:
+        def callback(ticket: Ticket) -> None:
+            if ticket.error is not None:
+                ack: list[Any] = [ident, None, None, str(ticket.error)]
+            else:
+                assert ticket.appended is not None
+                ack = [ident, ticket.appended.seq, ticket.appended.hash.hex(), None]
+            with self._acks_lock:
+                self._acks.append(ack)
+            self._acks_ready.set()
+
+        return callback
+
+    def _send_acks(self) -> None:
+        while True:
+            self._acks_ready.wait()
+            self._acks_ready.clear()
+            with self._acks_lock:
+                acks, self._acks = self._acks, []
+                commits, self._commits = self._commits, []
+            if acks or commits:
+                self.send(["a", acks, commits, self._health()])
+            if self._closing and not acks:
+                return
+
+    def _health(self) -> list[Any]:
+        stats = self.writer.stats()
+        return [stats.healthy, stats.last_error, list(dataclasses.astuple(stats))]
+
+    # -- requests ----------------------------------------------------------
+
+    def body(self, item: list[Any]) -> bytes:
+        """The canonical bytes of one item: a finished record, or a span with its decision."""
+        if item[1] == "r":
+            body: bytes = item[2].encode("utf-8")
+            return body
+        _, _, snap, extra, level, durability = item
+        record = record_from_span(span_view(snap), self.service, extra)
+        if level:
+            record = self.policy.apply(record, Decision(level, durability or None, {}))
+        return encode(record)
+
+    def batch(self, items: list[list[Any]]) -> None:
+        for item in items:
+            ident = item[0]
+            try:
+                ticket = self.writer.enqueue(self.body(item), retry=item[-1] == "async")
+            except AuditError as exc:
+                with self._acks_lock:
+                    self._acks.append([ident, None, None, str(exc)])
+                self._acks_ready.set()
+            except Exception as exc:  # one bad item must not stop the others
+                with self._acks_lock:
+                    self._acks.append([ident, None, None, f"record not built: {exc!r}"])
+                self._acks_ready.set()
+            else:
+                ticket.add_callback(self._resolved(ident))
+
+    def run(self, inp: BinaryIO) -> None:
+        self.send(["ready", os.getpid()])
+        while True:
+            frame = read_frame(inp)
+            if frame is None or frame[0] == "q":
+                break
+            if frame[0] == "b":
+                self.batch(frame[1])
+        self.writer.shutdown()
+        self._flush_acks()
+        self._closing = True
+        self._acks_ready.set()
+        self._sender.join(5.0)
+        self.send(["q", self._health()])
+
+    def _flush_acks(self) -> None:
+        """Send what is acknowledged so far before the answer that follows it."""
+        with self._acks_lock:
+            acks, self._acks = self._acks, []
+            commits, self._commits = self._commits, []
+        if acks or commits:
+            self.send(["a", acks, commits, self._health()])
+
+
+def main() -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    inp, out = sys.stdin.buffer, sys.stdout.buffer
+    # Nothing else may write to the frame stream.
+    sys.stdout = sys.stderr
+    config = read_frame(inp)
+    if config is None:
+        return 0
+    try:
+        worker = Worker(config[1], out)
+    except Exception as exc:
+        write_frame(out, ["error", f"{type(exc).__name__}: {exc}"])
+        return 1
+    worker.run(inp)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = ["Worker", "main", "span_view"]

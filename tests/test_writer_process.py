@@ -1,0 +1,291 @@
+"""The writer process (``configure(writer="process")``): same bytes, same guarantees.
+
+Real worker processes, real SQLite files, the real SDK. Each promise of the
+in-process writer is checked here for the worker: the records are the same
+bytes, a sync action returns only after its records are committed, a worker
+that dies fails the records it did not acknowledge and refuses new actions,
+a killed application loses nothing it handed over, Ctrl-C to the process
+group does not stop the worker, checkpoints are signed there and reach the
+application's listeners.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.id_generator import IdGenerator
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+
+import otel_audit
+from otel_audit.errors import ConfigError, LedgerUnavailable, LedgerWriteError
+from otel_audit.proof.keys import generate_keypair
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class CountingIds(IdGenerator):
+    """Deterministic ids, so two runs make the same spans."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def generate_span_id(self) -> int:
+        self.n += 1
+        return self.n
+
+    def generate_trace_id(self) -> int:
+        self.n += 1
+        return (1 << 100) + self.n
+
+
+def workload(provider: TracerProvider, pipeline: otel_audit.AuditPipeline) -> None:
+    """Spans with every kind of value a record normalises, at fixed times."""
+    tracer = provider.get_tracer("shop.orders", "1.2")
+    t = 1_700_000_000_000_000_000
+    values = [
+        {"note": "plain"},
+        {"unicode": "é中\U0001f600\u2028", "count": 3, "ok": True, "ratio": 0.25},
+        {"tiny": 1e-7, "huge": 1.5e300, "neg": -0.0},
+        {"nan": float("nan"), "inf": float("-inf")},
+        {"big": 2**70, "bytes": b"\x00\xff"},
+        {"seq": ("a", "b"), "nums": [1, 2, 3], "floats": [0.5, float("nan")]},
+        {"long": "x" * 70_000},
+        {"surrogate": "bad\udcff"},
+        {"password": "hunter2", "db.statement": "UPDATE users SET password='s3cret' WHERE id=1"},
+    ]
+    for i, extra in enumerate(values):
+        attrs = {"audit.event": True, "audit.action": f"order.{i}", "audit.actor.id": "alice"}
+        attrs.update(extra)
+        span = tracer.start_span(
+            f"order.{i}", kind=SpanKind.SERVER, attributes=attrs, start_time=t + i,
+            links=[Link(span_context_of(provider), {"why": "retry"})] if i == 2 else None,
+        )  # fmt: skip
+        span.add_event("step", {"n": i}, timestamp=t + i + 1)
+        if i % 3 == 0:
+            span.set_status(Status(StatusCode.ERROR, f"failed {i}"))
+        span.end(end_time=t + i + 2)
+    with pipeline.audit_action("order.ship", resource_type="order", resource_id="7"):
+        with tracer.start_as_current_span(
+            "INSERT orders", kind=SpanKind.CLIENT, start_time=t + 50,
+            attributes={"db.system": "sqlite", "db.operation": "INSERT"},
+        ) as child:  # fmt: skip
+            child.set_attribute("db.statement", "INSERT INTO orders VALUES (1)")
+
+
+def span_context_of(provider: TracerProvider):  # type: ignore[no-untyped-def]
+    span = provider.get_tracer("links").start_span("linked", start_time=1)
+    span.end(end_time=2)
+    return span.get_span_context()
+
+
+def bodies(db: Path) -> list[bytes]:
+    con = sqlite3.connect(db)
+    try:
+        return [bytes(b) for (b,) in con.execute("SELECT body FROM records ORDER BY seq")]
+    finally:
+        con.close()
+
+
+def pipeline_for(db: Path, writer: str, **options):  # type: ignore[no-untyped-def]
+    provider = TracerProvider(id_generator=CountingIds(), shutdown_on_exit=False)
+    options.setdefault("handle_sigterm", False)
+    pipeline = otel_audit.configure(
+        ledger=str(db), service_name="shop", tracer_provider=provider, writer=writer, **options
+    )
+    return provider, pipeline
+
+
+def test_the_worker_writes_the_same_bytes_as_the_in_process_writer(tmp_path: Path) -> None:
+    ledgers = {}
+    for writer in ("thread", "process"):
+        db = tmp_path / f"{writer}.db"
+        provider, pipeline = pipeline_for(db, writer)
+        try:
+            workload(provider, pipeline)
+        finally:
+            pipeline.shutdown()
+        ledgers[writer] = bodies(db)
+    # Actions and effect spans carry their own wall-clock times; compare the rest byte for byte.
+    fixed = [b for b in ledgers["thread"] if b'"order.ship"' not in b and b"INSERT" not in b]
+    assert len(fixed) == 9
+    assert fixed == [b for b in ledgers["process"] if b in fixed]
+    assert len(ledgers["process"]) == len(ledgers["thread"]) == 11
+    stored = b"".join(ledgers["process"])
+    assert b"hunter2" not in stored and b"s3cret" not in stored
+    assert b'{"double":"nan"}' in stored and b"1180591620717411303424" in stored
+
+
+def test_a_sync_action_returns_only_after_its_records_are_committed(tmp_path: Path) -> None:
+    db = tmp_path / "a.db"
+    provider, pipeline = pipeline_for(db, "process")
+    tracer = provider.get_tracer("t")
+    try:
+        for i in range(20):
+            with pipeline.audit_action("order.update", resource_type="order", resource_id=str(i)):
+                with tracer.start_as_current_span(
+                    "UPDATE orders", kind=SpanKind.CLIENT,
+                    attributes={"db.system": "sqlite", "db.operation": "UPDATE"},
+                ):  # fmt: skip
+                    pass
+            # Read by another connection, right after the action returned: both are there.
+            assert len(bodies(db)) == 2 * (i + 1)
+    finally:
+        pipeline.shutdown()
+    verify = subprocess.run(
+        [sys.executable, "-m", "otel_audit", "verify", "--ledger", str(db)],
+        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )  # fmt: skip
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_a_worker_that_dies_fails_its_records_and_refuses_new_actions(tmp_path: Path) -> None:
+    db = tmp_path / "a.db"
+    provider, pipeline = pipeline_for(db, "process")
+    try:
+        with pipeline.audit_action("order.update"):
+            pass
+        proc = pipeline.writer._proc  # type: ignore[union-attr]
+        assert proc is not None
+        # The attacker (or the OOM killer) stops the worker, then kills it while an action waits.
+        os.kill(proc.pid, signal.SIGSTOP)
+        raised: list[BaseException] = []
+        import threading
+
+        def act() -> None:
+            try:
+                with pipeline.audit_action("order.delete", resource_type="order", resource_id="9"):
+                    pass
+            except LedgerWriteError as exc:
+                raised.append(exc)
+
+        actor = threading.Thread(target=act)
+        actor.start()
+        time.sleep(0.3)
+        assert actor.is_alive()  # waiting for the commit, not returning unrecorded
+        os.kill(proc.pid, signal.SIGKILL)
+        actor.join(10)
+        assert not actor.is_alive()
+        assert raised and "exited" in str(raised[0])
+        with pytest.raises(LedgerUnavailable, match="has stopped"):
+            with pipeline.audit_action("order.update"):
+                pass
+        assert not pipeline.writer.healthy
+    finally:
+        pipeline.shutdown()
+    assert all(b"order.delete" not in b for b in bodies(db))
+
+
+APP = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    from opentelemetry.sdk.trace import TracerProvider
+    import otel_audit
+
+    provider = TracerProvider()
+    pipeline = otel_audit.configure(ledger=sys.argv[1], service_name="app", tracer_provider=provider,
+                                    writer="process", durability="async", checkpoint_every=100000)
+    tracer = provider.get_tracer("app")
+    for i in range(500):
+        tracer.start_span("order.update", attributes={"audit.event": True, "n": i}).end()
+    if sys.argv[2] == "kill":
+        assert pipeline.flush(30)
+        os.kill(os.getpid(), signal.SIGKILL)   # no shutdown, no atexit: the worker must finish alone
+    os.killpg(0, signal.SIGINT)                # Ctrl-C in the terminal: to the whole process group
+    time.sleep(0.5)
+    """
+)
+
+
+@pytest.mark.parametrize("how", ["kill", "sigint"])
+def test_records_handed_to_the_worker_survive_the_application(tmp_path: Path, how: str) -> None:
+    db = tmp_path / "app.db"
+    script = tmp_path / "app.py"
+    script.write_text(APP)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(db), how], capture_output=True, text=True, timeout=60,
+        env=dict(os.environ, PYTHONPATH=str(REPO)), start_new_session=True,
+    )  # fmt: skip
+    if how == "kill":
+        assert proc.returncode == -signal.SIGKILL
+    else:
+        assert proc.returncode != 0 and "KeyboardInterrupt" in proc.stderr
+    # The worker drains, commits and checkpoints after its application is gone.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        con = sqlite3.connect(db)
+        try:
+            n = con.execute("SELECT count(*) FROM records").fetchone()[0]
+            cps = con.execute("SELECT max(seq) FROM checkpoints").fetchone()[0]
+        finally:
+            con.close()
+        if n == 500 and cps == 500:
+            break
+        time.sleep(0.2)
+    assert (n, cps) == (500, 500)
+
+
+def test_checkpoints_are_signed_in_the_worker_and_reach_the_listeners(tmp_path: Path) -> None:
+    key, pub = tmp_path / "k.key", tmp_path / "k.pub"
+    generate_keypair(str(key), str(pub))
+    db = tmp_path / "s.db"
+    provider, pipeline = pipeline_for(db, "process", signing_key=str(key), checkpoint_every=5)
+    seen = []
+    pipeline.writer.checkpoint_listeners.append(seen.append)
+    try:
+        for i in range(12):
+            with pipeline.audit_action("order.update", resource_id=str(i)):
+                pass
+    finally:
+        pipeline.shutdown()
+    assert [c.seq for c in seen][:2] == [5, 10] and seen[-1].seq == 12
+    assert all(c.signature for c in seen)
+    verify = subprocess.run(
+        [sys.executable, "-m", "otel_audit", "verify", "--ledger", str(db), "--public-key", str(pub)],
+        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )  # fmt: skip
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert "12 records" in verify.stdout
+
+
+def test_bad_writer_settings_fail_configure_with_one_clear_line(tmp_path: Path) -> None:
+    provider = TracerProvider(shutdown_on_exit=False)
+    with pytest.raises(ConfigError, match="OTEL_AUDIT_WRITER must be one of thread, process"):
+        os.environ["OTEL_AUDIT_WRITER"] = "fork"
+        try:
+            otel_audit.configure(ledger=str(tmp_path / "x.db"), tracer_provider=provider)
+        finally:
+            del os.environ["OTEL_AUDIT_WRITER"]
+    from otel_audit.policy.rules import AuditPolicy
+
+    with pytest.raises(ConfigError, match="needs the policy as a file"):
+        otel_audit.configure(
+            ledger=str(tmp_path / "x.db"), tracer_provider=provider, writer="process",
+            policy=AuditPolicy(), handle_sigterm=False,
+        )  # fmt: skip
+    assert otel_audit.capture.installed.installed_on(provider) is None
+
+
+def test_the_worker_loads_the_policy_file(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[[redact.attributes]]\nname = "order.note"\nmethod = "drop"\n')
+    db = tmp_path / "p.db"
+    provider, pipeline = pipeline_for(db, "process", policy=str(policy))
+    try:
+        span = provider.get_tracer("t").start_span(
+            "order.update", attributes={"audit.event": True, "order.note": "call me at 555"}
+        )
+        span.end()
+        pipeline.flush()
+    finally:
+        pipeline.shutdown()
+    stored = b"".join(bodies(db))
+    assert b"order.update" in stored and b"555" not in stored
