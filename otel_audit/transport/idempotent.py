@@ -16,8 +16,15 @@ and every body is covered by it. Spans are unique across the whole ledger,
 so a chain may receive only spans already stored in other chains (a sender's
 retry reaching another serve instance): its position is then the genesis
 (seq 0), and the checkpoint the writer makes of it, which would cover
-nothing, is not stored. Everything else is the wrapped ledger's. Thread-safety: the wrapped ledger's (the writer serialises its
-appends); the counters are read under a lock.
+nothing, is not stored. Everything else is the wrapped ledger's.
+
+The receiver already knows each record's (trace id, span id): it hands them
+over with ``expect`` before queueing the bodies, and ``append`` passes them
+to the ledger, which checks each against its body's bytes instead of
+parsing every body again (a body without one is parsed, as before).
+Thread-safety: the wrapped ledger's (the writer serialises its appends);
+the counters are read under a lock, the keys kept in a dict whose single
+operations are atomic.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from otel_audit.engine.ledger import Appended, Ledger
+from otel_audit.engine.ledger.base import SpanKey
 from otel_audit.proof.chain import GENESIS, Checkpoint
 
 
@@ -37,6 +45,8 @@ class IdempotentAppends:
         self._ledger = ledger
         self._lock = threading.Lock()
         self._duplicates = 0
+        # body -> its (trace id, span id), from ``expect`` until its append.
+        self._keys: dict[bytes, SpanKey] = {}
 
     @property
     def duplicates(self) -> int:
@@ -44,8 +54,21 @@ class IdempotentAppends:
         with self._lock:
             return self._duplicates
 
+    def expect(self, bodies: Sequence[bytes], keys: Sequence[SpanKey]) -> None:
+        """Remember the (trace id, span id) of ``bodies`` about to be queued for ``append``."""
+        self._keys.update(zip(bodies, keys))
+
+    def forget(self, bodies: Sequence[bytes]) -> None:
+        """Drop the keys of ``bodies`` that will not be appended (their queueing failed)."""
+        for body in bodies:
+            self._keys.pop(body, None)
+
     def append(self, chain: str, bodies: Sequence[bytes], *, dedupe: bool = True) -> list[Appended]:
-        stored = self._ledger.append(chain, bodies, dedupe=True)
+        # Taken out whatever the outcome: a body appended again later (a
+        # retried request) is expected again by its own request, else parsed.
+        take = self._keys.pop
+        keys = [take(body, None) for body in bodies]
+        stored = self._ledger.append(chain, bodies, dedupe=True, keys=keys)
         missing = len(bodies) - len(stored)
         if not missing:
             return stored

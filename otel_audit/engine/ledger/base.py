@@ -9,6 +9,7 @@ between threads unless the backend says so; open one per thread or process.
 from __future__ import annotations
 
 import abc
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -18,6 +19,14 @@ from otel_audit.engine.record import Record, decode
 from otel_audit.errors import VerificationError
 from otel_audit.proof.chain import Checkpoint
 from otel_audit.vocabulary import FAILURE, INTENT, OUTCOME, UNKNOWN
+
+try:  # the C parser the record encoder already depends on; json is the fallback
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - a dependency
+    _orjson = None  # type: ignore[assignment]
+
+#: The (trace id, span id) of a record body: what ``append(..., dedupe=True)`` keys on.
+SpanKey = tuple[str, str]
 
 
 @dataclass(frozen=True)
@@ -114,12 +123,21 @@ class Ledger(abc.ABC):
 
     @abc.abstractmethod
     def append(
-        self, chain: str, bodies: Sequence[bytes], *, dedupe: bool = False
+        self,
+        chain: str,
+        bodies: Sequence[bytes],
+        *,
+        dedupe: bool = False,
+        keys: Sequence[SpanKey | None] | None = None,
     ) -> list[Appended]:
         """Append ``bodies`` to ``chain`` in one transaction; durable when it returns.
 
         With ``dedupe``, a body whose (trace id, span id) is already stored is
         skipped (an OTLP retry), and only the appended ones are returned.
+        ``keys``, one per body, are those ids when the caller already knows
+        them (serve built the records): each is checked against its body's
+        bytes, and a body without one (or whose bytes do not hold it) is
+        parsed instead (``span_keys``).
         """
 
     @abc.abstractmethod
@@ -228,6 +246,72 @@ def as_bytes(value: object) -> bytes:
     if value is None:
         return b""
     return str(value).encode("ascii")
+
+
+def span_key(body: bytes) -> SpanKey | None:
+    """(trace id, span id) of a record body by parsing it; None when it is not a record."""
+    data: Any = None
+    if _orjson is not None:
+        try:
+            data = _orjson.loads(body)
+        except ValueError:  # NaN, a lone surrogate, a huge int: the standard parser reads them
+            data = None
+    if data is None:
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError):
+            return None
+    if not isinstance(data, dict):
+        return None
+    try:
+        return str(data["trace_id"]), str(data["span_id"])
+    except KeyError:
+        return None
+
+
+def span_keys(
+    bodies: Sequence[bytes], keys: Sequence[SpanKey | None] | None
+) -> list[SpanKey | None]:
+    """The (trace id, span id) of each body: the caller's ``keys`` where the body holds them.
+
+    A given key is used only when the body's own ``trace_id`` and ``span_id``
+    fields are exactly those ids (read from the bytes, without a parse), so a
+    key that belongs to another body can never make a new span look stored;
+    a body without a key, or that does not hold it, is parsed (``span_key``).
+    """
+    if keys is None or len(keys) != len(bodies):
+        return [span_key(body) for body in bodies]
+    out: list[SpanKey | None] = []
+    for body, key in zip(bodies, keys):
+        if (
+            key is not None
+            and _holds(body, b'"span_id":"', key[1])
+            and _holds(body, b'"trace_id":"', key[0])
+        ):
+            out.append(key)
+        else:
+            out.append(span_key(body))
+    return out
+
+
+def _holds(body: bytes, field: bytes, value: str) -> bool:
+    """True when the record field ``field`` of canonical ``body`` is the text ``value``.
+
+    The record's own field is the last occurrence: keys are sorted, and every
+    top-level field after ``span_id`` and ``trace_id`` (start, status,
+    status_message, trace_id, truncated, v) is a number, a string or a list
+    of strings, which cannot hold the unescaped quote the pattern begins
+    with. Only plain ids (ASCII letters and digits, nothing JSON escapes) are
+    compared; anything else is left to the parser.
+    """
+    if not (value.isascii() and value.isalnum()):
+        return False
+    at = body.rfind(field)
+    if at < 0:
+        return False
+    start = at + len(field)
+    raw = value.encode("ascii")
+    return body.startswith(raw, start) and body.startswith(b'"', start + len(raw))
 
 
 def checkpoint_from_row(row: Sequence[Any]) -> Checkpoint:

@@ -48,9 +48,11 @@ from otel_audit.engine.ledger.base import (
     Ledger,
     Query,
     RawRow,
+    SpanKey,
     StoredRecord,
     checkpoint_from_row,
     filter_clauses,
+    span_keys,
 )
 from otel_audit.errors import ConfigError, LedgerError, LedgerWriteError, VerificationError
 from otel_audit.proof.chain import GENESIS, Checkpoint, link_hash
@@ -388,16 +390,6 @@ def _lock_key(chain: str) -> int:
     return int.from_bytes(hashlib.sha256(chain.encode("utf-8")).digest()[:8], "big", signed=True)
 
 
-def _span_key(body: bytes) -> tuple[str, str] | None:
-    import json
-
-    try:
-        data = json.loads(body)
-        return str(data["trace_id"]), str(data["span_id"])
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
 @dataclass
 class _Pending:
     """An append whose COMMIT was sent but not confirmed."""
@@ -596,13 +588,19 @@ class PostgresLedger(Ledger):
     # -- writing ---------------------------------------------------------
 
     def append(
-        self, chain: str, bodies: Sequence[bytes], *, dedupe: bool = False
+        self,
+        chain: str,
+        bodies: Sequence[bytes],
+        *,
+        dedupe: bool = False,
+        keys: Sequence[SpanKey | None] | None = None,
     ) -> list[Appended]:
         if self.readonly:
             raise LedgerWriteError(f"postgresql ledger {self.url} is open read-only")
         bodies = list(bodies)
         if not bodies:
             return []
+        found = span_keys(bodies, keys) if dedupe else None
         deadline = time.monotonic() + self.retry_seconds
         what = f"appending to chain {chain!r}"
         with self._lock:
@@ -621,7 +619,7 @@ class PostgresLedger(Ledger):
                         head = self._heads.get(chain)
                     if head is not None:
                         return self._append_after(con, chain, bodies, head)
-                    return self._append_once(con, chain, bodies, dedupe, deadline)
+                    return self._append_once(con, chain, bodies, found, deadline)
                 except _Conflict as exc:
                     # Someone else appended to this chain (one that skipped the
                     # lock, trusting its remembered head): nothing was written;
@@ -661,9 +659,10 @@ class PostgresLedger(Ledger):
         con: psycopg.Connection[Any],
         chain: str,
         bodies: list[bytes],
-        dedupe: bool,
+        keys: list[SpanKey | None] | None,
         deadline: float,
     ) -> list[Appended]:
+        """Append under the chain lock, reading the head; ``keys`` (one per body) dedupe."""
         out: list[Appended] = []
         mine: _Pending | None = None
         try:
@@ -684,16 +683,16 @@ class PostgresLedger(Ledger):
                     (chain,),
                 ).fetchone()
                 seq, prev = (int(row[0]), bytes(row[1])) if row else (0, GENESIS)
-                stored = self._stored_keys(con, bodies) if dedupe else set()
+                stored = self._stored_keys(con, keys) if keys is not None else set()
                 rows: list[tuple[int, bytes, bytes, bytes]] = []
                 new: list[tuple[bytes, Appended]] = []
-                for body in bodies:
+                for i, body in enumerate(bodies):
                     earlier = done.get(body)
                     if earlier:
                         out.append(earlier.pop(0))  # committed by an append we lost track of
                         continue
-                    if dedupe:
-                        key = _span_key(body)
+                    if keys is not None:
+                        key = keys[i]
                         if key is not None:
                             if key in stored:
                                 continue
@@ -763,9 +762,9 @@ class PostgresLedger(Ledger):
         return [appended for _, appended in new]
 
     def _stored_keys(
-        self, con: psycopg.Connection[Any], bodies: list[bytes]
-    ) -> set[tuple[str, str]]:
-        keys = [k for k in (_span_key(b) for b in bodies) if k is not None]
+        self, con: psycopg.Connection[Any], found: list[SpanKey | None]
+    ) -> set[SpanKey]:
+        keys = [k for k in found if k is not None]
         if not keys:
             return set()
         rows = con.execute(

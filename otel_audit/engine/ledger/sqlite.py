@@ -15,7 +15,6 @@ per thread (the writer thread owns its own).
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 import time
@@ -28,10 +27,12 @@ from otel_audit.engine.ledger.base import (
     Ledger,
     Query,
     RawRow,
+    SpanKey,
     StoredRecord,
     as_bytes,
     checkpoint_from_row,
     filter_clauses,
+    span_keys,
 )
 from otel_audit.errors import LedgerError, LedgerWriteError
 from otel_audit.proof.chain import GENESIS, Checkpoint, link_hash
@@ -259,7 +260,12 @@ class SQLiteLedger(Ledger):
             )
 
     def append(
-        self, chain: str, bodies: Sequence[bytes], *, dedupe: bool = False
+        self,
+        chain: str,
+        bodies: Sequence[bytes],
+        *,
+        dedupe: bool = False,
+        keys: Sequence[SpanKey | None] | None = None,
     ) -> list[Appended]:
         con = self._con
         with _mapped(f"appending to chain {chain!r}", LedgerWriteError):
@@ -272,16 +278,18 @@ class SQLiteLedger(Ledger):
                 seq, prev = (row[0], as_bytes(row[1])) if row else (0, GENESIS)
                 rows = []
                 out = []
-                keys: list[tuple[str, str]] = []
-                seen: set[tuple[str, str]] = set()
+                found: list[SpanKey | None] = []
+                seen: set[SpanKey] = set()
                 if dedupe:
-                    keys = [_span_key(body) for body in bodies]
-                    seen = self._stored_keys(keys)
+                    found = span_keys(bodies, keys)
+                    seen = self._stored_keys([k for k in found if k is not None])
                 for i, body in enumerate(bodies):
                     if dedupe:
-                        if keys[i] in seen:
-                            continue
-                        seen.add(keys[i])
+                        key = found[i]
+                        if key is not None:
+                            if key in seen:
+                                continue
+                            seen.add(key)
                     seq += 1
                     digest = link_hash(prev, body)
                     rows.append((chain, seq, prev, digest, body))
@@ -308,11 +316,11 @@ class SQLiteLedger(Ledger):
         self._check_file()
         return out
 
-    def _stored_keys(self, keys: list[tuple[str, str]]) -> set[tuple[str, str]]:
+    def _stored_keys(self, keys: list[SpanKey]) -> set[SpanKey]:
         """Which (trace id, span id) of ``keys`` are already stored: one query per 400 keys."""
         wanted = set(keys)
         traces = sorted({trace for trace, _ in wanted})
-        found: set[tuple[str, str]] = set()
+        found: set[SpanKey] = set()
         for start in range(0, len(traces), 500):
             chunk = traces[start : start + 500]
             marks = ",".join("?" * len(chunk))
@@ -470,8 +478,3 @@ def _identity(path: str) -> tuple[int, int]:
 
 def _quote(path: str) -> str:
     return path.replace("%", "%25").replace("?", "%3f").replace("#", "%23")
-
-
-def _span_key(body: bytes) -> tuple[str, str]:
-    data = json.loads(body)
-    return str(data["trace_id"]), str(data["span_id"])
