@@ -196,6 +196,7 @@ class ProcessWriter:
         self._pending: dict[int, Ticket | None] = {}
         self._ids = itertools.count(1)
         self._wake = threading.Event()
+        self._write_lock = threading.Lock()  # one writer of frames at a time
         self._proc: subprocess.Popen[bytes] | None = None
         self._thread: threading.Thread | None = None  # reads the worker's answers
         self._sender: threading.Thread | None = None
@@ -280,40 +281,57 @@ class ProcessWriter:
                         raise LedgerUnavailable(str(exc)) from None
 
     def _send(self) -> None:
-        proc = self._proc
-        assert proc is not None and proc.stdin is not None
-        out = proc.stdin
-        queue = self._queue
+        """The sender thread: writes what producers queued and did not write themselves."""
         while True:
             self._wake.wait()
             self._wake.clear()
-            while queue:
-                items: list[_Queued] = []
-                with self._cond:
-                    pending = self._pending
-                    while queue and len(items) < _MAX_BATCH:
-                        item = queue.popleft()
-                        pending[item.ident] = item.ticket
-                        items.append(item)
-                try:
-                    data = self._frame(items)
-                except Exception as exc:  # never leave a ticket unanswered
-                    self._failed(items, f"audit records not sent to the writer process: {exc!r}")
-                    continue
-                try:
-                    out.write(data)
-                    out.flush()
-                except (OSError, ValueError):  # the worker is gone: the reader answers
+            with self._write_lock:
+                if not self._send_queued():
                     return
-                with self._cond:
-                    self._cond.notify_all()
-            if self._closed and not queue:
-                try:
-                    write_frame(out, ["q"])
-                    out.close()
-                except (OSError, ValueError):
-                    pass
-                return
+                if self._closed and not self._queue:
+                    self._send_quit()
+                    return
+
+    def _send_queued(self) -> bool:
+        """Write everything queued, a frame per batch; False when the worker is gone.
+
+        Called with ``_write_lock`` held, by the sender thread or by a sync
+        producer that found the lock free (one hand-off less per record).
+        """
+        proc = self._proc
+        if proc is None or proc.stdin is None:
+            return False
+        out = proc.stdin
+        queue = self._queue
+        while queue:
+            items: list[_Queued] = []
+            with self._cond:
+                pending = self._pending
+                while queue and len(items) < _MAX_BATCH:
+                    item = queue.popleft()
+                    pending[item.ident] = item.ticket
+                    items.append(item)
+            try:
+                data = self._frame(items)
+            except Exception as exc:  # never leave a ticket unanswered
+                self._failed(items, f"audit records not sent to the writer process: {exc!r}")
+                continue
+            try:
+                out.write(data)
+                out.flush()
+            except (OSError, ValueError):  # the worker is gone: the reader answers
+                return False
+        return True
+
+    def _send_quit(self) -> None:
+        proc = self._proc
+        if proc is None or proc.stdin is None:
+            return
+        try:
+            write_frame(proc.stdin, ["q"])
+            proc.stdin.close()
+        except (OSError, ValueError):
+            pass
 
     def _frame(self, items: list[_Queued]) -> bytes:
         """One batch frame; spans a frame cannot carry exactly go as finished bytes."""
@@ -456,6 +474,14 @@ class ProcessWriter:
             if self._stopped is not None:
                 raise LedgerWriteError(f"audit writer for {self.url} has stopped: {self._stopped}")
         self._queue.append(item)
+        if item.ticket is not None and self._write_lock.acquire(blocking=False):
+            # A sync record and nobody writing: write it now, from this thread.
+            try:
+                self._send_queued()
+            finally:
+                self._write_lock.release()
+            if not self._queue:
+                return
         if not self._wake.is_set():
             self._wake.set()
 

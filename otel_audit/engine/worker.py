@@ -89,10 +89,9 @@ class Worker:
         self._acks: list[list[Any]] = []
         self._commits: list[list[float]] = []
         self._acks_lock = threading.Lock()
-        self._acks_ready = threading.Event()
-        self._closing = False
-        self._sender = threading.Thread(target=self._send_acks, name="otel-audit-acks", daemon=True)
-        self._sender.start()
+        # Answers go out once per batch, from the writer thread, when its
+        # tickets are resolved: no thread of its own, no extra hand-off.
+        self.writer.resolved_listeners.append(self._send_acks)
 
     # -- answers -----------------------------------------------------------
 
@@ -107,30 +106,27 @@ class Worker:
         with self._acks_lock:
             self._commits.append([seconds, n])
 
+    def _ack(self, ack: list[Any]) -> None:
+        with self._acks_lock:
+            self._acks.append(ack)
+
     def _resolved(self, ident: int) -> Any:
         def callback(ticket: Ticket) -> None:
             if ticket.error is not None:
-                ack: list[Any] = [ident, None, None, str(ticket.error)]
+                self._ack([ident, None, None, str(ticket.error)])
             else:
                 assert ticket.appended is not None
-                ack = [ident, ticket.appended.seq, ticket.appended.hash.hex(), None]
-            with self._acks_lock:
-                self._acks.append(ack)
-            self._acks_ready.set()
+                self._ack([ident, ticket.appended.seq, ticket.appended.hash.hex(), None])
 
         return callback
 
     def _send_acks(self) -> None:
-        while True:
-            self._acks_ready.wait()
-            self._acks_ready.clear()
-            with self._acks_lock:
-                acks, self._acks = self._acks, []
-                commits, self._commits = self._commits, []
-            if acks or commits:
-                self.send(["a", acks, commits, self._health()])
-            if self._closing and not acks:
-                return
+        """Send what is answered so far (one frame), with the writer's health."""
+        with self._acks_lock:
+            acks, self._acks = self._acks, []
+            commits, self._commits = self._commits, []
+        if acks or commits:
+            self.send(["a", acks, commits, self._health()])
 
     def _health(self) -> list[Any]:
         stats = self.writer.stats()
@@ -150,20 +146,23 @@ class Worker:
         return encode(record)
 
     def batch(self, items: list[list[Any]]) -> None:
+        failed = False
         for item in items:
             ident = item[0]
             try:
                 ticket = self.writer.enqueue(self.body(item), retry=item[-1] == "async")
             except AuditError as exc:
-                with self._acks_lock:
-                    self._acks.append([ident, None, None, str(exc)])
-                self._acks_ready.set()
+                self._ack([ident, None, None, str(exc)])
+                failed = True
             except Exception as exc:  # one bad item must not stop the others
-                with self._acks_lock:
-                    self._acks.append([ident, None, None, f"record not built: {exc!r}"])
-                self._acks_ready.set()
+                self._ack([ident, None, None, f"record not built: {exc!r}"])
+                failed = True
             else:
                 ticket.add_callback(self._resolved(ident))
+                # Already committed: its answer missed that batch's send.
+                failed = failed or ticket.done
+        if failed:
+            self._send_acks()
 
     def run(self, inp: BinaryIO) -> None:
         self.send(["ready", os.getpid()])
@@ -174,19 +173,8 @@ class Worker:
             if frame[0] == "b":
                 self.batch(frame[1])
         self.writer.shutdown()
-        self._flush_acks()
-        self._closing = True
-        self._acks_ready.set()
-        self._sender.join(5.0)
+        self._send_acks()
         self.send(["q", self._health()])
-
-    def _flush_acks(self) -> None:
-        """Send what is acknowledged so far before the answer that follows it."""
-        with self._acks_lock:
-            acks, self._acks = self._acks, []
-            commits, self._commits = self._commits, []
-        if acks or commits:
-            self.send(["a", acks, commits, self._health()])
 
 
 def main() -> int:

@@ -171,6 +171,9 @@ class LedgerWriter:
         self.probe_interval = 1.0
         self.checkpoint_listeners: list[Callable[[Checkpoint], None]] = []
         self.commit_listeners: list[Callable[[float, int], None]] = []
+        #: Called on the writer thread once a batch's tickets are resolved
+        #: (committed or failed): the writer process answers a batch at a time.
+        self.resolved_listeners: list[Callable[[], None]] = []
         # Open now so a bad URL, a missing directory or a read-only file fails
         # configure(), not the first audited action.
         self._ledger: Ledger | None = ledger or open_ledger(ledger_url)
@@ -447,6 +450,8 @@ class LedgerWriter:
             for item, where in zip(items, appended):
                 if item.ticket is not None:
                     item.ticket.resolve(where, None)
+            for resolved in self.resolved_listeners:
+                _safe(resolved)
             if self._since_checkpoint >= self.checkpoint_every:
                 self._checkpoint()
             return True
@@ -470,6 +475,8 @@ class LedgerWriter:
         for item in items:
             if item.ticket is not None and not item.retry:
                 item.ticket.resolve(None, failure)
+        for resolved in self.resolved_listeners:
+            _safe(resolved)
         return not keep
 
     def _abandon(self, items: list[_Item]) -> None:
@@ -483,6 +490,8 @@ class LedgerWriter:
         for item in items:
             if item.ticket is not None:
                 item.ticket.resolve(None, error)
+        for resolved in self.resolved_listeners:
+            _safe(resolved)
         _log.error(
             "otel-audit: %d audit records were not committed to %s before shutdown: %s",
             len(items),
