@@ -29,6 +29,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 FORMAT_VERSION = 1
@@ -158,6 +159,46 @@ class Record:
         return out
 
 
+_new_object = object.__new__
+# Attribute value types that hold no float (a None is written as null on both paths).
+_NO_FLOAT_TYPES = frozenset({str, int, bool, type(None)})
+
+
+def new_record(
+    trace_id: str,
+    span_id: str,
+    parent_span_id: str | None,
+    name: str,
+    kind: str,
+    service: str,
+    start: int,
+    end: int,
+    status: str,
+    status_message: str | None,
+    attributes: dict[str, Any],
+    links: tuple[Link, ...],
+    events: tuple[Event, ...],
+    scope: str | None,
+    truncated: tuple[str, ...],
+    version: int = FORMAT_VERSION,
+) -> Record:
+    """``Record(...)`` with every field given, without the frozen dataclass's ``__init__``.
+
+    That ``__init__`` sets each of the 16 fields through ``object.__setattr__``,
+    which costs more than building a small record; this fills the instance's
+    ``__dict__`` at once. The result is an ordinary Record, equal to the one
+    ``Record(...)`` makes from the same fields (and as frozen).
+    """
+    record: Record = _new_object(Record)
+    record.__dict__.update(
+        trace_id=trace_id, span_id=span_id, parent_span_id=parent_span_id, name=name, kind=kind,
+        service=service, start=start, end=end, status=status, status_message=status_message,
+        attributes=attributes, links=links, events=events, scope=scope, truncated=truncated,
+        version=version,
+    )  # fmt: skip
+    return record
+
+
 def _fast_dumps(data: Any, nulls: int = 0) -> bytes | None:
     """orjson's canonical bytes of ``data``, or None when only the reference path is exact.
 
@@ -190,8 +231,46 @@ def canonical_json_reference(data: Any) -> str:
 def encode(record: Record) -> bytes:
     """The canonical bytes of ``record``; the input to the hash chain."""
     data = record.to_dict()
-    out = _fast_dumps(data, record.parent_span_id is None) if _fast else None
+    out = None
+    if _fast:
+        if (
+            not record.events
+            and not record.links
+            and type(record.start) is int
+            and type(record.end) is int
+            and type(record.version) is int
+            and set(map(type, record.attributes.values())) <= _NO_FLOAT_TYPES
+        ):
+            # No float anywhere: nothing orjson writes differently (see _fast_dumps).
+            try:
+                out = _orjson.dumps(data, option=_FAST_OPTIONS)
+            except TypeError:
+                pass
+        else:
+            out = _fast_dumps(data, record.parent_span_id is None)
     return _dumps(data).encode("utf-8") if out is None else out
+
+
+def fast_encode_dict(data: dict[str, Any], floats: bool = True) -> bytes | None:
+    """``encode(r)`` given ``data = r.to_dict()``, or None when only the reference path is exact.
+
+    For callers that build that dict directly (``Redactor.span_body``) and
+    have a slower exact path of their own: None also for data that holds
+    values ``record_from_span`` would have normalised first (a non-finite
+    float, a lone surrogate), since orjson refuses or nulls those.
+    ``floats=False``: the caller knows ``data`` holds no float, so the checks
+    for floats orjson writes differently (and for NaN written as null) are
+    skipped; orjson still refuses what it cannot write (a lone surrogate, an
+    integer beyond 64 bits).
+    """
+    if not _fast:
+        return None
+    if floats:
+        return _fast_dumps(data, data["parent_span_id"] is None)
+    try:
+        return _orjson.dumps(data, option=_FAST_OPTIONS)
+    except TypeError:
+        return None
 
 
 def encode_reference(record: Record) -> bytes:
@@ -245,7 +324,8 @@ def decode(body: bytes) -> Record:
         raise ValueError(f"record body lacks field {exc}") from exc
 
 
-def _clean_str(value: str, max_len: int) -> tuple[str, bool]:
+def clean_str(value: str, max_len: int) -> tuple[str, bool]:
+    """A string normalised for encoding (cut to ``max_len``, lone surrogates escaped); cut?"""
     cut = False
     if len(value) > max_len:
         value, cut = value[:max_len], True
@@ -257,6 +337,9 @@ def _clean_str(value: str, max_len: int) -> tuple[str, bool]:
             # escape them visibly rather than lose the value.
             value = value.encode("utf-8", "backslashreplace").decode("utf-8")
     return value, cut
+
+
+_clean_str = clean_str
 
 
 def _clean_scalar(value: Any, max_len: int) -> tuple[Any, bool]:
@@ -290,6 +373,32 @@ def clean_attributes(
     return out, cut
 
 
+def clean_value(value: Any, max_len: int) -> tuple[Any, bool]:
+    """One attribute value normalised for encoding, and whether it was cut."""
+    kind = type(value)
+    if kind is str:
+        if len(value) <= max_len and value.isascii():
+            return value, False
+    elif kind is int or kind is bool:
+        return value, False
+    if isinstance(value, (list, tuple)):
+        items = []
+        was_cut = False
+        for item in value:
+            clean, c = _clean_scalar(item, max_len)
+            items.append(clean)
+            was_cut = was_cut or c
+        return items, was_cut
+    return _clean_scalar(value, max_len)
+
+
+def clean_key(key: Any, max_len: int) -> str | None:
+    """``key`` when it needs no normalising (the common case), else None."""
+    if type(key) is str and key.isascii() and len(key) <= max_len:
+        return key
+    return None
+
+
 def _clean_into(
     out: dict[str, Any], cut: list[str], attributes: Mapping[str, Any], max_len: int
 ) -> None:
@@ -306,16 +415,7 @@ def _clean_into(
         elif kind is int or kind is bool:
             out[key] = value
             continue
-        if isinstance(value, (list, tuple)):
-            items = []
-            was_cut = False
-            for item in value:
-                clean, c = _clean_scalar(item, max_len)
-                items.append(clean)
-                was_cut = was_cut or c
-            out[key] = items
-        else:
-            out[key], was_cut = _clean_scalar(value, max_len)
+        out[key], was_cut = clean_value(value, max_len)
         if was_cut:
             cut.append(key)
 
@@ -329,17 +429,151 @@ def _enum_name(value: Any, known: tuple[str, ...], default: str) -> str:
     return name if name in known else default
 
 
-# The SDK's enum members by identity: ``.name`` on an enum is a slow descriptor.
-_KIND_NAMES: dict[Any, str] = {}
-_STATUS_NAMES: dict[Any, str] = {}
+# The SDK's enum members by identity: ``.name`` on an enum is a slow
+# descriptor, and so is an enum's ``__hash__``. Members live as long as their
+# class, so no other object can take one's id.
+_KIND_NAMES: dict[int, str] = {}
+_STATUS_NAMES: dict[int, str] = {}
 try:
     from opentelemetry.trace import SpanKind as _SpanKind
     from opentelemetry.trace import StatusCode as _StatusCode
 
-    _KIND_NAMES = {k: k.name for k in _SpanKind if k.name in _KINDS}
-    _STATUS_NAMES = {c: c.name for c in _StatusCode if c.name in _STATUSES}
+    _KIND_NAMES = {id(k): k.name for k in _SpanKind if k.name in _KINDS}
+    _STATUS_NAMES = {id(c): c.name for c in _StatusCode if c.name in _STATUSES}
 except ImportError:  # pragma: no cover - the API is a dependency
     pass
+
+
+# -- reading SDK spans without their copying properties -----------------------
+#
+# ``ReadableSpan.attributes`` wraps the span's BoundedAttributes in a
+# MappingProxyType on every read, and every lookup or iteration through it
+# then runs the Python-level Mapping methods of BoundedAttributes;
+# ``.events`` and ``.links`` copy into a tuple. Once a span has ended nothing
+# changes them (the SDK makes its attributes immutable and refuses new events
+# and links), so for the SDK's own span classes, whose properties these are,
+# the fields are read directly. Any other span object, a subclass that
+# overrides one of these properties, or an SDK release that renamed the
+# fields, takes the properties.
+
+try:
+    from opentelemetry.attributes import BoundedAttributes as _BoundedAttributes
+    from opentelemetry.sdk.trace import ReadableSpan as _ReadableSpan
+    from opentelemetry.sdk.util import BoundedList as _BoundedList
+    from opentelemetry.trace.status import Status as _Status
+except ImportError:  # pragma: no cover - the SDK is a dependency
+    _ReadableSpan = None  # type: ignore[assignment,misc]
+
+_SPAN_PROPERTIES = (
+    "name", "context", "kind", "parent", "start_time", "end_time", "status", "attributes",
+    "events", "links", "instrumentation_scope",
+)  # fmt: skip
+_NO_ATTRIBUTES: Mapping[str, Any] = MappingProxyType({})
+_DIRECT: dict[type, bool] = {}
+
+
+def _fields_are_direct() -> bool:
+    """True when this SDK keeps a span's fields where the direct reads look for them."""
+    if _ReadableSpan is None:
+        return False
+    try:
+        probe = _ReadableSpan(
+            "probe",
+            attributes=_BoundedAttributes(attributes={"a": 1}),
+            events=_BoundedList(1),
+            links=_BoundedList(1),
+            end_time=2,
+        )
+        probe._attributes._immutable = True  # type: ignore[union-attr]
+        status = _Status(_StatusCode.ERROR, "why")
+        return (
+            status._status_code is status.status_code
+            and status._description == status.description
+            and probe._name == "probe"
+            and probe._end_time == 2
+            and dict(probe._attributes._dict) == dict(probe.attributes or {})  # type: ignore[union-attr]
+            and tuple(probe._events._dq) == probe.events  # type: ignore[attr-defined]
+            and tuple(probe._links._dq) == probe.links  # type: ignore[attr-defined]
+            and all(
+                hasattr(probe, f"_{name}")
+                for name in _SPAN_PROPERTIES
+                if name not in ("attributes", "events", "links")
+            )
+        )
+    except Exception:  # pragma: no cover - a future SDK: the properties still work
+        return False
+
+
+_DIRECT_FIELDS = _fields_are_direct()
+
+
+def direct_fields(cls: type) -> bool:
+    """True when a span of class ``cls`` may be read through its fields (see above).
+
+    Then ``span._attributes`` etc. are read instead of the properties;
+    ``span_attributes`` and ``ended_sequence`` do it for attributes, events and links.
+    """
+    try:
+        return _DIRECT[cls]
+    except KeyError:
+        pass
+    ok = (
+        _DIRECT_FIELDS
+        and issubclass(cls, _ReadableSpan)
+        and all(getattr(cls, n, None) is getattr(_ReadableSpan, n) for n in _SPAN_PROPERTIES)
+    )
+    if len(_DIRECT) < 256:
+        _DIRECT[cls] = ok
+    return ok
+
+
+def span_attributes(span: Any) -> Mapping[str, Any]:
+    """The attributes of ``span`` (never None), read-only: callers must not change them.
+
+    For an ended SDK span, the span's own dict, without the copy or the
+    Mapping wrappers ``span.attributes`` goes through; otherwise
+    ``span.attributes``.
+    """
+    if direct_fields(type(span)):
+        raw = span._attributes
+        if type(raw) is _BoundedAttributes:
+            if raw._immutable:  # ended: nothing writes to it any more
+                return raw._dict
+        elif type(raw) is dict:
+            return raw
+        elif raw is None:
+            return _NO_ATTRIBUTES
+    return span.attributes or _NO_ATTRIBUTES
+
+
+def ended_sequence(raw: Any, span: Any, name: str) -> Any:
+    """A span's events or links (``raw``: its ``_events`` or ``_links``), read-only.
+
+    Without the SDK's copy when the span has ended; else ``span.<name>``.
+    Only for spans whose class passes ``direct_fields``.
+    """
+    if type(raw) is _BoundedList:
+        if span._end_time is not None:
+            return raw._dq  # type: ignore[attr-defined]
+    elif type(raw) is tuple or type(raw) is list:
+        return raw
+    return getattr(span, name)
+
+
+def span_kind_name(kind: Any) -> str:
+    """How a record spells an SDK span kind (unknown: INTERNAL)."""
+    return _KIND_NAMES.get(id(kind)) or _enum_name(kind, _KINDS, "INTERNAL")
+
+
+def span_status(status: Any) -> tuple[str, str | None]:
+    """(status name, message as the span gives it) of an SDK Status, or ("UNSET", None)."""
+    if status is None:
+        return "UNSET", None
+    if type(status) is _Status and _DIRECT_FIELDS:
+        code, message = status._status_code, status._description
+    else:
+        code, message = status.status_code, status.description
+    return _STATUS_NAMES.get(id(code)) or code.name, message
 
 
 def record_from_span(
@@ -349,17 +583,38 @@ def record_from_span(
     max_len: int = DEFAULT_MAX_VALUE_LENGTH,
 ) -> Record:
     """Build a Record from an SDK ReadableSpan (``extra_attributes`` override the span's)."""
-    ctx = span.context
+    if direct_fields(type(span)):
+        # The SDK's own span: its fields, read once each (see span_attributes).
+        ctx = span._context
+        parent = span._parent
+        status = span._status
+        span_kind = span._kind
+        name = span._name
+        start = span._start_time
+        end = span._end_time
+        instrumentation = span._instrumentation_scope
+        span_links = ended_sequence(span._links, span, "links")
+        span_events = ended_sequence(span._events, span, "events")
+    else:
+        # Properties copy (links, events) or compute: read each once.
+        ctx = span.context
+        parent = span.parent
+        status = span.status
+        span_kind = span.kind
+        name = span.name
+        start = span.start_time
+        end = span.end_time
+        instrumentation = span.instrumentation_scope
+        span_links = span.links
+        span_events = span.events
     # One pass over the span's attributes, then the extra ones over them.
     attributes: dict[str, Any] = {}
     cut: list[str] = []
-    span_attributes = span.attributes
-    if span_attributes:
-        _clean_into(attributes, cut, span_attributes, max_len)
+    span_attrs = span_attributes(span)
+    if span_attrs:
+        _clean_into(attributes, cut, span_attrs, max_len)
     if extra_attributes:
         _clean_into(attributes, cut, extra_attributes, max_len)
-    # Span properties copy (links, events) or compute (enum names): read each once.
-    span_links = span.links
     links = (
         tuple(
             Link(
@@ -372,7 +627,6 @@ def record_from_span(
         if span_links
         else ()
     )
-    span_events = span.events
     events = (
         tuple(
             Event(ev.name, int(ev.timestamp or 0), clean_attributes(ev.attributes, max_len)[0])
@@ -381,36 +635,26 @@ def record_from_span(
         if span_events
         else ()
     )
-    parent = span.parent
-    status = span.status
-    span_kind = span.kind
-    kind = _KIND_NAMES.get(span_kind) or _enum_name(span_kind, _KINDS, "INTERNAL")
-    if status is not None:
-        code = status.status_code
-        status_name = _STATUS_NAMES.get(code) or code.name
-        message = status.description
-    else:
-        status_name, message = "UNSET", None
-    instrumentation = span.instrumentation_scope
-    name = span.name
+    kind = span_kind_name(span_kind)
+    status_name, message = span_status(status)
     if type(name) is not str or not name.isascii() or len(name) > max_len:
         name = _clean_str(str(name), max_len)[0]
-    return Record(
-        trace_id=format(ctx.trace_id, "032x"),
-        span_id=format(ctx.span_id, "016x"),
-        parent_span_id=format(parent.span_id, "016x") if parent is not None else None,
-        name=name,
-        kind=kind,
-        service=service,
-        start=int(span.start_time or 0),
-        end=int(span.end_time or 0),
-        status=status_name,
-        status_message=_clean_str(message, max_len)[0] if message else None,
-        attributes=attributes,
-        links=links,
-        events=events,
-        scope=instrumentation.name if instrumentation else None,
-        truncated=tuple(cut),
+    return new_record(
+        format(ctx.trace_id, "032x"),
+        format(ctx.span_id, "016x"),
+        format(parent.span_id, "016x") if parent is not None else None,
+        name,
+        kind,
+        service,
+        int(start or 0),
+        int(end or 0),
+        status_name,
+        _clean_str(message, max_len)[0] if message else None,
+        attributes,
+        links,
+        events,
+        instrumentation.name if instrumentation else None,
+        tuple(cut),
     )
 
 

@@ -43,12 +43,29 @@ import json
 import os
 import re
 import secrets
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 from otel_audit import vocabulary as v
-from otel_audit.engine.record import Event, Link, Record
+from otel_audit.engine.record import (
+    DEFAULT_MAX_VALUE_LENGTH,
+    FORMAT_VERSION,
+    Event,
+    Link,
+    Record,
+    clean_attributes,
+    clean_key,
+    clean_str,
+    clean_value,
+    direct_fields,
+    ended_sequence,
+    fast_encode_dict,
+    new_record,
+    span_attributes,
+    span_kind_name,
+    span_status,
+)
 from otel_audit.errors import ConfigError
 from otel_audit.settings import OTEL_AUDIT_HMAC_KEY
 
@@ -624,6 +641,10 @@ class Redactor:
         # may compute one twice, never differently.
         self._methods: dict[str, str | None] = {}
         self._plans: dict[str, tuple[str, str]] = {}
+        # The same plans, for names as spans hold them (span_body).
+        self._span_plans: dict[str, tuple[str, str]] = {}
+        # Names whose plan keeps name and value as they are: copied in bulk.
+        self._kept_names: frozenset[str] = frozenset()
         self._clean: set[str] = set()
         self._clean_statements: set[str] = set()
         for rule in self.rules:
@@ -767,6 +788,235 @@ class Redactor:
                 out[stored] = self._apply(action, value)
         return out
 
+    def span_body(
+        self,
+        span: Any,
+        service: str,
+        extra: Mapping[str, Any] | None = None,
+        keep: Container[str] | None = None,
+    ) -> bytes | None:
+        """The canonical bytes of ``span``'s redacted record, in one pass; None when it cannot.
+
+        The same bytes as ``encode(self.record(record_from_span(span, service,
+        extra)))``; ``keep`` (the attribute names the ``metadata`` level keeps)
+        also applies that level's reduction first, as AuditPolicy.apply does.
+        No Record is built: attributes are normalised and redacted in one
+        step and the dict orjson encodes is built directly. Attributes whose
+        plan is to keep the value as it is (the audit.* vocabulary and
+        key-safe names: most of a record) are copied in bulk and their
+        normalisation is checked on the result (orjson refuses a lone
+        surrogate; no value is longer than the whole record). None, and the
+        caller takes the composed path, for what this path does not cover: a
+        span object that is not the SDK's, a value cut for length, a value
+        only the reference encoder writes exactly, an attribute name that
+        needs normalising or is itself redacted. ``tests/test_hotpath.py``
+        checks both paths give the same bytes.
+        """
+        if not direct_fields(type(span)):
+            return None
+        max_len = DEFAULT_MAX_VALUE_LENGTH
+        found: list[str] = []
+        text = self._text
+        clean = self._clean
+        # The record's own strings first, in the order Redactor.record visits
+        # them (what is found is then masked wherever else it appears).
+        name = span._name
+        if type(name) is not str or not name.isascii() or len(name) > max_len:
+            name = clean_str(str(name), max_len)[0]
+        if name not in clean:
+            name = text(name, found)
+        if service not in clean:
+            service = text(service, found)
+        status_name, message = span_status(span._status)
+        if message and keep is None:
+            message = text(clean_str(message, max_len)[0], found)
+        else:
+            message = None
+        attributes: Mapping[str, Any] = span_attributes(span)
+        if extra:
+            attributes = {**attributes, **extra}
+        # Bulk: every value of a type normalising leaves alone (a non-finite
+        # float is caught by the encoder's null count, a lone surrogate by its
+        # refusal, a value too long by the length of the whole record).
+        types = set(map(type, attributes.values()))
+        bulk = keep is None and types <= _BULK_TYPES
+        out = self._bulk_attributes(attributes, found) if bulk else None
+        if out is None:
+            bulk = False
+            out = self._each_attribute(attributes, found, keep)
+            if out is None:
+                return None
+        links: list[dict[str, Any]] | None = None
+        span_links = ended_sequence(span._links, span, "links")
+        if span_links:
+            links = []
+            for ln in span_links:
+                ctx = ln.context
+                attrs = {} if keep is not None else clean_attributes(ln.attributes, max_len)[0]
+                links.append({
+                    "trace_id": format(ctx.trace_id, "032x"),
+                    "span_id": format(ctx.span_id, "016x"),
+                    "attributes": self.attributes(attrs, None, found),
+                })  # fmt: skip
+        events: list[dict[str, Any]] | None = None
+        span_events = ended_sequence(span._events, span, "events")
+        if span_events:
+            events = []
+            for ev in span_events:
+                attrs = {} if keep is not None else clean_attributes(ev.attributes, max_len)[0]
+                events.append({
+                    "name": text(ev.name, found),
+                    "time": int(ev.timestamp or 0),
+                    "attributes": self.attributes(attrs, None, found),
+                })  # fmt: skip
+        scope = span._instrumentation_scope
+        scope = scope.name if scope else None
+        if scope:
+            scope = text(scope, found)
+        ctx = span._context
+        parent = span._parent
+        try:
+            # The ids as format(id, "032x") writes them, for ids that fit (else OverflowError).
+            data: dict[str, Any] = {
+                "v": FORMAT_VERSION,
+                "trace_id": ctx.trace_id.to_bytes(16, "big").hex(),
+                "span_id": ctx.span_id.to_bytes(8, "big").hex(),
+                "parent_span_id": (
+                    parent.span_id.to_bytes(8, "big").hex() if parent is not None else None
+                ),
+                "name": name,
+                "kind": span_kind_name(span._kind),
+                "service": service,
+                "start": int(span._start_time or 0),
+                "end": int(span._end_time or 0),
+                "status": status_name,
+                "attributes": out,
+            }
+        except (OverflowError, AttributeError):
+            return None
+        if message:
+            data["status_message"] = message
+        if links:
+            data["links"] = links
+        if events:
+            data["events"] = events
+        if scope:
+            data["scope"] = scope
+        if found:
+            echoes = {s for s in found if len(s) >= _MIN_ECHO and not s.startswith(MASK[:-1])}
+            if echoes:
+                # The echo pass rewrites values: those copied in bulk must be
+                # checked first, as the encoder's checks would no longer see them.
+                if bulk and not all(clean_value(x, max_len)[0] is x for x in out.values()):
+                    return None
+                record = _record_of(data)
+                data = _mask_echoes(record, sorted(echoes, key=len, reverse=True)).to_dict()
+        # No float anywhere (only ints, bools and text; no events or links):
+        # the encoder need not look for floats it writes differently.
+        floats = not bulk or float in types or links is not None or events is not None
+        body = fast_encode_dict(data, floats)
+        if body is None or (bulk and len(body) > max_len):
+            return None
+        return body
+
+    def _bulk_attributes(
+        self, attributes: Mapping[str, Any], found: list[str]
+    ) -> dict[str, Any] | None:
+        """``attributes`` redacted: a copy, then the plan of each name not kept as it is.
+
+        None when a name is not known yet to keep its place and value (a
+        name redacted itself, or one that needs normalising): those take
+        ``_each_attribute``, which keeps the composed path's order exactly.
+        """
+        out = dict(attributes)
+        rest = attributes.keys() - self._kept_names
+        if rest:
+            if len(rest) > 1:  # in the span's order, as the composed path visits them
+                order = list(attributes)
+                rest = sorted(rest, key=order.index)  # type: ignore[assignment]
+            plans = self._span_plans
+            max_len = DEFAULT_MAX_VALUE_LENGTH
+            for key in rest:
+                plan = plans.get(key) or self._span_plan(key)
+                if plan is None or plan[0] != key:
+                    return None
+                value, cut = clean_value(attributes[key], max_len)
+                if cut:
+                    return None
+                if not self._redact_into(out, key, plan[1], key, value, found):
+                    del out[key]
+        return out
+
+    def _each_attribute(
+        self, attributes: Mapping[str, Any], found: list[str], keep: Container[str] | None
+    ) -> dict[str, Any] | None:
+        """``attributes`` normalised and redacted one by one; None when one is cut for length."""
+        out: dict[str, Any] = {}
+        plans = self._span_plans
+        max_len = DEFAULT_MAX_VALUE_LENGTH
+        for key, value in attributes.items():
+            plan = plans.get(key) or self._span_plan(key)
+            if plan is None:
+                return None  # a name that needs normalising
+            value, cut = clean_value(value, max_len)
+            if cut:
+                return None
+            if keep is not None and key not in keep:
+                continue
+            stored, action = plan
+            if action is _KEEP:
+                out[stored] = value
+            else:
+                self._redact_into(out, stored, action, key, value, found)
+        return out
+
+    def _redact_into(
+        self,
+        out: dict[str, Any],
+        stored: str,
+        action: str,
+        name: str,
+        value: Any,
+        found: list[str],
+    ) -> bool:
+        """``out[stored]`` = ``value`` redacted by ``action`` (see ``attributes``); False: dropped."""
+        if action is _KEEP:
+            out[stored] = value
+        elif action is _SCAN:
+            out[stored] = (
+                value if type(value) is str and value in self._clean else self._value(value, found)
+            )
+        elif action is _ID:
+            out[stored] = scrub_id(value, found) if isinstance(value, str) else value
+        elif action is _SQL:
+            out[stored] = (
+                self._statement(value, found)
+                if isinstance(value, str)
+                else self._value(value, found)
+            )
+        else:
+            if name not in _EXCEPTION_NAMES:
+                if isinstance(value, str):
+                    found.append(value)
+                elif isinstance(value, list):
+                    found.extend(x for x in value if isinstance(x, str))
+            if action == "drop":
+                return False
+            out[stored] = self._apply(action, value)
+        return True
+
+    def _span_plan(self, name: Any) -> tuple[str, str] | None:
+        """``_plan`` for an attribute name as the span holds it; None when it needs normalising."""
+        if clean_key(name, DEFAULT_MAX_VALUE_LENGTH) is None:
+            return None
+        plan = self._plan(name)
+        if len(self._span_plans) < _MAX_CACHED_NAMES:
+            self._span_plans[name] = plan
+            if plan == (name, _KEEP):
+                # Replaced, never changed in place: readers never see it change.
+                self._kept_names = self._kept_names | {name}
+        return plan
+
     def record(self, record: Record) -> Record:
         """``record`` with every string it keeps redacted (see the module docstring)."""
         found: list[str] = []
@@ -777,7 +1027,7 @@ class Redactor:
             truncated = tuple(self._plan(n)[0] for n in truncated)
         # Built directly: dataclasses.replace costs more than the redaction
         # of a small record.
-        out = Record(
+        out = new_record(
             record.trace_id, record.span_id, record.parent_span_id, text(record.name, found),
             record.kind, text(record.service, found), record.start, record.end, record.status,
             text(record.status_message, found) if record.status_message else None,
@@ -803,6 +1053,20 @@ class Redactor:
 # Plans for an attribute's value (besides the redaction METHODS).
 _SCAN, _KEEP, _SQL, _ID = "scan", "keep", "sql", "id"
 _EXCEPTION_NAMES = _EXCEPTION_MASKED | _EXCEPTION_DROPPED
+# Values normalising leaves as they are (but for what span_body checks after).
+_BULK_TYPES = frozenset({str, int, bool, float})
+
+
+def _record_of(data: dict[str, Any]) -> Record:
+    """The Record whose ``to_dict()`` is ``data`` (as span_body builds it)."""
+    return new_record(
+        data["trace_id"], data["span_id"], data["parent_span_id"], data["name"], data["kind"],
+        data["service"], data["start"], data["end"], data["status"], data.get("status_message"),
+        data["attributes"],
+        tuple(Link(ln["trace_id"], ln["span_id"], ln["attributes"]) for ln in data.get("links", ())),
+        tuple(Event(ev["name"], ev["time"], ev["attributes"]) for ev in data.get("events", ())),
+        data.get("scope"), (), data["v"],
+    )  # fmt: skip
 
 
 def _echo(value: Any, secrets_: list[str]) -> Any:

@@ -33,7 +33,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 
 from otel_audit import vocabulary as v
 from otel_audit.capture.decision import Decision
-from otel_audit.engine.record import Record
+from otel_audit.engine.record import Record, encode, record_from_span, span_attributes
 from otel_audit.errors import ConfigError
 from otel_audit.policy.boundary import (
     BLOCKED,
@@ -85,6 +85,9 @@ METADATA_ATTRIBUTES = frozenset(
         VIOLATION, VIOLATING_SPAN,
     }
 )  # fmt: skip
+
+# Every attribute name ``metadata`` keeps (what apply() filters on).
+_METADATA_KEPT = METADATA_ATTRIBUTES | frozenset(v.ALL)
 
 _SELECTORS = ("action", "route", "service", "effect", "resource_type", "classification")
 _RULE_KEYS = frozenset({"name", *_SELECTORS, "attributes", "level", "durability"})
@@ -583,7 +586,7 @@ class AuditPolicy:
 
     def _facts(self, span: ReadableSpan, derived: Mapping[str, Any]) -> SpanFacts:
         # A plain copy: cheaper than a ChainMap view for the many lookups rules make.
-        attrs: Any = dict(span.attributes or {})
+        attrs: Any = dict(span_attributes(span))
         attrs.update(derived)
         resource = span.resource
         service = resource.attributes.get("service.name") if resource is not None else None
@@ -615,10 +618,10 @@ class AuditPolicy:
         return not (isinstance(trail, str) and processor.registry.get(trail))
 
     def decide(self, span: ReadableSpan, derived: dict[str, Any]) -> Decision | None:
-        if not self.rules and self._unclassified(span.attributes or {}):
+        attrs = span_attributes(span)
+        if not self.rules and self._unclassified(attrs):
             # No rules and nothing classified (the default policy): nothing to
             # match, so skip building the span's facts (the common, hot case).
-            attrs = span.attributes or {}
             if attrs.get(v.ACTION) != VIOLATION_ACTION:
                 effect = derived.get(v.EFFECT) or attrs.get(v.EFFECT)
                 if isinstance(effect, str) and effect not in self.base_effects:
@@ -635,7 +638,7 @@ class AuditPolicy:
         facts = self._facts(span, derived)
         extra: dict[str, Any] = {}
         label = facts.attributes.get(v.DATA_CLASSIFICATION)
-        if label and label != (span.attributes or {}).get(v.DATA_CLASSIFICATION):
+        if label and label != attrs.get(v.DATA_CLASSIFICATION):
             extra[v.DATA_CLASSIFICATION] = label
         if (
             facts.attributes.get(v.ACTION) == VIOLATION_ACTION
@@ -673,6 +676,22 @@ class AuditPolicy:
                 links=tuple(replace(ln, attributes={}) for ln in record.links),
             )
         return self.redactor.record(record)
+
+    def encode_span(
+        self, span: ReadableSpan, service: str, extra: dict[str, Any], decision: Decision
+    ) -> bytes:
+        """``encode(self.apply(record_from_span(span, service, extra), decision))``, faster.
+
+        The same bytes (``tests/test_hotpath.py``): the processor's path from a
+        finished span to what it stores, with the record built, redacted and
+        encoded in one pass (``Redactor.span_body``) where it can be.
+        """
+        body = self.redactor.span_body(
+            span, service, extra, _METADATA_KEPT if decision.level == "metadata" else None
+        )
+        if body is None:
+            body = encode(self.apply(record_from_span(span, service, extra), decision))
+        return body
 
     # -- explaining ----------------------------------------------------------
 
