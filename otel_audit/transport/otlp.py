@@ -18,7 +18,7 @@ import base64
 import binascii
 import json
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +33,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Sp
 from opentelemetry.trace import SpanKind
 
 from otel_audit import vocabulary as v
+from otel_audit.engine import record as _record_module
 from otel_audit.engine.record import (
     DEFAULT_MAX_VALUE_LENGTH,
     Event,
@@ -42,7 +43,14 @@ from otel_audit.engine.record import (
     clean_attributes,
 )
 from otel_audit.semantics.effects import classify
-from otel_audit.semantics.spans import KINDS, kind_name, kind_number, status_name, status_number
+from otel_audit.semantics.spans import (
+    KINDS,
+    STATUSES,
+    kind_name,
+    kind_number,
+    status_name,
+    status_number,
+)
 
 __all__ = [
     "MalformedRequest",
@@ -56,6 +64,13 @@ __all__ = [
 
 # Record kind names -> API kinds (for effect classification of undecided spans).
 _API_KINDS = {name: SpanKind[name] for name in KINDS}
+# OTLP numbers -> the record's names (``kind_name``/``status_name`` as lookups; others default).
+_KIND_NAMES = {number: kind_name(number) for number in range(len(KINDS) + 1)}
+_STATUS_NAMES = {number: status_name(number) for number in range(len(STATUSES))}
+# Builds a Record from its fields in declaration order: the record module's
+# constructor that skips the frozen dataclass's per-field __setattr__ when
+# it has one, else the class itself (the same positional fields).
+_new_record: Callable[..., Record] = getattr(_record_module, "new_record", Record)
 _ZERO_TRACE = "0" * 32
 _ZERO_SPAN = "0" * 16
 
@@ -215,32 +230,33 @@ def _attributes(kvs: Iterable[KeyValue]) -> dict[str, Any]:
 def _clean_attributes(kvs: Iterable[KeyValue], max_len: int) -> tuple[dict[str, Any], list[str]]:
     """``clean_attributes(_attributes(kvs))`` in one pass: the same values and cut names.
 
-    Nearly every attribute is short text, an int or a bool; those are taken
-    as they are, with no second walk over the attributes: protobuf text is
-    valid UTF-8 (the parser checks it, and cannot hold a lone surrogate), so
-    only its length can need cleaning. Anything else goes through the general
+    Nearly every attribute is short text, an int or a bool under a short
+    name; those are taken as they are, with no second walk over the
+    attributes: protobuf text is valid UTF-8 (the parser checks it, and cannot
+    hold a lone surrogate), so only its length can need cleaning. Anything
+    else (a long name or value, another type) goes through the general
     normalisation of ``record.clean_attributes``, so the bytes never differ.
     """
     out: dict[str, Any] = {}
     cut: dict[str, bool] | None = None
     for kv in kvs:
         key = kv.key
-        if len(key) > max_len:
-            key = _clean_str(key, max_len)[0]
         value = kv.value
         which = value.WhichOneof("value")
         if which == "string_value":
             text = value.string_value
-            if len(text) <= max_len:
+            if len(text) <= max_len and len(key) <= max_len:
                 out[key] = text
                 if cut is not None:
                     cut.pop(key, None)
                 continue
-        elif which == "int_value" or which == "bool_value":
+        elif (which == "int_value" or which == "bool_value") and len(key) <= max_len:
             out[key] = getattr(value, which)
             if cut is not None:
                 cut.pop(key, None)
             continue
+        if len(key) > max_len:
+            key = _clean_str(key, max_len)[0]
         raw = getattr(value, which) if which in _SCALARS else _any_value(value)
         cleaned, names = clean_attributes({key: raw}, max_len)
         for name, item in cleaned.items():
@@ -278,6 +294,8 @@ def records_from_request(
     records: list[Record] = []
     rejected: list[Rejected] = []
     ignored = 0
+    event, trail, effect_name = v.EVENT, v.TRAIL_ID, v.EFFECT
+    add = records.append
     for rs in request.resource_spans:
         resource = _attributes(rs.resource.attributes)
         service = resource.get("service.name")
@@ -285,39 +303,40 @@ def records_from_request(
         for ss in rs.scope_spans:
             scope = ss.scope.name or None
             for span in ss.spans:
-                trace_id = span.trace_id.hex()
-                span_id = span.span_id.hex()
-                if len(span.trace_id) != 16 or trace_id == _ZERO_TRACE:
+                raw_trace = span.trace_id
+                raw_span = span.span_id
+                trace_id = raw_trace.hex()
+                span_id = raw_span.hex()
+                if len(raw_trace) != 16 or trace_id == _ZERO_TRACE:
                     rejected.append(Rejected(trace_id, span_id, "invalid trace id"))
                     continue
-                if len(span.span_id) != 8 or span_id == _ZERO_SPAN:
+                if len(raw_span) != 8 or span_id == _ZERO_SPAN:
                     rejected.append(Rejected(trace_id, span_id, "invalid span id"))
                     continue
-                if span.parent_span_id and len(span.parent_span_id) != 8:
+                parent = span.parent_span_id
+                if parent and len(parent) != 8:
                     rejected.append(Rejected(trace_id, span_id, "invalid parent span id"))
                     continue
                 attrs, cut = _clean_attributes(span.attributes, max_len)
-                kind = kind_name(span.kind)
-                extra: dict[str, Any] = {}
-                if attrs.get(v.EVENT) is True:
-                    selected = True
-                elif v.TRAIL_ID in attrs:
-                    if isinstance(attrs.get(v.EFFECT), str):
-                        selected = True
-                    else:
+                kind = _KIND_NAMES.get(span.kind, "INTERNAL")
+                if attrs.get(event) is True:
+                    pass
+                elif trail in attrs:
+                    if not isinstance(attrs.get(effect_name), str):
                         effect = classify(attrs, _API_KINDS[kind], span.name)
+                        if effect not in effects and not keep_all:
+                            ignored += 1
+                            continue
                         if effect is not None:
-                            extra[v.EFFECT] = effect
-                        selected = effect in effects
-                else:
-                    selected = False
-                if not selected and not keep_all:
+                            # A derived name is short text: added after cleaning, as it is.
+                            attrs[effect_name] = effect
+                elif not keep_all:
                     ignored += 1
                     continue
-                # Derived names are short text: added after cleaning, as they are.
-                attrs.update(extra)
-                records.append(
-                    _record(span, trace_id, span_id, attrs, cut, kind, service, scope, max_len)
+                add(
+                    _record(
+                        span, trace_id, span_id, parent, attrs, cut, kind, service, scope, max_len
+                    )
                 )
     return records, rejected, ignored
 
@@ -326,6 +345,7 @@ def _record(
     span: Span,
     trace_id: str,
     span_id: str,
+    parent: bytes,
     attributes: dict[str, Any],
     cut: list[str],
     kind: str,
@@ -337,41 +357,34 @@ def _record(
     span_status = span.status
     message = span_status.message
     name = span.name
-    parent = span.parent_span_id
-    return Record(
-        trace_id=trace_id,
-        span_id=span_id,
-        parent_span_id=parent.hex() if parent else None,
-        name=name if len(name) <= max_len else _clean_str(name, max_len)[0],
-        kind=kind,
-        service=service,
-        start=int(span.start_time_unix_nano),
-        end=int(span.end_time_unix_nano),
-        status=status_name(span_status.code),
-        status_message=_clean_str(message, max_len)[0] if message else None,
-        attributes=attributes,
-        links=()
-        if not span.links
+    links = span.links
+    events = span.events
+    return _new_record(
+        trace_id,
+        span_id,
+        parent.hex() if parent else None,
+        name if len(name) <= max_len else _clean_str(name, max_len)[0],
+        kind,
+        service,
+        span.start_time_unix_nano,
+        span.end_time_unix_nano,
+        _STATUS_NAMES.get(span_status.code, "UNSET"),
+        _clean_str(message, max_len)[0] if message else None,
+        attributes,
+        ()
+        if not links
         else tuple(
-            Link(
-                ln.trace_id.hex(),
-                ln.span_id.hex(),
-                _clean_attributes(ln.attributes, max_len)[0],
-            )
-            for ln in span.links
+            Link(ln.trace_id.hex(), ln.span_id.hex(), _clean_attributes(ln.attributes, max_len)[0])
+            for ln in links
         ),
-        events=()
-        if not span.events
+        ()
+        if not events
         else tuple(
-            Event(
-                ev.name,
-                int(ev.time_unix_nano),
-                _clean_attributes(ev.attributes, max_len)[0],
-            )
-            for ev in span.events
+            Event(ev.name, ev.time_unix_nano, _clean_attributes(ev.attributes, max_len)[0])
+            for ev in events
         ),
-        scope=scope,
-        truncated=tuple(cut),
+        scope,
+        tuple(cut),
     )
 
 
