@@ -55,3 +55,29 @@ def test_the_sdk_configurator_the_zero_code_hook_runs_exists():
     from opentelemetry.sdk._configuration import _OTelSDKConfigurator
 
     assert callable(_OTelSDKConfigurator().configure)
+
+
+def test_the_writer_process_snapshot_reads_what_the_public_properties_return():
+    """engine/remote.snapshot reads SDK span fields directly; it must equal the public view."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+
+    from otel_audit.engine.remote import public_snapshot, snapshot
+
+    tracer = TracerProvider(shutdown_on_exit=False).get_tracer("contract", "1.0")
+    parent = tracer.start_span("parent")
+    spans = [parent]
+    for kind in SpanKind:
+        span = tracer.start_span(
+            "child", kind=kind, attributes={"a": 1, "b": ("x", "y"), "c": 0.5},
+            links=[Link(parent.get_span_context(), {"l": True})],
+            context=__import__("opentelemetry.trace", fromlist=["x"]).set_span_in_context(parent),
+        )  # fmt: skip
+        span.add_event("e", {"k": "v"})
+        span.set_status(Status(StatusCode.ERROR, "boom"))
+        spans.append(span)
+    bare = tracer.start_span("bare")
+    spans.append(bare)
+    for span in spans:
+        span.end()
+        assert snapshot(span) == public_snapshot(span)

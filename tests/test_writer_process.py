@@ -289,3 +289,31 @@ def test_the_worker_loads_the_policy_file(tmp_path: Path) -> None:
         pipeline.shutdown()
     stored = b"".join(bodies(db))
     assert b"order.update" in stored and b"555" not in stored
+
+
+def test_finished_records_and_spans_share_a_batch(tmp_path: Path) -> None:
+    """An intent record (finished bytes, with JSON nulls) beside spans in one frame."""
+    db = tmp_path / "m.db"
+    provider, pipeline = pipeline_for(db, "process", durability="async")
+    tracer = provider.get_tracer("t")
+    try:
+        from otel_audit.engine.record import encode, record_from_span
+
+        live = tracer.start_span("order.intent", attributes={"audit.event": True})
+        body = encode(record_from_span(live, "shop", {"audit.intent": True}))
+        assert b"null" in body  # no parent
+        writer = pipeline.writer
+        tickets = []
+        for round_ in range(20):
+            for i in range(20):  # async: queued for the sender thread
+                attrs = {"audit.event": True, "n": i, "round": round_}
+                tracer.start_span("order.update", attributes=attrs).end()
+            # sync: written at once by this thread, with whatever is still queued
+            tickets.append(writer.enqueue(body))
+        for ticket in tickets:
+            ticket.wait(writer)
+        assert pipeline.flush(30)
+    finally:
+        pipeline.shutdown()
+    stored = bodies(db)
+    assert len(stored) == 420 and stored.count(body) == 20

@@ -82,20 +82,54 @@ def read_frame(inp: IO[bytes]) -> Any:
     return orjson.loads(data)
 
 
-def snapshot(span: Any) -> list[Any]:
+def snapshot(span: Any) -> tuple[Any, ...]:
     """A finished span as plain values (``worker.span_view`` reads them back).
 
+    Reads the SDK span's fields directly: the public properties copy the
+    attributes, events and links on every access, which cost five times the
+    rest (``tests/test_sdk_contract.py`` pins that this equals the public
+    view). An ended span is immutable, so its attribute dict is passed as is.
     Never writes ``null`` itself (no parent is 0, no message ""), so a
     ``null`` in the encoded item can only be a value JSON cannot carry (a
     non-finite float) and sends the span down the in-process path.
     """
+    ctx = span._context
+    parent = span._parent
+    status = span._status
+    scope = span._instrumentation_scope
+    events = span._events
+    links = span._links
+    attrs = span._attributes
+    return (
+        format(ctx.trace_id, "032x"),
+        ctx.span_id,
+        parent.span_id if parent is not None else 0,
+        span._name,
+        span._kind._value_,
+        span._start_time or 0,
+        span._end_time or 0,
+        status.status_code._value_,
+        status.description or "",
+        getattr(attrs, "_dict", attrs) or {},
+        [[ev.name, ev.timestamp or 0, dict(ev.attributes or ())] for ev in events]
+        if events
+        else (),
+        [
+            [format(ln.context.trace_id, "032x"), ln.context.span_id, dict(ln.attributes or ())]
+            for ln in links
+        ]
+        if links
+        else (),
+        scope.name if scope is not None and scope.name else "",
+    )
+
+
+def public_snapshot(span: Any) -> tuple[Any, ...]:
+    """``snapshot`` through the SDK's public properties only (what the contract test compares)."""
     ctx = span.context
     parent = span.parent
-    status = span.status
     scope = span.instrumentation_scope
-    events = span.events
-    links = span.links
-    return [
+    return (
         format(ctx.trace_id, "032x"),
         ctx.span_id,
         parent.span_id if parent is not None else 0,
@@ -103,20 +137,20 @@ def snapshot(span: Any) -> list[Any]:
         span.kind.value,
         span.start_time or 0,
         span.end_time or 0,
-        status.status_code.value,
-        status.description or "",
-        dict(span.attributes or ()),
-        [[ev.name, ev.timestamp or 0, dict(ev.attributes or ())] for ev in events]
-        if events
-        else [],
+        span.status.status_code.value,
+        span.status.description or "",
+        dict(span.attributes or {}),
+        [[ev.name, ev.timestamp or 0, dict(ev.attributes or ())] for ev in span.events]
+        if span.events
+        else (),
         [
             [format(ln.context.trace_id, "032x"), ln.context.span_id, dict(ln.attributes or ())]
-            for ln in links
+            for ln in span.links
         ]
-        if links
-        else [],
+        if span.links
+        else (),
         scope.name if scope is not None and scope.name else "",
-    ]
+    )
 
 
 class _Queued:
@@ -352,6 +386,8 @@ class ProcessWriter:
         return [item.ident, "s", snapshot(item.span), item.extra, item.level, item.durability]
 
     def _exact(self, item: _Queued, entry: list[Any]) -> list[Any]:
+        if item.body is not None:  # finished bytes: their nulls are JSON's own
+            return entry
         try:
             if b"null" not in orjson.dumps(entry):
                 return entry
