@@ -317,3 +317,48 @@ def test_finished_records_and_spans_share_a_batch(tmp_path: Path) -> None:
         pipeline.shutdown()
     stored = bodies(db)
     assert len(stored) == 420 and stored.count(body) == 20
+
+
+FORK_APP = textwrap.dedent(
+    """
+    import os, sys
+    from opentelemetry.sdk.trace import TracerProvider
+    import otel_audit
+
+    provider = TracerProvider()
+    pipeline = otel_audit.configure(ledger=sys.argv[1], service_name="app", tracer_provider=provider,
+                                    writer="process", handle_sigterm=False)
+    with pipeline.audit_action("before.fork"):
+        pass
+    pid = os.fork()   # a pre-forking server (gunicorn --preload) after configure()
+    who = "child" if pid == 0 else "parent"
+    for i in range(10):
+        with pipeline.audit_action(f"{who}.action"):
+            pass
+    pipeline.shutdown()
+    if pid == 0:
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    sys.exit(os.waitstatus_to_exitcode(status))
+    """
+)
+
+
+def test_a_forked_child_starts_its_own_worker(tmp_path: Path) -> None:
+    db = tmp_path / "fork.db"
+    script = tmp_path / "fork_app.py"
+    script.write_text(FORK_APP)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(db)], capture_output=True, text=True, timeout=60,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    stored = b"\n".join(bodies(db))
+    assert stored.count(b'"audit.action":"before.fork"') == 1
+    assert stored.count(b'"audit.action":"child.action"') == 10
+    assert stored.count(b'"audit.action":"parent.action"') == 10
+    verify = subprocess.run(
+        [sys.executable, "-m", "otel_audit", "verify", "--ledger", str(db)],
+        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )  # fmt: skip
+    assert verify.returncode == 0, verify.stdout + verify.stderr

@@ -57,6 +57,8 @@ _log = logging.getLogger("otel_audit")
 
 _HEADER = struct.Struct("<I")
 _MAX_BATCH = 4096
+_WAKE_AT = 512  # async records queued before the sender is woken again
+_LINGER = 0.005  # seconds the sender waits for an async batch to fill
 _INHERITED: list[object] = []  # pipes inherited across fork: kept, never flushed or closed
 
 #: Builds the canonical bytes of a span in this process (the processor's path),
@@ -319,6 +321,8 @@ class ProcessWriter:
         while True:
             self._wake.wait()
             self._wake.clear()
+            if len(self._queue) < _WAKE_AT and not self._closed:
+                time.sleep(_LINGER)  # let an async batch fill (sync producers write themselves)
             with self._write_lock:
                 if not self._send_queued():
                     return
@@ -422,7 +426,7 @@ class ProcessWriter:
                 break
             kind = frame[0]
             if kind == "a":
-                self._acked(frame[1], frame[2], frame[3])
+                self._acked(frame[1], frame[2], frame[3], frame[4])
             elif kind == "c":
                 checkpoint = Checkpoint.from_dict(frame[1])
                 for listener in self.checkpoint_listeners:
@@ -439,13 +443,21 @@ class ProcessWriter:
             self._refuse_until = time.monotonic() + self.probe_interval
         self._healthy, self._last_error = bool(healthy), last_error
 
-    def _acked(self, acks: list[list[Any]], commits: list[list[Any]], health: list[Any]) -> None:
+    def _acked(
+        self,
+        acks: list[list[Any]],
+        done: list[int],
+        commits: list[list[Any]],
+        health: list[Any],
+    ) -> None:
         self._health(health)
         if not self._healthy:
             self._refuse_until = time.monotonic() + self.probe_interval
         resolved = []
         with self._cond:
             pending = self._pending
+            for ident in done:  # async records: committed, nobody waits for where
+                del pending[ident]
             for ident, seq, digest, error in acks:
                 ticket = pending.pop(ident, None)
                 if ticket is not None:
@@ -509,15 +521,22 @@ class ProcessWriter:
                     self._cond.wait(0.5)
             if self._stopped is not None:
                 raise LedgerWriteError(f"audit writer for {self.url} has stopped: {self._stopped}")
-        self._queue.append(item)
-        if item.ticket is not None and self._write_lock.acquire(blocking=False):
-            # A sync record and nobody writing: write it now, from this thread.
-            try:
-                self._send_queued()
-            finally:
-                self._write_lock.release()
-            if not self._queue:
-                return
+        queue = self._queue
+        queue.append(item)
+        if item.ticket is not None:
+            if self._write_lock.acquire(blocking=False):
+                # A sync record and nobody writing: write it now, from this thread.
+                try:
+                    self._send_queued()
+                finally:
+                    self._write_lock.release()
+                if not queue:
+                    return
+        elif len(queue) != 1 and len(queue) < _WAKE_AT:
+            # Async: the sender was woken by the first record of this batch
+            # and lingers for more; waking it for each would cost a thread
+            # switch per record.
+            return
         if not self._wake.is_set():
             self._wake.set()
 

@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from types import SimpleNamespace
 from typing import Any, BinaryIO
 
@@ -87,8 +88,11 @@ class Worker:
         self._out = out
         self._out_lock = threading.Lock()
         self._acks: list[list[Any]] = []
+        self._async_acks: list[int] = []
         self._commits: list[list[float]] = []
         self._acks_lock = threading.Lock()
+        self._stats: list[Any] | None = None
+        self._stats_at = 0.0
         # Answers go out once per batch, from the writer thread, when its
         # tickets are resolved: no thread of its own, no extra hand-off.
         self.writer.resolved_listeners.append(self._send_acks)
@@ -110,10 +114,15 @@ class Worker:
         with self._acks_lock:
             self._acks.append(ack)
 
-    def _resolved(self, ident: int) -> Any:
+    def _resolved(self, ident: int, durable: bool) -> Any:
+        """The answer of one record: where it landed, or (async, committed) just its id."""
+
         def callback(ticket: Ticket) -> None:
             if ticket.error is not None:
                 self._ack([ident, None, None, str(ticket.error)])
+            elif not durable:
+                with self._acks_lock:
+                    self._async_acks.append(ident)
             else:
                 assert ticket.appended is not None
                 self._ack([ident, ticket.appended.seq, ticket.appended.hash.hex(), None])
@@ -124,13 +133,18 @@ class Worker:
         """Send what is answered so far (one frame), with the writer's health."""
         with self._acks_lock:
             acks, self._acks = self._acks, []
+            done, self._async_acks = self._async_acks, []
             commits, self._commits = self._commits, []
-        if acks or commits:
-            self.send(["a", acks, commits, self._health()])
+        if acks or done or commits:
+            self.send(["a", acks, done, commits, self._health()])
 
-    def _health(self) -> list[Any]:
-        stats = self.writer.stats()
-        return [stats.healthy, stats.last_error, list(dataclasses.astuple(stats))]
+    def _health(self, fresh: bool = False) -> list[Any]:
+        """Health and counters; the full stats (they sort the latencies) at most once a second."""
+        now = time.monotonic()
+        writer = self.writer
+        if fresh or not writer.pending or self._stats is None or now - self._stats_at >= 1.0:
+            self._stats, self._stats_at = list(dataclasses.astuple(writer.stats())), now
+        return [writer.healthy, writer.last_error, self._stats]
 
     # -- requests ----------------------------------------------------------
 
@@ -150,7 +164,8 @@ class Worker:
         for item in items:
             ident = item[0]
             try:
-                ticket = self.writer.enqueue(self.body(item), retry=item[-1] == "async")
+                durable = item[-1] != "async"
+                ticket = self.writer.enqueue(self.body(item), retry=not durable)
             except AuditError as exc:
                 self._ack([ident, None, None, str(exc)])
                 failed = True
@@ -158,7 +173,7 @@ class Worker:
                 self._ack([ident, None, None, f"record not built: {exc!r}"])
                 failed = True
             else:
-                ticket.add_callback(self._resolved(ident))
+                ticket.add_callback(self._resolved(ident, durable))
                 # Already committed: its answer missed that batch's send.
                 failed = failed or ticket.done
         if failed:
@@ -174,7 +189,7 @@ class Worker:
                 self.batch(frame[1])
         self.writer.shutdown()
         self._send_acks()
-        self.send(["q", self._health()])
+        self.send(["q", self._health(fresh=True)])
 
 
 def main() -> int:

@@ -254,6 +254,16 @@ class LedgerWriter:
         """False while the ledger cannot be written (or after shutdown)."""
         return self._healthy and not self._closed and not self._thread_dead()
 
+    @property
+    def last_error(self) -> str | None:
+        """Why the last failed commit (or writer loop) failed; None if none has failed."""
+        return self._last_error
+
+    @property
+    def pending(self) -> int:
+        """Records queued or being committed (cheap; ``stats`` sorts latencies)."""
+        return len(self._queue) + self._inflight
+
     def check(self) -> None:
         """Raise LedgerUnavailable when new audited actions should be refused.
 
