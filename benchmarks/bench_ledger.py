@@ -7,7 +7,11 @@ of a run starts together and runs for the same time; the script counts the
 records committed. PostgreSQL is a temporary server started by this script
 (fsync on, synchronous_commit on, like the test fixture); SQLite is one file
 (WAL, synchronous=FULL) shared by the writers. Prints records/s per backend
-and the PostgreSQL/SQLite ratio.
+side by side, the PostgreSQL/SQLite ratio, records per commit, and where the
+time goes: CPU per record of the writer processes (process CPU over the
+measured window: SDK, writer thread, driver) and of the PostgreSQL server
+(postmaster and backends), and the disk's fsync latency, which bounds how
+many SQLite commits the writers of one file can make per second.
 
 A second table shows what the ledger itself takes, without the SDK: each
 thread of each writer process appends batches of ready canonical bodies
@@ -58,14 +62,17 @@ def work(t):
     counts[t] = n
 
 workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+cpu = time.process_time()
 for w in workers:
     w.start()
 for w in workers:
     w.join()
+cpu = time.process_time() - cpu
 stats = pipeline.stats()
 pipeline.shutdown()
 print(json.dumps({"records": sum(counts), "p50": stats.commit_latency_p50_ms,
-                  "p99": stats.commit_latency_p99_ms, "batches": stats.batches}), flush=True)
+                  "p99": stats.commit_latency_p99_ms, "batches": stats.batches,
+                  "cpu": cpu}), flush=True)
 """
 
 
@@ -97,21 +104,87 @@ def work(t):
     counts[t] = n
 
 workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+cpu = time.process_time()
 for w in workers:
     w.start()
 for w in workers:
     w.join()
+cpu = time.process_time() - cpu
 for ledger in ledgers:
     ledger.close()
 lat = sorted(x for w in waits for x in w)
 print(json.dumps({"records": sum(counts), "p50": lat[len(lat) // 2] * 1000 if lat else 0,
                   "p99": lat[int(len(lat) * 0.99)] * 1000 if lat else 0,
-                  "batches": len(lat)}), flush=True)
+                  "batches": len(lat), "cpu": cpu}), flush=True)
 """
 
 
+def _cpu_of(pid: int, reaped: bool = False) -> float:
+    """User + system CPU seconds of ``pid`` (Linux /proc; 0 when it is gone or elsewhere).
+
+    ``reaped`` adds the CPU of its children that have exited and been waited for.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    ticks = int(fields[11]) + int(fields[12])
+    if reaped:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def server_cpu(server: PostgresServer | None) -> float:
+    """CPU seconds used so far by the PostgreSQL server: its postmaster and its children.
+
+    Backends that exited (a writer closed its connection) count through the
+    postmaster's reaped-children time, so the figure holds across the end of a run.
+    """
+    if server is None:
+        return 0.0
+    try:
+        with open(os.path.join(server.data, "postmaster.pid")) as f:
+            root = int(f.readline())
+    except (OSError, ValueError):
+        return 0.0
+    total = _cpu_of(root, reaped=True)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if parent == root:
+                total += _cpu_of(int(entry))
+    return total
+
+
+def fsync_latency(directory: str, count: int = 100) -> float:
+    """Median seconds of one fsync of a 4 KiB write in ``directory`` (what one commit waits)."""
+    path = os.path.join(directory, "fsync-probe")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    waits = []
+    try:
+        for _ in range(count):
+            os.write(fd, b"x" * 4096)
+            began = time.perf_counter()
+            os.fsync(fd)
+            waits.append(time.perf_counter() - began)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return sorted(waits)[len(waits) // 2]
+
+
 def run(
-    url: str, writers: int, threads: int, seconds: float, batch: int | None = None
+    url: str,
+    writers: int,
+    threads: int,
+    seconds: float,
+    batch: int | None = None,
+    server: PostgresServer | None = None,
 ) -> dict[str, float]:
     script, extra = (WORKER, []) if batch is None else (RAW_WORKER, [str(batch)])
     procs = [
@@ -141,7 +214,10 @@ def run(
         for p in procs:
             p.stdin.write(f"{start_at}\n")
             p.stdin.flush()
+        time.sleep(max(0.0, start_at - time.time()))
+        served = server_cpu(server)
         results = [json.loads(p.stdout.readline()) for p in procs]
+        served = server_cpu(server) - served
         for p in procs:
             p.wait(timeout=60)
     finally:
@@ -155,7 +231,20 @@ def run(
         "p50": max(r["p50"] for r in results),
         "p99": max(r["p99"] for r in results),
         "per_batch": records / max(1, sum(r["batches"] for r in results)),
+        # CPU per record: the writer processes (SDK, writer thread, driver) and the server.
+        "client_us": sum(r["cpu"] for r in results) / max(1, records) * 1e6,
+        "server_us": served / max(1, records) * 1e6,
     }
+
+
+def _row(n: int, sqlite: dict[str, float], pg: dict[str, float]) -> None:
+    print(
+        f"{n:>7} {sqlite['rate']:>9.0f} {pg['rate']:>10.0f} {pg['rate'] / sqlite['rate']:>9.2f}"
+        f" {sqlite['per_batch']:>8.1f} | {pg['per_batch']:<6.1f}"
+        f" {sqlite['p99']:>6.1f} | {pg['p99']:<6.1f}"
+        f" {sqlite['client_us']:>17.0f} | {pg['client_us']:>6.0f} + {pg['server_us']:<6.0f}",
+        flush=True,
+    )
 
 
 def main() -> int:
@@ -176,37 +265,39 @@ def main() -> int:
         print(
             f"durable audit records/s, {args.threads} threads per writer process,"
             f" {args.seconds:g}s per run, {os.cpu_count()} CPUs"
+            f" (goal: postgres >= 20,000/s with 16 writers, sqlite >= 10,000/s with 4)"
         )
-        print(f"{'writers':>7} {'sqlite/s':>10} {'postgres/s':>11} {'pg/sqlite':>9}"
-              f" {'pg p99 ms':>9} {'pg recs/commit':>14}")  # fmt: skip
+        header = (
+            f"{'writers':>7} {'sqlite/s':>9} {'postgres/s':>10} {'pg/sqlite':>9}"
+            f" {'recs/commit sq|pg':>17} {'p99 ms sq|pg':>13}"
+            f" {'CPU us/rec: sqlite writers | pg writers + server':>48}"
+        )
+        print(header)
         for n in counts:
             sqlite = run(f"sqlite:///{tmp}/bench-{n}.db", n, args.threads, args.seconds)
             pg_url = server.create_database(f"bench_{n}")
-            pg = run(pg_url, n, args.threads, args.seconds)
-            print(
-                f"{n:>7} {sqlite['rate']:>10.0f} {pg['rate']:>11.0f}"
-                f" {pg['rate'] / sqlite['rate']:>9.2f} {pg['p99']:>9.1f} {pg['per_batch']:>14.1f}",
-                flush=True,
-            )
+            pg = run(pg_url, n, args.threads, args.seconds, server=server)
+            _row(n, sqlite, pg)
         if not args.no_raw:
             print(
                 f"\nledger only: Ledger.append of {args.batch} ready bodies per call,"
                 f" each thread its own chain and connection"
             )
-            print(f"{'writers':>7} {'sqlite/s':>10} {'postgres/s':>11} {'pg/sqlite':>9}"
-                  f" {'sqlite p50 ms':>13} {'pg p50 ms':>9} {'pg p99 ms':>9}")  # fmt: skip
+            print(header)
             for n in counts:
                 sqlite = run(
                     f"sqlite:///{tmp}/raw-{n}.db", n, args.threads, args.seconds, args.batch
                 )
                 pg_url = server.create_database(f"raw_{n}")
-                pg = run(pg_url, n, args.threads, args.seconds, args.batch)
-                print(
-                    f"{n:>7} {sqlite['rate']:>10.0f} {pg['rate']:>11.0f}"
-                    f" {pg['rate'] / sqlite['rate']:>9.2f} {sqlite['p50']:>13.1f}"
-                    f" {pg['p50']:>9.1f} {pg['p99']:>9.1f}",
-                    flush=True,
-                )
+                pg = run(pg_url, n, args.threads, args.seconds, args.batch, server=server)
+                _row(n, sqlite, pg)
+        fsync = fsync_latency(tmp)
+        print(
+            f"\nfsync of this disk: {fsync * 1000:.2f} ms (median). A SQLite commit holds the"
+            f" file's write lock through its fsync, so the writers of one file commit one at a"
+            f" time: at most {1 / fsync:,.0f} commits/s; with sync durability a writer's commit"
+            f" carries at most its {args.threads} threads' records."
+        )
     finally:
         server.close()
     print(f"total {time.monotonic() - started:.0f}s")

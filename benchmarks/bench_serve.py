@@ -13,7 +13,8 @@ deduplicated away). In the same run, alternating round by round:
 Prints spans/s for both, the ratio (best round of each), the receiver's CPU
 per span, checks that every ledger holds every span sent exactly once, and
 prints where serve's time goes per span (parse, records, redaction, encoding,
-ledger append with deduplication), measured in-process on the same spans.
+ledger append with deduplication, checkpoints), measured in-process on the
+same spans.
 Goal (issue 13): >= 0.8x the no-op receiver, nothing lost or doubled.
 
     .venv/bin/python benchmarks/bench_serve.py [--clients 4] [--batches 30] [--rounds 2]
@@ -28,6 +29,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -202,9 +204,11 @@ def _where_the_time_goes(batches: list[list[Any]]) -> None:
     """serve's stages, in-process and single-threaded, on the same spans: us per span."""
     from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 
+    from otel_audit.engine.checkpoints import Checkpointer
     from otel_audit.engine.ledger import open_ledger
     from otel_audit.engine.record import encode
     from otel_audit.policy.rules import load_policy
+    from otel_audit.proof.chain import GENESIS, link_hash
     from otel_audit.transport.otlp import parse_request, records_from_request
 
     bodies = [encode_spans(b).SerializeToString() for b in batches]
@@ -224,16 +228,34 @@ def _where_the_time_goes(batches: list[list[Any]]) -> None:
     )
     redacted = timed("redaction", lambda: [[redact(r) for r in rs] for rs in records])
     encoded = timed("canonical encoding", lambda: [[encode(r) for r in rs] for rs in redacted])
+    # serve hands the ledger each record's ids (IdempotentAppends.expect): no body is parsed.
+    keys = [[(r.trace_id, r.span_id) for r in rs] for rs in redacted]
     with tempfile.TemporaryDirectory() as tmp:
         with open_ledger(os.path.join(tmp, "stages.db")) as ledger:
-            timed(
+            appended = timed(
                 "ledger append (dedupe, hash)",
-                lambda: [ledger.append("bench", e, dedupe=True) for e in encoded],
+                lambda: [
+                    ledger.append("bench", e, dedupe=True, keys=k) for e, k in zip(encoded, keys)
+                ],
+            )
+            checkpointer = Checkpointer("bench", None)
+            timed(
+                "checkpoints (Merkle root)",
+                lambda: [checkpointer.make(ledger, a[-1], threading.Lock()) for a in appended],
             )
     total = sum(seconds for _, seconds in stages)
+    # Parts of the append, timed apart: the chain hash, and the dedupe lookup by key.
+    began = time.process_time()
+    for e in encoded:
+        prev = GENESIS
+        for body in e:
+            prev = link_hash(prev, body)
+    hashing = time.process_time() - began
     print(f"where serve's time goes, CPU per span (in-process, {count} spans):")
     for name, seconds in stages:
         print(f"  {name:<30} {seconds / count * 1e6:6.1f} us  ({seconds / total:4.0%})")
+        if name.startswith("ledger append"):
+            print(f"    {'of which SHA-256 chain hash':<28} {hashing / count * 1e6:6.1f} us")
     print(f"  {'total':<30} {total / count * 1e6:6.1f} us")
 
 

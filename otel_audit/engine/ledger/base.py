@@ -274,44 +274,40 @@ def span_keys(
 ) -> list[SpanKey | None]:
     """The (trace id, span id) of each body: the caller's ``keys`` where the body holds them.
 
-    A given key is used only when the body's own ``trace_id`` and ``span_id``
+    A given key is used only when the body's own ``span_id`` and ``trace_id``
     fields are exactly those ids (read from the bytes, without a parse), so a
     key that belongs to another body can never make a new span look stored;
     a body without a key, or that does not hold it, is parsed (``span_key``).
+
+    How the bytes are read: in a canonical record (sorted keys) the record's
+    own ``"span_id":"`` is the last one in the body, because every top-level
+    field after it (start, status, status_message, trace_id, truncated, v)
+    is a number, a string or a list of strings, none of which can hold the
+    unescaped quote the pattern begins with; the first ``"trace_id":"`` after
+    it is the record's own for the same reason. A value is compared as raw
+    bytes followed by the closing quote; a key holding a backslash (which
+    could match an escape of another value) is left to the parser.
     """
     if keys is None or len(keys) != len(bodies):
         return [span_key(body) for body in bodies]
     out: list[SpanKey | None] = []
+    add = out.append
     for body, key in zip(bodies, keys):
-        if (
-            key is not None
-            and _holds(body, b'"span_id":"', key[1])
-            and _holds(body, b'"trace_id":"', key[0])
-        ):
-            out.append(key)
-        else:
-            out.append(span_key(body))
+        if key is not None:
+            trace, span = key
+            at = body.rfind(b'"span_id":"')
+            if at >= 0 and body.startswith(span.encode() + b'"', at + 11):
+                at = body.find(b'"trace_id":"', at)
+                if (
+                    at >= 0
+                    and body.startswith(trace.encode() + b'"', at + 12)
+                    and "\\" not in trace
+                    and "\\" not in span
+                ):
+                    add(key)
+                    continue
+        add(span_key(body))
     return out
-
-
-def _holds(body: bytes, field: bytes, value: str) -> bool:
-    """True when the record field ``field`` of canonical ``body`` is the text ``value``.
-
-    The record's own field is the last occurrence: keys are sorted, and every
-    top-level field after ``span_id`` and ``trace_id`` (start, status,
-    status_message, trace_id, truncated, v) is a number, a string or a list
-    of strings, which cannot hold the unescaped quote the pattern begins
-    with. Only plain ids (ASCII letters and digits, nothing JSON escapes) are
-    compared; anything else is left to the parser.
-    """
-    if not (value.isascii() and value.isalnum()):
-        return False
-    at = body.rfind(field)
-    if at < 0:
-        return False
-    start = at + len(field)
-    raw = value.encode("ascii")
-    return body.startswith(raw, start) and body.startswith(b'"', start + len(raw))
 
 
 def checkpoint_from_row(row: Sequence[Any]) -> Checkpoint:
