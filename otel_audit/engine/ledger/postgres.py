@@ -455,7 +455,13 @@ def _insert(
     per-value Python work (psycopg's array parameters, the alternative, cost
     ~40 us of Python per row).
     """
-    data = _copy_data(chain.encode(con.info.encoding), rows)
+    try:
+        name = chain.encode(con.info.encoding)
+    except UnicodeEncodeError as exc:  # nothing was sent: a plain refusal
+        raise psycopg.DataError(
+            f"chain {chain!r} cannot be written in the connection's encoding {con.info.encoding}"
+        ) from exc
+    data = _copy_data(name, rows)
     with con.cursor() as cur, cur.copy(_COPY) as copy:
         copy.write(data)
 
