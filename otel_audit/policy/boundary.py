@@ -275,6 +275,10 @@ class _Registry:
         self._trails: OrderedDict[str, frozenset[str]] = OrderedDict()
         self._checked_service: set[str] = set()
 
+    def __bool__(self) -> bool:
+        """False while no trail has labels (the common case: nothing classified anywhere)."""
+        return bool(self._trails)
+
     def get(self, trail: str | None) -> frozenset[str]:
         if trail is None:
             return _NO_LABELS
@@ -406,6 +410,15 @@ class BoundaryProcessor(SpanProcessor):
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
         if getattr(self._local, "busy", False):
             return  # the violation event's own span
+        if not self.config.active and not self.registry:
+            # Nothing classified here and no trail labelled yet: only labels
+            # arriving in baggage can matter (one context lookup per span).
+            try:
+                if not baggage.get_baggage(v.DATA_CLASSIFICATION, parent_context):
+                    return
+            except Exception:
+                _log.exception("otel-audit: boundary check failed")
+                return
         blocked: BoundaryViolation | None = None
         try:
             attrs = span.attributes or {}
@@ -451,10 +464,12 @@ class BoundaryProcessor(SpanProcessor):
             raise blocked
 
     def on_end(self, span: ReadableSpan) -> None:
+        if not self.config.active:
+            return  # nothing here classifies a span
         try:
             attrs = span.attributes or {}
             trail = attrs.get(v.TRAIL_ID)
-            if isinstance(trail, str) and self.config.active:
+            if isinstance(trail, str):
                 # Attributes set after start (http.route) can classify a trail too.
                 self.registry.add(trail, self.config.classify(attrs, self.service))
         except Exception:
