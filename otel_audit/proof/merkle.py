@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from otel_audit.engine.ledger import Ledger
 from otel_audit.errors import VerificationError
@@ -25,12 +26,57 @@ from otel_audit.errors import VerificationError
 EMPTY_ROOT = hashlib.sha256(b"").digest()
 
 
+def _short_input_sha256() -> Callable[[bytes], Any]:
+    """The SHA-256 constructor to use for inputs of a block or two (inner nodes).
+
+    Python's own SHA-256 (built into CPython unless configured without it)
+    when present: for a 65-byte node its call costs about 60% of OpenSSL 3's,
+    whose per-call context setup and copy dominate short inputs (issue 13,
+    measured by benchmarks/bench_verify.py). Same function, same digests:
+    checked here, and OpenSSL's is used when the two ever disagree.
+    """
+    get = getattr(hashlib, "__get_builtin_constructor", None)
+    try:
+        ctor: Callable[[bytes], Any] = get("sha256") if get is not None else hashlib.sha256
+        probe = bytes(range(65))
+        if ctor(probe).digest() == hashlib.sha256(probe).digest():
+            return ctor
+    except (ValueError, TypeError, AttributeError):  # built without it
+        pass
+    return hashlib.sha256
+
+
+#: SHA-256 constructor for short inputs (see ``_short_input_sha256``).
+short_sha256 = _short_input_sha256()
+
+_LEAF_STATE = hashlib.sha256(b"\x00")
+
+
 def leaf_hash(body: bytes) -> bytes:
     return hashlib.sha256(b"\x00" + body).digest()
 
 
 def node_hash(left: bytes, right: bytes) -> bytes:
-    return hashlib.sha256(b"\x01" + left + right).digest()
+    return short_sha256(b"\x01" + left + right).digest()  # type: ignore[no-any-return]
+
+
+def leaf_hashes(bodies: Iterable[bytes]) -> list[bytes]:
+    """``leaf_hash`` of each body: a copy of a state that has absorbed 0x00 is
+    cheaper than concatenating the prefix onto every body."""
+    out: list[bytes] = []
+    append, fresh = out.append, _LEAF_STATE.copy
+    for body in bodies:
+        h = fresh()
+        h.update(body)
+        append(h.digest())
+    return out
+
+
+def parent_level(level: Sequence[bytes]) -> list[bytes]:
+    """``node_hash`` of each pair of ``level`` (0-1, 2-3, ...); an odd last node is left out."""
+    sha = short_sha256
+    pairs = iter(level)
+    return [sha(b"\x01" + left + right).digest() for left, right in zip(pairs, pairs)]
 
 
 class Frontier:
@@ -129,7 +175,7 @@ class Tree:
         self.levels: list[list[bytes]] = [list(leaf_hashes)]
         level = self.levels[0]
         while len(level) > 1:
-            nxt = [node_hash(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
+            nxt = parent_level(level)
             if len(level) % 2:
                 nxt.append(level[-1])
             self.levels.append(nxt)
@@ -137,7 +183,7 @@ class Tree:
 
     @classmethod
     def from_bodies(cls, bodies: Iterable[bytes]) -> Tree:
-        return cls([leaf_hash(b) for b in bodies])
+        return cls(leaf_hashes(bodies))
 
     def root(self) -> bytes:
         return self.levels[-1][0] if self.size else EMPTY_ROOT
