@@ -24,6 +24,8 @@ from otel_audit import vocabulary as v
 
 _TRAIL_KEY = otel_context.create_key("otel_audit.review.trail")
 _ACTOR_KEY = otel_context.create_key("otel_audit.actor")
+# For the processor, which reads all three keys from one context lookup.
+TRAIL_KEY, ACTOR_KEY = _TRAIL_KEY, _ACTOR_KEY
 
 # A trail id that arrived in baggage is input from the network: accept only a
 # short token, so a hostile header cannot stuff arbitrary text into every span.

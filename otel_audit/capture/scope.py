@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from otel_audit.setup import AuditPipeline
 
 _SCOPE_KEY = otel_context.create_key("otel_audit.scope")
+SCOPE_KEY = _SCOPE_KEY  # for the processor's one-lookup on_start
 
 
 class ActionScope:
