@@ -120,6 +120,8 @@ def run_mode(mode: str, sink: str, args: argparse.Namespace) -> float:
             env.update(OTEL_AUDIT_LEDGER=f"sqlite:///{tmp}/audit.db")
             if args.durability:
                 env.update(OTEL_AUDIT_DURABILITY=args.durability)
+            if args.writer:
+                env.update(OTEL_AUDIT_WRITER=args.writer)
         cmd = [
             str(BIN / "gunicorn"), "-w", str(args.workers), "-k", "gthread",
             "--threads", str(args.threads), "-b", f"127.0.0.1:{port}",
@@ -167,6 +169,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument(
         "--durability", choices=["sync", "async"], help="default: the package default (sync)"
+    )
+    parser.add_argument(
+        "--writer", choices=["thread", "process"], help="default: the package default (thread)"
     )
     parser.add_argument("--rounds", type=int, default=2, help="repeat each mode, keep the best")
     parser.add_argument("--load", type=int, help=argparse.SUPPRESS)

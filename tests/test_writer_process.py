@@ -362,3 +362,56 @@ def test_a_forked_child_starts_its_own_worker(tmp_path: Path) -> None:
         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)),
     )  # fmt: skip
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+ZERO_CODE_APP = textwrap.dedent(
+    """
+    import os, threading, time
+    from opentelemetry import trace
+
+    pid = os.fork()  # a gunicorn worker: its writer process starts on first use, after the hook
+    if pid:
+        _, status = os.waitpid(pid, 0)
+        raise SystemExit(os.waitstatus_to_exitcode(status))
+    tracer = trace.get_tracer("app")
+    tracer.start_span("order.update", attributes={"audit.event": True}).end()
+    time.sleep(3)  # a worker that instrumented itself would have started its own by now
+    mine = {os.getpid()}
+    found = []
+    for _ in range(3):
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read()
+            except OSError:
+                continue
+            if ppid in mine and int(pid) not in mine:
+                mine.add(int(pid))
+                found.append(cmd)
+    print(sum(b"otel_audit.engine.worker" in c for c in found), flush=True)
+    trace.get_tracer_provider().shutdown()
+    os._exit(0)
+    """
+)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_under_opentelemetry_instrument_the_worker_is_not_instrumented(tmp_path: Path) -> None:
+    """The auto-instrumentation's sitecustomize must not reach the worker (no worker of a worker)."""
+    script = tmp_path / "app.py"
+    script.write_text(ZERO_CODE_APP)
+    instrument = Path(sys.executable).parent / "opentelemetry-instrument"
+    env = dict(os.environ, PYTHONPATH=str(REPO), OTEL_AUDIT_LEDGER=str(tmp_path / "z.db"),
+               OTEL_AUDIT_WRITER="process", OTEL_SERVICE_NAME="z", OTEL_TRACES_EXPORTER="none",
+               OTEL_METRICS_EXPORTER="none", OTEL_LOGS_EXPORTER="none")  # fmt: skip
+    proc = subprocess.run(
+        [str(instrument), sys.executable, str(script)], capture_output=True, text=True,
+        timeout=60, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "1", proc.stdout + proc.stderr
+    assert any(b'"order.update"' in b for b in bodies(tmp_path / "z.db"))

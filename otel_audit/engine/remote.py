@@ -155,6 +155,29 @@ def public_snapshot(span: Any) -> tuple[Any, ...]:
     )
 
 
+def worker_environment() -> dict[str, str]:
+    """The writer process's environment: this one, without OpenTelemetry's auto-instrumentation.
+
+    Under ``opentelemetry-instrument`` the application's PYTHONPATH holds the
+    auto-instrumentation's sitecustomize: a worker started with it would
+    instrument (and, with ``OTEL_AUDIT_WRITER=process``, start a worker of
+    its own, and so on). The worker needs no SDK and no instrumentation.
+    """
+    env = dict(os.environ)
+    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    paths = [package_root] + env.get("PYTHONPATH", "").split(os.pathsep)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p
+        for p in paths
+        if p
+        and not p.rstrip("/\\").endswith(os.path.join("instrumentation", "auto_instrumentation"))
+    )
+    env["OTEL_SDK_DISABLED"] = "true"
+    env["OTEL_PYTHON_DISABLED_INSTRUMENTATIONS"] = "*"
+    env["OTEL_AUDIT_LEDGER"] = ""  # the zero-code hook stays off even if something loads it
+    return env
+
+
 class _Queued:
     __slots__ = ("ident", "span", "body", "extra", "level", "durability", "ticket")
 
@@ -260,16 +283,11 @@ class ProcessWriter:
     # -- the worker ------------------------------------------------------
 
     def _start(self) -> None:
-        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (package_root, env.get("PYTHONPATH", "")) if p
-        )
         proc = subprocess.Popen(
             [sys.executable, "-m", "otel_audit.engine.worker"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            env=env,
+            env=worker_environment(),
             close_fds=True,
         )
         assert proc.stdin is not None and proc.stdout is not None
