@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import orjson
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
@@ -37,6 +38,7 @@ import otel_audit
 from otel_audit import vocabulary as v
 from otel_audit.engine.ledger import open_ledger
 from otel_audit.engine.record import encode, encode_reference, fast_encoder, record_from_span
+from otel_audit.engine.remote import ProcessWriter, _Queued, snapshot
 from otel_audit.proof.chain import GENESIS, link_hash
 from otel_audit.proof.verify import verify_ledger
 
@@ -142,6 +144,7 @@ def breakdown(pipeline: otel_audit.AuditPipeline, n: int = 2000) -> list[tuple[s
     records = [record_from_span(s, service, e) for s, e, _ in pairs]
     redacted = [policy.apply(r, d) for r, (_, _, d) in zip(records, pairs)]
     bodies = [encode(r) for r in redacted]
+    items = [_Queued(i, s, None, {}, "full", "async", None) for i, s in enumerate(spans)]
     return [
         ("select", per_call_us(processor.select, spans)),
         ("policy decision", per_call_us(lambda p: policy.decide(p[0], dict(p[1])), pairs)),
@@ -149,8 +152,16 @@ def breakdown(pipeline: otel_audit.AuditPipeline, n: int = 2000) -> list[tuple[s
         ("redaction (policy.apply)", per_call_us(lambda rd: policy.apply(rd[0], rd[1]), list(zip(records, decisions)))),
         (f"encode ({fast_encoder() or 'stdlib'})", per_call_us(encode, redacted)),
         ("encode (stdlib reference)", per_call_us(encode_reference, redacted)),
+        ("build+redact+encode in one pass (policy.encode_span, used)", per_call_us(lambda p: policy.encode_span(p[0], service, p[1], p[2]), pairs)),
         ("hash (SHA-256 link)", per_call_us(lambda b: link_hash(GENESIS, b), bodies)),
+        ("writer process, in the application: span snapshot", per_call_us(snapshot, spans)),
+        ("writer process, in the application: frame (snapshot + orjson)", per_call_us(lambda it: frame_of([it]), items)),
     ]  # fmt: skip
+
+
+def frame_of(items: list[Any]) -> bytes:
+    """One batch frame as the writer process's sender writes it."""
+    return orjson.dumps(["b", [ProcessWriter._entry(item) for item in items]])
 
 
 # Parts of the package and what they are, for the profile summary.
