@@ -256,6 +256,7 @@ class ProcessWriter:
         self._ids = itertools.count(1)
         self._wake = threading.Event()
         self._write_lock = threading.Lock()  # one writer of frames at a time
+        self._urgent = False  # a sync record is queued: send without lingering
         self._proc: subprocess.Popen[bytes] | None = None
         self._thread: threading.Thread | None = None  # reads the worker's answers
         self._sender: threading.Thread | None = None
@@ -339,8 +340,9 @@ class ProcessWriter:
         while True:
             self._wake.wait()
             self._wake.clear()
-            if len(self._queue) < _WAKE_AT and not self._closed:
-                time.sleep(_LINGER)  # let an async batch fill (sync producers write themselves)
+            if not self._urgent and len(self._queue) < _WAKE_AT and not self._closed:
+                time.sleep(_LINGER)  # let an async batch fill (no sync record is waiting)
+            self._urgent = False
             with self._write_lock:
                 if not self._send_queued():
                     return
@@ -542,6 +544,7 @@ class ProcessWriter:
         queue = self._queue
         queue.append(item)
         if item.ticket is not None:
+            self._urgent = True  # someone waits: the sender must not linger
             if self._write_lock.acquire(blocking=False):
                 # A sync record and nobody writing: write it now, from this thread.
                 try:
