@@ -259,11 +259,6 @@ class LedgerWriter:
         """Why the last failed commit (or writer loop) failed; None if none has failed."""
         return self._last_error
 
-    @property
-    def pending(self) -> int:
-        """Records queued or being committed (cheap; ``stats`` sorts latencies)."""
-        return len(self._queue) + self._inflight
-
     def check(self) -> None:
         """Raise LedgerUnavailable when new audited actions should be refused.
 
@@ -611,20 +606,25 @@ class LedgerWriter:
                 self._ledger.close()
                 self._ledger = None
 
-    def stats(self) -> WriterStats:
-        """A snapshot of the counters (``queue_depth`` may include records being queued)."""
+    def stats(self, latencies: bool = True) -> WriterStats:
+        """A snapshot of the counters (``queue_depth`` may include records being queued).
+
+        ``latencies=False`` leaves the commit latency percentiles at 0 (they
+        sort the last 10,000 latencies: the writer process answers every
+        commit with its counters and adds the percentiles once a second).
+        """
         with self._cond:
             counts = dict(self._counts)
             depth = len(self._queue) + self._inflight
-        latencies = sorted(list(self._latencies))
+        ordered = sorted(list(self._latencies)) if latencies else []
         counts["submitted"] = counts["committed"] + counts["failed"] + depth
         return WriterStats(
             **counts,
             queue_depth=depth,
             healthy=self.healthy,
             last_error=self._last_error,
-            commit_latency_p50_ms=_percentile(latencies, 0.50) * 1000,
-            commit_latency_p99_ms=_percentile(latencies, 0.99) * 1000,
+            commit_latency_p50_ms=_percentile(ordered, 0.50) * 1000,
+            commit_latency_p99_ms=_percentile(ordered, 0.99) * 1000,
         )
 
 
