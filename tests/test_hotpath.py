@@ -204,11 +204,13 @@ def test_what_the_fast_path_leaves_to_the_composed_path() -> None:
     for span in cases:
         both(p, span)
 
-    # Not an SDK span at all: the composed path.
+    # Not a span at all: the composed path, which refuses it.
     class Other:
         pass
 
     assert p.redactor.span_body(Other(), "shop") is None
+    with pytest.raises(AttributeError):
+        p.encode_span(Other(), "shop", {}, FULL)  # type: ignore[arg-type]
 
 
 def test_an_ended_span_and_a_live_one_read_the_same() -> None:
@@ -231,7 +233,7 @@ def test_a_subclass_that_overrides_a_property_is_read_through_it() -> None:
     span = Masked("n", context=ctx, attributes={"from": "field"}, start_time=1, end_time=2)
     assert span_attributes(span) == {"from": "property"}
     assert record_from_span(span, "s").attributes == {"from": "property"}
-    assert AuditPolicy().redactor.span_body(span, "s") is None
+    assert b'"from":"property"' in both(AuditPolicy(), span, "s")
 
 
 def test_new_record_is_the_record_the_constructor_makes() -> None:
@@ -356,3 +358,42 @@ def test_a_warm_redactor_gives_the_same_bytes_as_a_fresh_one(attrs) -> None:
         except (ValueError, TypeError):
             return
         assert warm.encode_span(span, "svc", {}, FULL) == fresh
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(_NAMES, _VALUE, max_size=10), st.sampled_from(list(POLICIES)))
+def test_attributes_in_bulk_are_the_one_by_one_redaction(attrs, policy) -> None:
+    # Redactor.attributes copies the names that keep their value and redacts
+    # the rest in place; the one-by-one loop is the definition: same dict (in
+    # the same order), same names redacted, same secrets found.
+    from otel_audit.engine.record import clean_attributes
+
+    cleaned = clean_attributes(attrs)[0]
+    bulk, each = POLICIES[policy]().redactor, POLICIES[policy]().redactor
+    for _ in ("cold", "warm"):
+        redacted_a: list[str] = []
+        found_a: list[str] = []
+        redacted_b: list[str] = []
+        found_b: list[str] = []
+        a = bulk.attributes(cleaned, redacted_a, found_a)
+        b = each._each(cleaned, redacted_b, found_b)
+        if any(isinstance(x, str) and x.startswith("commit:") for x in b.values()):
+            continue  # commitments are salted afresh each time
+        assert list(a.items()) == list(b.items())
+        assert (redacted_a, found_a) == (redacted_b, found_b)
+
+
+def test_the_remembered_shapes_are_bounded() -> None:
+    from otel_audit.policy import redact
+
+    policy = AuditPolicy()
+    for i in range(redact._MAX_CACHED_SHAPES + 10):
+        span = ReadableSpan(
+            "n", context=SpanContext(1, 2, is_remote=False),
+            attributes={f"app.attr{i}": "x", v.ACTION: "a"}, start_time=1, end_time=2,
+        )  # fmt: skip
+        body = policy.encode_span(span, "svc", {}, FULL)
+        assert body == composed(AuditPolicy(), span, "svc", {}, FULL)
+        policy.redactor.attributes({f"app.other{i}": "y", v.ACTION: "a"})
+    assert len(policy.redactor._span_shapes) <= redact._MAX_CACHED_SHAPES
+    assert len(policy.redactor._shapes) <= redact._MAX_CACHED_SHAPES

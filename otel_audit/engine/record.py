@@ -460,9 +460,11 @@ try:
     from opentelemetry.attributes import BoundedAttributes as _BoundedAttributes
     from opentelemetry.sdk.trace import ReadableSpan as _ReadableSpan
     from opentelemetry.sdk.util import BoundedList as _BoundedList
+    from opentelemetry.trace import SpanContext as _SpanContext
     from opentelemetry.trace.status import Status as _Status
 except ImportError:  # pragma: no cover - the SDK is a dependency
-    _ReadableSpan = None  # type: ignore[assignment,misc]
+    _ReadableSpan = _BoundedAttributes = _BoundedList = None  # type: ignore[assignment,misc]
+    _SpanContext = _Status = None  # type: ignore[assignment,misc]
 
 _SPAN_PROPERTIES = (
     "name", "context", "kind", "parent", "start_time", "end_time", "status", "attributes",
@@ -486,8 +488,10 @@ def _fields_are_direct() -> bool:
         )
         probe._attributes._immutable = True  # type: ignore[union-attr]
         status = _Status(_StatusCode.ERROR, "why")
+        ctx = _SpanContext(3, 4, is_remote=False)
         return (
-            status._status_code is status.status_code
+            (ctx[0], ctx[1]) == (ctx.trace_id, ctx.span_id)
+            and status._status_code is status.status_code
             and status._description == status.description
             and probe._name == "probe"
             and probe._end_time == 2
@@ -505,6 +509,9 @@ def _fields_are_direct() -> bool:
 
 
 _DIRECT_FIELDS = _fields_are_direct()
+# The SpanContext (a tuple: trace id, span id, ...) and Status read directly.
+_TUPLE_CONTEXT: Any = _SpanContext if _DIRECT_FIELDS else None
+_DIRECT_STATUS: Any = _Status if _DIRECT_FIELDS else None
 
 
 def direct_fields(cls: type) -> bool:
@@ -534,7 +541,11 @@ def span_attributes(span: Any) -> Mapping[str, Any]:
     Mapping wrappers ``span.attributes`` goes through; otherwise
     ``span.attributes``.
     """
-    if direct_fields(type(span)):
+    cls = type(span)
+    direct = _DIRECT.get(cls)
+    if direct is None:
+        direct = direct_fields(cls)
+    if direct:
         raw = span._attributes
         if type(raw) is _BoundedAttributes:
             if raw._immutable:  # ended: nothing writes to it any more
@@ -560,20 +571,88 @@ def ended_sequence(raw: Any, span: Any, name: str) -> Any:
     return getattr(span, name)
 
 
-def span_kind_name(kind: Any) -> str:
-    """How a record spells an SDK span kind (unknown: INTERNAL)."""
-    return _KIND_NAMES.get(id(kind)) or _enum_name(kind, _KINDS, "INTERNAL")
+def span_fields(span: Any) -> tuple[Any, ...]:
+    """What a record takes from ``span``, each field read once, as a record spells it.
 
-
-def span_status(status: Any) -> tuple[str, str | None]:
-    """(status name, message as the span gives it) of an SDK Status, or ("UNSET", None)."""
-    if status is None:
-        return "UNSET", None
-    if type(status) is _Status and _DIRECT_FIELDS:
-        code, message = status._status_code, status._description
+    ``(name, kind, status, status message, attributes, links, events, scope
+    name, trace id, span id, parent span id, start, end)``: the name and the
+    message as the span holds them (not yet normalised), attributes, links
+    and events read-only (see ``span_attributes``), ids in hex. An ended SDK
+    span is read through its fields, anything else through its properties.
+    """
+    cls = type(span)
+    direct = _DIRECT.get(cls)
+    if direct is None:
+        direct = direct_fields(cls)
+    if direct:
+        ctx = span._context
+        parent = span._parent
+        status = span._status
+        kind = span._kind
+        name = span._name
+        start = span._start_time
+        end = span._end_time
+        scope = span._instrumentation_scope
+        attributes = span._attributes
+        if type(attributes) is _BoundedAttributes and attributes._immutable:
+            attributes = attributes._dict
+        elif type(attributes) is not dict:
+            attributes = span.attributes or _NO_ATTRIBUTES
+        links = span._links
+        events = span._events
+        if end is not None and type(links) is _BoundedList and type(events) is _BoundedList:
+            # Ended: no more are added.
+            links, events = links._dq, events._dq  # type: ignore[attr-defined]
+        else:
+            links = ended_sequence(links, span, "links")
+            events = ended_sequence(events, span, "events")
     else:
-        code, message = status.status_code, status.description
-    return _STATUS_NAMES.get(id(code)) or code.name, message
+        ctx = span.context
+        parent = span.parent
+        status = span.status
+        kind = span.kind
+        name = span.name
+        start = span.start_time
+        end = span.end_time
+        scope = span.instrumentation_scope
+        attributes = span.attributes or _NO_ATTRIBUTES
+        links = span.links
+        events = span.events
+    if type(ctx) is _TUPLE_CONTEXT:
+        trace_id, span_id = ctx[0], ctx[1]
+    else:
+        trace_id, span_id = ctx.trace_id, ctx.span_id
+    parent_id = None if parent is None else parent.span_id
+    try:  # as format(id, "032x") writes an id that fits, and faster
+        trace_hex = trace_id.to_bytes(16, "big").hex()
+        span_hex = span_id.to_bytes(8, "big").hex()
+        parent_hex = None if parent_id is None else parent_id.to_bytes(8, "big").hex()
+    except (OverflowError, AttributeError):
+        trace_hex, span_hex = format(trace_id, "032x"), format(span_id, "016x")
+        parent_hex = None if parent_id is None else format(parent_id, "016x")
+    if status is None:
+        status_name, message = "UNSET", None
+    else:
+        if type(status) is _DIRECT_STATUS:
+            code, message = status._status_code, status._description
+        else:
+            code, message = status.status_code, status.description
+        status_name = _STATUS_NAMES.get(id(code)) or code.name
+    return (
+        name,
+        _KIND_NAMES.get(id(kind)) or _enum_name(kind, _KINDS, "INTERNAL"),
+        status_name,
+        message,
+        attributes,
+        links,
+        events,
+        scope.name if scope else None,
+        trace_hex,
+        span_hex,
+        parent_hex,
+        int(start or 0),
+        int(end or 0),
+    )
 
 
 def record_from_span(
@@ -583,34 +662,11 @@ def record_from_span(
     max_len: int = DEFAULT_MAX_VALUE_LENGTH,
 ) -> Record:
     """Build a Record from an SDK ReadableSpan (``extra_attributes`` override the span's)."""
-    if direct_fields(type(span)):
-        # The SDK's own span: its fields, read once each (see span_attributes).
-        ctx = span._context
-        parent = span._parent
-        status = span._status
-        span_kind = span._kind
-        name = span._name
-        start = span._start_time
-        end = span._end_time
-        instrumentation = span._instrumentation_scope
-        span_links = ended_sequence(span._links, span, "links")
-        span_events = ended_sequence(span._events, span, "events")
-    else:
-        # Properties copy (links, events) or compute: read each once.
-        ctx = span.context
-        parent = span.parent
-        status = span.status
-        span_kind = span.kind
-        name = span.name
-        start = span.start_time
-        end = span.end_time
-        instrumentation = span.instrumentation_scope
-        span_links = span.links
-        span_events = span.events
+    (name, kind, status, message, span_attrs, span_links, span_events, scope,
+     trace_id, span_id, parent_id, start, end) = span_fields(span)  # fmt: skip
     # One pass over the span's attributes, then the extra ones over them.
     attributes: dict[str, Any] = {}
     cut: list[str] = []
-    span_attrs = span_attributes(span)
     if span_attrs:
         _clean_into(attributes, cut, span_attrs, max_len)
     if extra_attributes:
@@ -635,25 +691,23 @@ def record_from_span(
         if span_events
         else ()
     )
-    kind = span_kind_name(span_kind)
-    status_name, message = span_status(status)
     if type(name) is not str or not name.isascii() or len(name) > max_len:
         name = _clean_str(str(name), max_len)[0]
     return new_record(
-        format(ctx.trace_id, "032x"),
-        format(ctx.span_id, "016x"),
-        format(parent.span_id, "016x") if parent is not None else None,
+        trace_id,
+        span_id,
+        parent_id,
         name,
         kind,
         service,
-        int(start or 0),
-        int(end or 0),
-        status_name,
+        start,
+        end,
+        status,
         _clean_str(message, max_len)[0] if message else None,
         attributes,
         links,
         events,
-        instrumentation.name if instrumentation else None,
+        scope,
         tuple(cut),
     )
 

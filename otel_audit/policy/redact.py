@@ -58,13 +58,9 @@ from otel_audit.engine.record import (
     clean_key,
     clean_str,
     clean_value,
-    direct_fields,
-    ended_sequence,
     fast_encode_dict,
     new_record,
-    span_attributes,
-    span_kind_name,
-    span_status,
+    span_fields,
 )
 from otel_audit.errors import ConfigError
 from otel_audit.settings import OTEL_AUDIT_HMAC_KEY
@@ -494,6 +490,14 @@ def scrub_id(text: str, found: list[str] | None = None) -> str:
     Ids are what reviewers query on, so only what looks like a credential is
     rewritten: a 16-digit order number that happens to pass Luhn stays.
     """
+    if (
+        len(text) < 15
+        and "=" not in text
+        and ":" not in text
+        and " " not in text
+        and "/" not in text
+    ):
+        return text  # what _scrub returns as it is, and too short for a random token
     if looks_random(text) and _RANDOM_TOKEN.fullmatch(text) is not None:
         _note(found, text)
         return MASK
@@ -643,10 +647,20 @@ class Redactor:
         self._plans: dict[str, tuple[str, str]] = {}
         # The same plans, for names as spans hold them (span_body).
         self._span_plans: dict[str, tuple[str, str]] = {}
+        # Attribute shapes (names, then value types, as a tuple) -> what
+        # span_body does with them; attribute names -> what attributes() does.
+        self._span_shapes: dict[tuple[Any, ...], tuple[tuple[tuple[str, str], ...], bool] | None]
+        self._span_shapes = {}
+        self._shapes: dict[tuple[str, ...], tuple[tuple[str, str], ...] | None] = {}
         # Names whose plan keeps name and value as they are: copied in bulk.
-        self._kept_names: frozenset[str] = frozenset()
         self._clean: set[str] = set()
         self._clean_statements: set[str] = set()
+        # Names whose plan keeps both name and value as they are: copied in
+        # bulk (attributes, span_body). Only the vocabulary and key-safe names
+        # are ever kept so, so the set is known once the rules are.
+        self._kept_names = frozenset(
+            name for name in _NEVER_SCANNED | _KEY_SAFE if self._plan(name) == (name, _KEEP)
+        )
         for rule in self.rules:
             if rule.method not in METHODS:
                 raise ConfigError(f"redaction method must be one of {', '.join(METHODS)}")
@@ -759,6 +773,49 @@ class Redactor:
         Names of redacted ones are appended to ``redacted``; the secret values
         removed (whole or found inside a value) to ``found``.
         """
+        names = tuple(attributes)
+        steps = self._shapes.get(names, _UNKNOWN)
+        if steps is _UNKNOWN:
+            steps = self._shape(names)
+        if steps is not None:
+            # Copy all, then redact in place the names whose value is redacted.
+            out = dict(attributes)
+            for name, action in steps:
+                if not self._redact_into(out, name, action, name, out[name], found, redacted):
+                    del out[name]
+            return out
+        return self._each(attributes, redacted, found)
+
+    def _shape(self, names: tuple[str, ...]) -> tuple[tuple[str, str], ...] | None:
+        """The names of ``names`` to redact, in order, with their plans; remembered.
+
+        None when a name is renamed by redaction (its place and who wins a
+        clash then need the loop of ``_each``) or no name keeps its value.
+        """
+        kept = self._kept_names
+        steps: list[tuple[str, str]] | None = []
+        for name in names:
+            if name in kept:
+                continue
+            plan = self._plans.get(name) or self._plan(name)
+            if plan[0] != name:
+                steps = None
+                break
+            steps.append(plan)  # type: ignore[union-attr]
+        found = None if steps is None or len(steps) == len(names) else tuple(steps)
+        shapes = self._shapes
+        if len(shapes) >= _MAX_CACHED_SHAPES:
+            shapes.clear()
+        shapes[names] = found
+        return found
+
+    def _each(
+        self,
+        attributes: Mapping[str, Any],
+        redacted: list[str] | None = None,
+        found: list[str] | None = None,
+    ) -> dict[str, Any]:
+        """``attributes`` redacted one by one (see ``attributes``)."""
         out: dict[str, Any] = {}
         plans = self._plans
         for name, value in attributes.items():
@@ -807,47 +864,63 @@ class Redactor:
         normalisation is checked on the result (orjson refuses a lone
         surrogate; no value is longer than the whole record). None, and the
         caller takes the composed path, for what this path does not cover: a
-        span object that is not the SDK's, a value cut for length, a value
-        only the reference encoder writes exactly, an attribute name that
-        needs normalising or is itself redacted. ``tests/test_hotpath.py``
-        checks both paths give the same bytes.
+        span the composed path refuses, a value cut for length, a value only
+        the reference encoder writes exactly, an attribute name that needs
+        normalising or is itself redacted. ``tests/test_hotpath.py`` checks
+        both paths give the same bytes.
         """
-        if not direct_fields(type(span)):
-            return None
+        try:
+            (name, kind, status, message, attributes, span_links, span_events, scope,
+             trace_id, span_id, parent_id, start, end) = span_fields(span)  # fmt: skip
+        except (AttributeError, TypeError, ValueError):
+            return None  # the composed path raises what it raises
         max_len = DEFAULT_MAX_VALUE_LENGTH
         found: list[str] = []
         text = self._text
         clean = self._clean
         # The record's own strings first, in the order Redactor.record visits
         # them (what is found is then masked wherever else it appears).
-        name = span._name
         if type(name) is not str or not name.isascii() or len(name) > max_len:
             name = clean_str(str(name), max_len)[0]
         if name not in clean:
             name = text(name, found)
         if service not in clean:
             service = text(service, found)
-        status_name, message = span_status(span._status)
         if message and keep is None:
             message = text(clean_str(message, max_len)[0], found)
         else:
             message = None
-        attributes: Mapping[str, Any] = span_attributes(span)
         if extra:
             attributes = {**attributes, **extra}
-        # Bulk: every value of a type normalising leaves alone (a non-finite
-        # float is caught by the encoder's null count, a lone surrogate by its
-        # refusal, a value too long by the length of the whole record).
-        types = set(map(type, attributes.values()))
-        bulk = keep is None and types <= _BULK_TYPES
-        out = self._bulk_attributes(attributes, found) if bulk else None
+        out = None
+        floats = True
+        if keep is None:
+            # In bulk (see _span_shape): a copy, then the few names whose value
+            # is redacted, each normalised first; values copied as they are
+            # are checked on the result (a non-finite float by the encoder's
+            # null count, a lone surrogate by its refusal, a value too long by
+            # the length of the whole record).
+            shape = (*attributes, *map(type, attributes.values()))
+            found_shape = self._span_shapes.get(shape, _UNKNOWN)
+            if found_shape is _UNKNOWN:
+                found_shape = self._span_shape(shape, attributes)
+            if found_shape is not None:
+                rest, floats = found_shape
+                out = dict(attributes)
+                for key, action in rest:
+                    value = out[key]
+                    if type(value) is not str or len(value) > max_len or not value.isascii():
+                        value, cut = clean_value(value, max_len)
+                        if cut:
+                            return None
+                    if not self._redact_into(out, key, action, key, value, found):
+                        del out[key]
+        bulk = out is not None
         if out is None:
-            bulk = False
             out = self._each_attribute(attributes, found, keep)
             if out is None:
                 return None
         links: list[dict[str, Any]] | None = None
-        span_links = ended_sequence(span._links, span, "links")
         if span_links:
             links = []
             for ln in span_links:
@@ -859,7 +932,6 @@ class Redactor:
                     "attributes": self.attributes(attrs, None, found),
                 })  # fmt: skip
         events: list[dict[str, Any]] | None = None
-        span_events = ended_sequence(span._events, span, "events")
         if span_events:
             events = []
             for ev in span_events:
@@ -869,31 +941,21 @@ class Redactor:
                     "time": int(ev.timestamp or 0),
                     "attributes": self.attributes(attrs, None, found),
                 })  # fmt: skip
-        scope = span._instrumentation_scope
-        scope = scope.name if scope else None
         if scope:
             scope = text(scope, found)
-        ctx = span._context
-        parent = span._parent
-        try:
-            # The ids as format(id, "032x") writes them, for ids that fit (else OverflowError).
-            data: dict[str, Any] = {
-                "v": FORMAT_VERSION,
-                "trace_id": ctx.trace_id.to_bytes(16, "big").hex(),
-                "span_id": ctx.span_id.to_bytes(8, "big").hex(),
-                "parent_span_id": (
-                    parent.span_id.to_bytes(8, "big").hex() if parent is not None else None
-                ),
-                "name": name,
-                "kind": span_kind_name(span._kind),
-                "service": service,
-                "start": int(span._start_time or 0),
-                "end": int(span._end_time or 0),
-                "status": status_name,
-                "attributes": out,
-            }
-        except (OverflowError, AttributeError):
-            return None
+        data: dict[str, Any] = {
+            "v": FORMAT_VERSION,
+            "trace_id": trace_id,
+            "span_id": span_id,
+            "parent_span_id": parent_id,
+            "name": name,
+            "kind": kind,
+            "service": service,
+            "start": start,
+            "end": end,
+            "status": status,
+            "attributes": out,
+        }
         if message:
             data["status_message"] = message
         if links:
@@ -913,39 +975,41 @@ class Redactor:
                 data = _mask_echoes(record, sorted(echoes, key=len, reverse=True)).to_dict()
         # No float anywhere (only ints, bools and text; no events or links):
         # the encoder need not look for floats it writes differently.
-        floats = not bulk or float in types or links is not None or events is not None
-        body = fast_encode_dict(data, floats)
+        body = fast_encode_dict(data, floats or links is not None or events is not None)
         if body is None or (bulk and len(body) > max_len):
             return None
         return body
 
-    def _bulk_attributes(
-        self, attributes: Mapping[str, Any], found: list[str]
-    ) -> dict[str, Any] | None:
-        """``attributes`` redacted: a copy, then the plan of each name not kept as it is.
+    def _span_shape(
+        self, shape: tuple[Any, ...], attributes: Mapping[str, Any]
+    ) -> tuple[tuple[tuple[str, str], ...], bool] | None:
+        """How span_body redacts attributes of this shape (names, then value types), remembered.
 
-        None when a name is not known yet to keep its place and value (a
-        name redacted itself, or one that needs normalising): those take
-        ``_each_attribute``, which keeps the composed path's order exactly.
+        ``(names to redact, in order, with their plans; whether a value is a
+        float)``, or None for the one-by-one path: a value of a type
+        normalising changes (lists, bytes, None, ...), or a name that needs
+        normalising or is renamed by redaction (its place and who wins a
+        clash then follow the composed path's order).
         """
-        out = dict(attributes)
-        rest = attributes.keys() - self._kept_names
-        if rest:
-            if len(rest) > 1:  # in the span's order, as the composed path visits them
-                order = list(attributes)
-                rest = sorted(rest, key=order.index)  # type: ignore[assignment]
-            plans = self._span_plans
-            max_len = DEFAULT_MAX_VALUE_LENGTH
-            for key in rest:
-                plan = plans.get(key) or self._span_plan(key)
-                if plan is None or plan[0] != key:
-                    return None
-                value, cut = clean_value(attributes[key], max_len)
-                if cut:
-                    return None
-                if not self._redact_into(out, key, plan[1], key, value, found):
-                    del out[key]
-        return out
+        types = set(shape[len(attributes) :])
+        found: tuple[tuple[tuple[str, str], ...], bool] | None = None
+        if types <= _BULK_TYPES:
+            kept = self._kept_names
+            rest = []
+            for name in attributes:
+                if name in kept:
+                    continue
+                plan = self._span_plans.get(name) or self._span_plan(name)
+                if plan is None or plan[0] != name:
+                    break
+                rest.append(plan)
+            else:
+                found = (tuple(rest), float in types)
+        shapes = self._span_shapes
+        if len(shapes) >= _MAX_CACHED_SHAPES:
+            shapes.clear()
+        shapes[shape] = found
+        return found
 
     def _each_attribute(
         self, attributes: Mapping[str, Any], found: list[str], keep: Container[str] | None
@@ -977,9 +1041,10 @@ class Redactor:
         action: str,
         name: str,
         value: Any,
-        found: list[str],
+        found: list[str] | None,
+        redacted: list[str] | None = None,
     ) -> bool:
-        """``out[stored]`` = ``value`` redacted by ``action`` (see ``attributes``); False: dropped."""
+        """``out[stored]`` = ``value`` redacted by ``action``, as ``attributes`` does; False: dropped."""
         if action is _KEEP:
             out[stored] = value
         elif action is _SCAN:
@@ -995,7 +1060,9 @@ class Redactor:
                 else self._value(value, found)
             )
         else:
-            if name not in _EXCEPTION_NAMES:
+            if redacted is not None:
+                redacted.append(name)
+            if found is not None and name not in _EXCEPTION_NAMES:
                 if isinstance(value, str):
                     found.append(value)
                 elif isinstance(value, list):
@@ -1012,9 +1079,6 @@ class Redactor:
         plan = self._plan(name)
         if len(self._span_plans) < _MAX_CACHED_NAMES:
             self._span_plans[name] = plan
-            if plan == (name, _KEEP):
-                # Replaced, never changed in place: readers never see it change.
-                self._kept_names = self._kept_names | {name}
         return plan
 
     def record(self, record: Record) -> Record:
@@ -1055,6 +1119,9 @@ _SCAN, _KEEP, _SQL, _ID = "scan", "keep", "sql", "id"
 _EXCEPTION_NAMES = _EXCEPTION_MASKED | _EXCEPTION_DROPPED
 # Values normalising leaves as they are (but for what span_body checks after).
 _BULK_TYPES = frozenset({str, int, bool, float})
+_UNKNOWN: Any = object()  # not in a cache
+# Attribute shapes remembered (emptied when full, like the clean values).
+_MAX_CACHED_SHAPES = 1024
 
 
 def _record_of(data: dict[str, Any]) -> Record:

@@ -607,34 +607,36 @@ class AuditPolicy:
             attrs, str(service) if service else None, effect if isinstance(effect, str) else None
         )
 
-    def _unclassified(self, attrs: Mapping[str, Any]) -> bool:
-        """True when the boundary adds nothing to this span (no labels anywhere)."""
-        processor = self._processor
-        if processor is None:
-            return True
-        if processor.config.active or v.DATA_CLASSIFICATION in attrs:
-            return False
-        trail = attrs.get(v.TRAIL_ID)
-        return not (isinstance(trail, str) and processor.registry.get(trail))
-
     def decide(self, span: ReadableSpan, derived: dict[str, Any]) -> Decision | None:
         attrs = span_attributes(span)
-        if not self.rules and self._unclassified(attrs):
-            # No rules and nothing classified (the default policy): nothing to
-            # match, so skip building the span's facts (the common, hot case).
-            if attrs.get(v.ACTION) != VIOLATION_ACTION:
-                effect = derived.get(v.EFFECT) or attrs.get(v.EFFECT)
-                if isinstance(effect, str) and effect not in self.base_effects:
-                    return None
+        processor = self._processor
+        if (
+            not self.rules
+            and attrs.get(v.ACTION) != VIOLATION_ACTION
+            and (
+                processor is None
+                or not (
+                    processor.config.active
+                    or v.DATA_CLASSIFICATION in attrs
+                    or (
+                        isinstance(trail := attrs.get(v.TRAIL_ID), str)
+                        and processor.registry.get(trail)
+                    )
+                )
+            )
+        ):
+            # No rules, not a violation, and the boundary adds nothing (no
+            # classifier, no label on the span or its trail): the default
+            # policy. Nothing to match, so skip building the span's facts.
+            effect = derived.get(v.EFFECT) or attrs.get(v.EFFECT)
+            if effect is not None and isinstance(effect, str) and effect not in self.base_effects:
+                return None
+            found = self._default_decision
+            if found is None or found.level != self.level or found.durability != self.durability:
                 if self.level == "none":
                     return None
-                found = self._default_decision
-                if found is None or (found.level, found.durability) != (
-                    self.level,
-                    self.durability,
-                ):
-                    found = self._default_decision = Decision(self.level, self.durability, {})
-                return found
+                found = self._default_decision = Decision(self.level, self.durability, {})
+            return found
         facts = self._facts(span, derived)
         extra: dict[str, Any] = {}
         label = facts.attributes.get(v.DATA_CLASSIFICATION)
