@@ -43,10 +43,14 @@ def installed_on(provider: object) -> AuditPipeline | None:
 def global_pipeline() -> AuditPipeline | None:
     """The pipeline of the global TracerProvider, or the only pipeline there is."""
     with _lock:
-        found = _by_provider.get(trace.get_tracer_provider())
-        if found is None and len(_by_provider) == 1:
-            found = next(iter(_by_provider.values()))
-        return found
+        if len(_by_provider) == 1:
+            # The only one, whichever provider is global: the common case, and
+            # no global lookup (without a global provider the API reads the
+            # environment on every call).
+            return next(iter(_by_provider.values()))
+        if not _by_provider:
+            return None
+        return _by_provider.get(trace.get_tracer_provider())
 
 
 def refuse_actions(reason: str | None) -> None:
