@@ -194,6 +194,8 @@ def test_what_the_fast_path_leaves_to_the_composed_path() -> None:
         # Values kept as they are (copied in bulk) that normalising changes.
         sdk_span("n", {"http.route": "x" * 70000}),
         sdk_span("n", {v.TRAIL_ID: "\ud800", v.ACTION: math.nan}),
+        sdk_span("n", {v.ACTION: math.nan}),
+        sdk_span("n", {"server.port": 1e-7, v.OUTCOME: math.inf}),
         sdk_span("n", {"http.route": [1e-7, math.nan], v.ACTOR_ID: (1.5, "a")}),
         sdk_span("n", {"http.route": ["hunter2hunter2", 1e-7], "db.password": "hunter2hunter2"}),
         # Echoes of a secret shrink a value kept in bulk below the length limit.

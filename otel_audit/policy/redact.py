@@ -969,8 +969,11 @@ class Redactor:
             if echoes:
                 # The echo pass rewrites values: those copied in bulk must be
                 # checked first, as the encoder's checks would no longer see them.
-                if bulk and not all(clean_value(x, max_len)[0] is x for x in out.values()):
-                    return None
+                if bulk:
+                    kept = self._kept_names
+                    for key, value in out.items():
+                        if key in kept and clean_value(value, max_len)[0] is not value:
+                            return None
                 record = _record_of(data)
                 data = _mask_echoes(record, sorted(echoes, key=len, reverse=True)).to_dict()
         # No float anywhere (only ints, bools and text; no events or links):
@@ -986,25 +989,34 @@ class Redactor:
         """How span_body redacts attributes of this shape (names, then value types), remembered.
 
         ``(names to redact, in order, with their plans; whether a value is a
-        float)``, or None for the one-by-one path: a value of a type
-        normalising changes (lists, bytes, None, ...), or a name that needs
-        normalising or is renamed by redaction (its place and who wins a
-        clash then follow the composed path's order).
+        float)``, or None for the one-by-one path: a value kept as it is of
+        a type normalising changes (lists, bytes, None, ...), or a name that
+        needs normalising or is renamed by redaction (its place and who wins
+        a clash then follow the composed path's order).
         """
-        types = set(shape[len(attributes) :])
-        found: tuple[tuple[tuple[str, str], ...], bool] | None = None
-        if types <= _BULK_TYPES:
-            kept = self._kept_names
-            rest = []
-            for name in attributes:
-                if name in kept:
-                    continue
-                plan = self._span_plans.get(name) or self._span_plan(name)
-                if plan is None or plan[0] != name:
-                    break
-                rest.append(plan)
-            else:
-                found = (tuple(rest), float in types)
+        count = len(attributes)
+        kept = self._kept_names
+        rest = []
+        floats = False
+        for name, kind in zip(shape[:count], shape[count:]):
+            if name in kept:
+                # Copied as it is: only a type normalising leaves alone.
+                if kind not in _BULK_TYPES:
+                    return self._remember_shape(shape, None)
+                floats = floats or kind is float
+                continue
+            plan = self._span_plans.get(name) or self._span_plan(name)
+            if plan is None or plan[0] != name:
+                return self._remember_shape(shape, None)
+            rest.append(plan)
+            # Normalised before it is redacted: a float, or a list that may hold one.
+            floats = floats or (kind is not str and kind is not int and kind is not bool)
+        return self._remember_shape(shape, (tuple(rest), floats))
+
+    def _remember_shape(
+        self, shape: tuple[Any, ...], found: tuple[tuple[tuple[str, str], ...], bool] | None
+    ) -> tuple[tuple[tuple[str, str], ...], bool] | None:
+        """Remember what ``_span_shape`` found (the cache is emptied when full)."""
         shapes = self._span_shapes
         if len(shapes) >= _MAX_CACHED_SHAPES:
             shapes.clear()
