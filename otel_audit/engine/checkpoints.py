@@ -24,6 +24,7 @@ one key) under an exclusive file lock where the platform has ``fcntl``.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import logging
@@ -39,7 +40,13 @@ from otel_audit.engine.ledger import Appended, Ledger, Query
 from otel_audit.errors import AuditError, VerificationError
 from otel_audit.proof.chain import CHECKPOINT_VERSION, GENESIS, Checkpoint, CheckpointDamage
 from otel_audit.proof.keys import Signer
-from otel_audit.proof.merkle import Frontier, advance, extension_proof, verify_consistency
+from otel_audit.proof.merkle import (
+    Frontier,
+    advance,
+    extension_proof,
+    leaf_hashes,
+    verify_consistency,
+)
 
 try:  # POSIX; elsewhere the state is guarded within one process only
     import fcntl
@@ -260,18 +267,28 @@ class Checkpointer:
         # tree): extended from the ledger, so a checkpoint costs only the
         # records since the last one, and several processes may share a chain.
         self._frontier = Frontier()
+        self._recent: list[tuple[int, bytes]] = []
         self.refusals = 0
 
     def make(
-        self, ledger: Ledger, head: Appended, io_lock: AbstractContextManager[Any]
+        self,
+        ledger: Ledger,
+        head: Appended,
+        io_lock: AbstractContextManager[Any],
+        recent: list[tuple[int, bytes]] | None = None,
     ) -> Checkpoint | None:
         """Make, sign and store the checkpoint of ``head``; None when there is nothing new.
 
         Raises SignerRefused when the ledger does not extend what the key
         signed last (or the signer state cannot be read or written), and
         another AuditError when the checkpoint cannot be stored.
-        ``io_lock`` is held around every ledger call.
+        ``io_lock`` is held around every ledger call. ``recent``: (seq, body)
+        of what this writer committed since the last checkpoint, in order;
+        when they are exactly the records after the tree's last leaf up to
+        ``head`` (no other process appended between them), the leaves are
+        hashed from them instead of read back from the ledger.
         """
+        self._recent = recent or []
         if self.signer is None or self.state is None:
             return self._unsigned(ledger, head, io_lock)
         with self.state.locked(self.chain):
@@ -294,14 +311,39 @@ class Checkpointer:
                     self._restore(ledger, last, io_lock)
                 raise
 
+    def _advance(
+        self,
+        work: Frontier,
+        ledger: Ledger,
+        upto: int,
+        io_lock: AbstractContextManager[Any],
+        leaves: list[bytes] | None = None,
+    ) -> bool:
+        """``merkle.advance``, from this writer's own committed bodies when they are the range."""
+        recent, first = self._recent, work.size + 1
+        count = upto - first + 1
+        if recent and count > 0:
+            start = bisect.bisect_left(recent, (first, b""))
+            end = start + count - 1
+            # Seqs only grow: the first and the last in place, ``count`` apart,
+            # means the range is exactly these records, none from another process.
+            if end < len(recent) and recent[start][0] == first and recent[end][0] == upto:
+                digests = leaf_hashes(body for _, body in recent[start : end + 1])
+                for digest in digests:
+                    work.append_leaf_hash(digest)
+                if leaves is not None:
+                    leaves.extend(digests)
+                return True
+        with io_lock:
+            return advance(work, ledger, self.chain, upto, leaves)
+
     def _unsigned(
         self, ledger: Ledger, head: Appended, io_lock: AbstractContextManager[Any]
     ) -> Checkpoint:
         # Without a key nothing is refused; a gap (damaged chain) means no
         # root rather than a wrong one.
         work = self._frontier.copy() if self._frontier.size <= head.seq else Frontier()
-        with io_lock:
-            advanced = advance(work, ledger, self.chain, head.seq)
+        advanced = self._advance(work, ledger, head.seq, io_lock)
         if advanced:
             self._frontier = work
         checkpoint = Checkpoint(
@@ -357,8 +399,7 @@ class Checkpointer:
                 )
         old = work.copy()
         appended: list[bytes] = []
-        with io_lock:
-            whole = advance(work, ledger, chain, head.seq, appended)
+        whole = self._advance(work, ledger, head.seq, io_lock, appended)
         if not whole:
             raise SignerRefused(f"{refuse}: the chain has a gap before seq {head.seq}")
         root = work.root()

@@ -126,6 +126,7 @@ class _Item:
 
 
 _MAX_BATCH = 8192
+_MAX_RECENT = 20_000  # committed bodies kept for the next checkpoint's Merkle leaves
 
 
 @dataclass(frozen=True)
@@ -234,6 +235,7 @@ class LedgerWriter:
         self._last_checkpoint = time.monotonic()
         self._last_checkpoint_error: str | None = None
         self._last_appended: Appended | None = None
+        self._recent: list[tuple[int, bytes]] = []
         self._checkpointer: Checkpointer | None = None
 
     def _after_fork(self) -> None:
@@ -444,6 +446,20 @@ class LedgerWriter:
             self._since_checkpoint += len(appended)
             if appended:
                 self._last_appended = appended[-1]
+                # What the next checkpoint's Merkle leaves are hashed from
+                # (engine/checkpoints.py), instead of reading them back.
+                recent = self._recent
+                first, last = appended[0].seq, appended[-1].seq
+                if (
+                    len(recent) + len(appended) > _MAX_RECENT
+                    or getattr(self._ledger, "pads_positions", False)
+                    or last - first != len(appended) - 1
+                    or len(appended) != len(items)
+                    or (recent and recent[-1][0] >= first)
+                ):
+                    recent.clear()  # the checkpointer reads the ledger instead
+                else:
+                    recent.extend(zip([a.seq for a in appended], [i.body for i in items]))
             # Counters and the in-flight count change together, under the
             # lock stats() and flush() read them with, before anyone is woken.
             with self._cond:
@@ -516,7 +532,7 @@ class LedgerWriter:
         if checkpointer is None or checkpointer.signer is not self.signer:
             checkpointer = self._checkpointer = Checkpointer(self.chain, self.signer)
         try:
-            checkpoint = checkpointer.make(self._ledger, head, self._io_lock)
+            checkpoint = checkpointer.make(self._ledger, head, self._io_lock, self._recent)
         except Exception as exc:  # any failure: count, back off, never kill the writer
             with self._cond:
                 self._counts["checkpoint_errors"] += 1
@@ -533,6 +549,7 @@ class LedgerWriter:
             return
         self._last_checkpoint_error = None
         self._since_checkpoint = 0
+        self._recent = [entry for entry in self._recent if entry[0] > head.seq]
         self._last_checkpoint = time.monotonic()
         if checkpoint is None:  # another process already signed this head or a later one
             return

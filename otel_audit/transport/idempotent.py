@@ -41,6 +41,9 @@ from otel_audit.proof.chain import GENESIS, Checkpoint
 class IdempotentAppends:
     """Delegates to ``ledger``; ``append`` skips spans already stored, and counts them."""
 
+    #: Positions of skipped duplicates are padded with the head (see above).
+    pads_positions = True
+
     def __init__(self, ledger: Ledger) -> None:
         self._ledger = ledger
         self._lock = threading.Lock()

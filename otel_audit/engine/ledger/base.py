@@ -120,6 +120,9 @@ class Ledger(abc.ABC):
     """An append-only store of hash-chained records and signed checkpoints."""
 
     url: str
+    #: True when ``append`` may return padded positions (duplicates skipped,
+    #: transport/idempotent.py): a position then does not name its body.
+    pads_positions: bool = False
 
     @abc.abstractmethod
     def append(
