@@ -11,6 +11,7 @@ application's listeners.
 
 from __future__ import annotations
 
+import enum
 import os
 import signal
 import sqlite3
@@ -30,6 +31,10 @@ from otel_audit.errors import ConfigError, LedgerUnavailable, LedgerWriteError
 from otel_audit.proof.keys import generate_keypair
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+class Op(str, enum.Enum):
+    SHIP = "order.ship.enum"
 
 
 class CountingIds(IdGenerator):
@@ -62,11 +67,13 @@ def workload(provider: TracerProvider, pipeline: otel_audit.AuditPipeline) -> No
         {"surrogate": "bad\udcff"},
         {"password": "hunter2", "db.statement": "UPDATE users SET password='s3cret' WHERE id=1"},
     ]
+    names = [f"order.{i}" for i in range(len(values))]
+    names[0] = Op.SHIP  # a str-enum name: stored as str() gives it, by both writers
     for i, extra in enumerate(values):
         attrs = {"audit.event": True, "audit.action": f"order.{i}", "audit.actor.id": "alice"}
         attrs.update(extra)
         span = tracer.start_span(
-            f"order.{i}", kind=SpanKind.SERVER, attributes=attrs, start_time=t + i,
+            names[i], kind=SpanKind.SERVER, attributes=attrs, start_time=t + i,
             links=[Link(span_context_of(provider), {"why": "retry"})] if i == 2 else None,
         )  # fmt: skip
         span.add_event("step", {"n": i}, timestamp=t + i + 1)
@@ -415,3 +422,92 @@ def test_under_opentelemetry_instrument_the_worker_is_not_instrumented(tmp_path:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "1", proc.stdout + proc.stderr
     assert any(b'"order.update"' in b for b in bodies(tmp_path / "z.db"))
+
+
+def test_one_span_that_cannot_be_sent_fails_alone_and_is_counted(tmp_path: Path) -> None:
+    """A legal int too long for any encoder fails its own record, not its batch's 199 others."""
+    db = tmp_path / "poison.db"
+    provider, pipeline = pipeline_for(db, "process", durability="async")
+    tracer = provider.get_tracer("t")
+    try:
+        for i in range(200):
+            attrs: dict = {"audit.event": True, "n": i}
+            if i == 100:
+                attrs["big"] = 10**5000  # str() of it raises ValueError (int digit limit)
+            tracer.start_span("order.update", attributes=attrs).end()
+        pipeline.flush(30)
+        stats = pipeline.stats()
+    finally:
+        pipeline.shutdown()
+    assert len(bodies(db)) == 199
+    assert stats.failed == 1 and stats.committed == 199
+
+
+SIGPIPE_APP = textwrap.dedent(
+    """
+    import os, signal, sys, threading, time
+    from opentelemetry.sdk.trace import TracerProvider
+    import otel_audit
+
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)   # as many command-line tools do
+    provider = TracerProvider()
+    pipeline = otel_audit.configure(ledger=sys.argv[1], service_name="app", tracer_provider=provider,
+                                    writer="process", durability="async", handle_sigterm=False)
+    tracer = provider.get_tracer("app")
+    pid = pipeline.writer._proc.pid
+    threading.Timer(0.3, os.kill, (pid, signal.SIGKILL)).start()  # dies while frames are written
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 1.5:
+        try:
+            tracer.start_span("x", attributes={"audit.event": True, "pad": "y" * 2000}).end()
+        except Exception:
+            pass
+    print("survived", pipeline.stats().healthy, flush=True)
+    """
+)
+
+
+def test_a_dead_worker_does_not_kill_an_application_with_default_sigpipe(tmp_path: Path) -> None:
+    script = tmp_path / "app.py"
+    script.write_text(SIGPIPE_APP)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "p.db")], capture_output=True, text=True,
+        timeout=60, env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )  # fmt: skip
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert proc.stdout.strip() == "survived False"
+
+
+def test_the_worker_never_imports_from_the_working_directory(tmp_path: Path) -> None:
+    """The ledger's directory is often writable by others: a planted module must not run."""
+    data = tmp_path / "data"
+    data.mkdir()
+    marker = tmp_path / "PWNED"
+    for name in ("dataclasses", "orjson", "otel_audit"):
+        planted = data / f"{name}.py"
+        planted.write_text(
+            f"open({str(marker)!r}, 'w').write('{name}')\nraise ImportError('planted')\n"
+        )
+    app = tmp_path / "app.py"
+    app.write_text(
+        textwrap.dedent(
+            """
+            import sys
+            from opentelemetry.sdk.trace import TracerProvider
+            import otel_audit
+            p = otel_audit.configure(ledger="ledger.db", service_name="a", writer="process",
+                                     tracer_provider=TracerProvider(), handle_sigterm=False)
+            with p.audit_action("order.update"):
+                pass
+            p.shutdown()
+            print("ok")
+            """
+        )
+    )
+    proc = subprocess.run(
+        [sys.executable, str(app)], capture_output=True, text=True, timeout=60, cwd=data,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "ok" and not marker.exists()
+    assert len(bodies(data / "ledger.db")) == 1

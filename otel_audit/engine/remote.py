@@ -36,6 +36,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -56,6 +57,17 @@ from otel_audit.proof.chain import Checkpoint
 _log = logging.getLogger("otel_audit")
 
 _HEADER = struct.Struct("<I")
+# Subclasses of str, int, float and dict raise instead of being written as
+# their base value (a str-enum span name would lose its str()): such a span
+# goes down the exact in-process path.
+_EXACT = orjson.OPT_PASSTHROUGH_SUBCLASS
+_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)  # Linux; elsewhere Python ignores SIGPIPE
+# The worker's command: the working directory (often the ledger's, writable
+# by others) is dropped from sys.path before anything is imported.
+_WORKER = (
+    "import sys; del sys.path[0]; "
+    "from otel_audit.engine.worker import main; raise SystemExit(main())"
+)
 _MAX_BATCH = 4096
 _WAKE_AT = 512  # async records queued before the sender is woken again
 _LINGER = 0.005  # seconds the sender waits for an async batch to fill
@@ -102,11 +114,12 @@ def snapshot(span: Any) -> tuple[Any, ...]:
     events = span._events
     links = span._links
     attrs = span._attributes
+    name = span._name
     return (
         format(ctx.trace_id, "032x"),
         ctx.span_id,
         parent.span_id if parent is not None else 0,
-        span._name,
+        name if type(name) is str else str(name),  # as record_from_span reads a str-enum
         span._kind._value_,
         span._start_time or 0,
         span._end_time or 0,
@@ -135,7 +148,7 @@ def public_snapshot(span: Any) -> tuple[Any, ...]:
         format(ctx.trace_id, "032x"),
         ctx.span_id,
         parent.span_id if parent is not None else 0,
-        span.name,
+        span.name if type(span.name) is str else str(span.name),
         span.kind.value,
         span.start_time or 0,
         span.end_time or 0,
@@ -165,7 +178,7 @@ def worker_environment() -> dict[str, str]:
     """
     env = dict(os.environ)
     package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    paths = [package_root] + env.get("PYTHONPATH", "").split(os.pathsep)
+    paths = env.get("PYTHONPATH", "").split(os.pathsep) + [package_root]
     env["PYTHONPATH"] = os.pathsep.join(
         p
         for p in paths
@@ -258,6 +271,7 @@ class ProcessWriter:
         self._write_lock = threading.Lock()  # one writer of frames at a time
         self._urgent = False  # a sync record is queued: send without lingering
         self._proc: subprocess.Popen[bytes] | None = None
+        self._sock: socket.socket | None = None  # frames to the worker
         self._thread: threading.Thread | None = None  # reads the worker's answers
         self._sender: threading.Thread | None = None
         self._closed = False
@@ -266,36 +280,56 @@ class ProcessWriter:
         self._refuse_until = 0.0
         self._last_error: str | None = None
         self._stats: WriterStats | None = None
+        self._failed_here = 0  # records that never reached the worker
+        self._sender_done = False  # the sender sent "q": nothing queued later is sent
 
     def _after_fork(self) -> None:
-        proc = self._proc
+        proc, sock = self._proc, self._sock
         if proc is not None:
-            # The parent's pipes: never written, flushed or closed from here.
+            # The parent's pipe and socket: never written, flushed or closed
+            # through their objects here (only their descriptors are closed,
+            # so the worker sees its end of input when the parent exits).
             _INHERITED.append(proc)
-            for pipe in (proc.stdin, proc.stdout):
-                if pipe is not None:
-                    _INHERITED.append(pipe)
-                    try:
-                        os.close(pipe.fileno())
-                    except OSError:
-                        pass
+            if proc.stdout is not None:
+                _INHERITED.append(proc.stdout)
+                try:
+                    os.close(proc.stdout.fileno())
+                except OSError:
+                    pass
+        if sock is not None:
+            try:
+                os.close(sock.detach())
+            except OSError:
+                pass
         self._reset_state()
 
     # -- the worker ------------------------------------------------------
 
     def _start(self) -> None:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "otel_audit.engine.worker"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=worker_environment(),
-            close_fds=True,
-        )
-        assert proc.stdin is not None and proc.stdout is not None
+        # Frames go over a socket sent with MSG_NOSIGNAL: writing to a dead
+        # worker must fail the records, not kill an application that set
+        # SIGPIPE back to its default.
+        ours, theirs = socket.socketpair()
         try:
-            write_frame(proc.stdin, ["config", self._config])
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _WORKER],
+                stdin=theirs.fileno(),
+                stdout=subprocess.PIPE,
+                env=worker_environment(),
+                close_fds=True,
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        assert proc.stdout is not None
+        try:
+            data = orjson.dumps(["config", self._config])
+            ours.sendall(_HEADER.pack(len(data)) + data, _NOSIGNAL)
             first = self._first_answer(proc)
         except BaseException:
+            ours.close()
             proc.kill()
             proc.wait()
             raise
@@ -303,7 +337,7 @@ class ProcessWriter:
             proc.wait(5.0)
             why = first[1] if first is not None else f"exited with code {proc.returncode}"
             raise LedgerError(f"audit writer process for {self.url} did not start: {why}")
-        self._proc = proc
+        self._proc, self._sock = proc, ours
         reader = threading.Thread(target=self._read, name="otel-audit-worker-reader", daemon=True)
         sender = threading.Thread(target=self._send, name="otel-audit-worker-sender", daemon=True)
         reader.start()
@@ -347,6 +381,7 @@ class ProcessWriter:
                 if not self._send_queued():
                     return
                 if self._closed and not self._queue:
+                    self._sender_done = True
                     self._send_quit()
                     return
 
@@ -356,10 +391,9 @@ class ProcessWriter:
         Called with ``_write_lock`` held, by the sender thread or by a sync
         producer that found the lock free (one hand-off less per record).
         """
-        proc = self._proc
-        if proc is None or proc.stdin is None:
+        sock = self._sock
+        if sock is None:
             return False
-        out = proc.stdin
         queue = self._queue
         while queue:
             items: list[_Queued] = []
@@ -375,32 +409,41 @@ class ProcessWriter:
                 self._failed(items, f"audit records not sent to the writer process: {exc!r}")
                 continue
             try:
-                out.write(data)
-                out.flush()
-            except (OSError, ValueError):  # the worker is gone: the reader answers
+                sock.sendall(data, _NOSIGNAL)
+            except OSError:  # the worker is gone: the reader answers
                 return False
         return True
 
     def _send_quit(self) -> None:
-        proc = self._proc
-        if proc is None or proc.stdin is None:
+        sock = self._sock
+        if sock is None:
             return
         try:
-            write_frame(proc.stdin, ["q"])
-            proc.stdin.close()
-        except (OSError, ValueError):
+            data = orjson.dumps(["q"])
+            sock.sendall(_HEADER.pack(len(data)) + data, _NOSIGNAL)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
             pass
 
     def _frame(self, items: list[_Queued]) -> bytes:
-        """One batch frame; spans a frame cannot carry exactly go as finished bytes."""
-        batch = [self._entry(item) for item in items]
+        """One batch frame; spans a frame cannot carry exactly go as finished bytes.
+
+        An item that cannot be sent at all (its span cannot be read or encoded
+        even in this process) fails alone, counted; the rest of the batch goes.
+        """
         try:
-            data = orjson.dumps(["b", batch])
-        except TypeError:  # a value JSON cannot carry exactly: find it, item by item
+            batch = [self._entry(item) for item in items]
+            data = orjson.dumps(["b", batch], option=_EXACT)
+        except (TypeError, ValueError):  # find the item, one by one
             data = b"null"
         if b"null" in data:
-            batch = [self._exact(item, entry) for item, entry in zip(items, batch)]
-            data = orjson.dumps(["b", batch])
+            kept = []
+            for item in items:
+                try:
+                    kept.append(self._exact(item))
+                except Exception as exc:
+                    self._failed([item], f"audit record not sent to the writer process: {exc!r}")
+            data = orjson.dumps(["b", kept], option=_EXACT)
         return _HEADER.pack(len(data)) + data
 
     @staticmethod
@@ -409,11 +452,12 @@ class ProcessWriter:
             return [item.ident, "r", item.body.decode("utf-8"), item.durability]
         return [item.ident, "s", snapshot(item.span), item.extra, item.level, item.durability]
 
-    def _exact(self, item: _Queued, entry: list[Any]) -> list[Any]:
+    def _exact(self, item: _Queued) -> list[Any]:
+        entry = self._entry(item)
         if item.body is not None:  # finished bytes: their nulls are JSON's own
             return entry
         try:
-            if b"null" not in orjson.dumps(entry):
+            if b"null" not in orjson.dumps(entry, option=_EXACT):
                 return entry
         except TypeError:
             pass
@@ -423,11 +467,12 @@ class ProcessWriter:
         return [item.ident, "r", body.decode("utf-8"), item.durability]
 
     def _failed(self, items: list[_Queued], why: str) -> None:
-        _log.error("otel-audit: %s", why)
+        _log.error("otel-audit: %d audit record(s) failed: %s", len(items), why)
         error = LedgerWriteError(why)
         with self._cond:
             for item in items:
                 self._pending.pop(item.ident, None)
+            self._failed_here += len(items)
             self._cond.notify_all()
         for item in items:
             if item.ticket is not None:
@@ -543,6 +588,15 @@ class ProcessWriter:
                 raise LedgerWriteError(f"audit writer for {self.url} has stopped: {self._stopped}")
         queue = self._queue
         queue.append(item)
+        if self._stopped is not None or (self._closed and self._sender_done):
+            # Shutdown or the worker's death raced this append: take the record
+            # back if nobody has; if someone has, it is answered from there.
+            try:
+                queue.remove(item)
+            except ValueError:
+                pass
+            else:
+                raise LedgerWriteError(f"audit writer for {self.url} has stopped: {self._stopped}")
         if item.ticket is not None:
             self._urgent = True  # someone waits: the sender must not linger
             if self._write_lock.acquire(blocking=False):
@@ -629,10 +683,11 @@ class ProcessWriter:
         if base is None:
             base = WriterStats(0, 0, 0, 0, 0, 0, 0, 0, True, None, 0.0, 0.0)
         depth = max(waiting, base.queue_depth)
+        failed = base.failed + self._failed_here
         return WriterStats(
-            submitted=base.committed + base.failed + depth,
+            submitted=base.committed + failed + depth,
             committed=base.committed,
-            failed=base.failed,
+            failed=failed,
             retries=base.retries,
             batches=base.batches,
             checkpoints=base.checkpoints,

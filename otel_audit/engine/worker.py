@@ -1,8 +1,8 @@
 """The writer process: builds, redacts, encodes and commits what an application sends.
 
-Started by ``engine/remote.py`` (``configure(writer="process")``) as
-``python -m otel_audit.engine.worker``; it talks over its standard input
-and output in frames (``engine/remote.py`` describes them). The
+Started by ``engine/remote.py`` (``configure(writer="process")``), which
+runs ``main`` with the working directory left out of ``sys.path``; it talks
+over its standard input (a socket) and output (a pipe) in frames (``engine/remote.py`` describes them). The
 application's process keeps only the cheap part of each audit record (the
 span's fields and the policy's decision); the record's Python work (build,
 redaction, encoding, hashing, the ledger's append) runs here, on another
