@@ -123,12 +123,14 @@ def test_typical_spans_take_the_fast_path_and_give_the_same_bytes(policy: str) -
                 both(p, span, "shop", extra, d)
 
 
-@pytest.mark.parametrize("case", VECTORS["records"], ids=lambda c: c["name"])
+# The vectors with their own max_len are left out: the processor (and so
+# encode_span) always builds records with the default one.
+@pytest.mark.parametrize(
+    "case", [c for c in VECTORS["records"] if c.get("max_len") is None], ids=lambda c: c["name"]
+)
 @pytest.mark.parametrize("policy", list(POLICIES))
 @pytest.mark.parametrize("level", ["full", "metadata"])
 def test_record_vectors_give_the_same_bytes_on_both_paths(case, policy, level) -> None:
-    if case.get("max_len") is not None:
-        pytest.skip("the processor builds records with the default max_len")
     extra = typed(case["extra"]) if case.get("extra") else {}
     both(POLICIES[policy](), span_of(case), case["service"], extra, Decision(level))
 
