@@ -50,7 +50,7 @@ from typing import IO, Any
 import orjson
 
 from otel_audit.engine.ledger import Appended
-from otel_audit.engine.writer import Ticket, WriterStats
+from otel_audit.engine.writer import Ticket, WriterStats, safe, wait_idle
 from otel_audit.errors import LedgerError, LedgerUnavailable, LedgerWriteError
 from otel_audit.proof.chain import Checkpoint
 
@@ -495,7 +495,7 @@ class ProcessWriter:
             elif kind == "c":
                 checkpoint = Checkpoint.from_dict(frame[1])
                 for listener in self.checkpoint_listeners:
-                    _safe(listener, checkpoint)
+                    safe(listener, checkpoint)
             elif kind == "q":
                 self._health(frame[1])
         code = proc.wait()
@@ -536,7 +536,7 @@ class ProcessWriter:
                 ticket.resolve(None, LedgerWriteError(error))
         for seconds, n in commits:
             for listener in self.commit_listeners:
-                _safe(listener, seconds, n)
+                safe(listener, seconds, n)
 
     def _gone(self, why: str) -> None:
         """The worker exited: answer every record it did not acknowledge."""
@@ -642,16 +642,12 @@ class ProcessWriter:
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything queued so far is committed (or failed)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while self._queue or self._pending:
-                if self._stopped is not None or self._proc is None:
-                    return False
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                self._cond.wait(0.5 if remaining is None else min(remaining, 0.5))
-        return True
+        return wait_idle(
+            self._cond,
+            lambda: bool(self._queue or self._pending),
+            lambda: self._stopped is None and self._proc is not None,
+            timeout,
+        )
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Commit what is queued, let the worker write its final checkpoint, stop it."""
@@ -698,10 +694,3 @@ class ProcessWriter:
             commit_latency_p50_ms=base.commit_latency_p50_ms,
             commit_latency_p99_ms=base.commit_latency_p99_ms,
         )
-
-
-def _safe(fn: Callable[..., None], *args: object) -> None:
-    try:
-        fn(*args)
-    except Exception:  # a listener must never stop the reader
-        _log.exception("otel-audit: listener failed")

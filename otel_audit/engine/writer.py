@@ -85,7 +85,7 @@ class Ticket:
             callbacks, self._callbacks = self._callbacks, None
         self.lock.release()
         for callback in callbacks or ():
-            _safe(callback, self)
+            safe(callback, self)
 
     def add_callback(self, callback: Callable[[Ticket], None]) -> None:
         """Call ``callback(ticket)`` once resolved (at once if it already is)."""
@@ -442,7 +442,7 @@ class LedgerWriter:
             elapsed = time.perf_counter() - started
             self._latencies.append(elapsed)
             for listener in self.commit_listeners:
-                _safe(listener, elapsed, len(appended))
+                safe(listener, elapsed, len(appended))
             self._since_checkpoint += len(appended)
             if appended:
                 self._last_appended = appended[-1]
@@ -472,7 +472,7 @@ class LedgerWriter:
                 if item.ticket is not None:
                     item.ticket.resolve(where, None)
             for resolved in self.resolved_listeners:
-                _safe(resolved)
+                safe(resolved)
             if self._since_checkpoint >= self.checkpoint_every:
                 self._checkpoint()
             return True
@@ -497,7 +497,7 @@ class LedgerWriter:
             if item.ticket is not None and not item.retry:
                 item.ticket.resolve(None, failure)
         for resolved in self.resolved_listeners:
-            _safe(resolved)
+            safe(resolved)
         return not keep
 
     def _abandon(self, items: list[_Item]) -> None:
@@ -512,7 +512,7 @@ class LedgerWriter:
             if item.ticket is not None:
                 item.ticket.resolve(None, error)
         for resolved in self.resolved_listeners:
-            _safe(resolved)
+            safe(resolved)
         _log.error(
             "otel-audit: %d audit records were not committed to %s before shutdown: %s",
             len(items),
@@ -556,7 +556,7 @@ class LedgerWriter:
         with self._cond:
             self._counts["checkpoints"] += 1
         for listener in self.checkpoint_listeners:
-            _safe(listener, checkpoint)
+            safe(listener, checkpoint)
 
     # -- lifecycle -----------------------------------------------------
 
@@ -565,16 +565,12 @@ class LedgerWriter:
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything queued so far is committed (or failed)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while self._busy():
-                if self._thread is None or not self._thread.is_alive():
-                    return False
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                self._cond.wait(0.5 if remaining is None else min(remaining, 0.5))
-        return True
+        return wait_idle(
+            self._cond,
+            self._busy,
+            lambda: self._thread is not None and self._thread.is_alive(),
+            timeout,
+        )
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Commit what is queued, write a final checkpoint, stop the thread, close.
@@ -645,13 +641,32 @@ class LedgerWriter:
         )
 
 
+def wait_idle(
+    cond: threading.Condition,
+    busy: Callable[[], bool],
+    alive: Callable[[], bool],
+    timeout: float | None,
+) -> bool:
+    """Wait on ``cond`` until not ``busy()``: False at the timeout or once not ``alive()``."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with cond:
+        while busy():
+            if not alive():
+                return False
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            cond.wait(0.5 if remaining is None else min(remaining, 0.5))
+    return True
+
+
 def _percentile(sorted_values: list[float], q: float) -> float:
     if not sorted_values:
         return 0.0
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
-def _safe(fn: Callable[..., None], *args: object) -> None:
+def safe(fn: Callable[..., None], *args: object) -> None:
     try:
         fn(*args)
     except Exception:  # a listener must never stop the writer
