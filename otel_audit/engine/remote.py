@@ -334,6 +334,7 @@ class ProcessWriter:
             proc.wait()
             raise
         if first is None or first[0] != "ready":
+            ours.close()
             proc.wait(5.0)
             why = first[1] if first is not None else f"exited with code {proc.returncode}"
             raise LedgerError(f"audit writer process for {self.url} did not start: {why}")
