@@ -137,50 +137,31 @@ class AuditSpanProcessor(SpanProcessor):
                     return
                 extra.update(decision.attributes)
                 durability = decision.durability or durability
-            if self._remote is not None:
-                self._send(span, scope, extra, decision, durability)
-                return
-            body = self._encode(span, extra, decision)
+            # One path for both writers: the writer process is sent the span
+            # (it builds the record there), the thread writer the record's bytes.
+            remote = self._remote
             if durability == "async":
-                self.writer.submit(body)
+                if remote is not None:
+                    remote.send_span(span, extra, _level(decision), durability, False)
+                else:
+                    self.writer.submit(self._encode(span, extra, decision))
                 return
+            if remote is not None:
+                ticket = remote.send_span(span, extra, _level(decision), durability, True)
+                assert ticket is not None
+            else:
+                ticket = self.writer.enqueue(self._encode(span, extra, decision))
             if scope is not None:
                 own = span.context.span_id == scope.span_id
-                ticket = self.writer.enqueue(body)
                 if scope.add_ticket(self.writer, ticket, own=own):
                     return  # the action waits for it at its exit
-                ticket.wait(self.writer)  # its action is gone: commit before returning
-            else:
-                self.writer.write(body)
+            ticket.wait(self.writer)  # no action, or it is gone: commit before returning
         except AuditError as exc:
             self._failed(span, scope, exc)
         except Exception as exc:  # never raise into span.end()
             _log.exception("otel-audit: could not record span %r", span.name)
             error = LedgerWriteError(f"audit record of span {span.name!r} not written: {exc!r}")
             self._failed(span, scope, error)
-
-    def _send(
-        self,
-        span: ReadableSpan,
-        scope: ActionScope | None,
-        extra: dict[str, Any],
-        decision: Decision | None,
-        durability: str,
-    ) -> None:
-        """``on_end``'s path with a writer process: the same waits, the record built there."""
-        remote = self._remote
-        assert remote is not None
-        level = decision.level if decision is not None else ""
-        if durability == "async":
-            remote.send_span(span, extra, level, durability, False)
-            return
-        ticket = remote.send_span(span, extra, level, durability, True)
-        assert ticket is not None
-        if scope is not None:
-            own = span.context.span_id == scope.span_id
-            if scope.add_ticket(remote, ticket, own=own):
-                return
-        ticket.wait(remote)
 
     def _failed(self, span: ReadableSpan, scope: ActionScope | None, error: AuditError) -> None:
         with self._lock:
@@ -215,3 +196,8 @@ class AuditSpanProcessor(SpanProcessor):
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return self.writer.flush(timeout_millis / 1000)
+
+
+def _level(decision: Decision | None) -> str:
+    """The decision's level as the writer process is sent it ("": no policy, no redaction)."""
+    return decision.level if decision is not None else ""

@@ -139,35 +139,6 @@ def snapshot(span: Any) -> tuple[Any, ...]:
     )
 
 
-def public_snapshot(span: Any) -> tuple[Any, ...]:
-    """``snapshot`` through the SDK's public properties only (what the contract test compares)."""
-    ctx = span.context
-    parent = span.parent
-    scope = span.instrumentation_scope
-    return (
-        format(ctx.trace_id, "032x"),
-        ctx.span_id,
-        parent.span_id if parent is not None else 0,
-        span.name if type(span.name) is str else str(span.name),
-        span.kind.value,
-        span.start_time or 0,
-        span.end_time or 0,
-        span.status.status_code.value,
-        span.status.description or "",
-        dict(span.attributes or {}),
-        [[ev.name, ev.timestamp or 0, dict(ev.attributes or ())] for ev in span.events]
-        if span.events
-        else (),
-        [
-            [format(ln.context.trace_id, "032x"), ln.context.span_id, dict(ln.attributes or ())]
-            for ln in span.links
-        ]
-        if span.links
-        else (),
-        scope.name if scope is not None and scope.name else "",
-    )
-
-
 def worker_environment() -> dict[str, str]:
     """The writer process's environment: this one, without OpenTelemetry's auto-instrumentation.
 
