@@ -87,6 +87,7 @@ class Worker:
         self.writer.commit_listeners.append(self._committed)
         self._out = out
         self._out_lock = threading.Lock()
+        self._gone = False
         self._acks: list[list[Any]] = []
         self._async_acks: list[int] = []
         self._commits: list[list[float]] = []
@@ -100,8 +101,15 @@ class Worker:
     # -- answers -----------------------------------------------------------
 
     def send(self, frame: Any) -> None:
+        """Answer the application; once it is gone (killed, or exited without
+        shutdown) there is nobody to answer, and the records still commit."""
         with self._out_lock:
-            write_frame(self._out, frame)
+            if self._gone:
+                return
+            try:
+                write_frame(self._out, frame)
+            except OSError:  # BrokenPipeError, or the socket reset
+                self._gone = True
 
     def _checkpointed(self, checkpoint: Any) -> None:
         self.send(["c", checkpoint.to_dict()])
