@@ -286,8 +286,14 @@ class Checkpointer:
         of what this writer committed since the last checkpoint, in order;
         when they are exactly the records after the tree's last leaf up to
         ``head`` (no other process appended between them), the leaves are
-        hashed from them instead of read back from the ledger.
+        hashed from them instead of read back from the ledger. Without them,
+        a ledger that keeps what its own appends committed (``serve``'s
+        ``IdempotentAppends.committed_bodies``, where the writer cannot) is
+        asked for the same, under the same rule.
         """
+        if not recent:
+            kept = getattr(ledger, "committed_bodies", None)
+            recent = kept(self.chain) if callable(kept) else None
         self._recent = recent or []
         if self.signer is None or self.state is None:
             return self._unsigned(ledger, head, io_lock)

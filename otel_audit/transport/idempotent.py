@@ -22,13 +22,24 @@ The receiver already knows each record's (trace id, span id): it hands them
 over with ``expect`` before queueing the bodies, and ``append`` passes them
 to the ledger, which checks each against its body's bytes instead of
 parsing every body again (a body without one is parsed, as before).
-Thread-safety: the wrapped ledger's (the writer serialises its appends);
-the counters are read under a lock, the keys kept in a dict whose single
-operations are atomic.
+
+Checkpoints hash their Merkle leaves from memory, not from the ledger: the
+writer cannot keep what it committed when positions are padded, so this
+wrapper keeps it instead (``committed_bodies``): the (seq, body) of each
+append whose bodies were all new, in seq order. An append that skipped a
+duplicate, or whose seqs are not one run after what is kept, or that
+failed, empties it (the checkpointer then reads the ledger back, as before);
+each stored checkpoint drops what it covers, and more than ``MAX_KEPT``
+bodies are not kept at all.
+Thread-safety: the wrapped ledger's (the writer serialises its appends, and
+checkpoints on the same thread); the counters are read under a lock, the
+keys kept in a dict whose single operations are atomic.
 """
 
 from __future__ import annotations
 
+import bisect
+import operator
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -36,6 +47,10 @@ from typing import Any
 from otel_audit.engine.ledger import Appended, Ledger
 from otel_audit.engine.ledger.base import SpanKey
 from otel_audit.proof.chain import GENESIS, Checkpoint
+
+#: Most committed bodies kept for the next checkpoint's leaves (the writer's own bound).
+MAX_KEPT = 20_000
+_SEQ = operator.itemgetter(0)
 
 
 class IdempotentAppends:
@@ -50,6 +65,9 @@ class IdempotentAppends:
         self._duplicates = 0
         # body -> its (trace id, span id), from ``expect`` until its append.
         self._keys: dict[bytes, SpanKey] = {}
+        # chain -> (seq, body) committed by this wrapper's appends since the
+        # last checkpoint, strictly increasing seqs (see above).
+        self._committed: dict[str, list[tuple[int, bytes]]] = {}
 
     @property
     def duplicates(self) -> int:
@@ -71,8 +89,13 @@ class IdempotentAppends:
         # retried request) is expected again by its own request, else parsed.
         take = self._keys.pop
         keys = [take(body, None) for body in bodies]
-        stored = self._ledger.append(chain, bodies, dedupe=True, keys=keys)
+        try:
+            stored = self._ledger.append(chain, bodies, dedupe=True, keys=keys)
+        except BaseException:
+            self._committed.pop(chain, None)
+            raise
         missing = len(bodies) - len(stored)
+        self._keep(chain, bodies, stored, missing)
         if not missing:
             return stored
         with self._lock:
@@ -85,10 +108,44 @@ class IdempotentAppends:
             head = self._ledger.head(chain) or Appended(chain, 0, GENESIS)
         return stored + [head] * missing
 
+    def _keep(
+        self, chain: str, bodies: Sequence[bytes], stored: Sequence[Appended], missing: int
+    ) -> None:
+        """Keep (seq, body) of an append whose every body was stored, in order."""
+        kept = self._committed.get(chain)
+        if not stored:
+            return  # nothing appended: what is kept is still the chain's
+        first, last = stored[0].seq, stored[-1].seq
+        if (
+            missing  # which body each position holds is the ledger's secret
+            or last - first != len(stored) - 1
+            or (kept and kept[-1][0] >= first)
+            or (kept is not None and len(kept) + len(stored) > MAX_KEPT)
+            or len(stored) > MAX_KEPT
+        ):
+            self._committed.pop(chain, None)
+            return
+        if kept is None:
+            kept = self._committed[chain] = []
+        kept.extend(zip(range(first, last + 1), bodies))
+
+    def committed_bodies(self, chain: str) -> list[tuple[int, bytes]]:
+        """(seq, body) this wrapper appended to ``chain`` since its last checkpoint, by seq.
+
+        Not necessarily every record of the range (another writer may have
+        appended between them): the checkpointer uses them only when they
+        are exactly the range it needs.
+        """
+        return self._committed.get(chain) or []
+
     def add_checkpoint(self, checkpoint: Checkpoint) -> None:
         if checkpoint.seq == 0:
             return  # an empty chain: nothing to cover
         self._ledger.add_checkpoint(checkpoint)
+        kept = self._committed.get(checkpoint.chain)
+        if kept and kept[0][0] <= checkpoint.seq:
+            # Covered now: the next checkpoint starts after it (seqs only grow).
+            del kept[: bisect.bisect_right(kept, checkpoint.seq, key=_SEQ)]
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._ledger, name)
