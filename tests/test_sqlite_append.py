@@ -168,3 +168,47 @@ def test_a_statement_refused_by_a_held_lock_fails_alone_and_the_next_append_cont
         ledger.close()
     assert [x.seq for x in appended] == [3]
     _assert_one_unbroken_chain(db, "shop", _bodies("a", 2) + _bodies("c", 1))
+
+
+def test_a_connection_left_inside_a_transaction_is_refused_not_acknowledged(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "audit.db"
+    ledger = open_ledger(str(db))
+    try:
+        ledger.append("shop", _bodies("first", 1))
+        # What an exception landing right after a BEGIN leaves behind (a
+        # KeyboardInterrupt between the BEGIN and its try): an open transaction.
+        ledger._con.execute("BEGIN IMMEDIATE")
+        with pytest.raises(LedgerWriteError, match="transaction"):
+            ledger.append("shop", _bodies("second", 3))
+        # The failed append rolled the stray transaction back: the next one works.
+        appended = ledger.append("shop", _bodies("third", 1))
+    finally:
+        ledger.close()
+    assert [x.seq for x in appended] == [2]
+    _assert_one_unbroken_chain(db, "shop", _bodies("first", 1) + _bodies("third", 1))
+
+
+def test_a_planted_trigger_fails_the_append_loudly_and_verify_names_it(tmp_path: Path) -> None:
+    db = tmp_path / "audit.db"
+    ledger = open_ledger(str(db))
+    try:
+        ledger.append("shop", _bodies("a", 5))
+        with sqlite3.connect(db) as con:  # the insider's trigger refuses one record
+            con.execute(
+                "CREATE TRIGGER refuse BEFORE INSERT ON records"
+                """ WHEN NEW.seq = 7 AND NEW.body = CAST('{"n":1,"tag":"b"}' AS BLOB)"""
+                " BEGIN SELECT RAISE(FAIL, 'refused by a planted trigger'); END"
+            )
+        # Not taken for another writer's append (a retry after re-reading the
+        # head would go round the trigger): the caller is told.
+        with pytest.raises(LedgerWriteError, match="refused by a planted trigger"):
+            ledger.append("shop", _bodies("b", 3))
+    finally:
+        ledger.close()
+    stored = [body for *_, body in _chain(db, "shop")]
+    assert len(stored) == len(set(stored))  # no record was written twice
+    with open_ledger(str(db), readonly=True) as ro, pytest.raises(VerificationError) as err:
+        verify_ledger(ro)
+    assert err.value.kind == "schema" and "refuse" in str(err.value)

@@ -178,6 +178,7 @@ class SQLiteLedger(Ledger):
             raise LedgerError(f"ledger path {path!r} is a directory")
         # chain -> (seq, hash) of the last record this connection appended.
         self._heads: dict[str, tuple[int, bytes]] = {}
+        self._locked_only = False
         uri = "file:" + _quote(os.path.abspath(path)) + ("?mode=ro" if readonly else "")
         with _mapped(f"opening {path!r}"):
             self._con = sqlite3.connect(
@@ -272,14 +273,21 @@ class SQLiteLedger(Ledger):
         dedupe: bool = False,
         keys: Sequence[SpanKey | None] | None = None,
     ) -> list[Appended]:
-        if not dedupe and 0 < len(bodies) <= _ROWS_PER_INSERT and chain in self._heads:
+        if (
+            not dedupe
+            and 0 < len(bodies) <= _ROWS_PER_INSERT
+            and chain in self._heads
+            and not self._locked_only
+        ):
             done = self._append_one_statement(chain, bodies)
             if done is not None:
                 return done
         con = self._con
         with _mapped(f"appending to chain {chain!r}", LedgerWriteError):
-            con.execute("BEGIN IMMEDIATE")
             try:
+                # Inside the try: an exception right after it (a KeyboardInterrupt)
+                # must not leave the connection in a transaction.
+                con.execute("BEGIN IMMEDIATE")
                 row = con.execute(
                     _HEAD,
                     (chain,),
@@ -339,6 +347,12 @@ class SQLiteLedger(Ledger):
         statement and None sends the caller to the locked path, which reads
         the head again: the chain is never forked.
         """
+        if self._con.in_transaction:
+            # Whoever opened it did not finish: an INSERT now would join that
+            # transaction and be acknowledged uncommitted. The locked path
+            # refuses it loudly instead.
+            del self._heads[chain]
+            return None
         seq, prev = self._heads[chain]
         rows: list[object] = []
         out = []
@@ -354,12 +368,21 @@ class SQLiteLedger(Ledger):
                 + ",".join(["(?, ?, ?, ?, ?)"] * len(bodies)),
                 rows,
             )
-        except sqlite3.IntegrityError:
-            del self._heads[chain]  # another writer appended: read the head again
-            return None
+        except sqlite3.IntegrityError as exc:
+            del self._heads[chain]
+            if getattr(exc, "sqlite_errorname", "") == "SQLITE_CONSTRAINT_PRIMARYKEY":
+                return None  # another writer appended (nothing was written): read the head again
+            # Anything else (a CHECK or a trigger someone added) is not a race:
+            # it fails loudly, and this connection appends under the lock from now on.
+            self._locked_only = True
+            raise LedgerWriteError(
+                f"sqlite ledger: appending to chain {chain!r} failed: {exc}"
+            ) from exc
         except sqlite3.Error as exc:
             self._heads.pop(chain, None)
-            raise LedgerWriteError(f"sqlite ledger: appending to chain {chain!r} failed: {exc}") from exc
+            raise LedgerWriteError(
+                f"sqlite ledger: appending to chain {chain!r} failed: {exc}"
+            ) from exc
         self._heads[chain] = (seq, prev)
         self._check_file()
         return out
