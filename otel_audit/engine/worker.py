@@ -9,6 +9,12 @@ redaction, encoding, hashing, the ledger's append) runs here, on another
 interpreter and another core, through the same functions the in-process
 path calls, so the bytes are the same.
 
+One thread builds and commits (an ``inline`` LedgerWriter, driven by
+``LedgerWriter.turn``): every frame that arrived while a commit was in
+flight goes into the next one, with no hand-off between threads; a second
+thread only reads the input as it arrives, so an application never blocks
+writing a frame while the worker is inside a long commit.
+
 Standard input closing (the application exited or was killed) drains what
 arrived and shuts the writer down with a final checkpoint. SIGINT and
 SIGTERM are ignored: a terminal's Ctrl-C or a service manager's SIGTERM to
@@ -24,18 +30,23 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any, BinaryIO
 
+import orjson
 from opentelemetry.trace import SpanKind, StatusCode
 
 from otel_audit.capture.decision import Decision
 from otel_audit.engine.record import encode, record_from_span
-from otel_audit.engine.remote import read_frame, write_frame
-from otel_audit.engine.writer import LedgerWriter, Ticket
+from otel_audit.engine.remote import _HEADER, write_frame
+from otel_audit.engine.writer import LedgerWriter, Ticket, WriterStats
 from otel_audit.errors import AuditError
 
 _KINDS = {k.value: k for k in SpanKind}
+_STATS_FIELDS = [field.name for field in dataclasses.fields(WriterStats)]
+_P50 = _STATS_FIELDS.index("commit_latency_p50_ms")
+_P99 = _STATS_FIELDS.index("commit_latency_p99_ms")
 _CODES = {c.value: c for c in StatusCode}
 
 
@@ -65,6 +76,61 @@ def span_view(snap: list[Any]) -> SimpleNamespace:
     )
 
 
+class _Frames:
+    """Frames from a file descriptor (``remote.read_frame``'s format).
+
+    A thread of its own reads the bytes as they arrive, whatever the worker
+    is doing: an application writing a frame must never block because the
+    worker is inside a long commit (an event loop thread writes its own sync
+    frames). The application bounds what it has sent but not yet seen
+    answered (``max_queue_size``), and with it this buffer.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._buffer = bytearray()
+        self._cond = threading.Condition()
+        self.ended = False
+        threading.Thread(target=self._pump, name="otel-audit-worker-reader", daemon=True).start()
+
+    def _pump(self) -> None:
+        while True:
+            try:
+                data = os.read(self._fd, 1 << 20)
+            except OSError:
+                data = b""
+            with self._cond:
+                if data:
+                    self._buffer += data
+                else:
+                    self.ended = True
+                self._cond.notify()
+            if not data:
+                return
+
+    def _whole(self) -> bool:
+        buffer = self._buffer
+        return len(buffer) >= 4 and len(buffer) - 4 >= _HEADER.unpack_from(buffer)[0]
+
+    def read(self, timeout: float | None) -> list[Any]:
+        """Every whole frame that has arrived, after waiting up to ``timeout``
+        seconds (None: for as long as it takes) for the first."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.ended or self._whole(), timeout)
+            buffer = self._buffer
+            frames = []
+            start = 0
+            with memoryview(buffer) as view:  # released before the buffer is cut
+                while len(view) - start >= 4:
+                    (size,) = _HEADER.unpack_from(view, start)
+                    if len(view) - start - 4 < size:
+                        break
+                    frames.append(orjson.loads(view[start + 4 : start + 4 + size]))
+                    start += 4 + size
+            del buffer[:start]
+        return frames
+
+
 class Worker:
     """One writer process: reads frames, commits records, answers with acknowledgements."""
 
@@ -83,6 +149,9 @@ class Worker:
             checkpoint_interval=config["checkpoint_interval"],
             signer=signer,
         )
+        # One thread builds and commits: no hand-off to a writer thread, no
+        # contention for the interpreter lock between the two.
+        self.writer.inline = True
         self.writer.checkpoint_listeners.append(self._checkpointed)
         self.writer.commit_listeners.append(self._committed)
         self._out = out
@@ -94,8 +163,7 @@ class Worker:
         self._acks_lock = threading.Lock()
         self._latency = (0.0, 0.0)
         self._latency_at = 0.0
-        # Answers go out once per batch, from the writer thread, when its
-        # tickets are resolved: no thread of its own, no extra hand-off.
+        # Answers go out once per commit, when its tickets are resolved.
         self.writer.resolved_listeners.append(self._send_acks)
 
     # -- answers -----------------------------------------------------------
@@ -147,7 +215,11 @@ class Worker:
             self.send(["a", acks, done, commits, self._health()])
 
     def _health(self, fresh: bool = False) -> list[Any]:
-        """Health and counters; the latency percentiles (a sort) at most once a second."""
+        """Health and counters; the latency percentiles (a sort) at most once a second.
+
+        Sent with every answer, so read field by field: ``dataclasses.astuple``
+        deep-copies and cost more than a sync record's commit.
+        """
         now = time.monotonic()
         writer = self.writer
         if fresh or now - self._latency_at >= 1.0:
@@ -155,12 +227,10 @@ class Worker:
             self._latency = (stats.commit_latency_p50_ms, stats.commit_latency_p99_ms)
             self._latency_at = now
         else:
-            stats = dataclasses.replace(
-                writer.stats(latencies=False),
-                commit_latency_p50_ms=self._latency[0],
-                commit_latency_p99_ms=self._latency[1],
-            )
-        return [stats.healthy, stats.last_error, list(dataclasses.astuple(stats))]
+            stats = writer.stats(latencies=False)
+        values = [getattr(stats, name) for name in _STATS_FIELDS]
+        values[_P50], values[_P99] = self._latency
+        return [stats.healthy, stats.last_error, values]
 
     # -- requests ----------------------------------------------------------
 
@@ -196,38 +266,51 @@ class Worker:
         if failed:
             self._send_acks()
 
-    def run(self, inp: BinaryIO) -> None:
+    def run(self, frames: _Frames, early: Sequence[list[Any]] = ()) -> None:
+        """Read, build and commit until the application says quit or goes away.
+
+        Each round takes every frame that has arrived, queues their records
+        and commits them together (one commit for all the frames that came in
+        while the last one was in flight), then waits for input no longer than
+        the writer's next retry or timed checkpoint.
+        """
         self.send(["ready", os.getpid()])
-        while True:
-            frame = read_frame(inp)
-            if frame is None or frame[0] == "q":
-                break
-            if frame[0] == "b":
-                self.batch(frame[1])
+        done = False
+        arrived = list(early)  # frames that came with the configuration
+        while not done:
+            wait = self.writer.turn()
+            arrived += frames.read(0 if arrived else wait)
+            for frame in arrived:
+                if frame[0] == "q":
+                    done = True
+                    break
+                if frame[0] == "b":
+                    self.batch(frame[1])
+            arrived = []
+            done = done or frames.ended
         self.writer.shutdown()
         self._send_acks()
         self.send(["q", self._health(fresh=True)])
 
 
 def main() -> int:
-    # Our own interpreter: the writer thread, back from SQLite with a commit
-    # to answer, takes the lock from the thread building records within
-    # 0.2 ms instead of the default 5 ms (which set the commit latency).
-    sys.setswitchinterval(0.0002)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    inp, out = sys.stdin.buffer, sys.stdout.buffer
+    out = sys.stdout.buffer
     # Nothing else may write to the frame stream.
     sys.stdout = sys.stderr
-    config = read_frame(inp)
-    if config is None:
+    frames = _Frames(sys.stdin.fileno())
+    first: list[Any] = []
+    while not first and not frames.ended:
+        first = frames.read(None)
+    if not first:
         return 0
     try:
-        worker = Worker(config[1], out)
+        worker = Worker(first[0][1], out)
     except Exception as exc:
         write_frame(out, ["error", f"{type(exc).__name__}: {exc}"])
         return 1
-    worker.run(inp)
+    worker.run(frames, first[1:])
     return 0
 
 

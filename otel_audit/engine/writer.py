@@ -14,6 +14,9 @@ share each fsync (group commit).
 * While the last commit failed, ``healthy`` is False so audited actions can
   refuse to start (fail-closed).
 
+An ``inline`` writer has no thread: its owner calls ``turn`` (the writer
+process's worker, which builds and commits records on one thread).
+
 Thread-safe. Fork-safe: the child starts with an empty queue, its own ledger
 connection and its own thread (records queued before the fork are the
 parent's to write).
@@ -170,6 +173,9 @@ class LedgerWriter:
         self.checkpoint_interval = checkpoint_interval
         self.signer = signer
         self.probe_interval = 1.0
+        #: No thread of its own: whoever owns the writer calls ``turn`` (the
+        #: writer process's worker, which builds and commits on one thread).
+        self.inline = False
         self.checkpoint_listeners: list[Callable[[Checkpoint], None]] = []
         self.commit_listeners: list[Callable[[float, int], None]] = []
         #: Called on the writer thread once a batch's tickets are resolved
@@ -213,6 +219,8 @@ class LedgerWriter:
         self._wake = threading.Event()
         self._retry: list[_Item] | None = None
         self._inflight = 0
+        self._retry_at = 0.0  # inline: when the next attempt after a failure is due
+        self._backoff = 0.05
         self._closed = False
         self._thread: threading.Thread | None = None
         self._healthy = True
@@ -279,7 +287,7 @@ class LedgerWriter:
     def _enqueue(self, body: bytes, wait: bool, retry: bool = False) -> Ticket | None:
         if self._closed:
             raise LedgerUnavailable(f"audit writer for {self.url} is shut down")
-        if self._thread is None:
+        if self._thread is None and not self.inline:
             # Started before the record is queued: if the ledger cannot be
             # opened, the caller is told and nothing is left behind.
             with self._start_lock:
@@ -287,7 +295,7 @@ class LedgerWriter:
                     raise LedgerUnavailable(f"audit writer for {self.url} is shut down")
                 if self._thread is None:
                     self._start()
-        if len(self._queue) >= self.max_queue_size:
+        if len(self._queue) >= self.max_queue_size and not self.inline:
             # Full: block (never drop) until the writer has made room. The
             # bound is approximate: producers woken together may pass it by
             # at most their number.
@@ -391,10 +399,7 @@ class LedgerWriter:
                     backoff = 0.05
                     continue
             except Exception as exc:  # the writer thread must outlive any bug
-                self._healthy = False
-                self._refuse_until = time.monotonic() + self.probe_interval
-                self._last_error = f"audit writer error: {exc!r}"
-                _log.exception("otel-audit: writer loop failed; retrying")
+                self._loop_failed(exc)
             if self._closed and not self._queue and self._retry is None:
                 return
             if self._closed and self._retry is not None:
@@ -403,6 +408,44 @@ class LedgerWriter:
                 continue
             time.sleep(backoff)
             backoff = min(backoff * 2, _MAX_BACKOFF)
+
+    def _loop_failed(self, exc: Exception) -> None:
+        self._healthy = False
+        self._refuse_until = time.monotonic() + self.probe_interval
+        self._last_error = f"audit writer error: {exc!r}"
+        _log.exception("otel-audit: writer loop failed; retrying")
+
+    def turn(self) -> float | None:
+        """One round of the writer loop on the calling thread (``inline`` writers).
+
+        Commits what is queued (one attempt; after a failed one, the next
+        waits out the same backoff as the writer thread's) and makes a timed
+        checkpoint when one is due. Returns the seconds until the next round
+        is due: 0 when more is queued, None when nothing is until something
+        is queued.
+        """
+        if self._queue or self._retry is not None:
+            if time.monotonic() >= self._retry_at:
+                try:
+                    committed = bool(self._step())
+                except Exception as exc:  # as the writer thread: outlive any bug
+                    self._loop_failed(exc)
+                    committed = False
+                if committed:
+                    self._backoff = 0.05
+                    self._retry_at = 0.0
+                else:
+                    self._retry_at = time.monotonic() + self._backoff
+                    self._backoff = min(self._backoff * 2, _MAX_BACKOFF)
+            if self._queue or self._retry is not None:
+                return max(0.0, self._retry_at - time.monotonic())
+        if not self._since_checkpoint:
+            return None
+        due = self._last_checkpoint + self.checkpoint_interval - time.monotonic()
+        if due > 0:
+            return due
+        self._checkpoint()
+        return self.checkpoint_interval if self._since_checkpoint else None
 
     def _step(self) -> bool | None:
         """One round: commit what is queued, or idle. False when a commit failed,
@@ -578,6 +621,11 @@ class LedgerWriter:
         ``timeout`` bounds the whole shutdown (flush and join together).
         """
         deadline = time.monotonic() + timeout
+        if self.inline:  # commit (and retry) what is queued, on this thread
+            while self._busy() and time.monotonic() < deadline:
+                wait = self.turn()
+                if wait:
+                    time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
         self.flush(timeout)
         # Under the start lock: a producer cannot start (or restart) the
         # writer thread once shutdown has begun.
