@@ -624,7 +624,7 @@ class LedgerWriter:
         if self.inline:  # commit (and retry) what is queued, on this thread
             while self._busy() and time.monotonic() < deadline:
                 wait = self.turn()
-                if wait:
+                if wait and self._busy():  # a retry's backoff (not the next checkpoint)
                     time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
         self.flush(timeout)
         # Under the start lock: a producer cannot start (or restart) the
