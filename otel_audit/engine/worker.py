@@ -91,6 +91,8 @@ class _Frames:
         self._buffer = bytearray()
         self._cond = threading.Condition()
         self.ended = False
+        #: The input ended and every frame in it has been returned by ``read``.
+        self.drained = False
         threading.Thread(target=self._pump, name="otel-audit-worker-reader", daemon=True).start()
 
     def _pump(self) -> None:
@@ -117,6 +119,10 @@ class _Frames:
         seconds (None: for as long as it takes) for the first."""
         with self._cond:
             self._cond.wait_for(lambda: self.ended or self._whole(), timeout)
+            # Seen before the buffer is parsed: nothing is added after the end,
+            # so this read returns the last frame. (``ended`` seen later could
+            # come with bytes that arrived after the parse.)
+            self.drained = self.ended
             buffer = self._buffer
             frames = []
             start = 0
@@ -287,7 +293,7 @@ class Worker:
                 if frame[0] == "b":
                     self.batch(frame[1])
             arrived = []
-            done = done or frames.ended
+            done = done or frames.drained
         self.writer.shutdown()
         self._send_acks()
         self.send(["q", self._health(fresh=True)])
@@ -301,7 +307,7 @@ def main() -> int:
     sys.stdout = sys.stderr
     frames = _Frames(sys.stdin.fileno())
     first: list[Any] = []
-    while not first and not frames.ended:
+    while not first and not frames.drained:
         first = frames.read(None)
     if not first:
         return 0
