@@ -572,3 +572,24 @@ def test_frames_that_arrive_with_the_end_of_input_are_all_committed(
     finally:
         con.close()
     assert (committed, checkpoint) == (sent, sent)
+
+
+def test_records_a_killed_worker_took_with_it_are_counted_as_failed(tmp_path: Path) -> None:
+    provider, pipeline = pipeline_for(tmp_path / "k.db", "process", durability="async")
+    tracer = provider.get_tracer("t")
+    try:
+        tracer.start_span("warm", attributes={"audit.event": True}).end()
+        assert pipeline.flush(10)
+        proc = pipeline.writer._proc  # type: ignore[union-attr]
+        os.kill(proc.pid, signal.SIGSTOP)
+        for i in range(20):
+            tracer.start_span("order.update", attributes={"audit.event": True, "n": i}).end()
+        assert not pipeline.flush(0.5)  # handed over, never answered
+        os.kill(proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while pipeline.writer.healthy and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stats = pipeline.stats()
+        assert (stats.committed, stats.failed) == (1, 20)  # logged, and counted
+    finally:
+        pipeline.shutdown()

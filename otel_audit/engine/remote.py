@@ -519,6 +519,7 @@ class ProcessWriter:
             self._pending.clear()
             while self._queue:
                 leftovers.append(self._queue.popleft().ticket)
+            self._failed_here += len(leftovers)  # counted as well as logged
             self._cond.notify_all()
         if leftovers:
             _log.error("otel-audit: %s; %d audit records not committed", why, len(leftovers))
