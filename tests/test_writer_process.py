@@ -195,6 +195,17 @@ def test_a_worker_that_dies_fails_its_records_and_refuses_new_actions(tmp_path: 
     assert all(b"order.delete" not in b for b in bodies(db))
 
 
+def _records_and_checkpoint(db: Path) -> tuple[int, int | None]:
+    """How many records ``db`` holds, and the seq of its last checkpoint."""
+    con = sqlite3.connect(db)
+    try:
+        n = con.execute("SELECT count(*) FROM records").fetchone()[0]
+        last = con.execute("SELECT max(seq) FROM checkpoints").fetchone()[0]
+    finally:
+        con.close()
+    return int(n), last
+
+
 APP = textwrap.dedent(
     """
     import os, signal, sys, time
@@ -239,12 +250,7 @@ def test_records_handed_to_the_worker_survive_the_application(tmp_path: Path, ho
     # The worker drains, commits and checkpoints after its application is gone.
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        con = sqlite3.connect(db)
-        try:
-            n = con.execute("SELECT count(*) FROM records").fetchone()[0]
-            cps = con.execute("SELECT max(seq) FROM checkpoints").fetchone()[0]
-        finally:
-            con.close()
+        n, cps = _records_and_checkpoint(db)
         if n == 500 and cps == 500:
             break
         time.sleep(0.2)
@@ -565,13 +571,7 @@ def test_frames_that_arrive_with_the_end_of_input_are_all_committed(
         ours.close()
         if worker.poll() is None:
             worker.kill()
-    con = sqlite3.connect(db)
-    try:
-        committed = con.execute("SELECT count(*) FROM records").fetchone()[0]
-        checkpoint = con.execute("SELECT max(seq) FROM checkpoints").fetchone()[0]
-    finally:
-        con.close()
-    assert (committed, checkpoint) == (sent, sent)
+    assert _records_and_checkpoint(db) == (sent, sent)
 
 
 def test_records_a_killed_worker_took_with_it_are_counted_as_failed(tmp_path: Path) -> None:
