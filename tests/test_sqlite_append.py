@@ -212,3 +212,44 @@ def test_a_planted_trigger_fails_the_append_loudly_and_verify_names_it(tmp_path:
     with open_ledger(str(db), readonly=True) as ro, pytest.raises(VerificationError) as err:
         verify_ledger(ro)
     assert err.value.kind == "schema" and "refuse" in str(err.value)
+
+
+def test_a_row_planted_far_ahead_is_linked_onto_not_written_below(tmp_path: Path) -> None:
+    db = tmp_path / "audit.db"
+    ledger = open_ledger(str(db))
+    try:
+        ledger.append("shop", _bodies("first", 3))
+        with sqlite3.connect(db) as con:  # the insider plants seq 1000
+            con.execute(
+                "INSERT INTO records (chain, seq, prev_hash, hash, body) VALUES (?, 1000, ?, ?, ?)",
+                ("shop", b"\0" * 32, b"\1" * 32, b'{"planted":true}'),
+            )
+        appended = ledger.append("shop", _bodies("next", 2))
+    finally:
+        ledger.close()
+    # Not at 4 and 5, below the planted row, where a forwarder whose cursor
+    # already passed 1000 would never look: after it, as the locked path does.
+    assert [x.seq for x in appended] == [1001, 1002]
+    with open_ledger(str(db), readonly=True) as ro, pytest.raises(VerificationError):
+        verify_ledger(ro)
+
+
+def test_records_a_planted_trigger_skips_silently_are_never_acknowledged(tmp_path: Path) -> None:
+    db = tmp_path / "audit.db"
+    ledger = open_ledger(str(db))
+    try:
+        ledger.append("shop", _bodies("a", 2))
+        with sqlite3.connect(db) as con:  # drops one record of every insert without an error
+            con.execute(
+                "CREATE TRIGGER skip BEFORE INSERT ON records WHEN NEW.seq % 2 = 0"
+                " BEGIN SELECT RAISE(IGNORE); END"
+            )
+        # One statement after the remembered head, then (from then on) the locked path.
+        for batch, told in ((_bodies("b", 3), "stored 2 of 3"), (_bodies("c", 600), "250 of 500")):
+            with pytest.raises(LedgerWriteError, match=told):
+                ledger.append("shop", batch)
+    finally:
+        ledger.close()
+    with open_ledger(str(db), readonly=True) as ro, pytest.raises(VerificationError) as err:
+        verify_ledger(ro)
+    assert err.value.kind == "schema"

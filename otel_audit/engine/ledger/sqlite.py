@@ -318,11 +318,16 @@ class SQLiteLedger(Ledger):
                 # can cost a whole switch interval.
                 for start in range(0, len(rows), _ROWS_PER_INSERT):
                     chunk = rows[start : start + _ROWS_PER_INSERT]
-                    con.execute(
+                    inserted = con.execute(
                         "INSERT INTO records (chain, seq, prev_hash, hash, body) VALUES "
                         + ",".join(["(?, ?, ?, ?, ?)"] * len(chunk)),
                         [value for row in chunk for value in row],
-                    )
+                    ).rowcount
+                    if inserted != len(chunk):  # skipped without an error: never acknowledged
+                        raise LedgerWriteError(
+                            f"sqlite ledger: appending to chain {chain!r} stored {inserted}"
+                            f" of {len(chunk)} records (the schema was altered: a trigger?)"
+                        )
                 con.execute("COMMIT")
             except BaseException:
                 self._heads.pop(chain, None)
@@ -345,7 +350,10 @@ class SQLiteLedger(Ledger):
         when it returns (WAL, synchronous=FULL). When another connection
         appended since, the primary key (chain, seq) refuses the whole
         statement and None sends the caller to the locked path, which reads
-        the head again: the chain is never forked.
+        the head again: the chain is never forked. The statement also writes
+        nothing when any row lies above the remembered head (one planted far
+        ahead would otherwise leave this writer appending below it, under the
+        cursor of a forwarder that has already passed it).
         """
         if self._con.in_transaction:
             # Whoever opened it did not finish: an INSERT now would join that
@@ -363,11 +371,13 @@ class SQLiteLedger(Ledger):
             out.append(Appended(chain, seq, digest))
             prev = digest
         try:
-            self._con.execute(
-                "INSERT INTO records (chain, seq, prev_hash, hash, body) VALUES "
-                + ",".join(["(?, ?, ?, ?, ?)"] * len(bodies)),
-                rows,
-            )
+            inserted = self._con.execute(
+                "INSERT INTO records (chain, seq, prev_hash, hash, body) SELECT * FROM (VALUES "
+                + ",".join(["(?, ?, ?, ?, ?)"] * len(bodies))
+                + ") WHERE NOT EXISTS (SELECT 1 FROM records WHERE chain = ? AND seq > ?"
+                " AND typeof(seq) = 'integer')",
+                [*rows, chain, self._heads[chain][0]],
+            ).rowcount
         except sqlite3.IntegrityError as exc:
             del self._heads[chain]
             if getattr(exc, "sqlite_errorname", "") == "SQLITE_CONSTRAINT_PRIMARYKEY":
@@ -383,6 +393,18 @@ class SQLiteLedger(Ledger):
             raise LedgerWriteError(
                 f"sqlite ledger: appending to chain {chain!r} failed: {exc}"
             ) from exc
+        if inserted == 0:
+            # A row above the remembered head (another writer's, or one planted
+            # far ahead): nothing was written; the locked path reads the head.
+            del self._heads[chain]
+            return None
+        if inserted != len(bodies):  # rows skipped without an error: a planted trigger
+            del self._heads[chain]
+            self._locked_only = True
+            raise LedgerWriteError(
+                f"sqlite ledger: appending to chain {chain!r} stored {inserted} of"
+                f" {len(bodies)} records (the schema was altered: a trigger?)"
+            )
         self._heads[chain] = (seq, prev)
         self._check_file()
         return out
