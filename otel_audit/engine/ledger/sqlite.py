@@ -4,9 +4,10 @@ WAL journal with synchronous=FULL: a commit returns after its fsync. Appends
 take the database write lock (BEGIN IMMEDIATE), read the chain head and insert
 inside one transaction, so several processes (gunicorn workers) can append to
 one chain without breaking it. A connection's next append to a chain it
-wrote last is one autocommit INSERT after the head it remembers; the primary
-key (chain, seq) refuses it when anyone appended in between, and the append
-falls back to the locked read of the head. Query columns are *virtual* generated columns
+wrote last is one autocommit INSERT after the head it remembers, which writes
+nothing when any row lies above that head (anyone appended in between, or a
+row was planted ahead); the append then falls back to the locked read of the
+head. Rows a planted trigger skips are never acknowledged. Query columns are *virtual* generated columns
 computed from the canonical body, so no stored column can disagree with the
 hashed bytes; ``schema_problems`` names any change to that schema (another
 expression behind a query column, a trigger, a view). Every commit checks that
@@ -347,13 +348,13 @@ class SQLiteLedger(Ledger):
         each call gives the interpreter lock back and must win it again, and
         with busy application threads every round trip costs the writer
         about a millisecond. The statement is its own transaction, durable
-        when it returns (WAL, synchronous=FULL). When another connection
-        appended since, the primary key (chain, seq) refuses the whole
-        statement and None sends the caller to the locked path, which reads
-        the head again: the chain is never forked. The statement also writes
-        nothing when any row lies above the remembered head (one planted far
-        ahead would otherwise leave this writer appending below it, under the
-        cursor of a forwarder that has already passed it).
+        when it returns (WAL, synchronous=FULL). It writes nothing when any
+        row lies above the remembered head: another connection appended since,
+        or a row was planted far ahead (which would otherwise leave this writer
+        appending below it, under the cursor of a forwarder that has already
+        passed it). Then, or when the primary key (chain, seq) refuses it,
+        None sends the caller to the locked path, which reads the head again:
+        the chain is never forked.
         """
         if self._con.in_transaction:
             # Whoever opened it did not finish: an INSERT now would join that
