@@ -45,7 +45,7 @@ import re
 import secrets
 from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from otel_audit import vocabulary as v
 from otel_audit.engine.record import (
@@ -803,11 +803,7 @@ class Redactor:
                 break
             steps.append(plan)  # type: ignore[union-attr]
         found = None if steps is None or len(steps) == len(names) else tuple(steps)
-        shapes = self._shapes
-        if len(shapes) >= _MAX_CACHED_SHAPES:
-            shapes.clear()
-        shapes[names] = found
-        return found
+        return _remember(self._shapes, names, found)
 
     def _each(
         self,
@@ -820,29 +816,7 @@ class Redactor:
         plans = self._plans
         for name, value in attributes.items():
             stored, action = plans.get(name) or self._plan(name)
-            if action == _SCAN:
-                out[stored] = self._value(value, found)
-            elif action == _KEEP:
-                out[stored] = value
-            elif action == _SQL:
-                out[stored] = (
-                    self._statement(value, found)
-                    if isinstance(value, str)
-                    else self._value(value, found)
-                )
-            elif action == _ID:
-                out[stored] = scrub_id(value, found) if isinstance(value, str) else value
-            else:
-                if redacted is not None:
-                    redacted.append(name)
-                if found is not None and name not in _EXCEPTION_NAMES:
-                    if isinstance(value, str):
-                        found.append(value)
-                    elif isinstance(value, list):
-                        found.extend(x for x in value if isinstance(x, str))
-                if action == "drop":
-                    continue
-                out[stored] = self._apply(action, value)
+            self._redact_into(out, stored, action, name, value, found, redacted)
         return out
 
     def span_body(
@@ -1002,26 +976,16 @@ class Redactor:
             if name in kept:
                 # Copied as it is: only a type normalising leaves alone.
                 if kind not in _BULK_TYPES:
-                    return self._remember_shape(shape, None)
+                    return _remember(self._span_shapes, shape, None)
                 floats = floats or kind is float
                 continue
             plan = self._span_plans.get(name) or self._span_plan(name)
             if plan is None or plan[0] != name:
-                return self._remember_shape(shape, None)
+                return _remember(self._span_shapes, shape, None)
             rest.append(plan)
             # Normalised before it is redacted: a float, or a list that may hold one.
             floats = floats or (kind is not str and kind is not int and kind is not bool)
-        return self._remember_shape(shape, (tuple(rest), floats))
-
-    def _remember_shape(
-        self, shape: tuple[Any, ...], found: tuple[tuple[tuple[str, str], ...], bool] | None
-    ) -> tuple[tuple[tuple[str, str], ...], bool] | None:
-        """Remember what ``_span_shape`` found (the cache is emptied when full)."""
-        shapes = self._span_shapes
-        if len(shapes) >= _MAX_CACHED_SHAPES:
-            shapes.clear()
-        shapes[shape] = found
-        return found
+        return _remember(self._span_shapes, shape, (tuple(rest), floats))
 
     def _each_attribute(
         self, attributes: Mapping[str, Any], found: list[str], keep: Container[str] | None
@@ -1132,8 +1096,18 @@ _EXCEPTION_NAMES = _EXCEPTION_MASKED | _EXCEPTION_DROPPED
 # Values normalising leaves as they are (but for what span_body checks after).
 _BULK_TYPES = frozenset({str, int, bool, float})
 _UNKNOWN: Any = object()  # not in a cache
+_K = TypeVar("_K")
+_V = TypeVar("_V")
 # Attribute shapes remembered (emptied when full, like the clean values).
 _MAX_CACHED_SHAPES = 1024
+
+
+def _remember(cache: dict[_K, _V], key: _K, found: _V) -> _V:
+    """``cache[key] = found`` in a shape cache (emptied when full); returns ``found``."""
+    if len(cache) >= _MAX_CACHED_SHAPES:
+        cache.clear()
+    cache[key] = found
+    return found
 
 
 def _record_of(data: dict[str, Any]) -> Record:
