@@ -258,17 +258,25 @@ class NoopExporter(SpanExporter):
         pass
 
 
-def finished_spans(n: int) -> list[ReadableSpan]:
+def _recorded(n: int, make: Any) -> list[ReadableSpan]:
+    """The ``n`` spans ``make(tracer, i)`` ends, finished by the real SDK."""
     provider = TracerProvider(shutdown_on_exit=False)
     exporter = InMemorySpanExporter()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     tracer = provider.get_tracer("bench")
-    for _ in range(n):
+    for i in range(n):
+        make(tracer, i)
+    return list(exporter.get_finished_spans())
+
+
+def finished_spans(n: int) -> list[ReadableSpan]:
+    def make(tracer: Any, i: int) -> None:
         with tracer.start_as_current_span(
             "order.update", kind=SpanKind.SERVER, attributes=ATTRS
         ) as s:
             s.add_event("exception", {"exception.message": "retry with Bearer abcdefghijkl"})
-    return list(exporter.get_finished_spans())
+
+    return _recorded(n, make)
 
 
 def per_record(spans: list[ReadableSpan], policy: AuditPolicy | None, fused: bool = False) -> float:
@@ -296,16 +304,14 @@ def per_record(spans: list[ReadableSpan], policy: AuditPolicy | None, fused: boo
 
 def plain_spans(n: int) -> list[ReadableSpan]:
     """Audit actions with the 8 audit.* attributes only (bench_core's span)."""
-    provider = TracerProvider(shutdown_on_exit=False)
-    exporter = InMemorySpanExporter()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracer = provider.get_tracer("bench")
-    for i in range(n):
+
+    def make(tracer: Any, i: int) -> None:
         attributes = {k: val for k, val in ATTRS.items() if k.startswith("audit.")}
         attributes[v.RESOURCE_ID] = str(i)
         with tracer.start_as_current_span("order.update", attributes=attributes):
             pass
-    return list(exporter.get_finished_spans())
+
+    return _recorded(n, make)
 
 
 def throughput(provider: TracerProvider, n: int) -> float:
