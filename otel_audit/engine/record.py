@@ -593,15 +593,11 @@ def span_fields(span: Any) -> tuple[Any, ...]:
         start = span._start_time
         end = span._end_time
         scope = span._instrumentation_scope
-        attributes = span._attributes
-        if type(attributes) is _BoundedAttributes and attributes._immutable:
-            attributes = attributes._dict
-        elif type(attributes) is not dict:
-            attributes = span.attributes or _NO_ATTRIBUTES
+        attributes = span_attributes(span)
         links = span._links
         events = span._events
         if end is not None and type(links) is _BoundedList and type(events) is _BoundedList:
-            # Ended: no more are added.
+            # Ended: no more are added (ended_sequence for both, in one test).
             links, events = links._dq, events._dq  # type: ignore[attr-defined]
         else:
             links = ended_sequence(links, span, "links")

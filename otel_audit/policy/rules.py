@@ -629,12 +629,12 @@ class AuditPolicy:
             # classifier, no label on the span or its trail): the default
             # policy. Nothing to match, so skip building the span's facts.
             effect = derived.get(v.EFFECT) or attrs.get(v.EFFECT)
-            if effect is not None and isinstance(effect, str) and effect not in self.base_effects:
+            if isinstance(effect, str) and effect not in self.base_effects:
+                return None
+            if self.level == "none":
                 return None
             found = self._default_decision
             if found is None or found.level != self.level or found.durability != self.durability:
-                if self.level == "none":
-                    return None
                 found = self._default_decision = Decision(self.level, self.durability, {})
             return found
         facts = self._facts(span, derived)
