@@ -16,21 +16,19 @@ import os
 import signal
 import socket
 import sqlite3
-import struct
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
 
-import orjson
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.id_generator import IdGenerator
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 import otel_audit
-from otel_audit.engine.remote import _WORKER, read_frame, worker_environment
+from otel_audit.engine.remote import _WORKER, framed, read_frame, worker_environment
 from otel_audit.errors import ConfigError, LedgerUnavailable, LedgerWriteError
 from otel_audit.proof.keys import generate_keypair
 
@@ -530,11 +528,6 @@ def test_the_worker_never_imports_from_the_working_directory(tmp_path: Path) -> 
     assert len(bodies(data / "ledger.db")) == 1
 
 
-def _frame(obj: object) -> bytes:
-    data = orjson.dumps(obj)
-    return struct.pack("<I", len(data)) + data
-
-
 @pytest.mark.parametrize("round_", range(3))
 def test_frames_that_arrive_with_the_end_of_input_are_all_committed(
     tmp_path: Path, round_: int
@@ -554,14 +547,14 @@ def test_frames_that_arrive_with_the_end_of_input_are_all_committed(
         config = {"ledger": str(db), "chain": "c", "service": "s", "policy": None,
                   "signing_key": None, "max_queue_size": 100_000,
                   "checkpoint_every": 10**9, "checkpoint_interval": 60.0}  # fmt: skip
-        ours.sendall(_frame(["config", config]))
+        ours.sendall(framed(["config", config]))
         assert worker.stdout is not None
         assert read_frame(worker.stdout)[0] == "ready"
         sent = 0
         for size, pause in ((3000, 0.02), (10, 0.0)):
             items = [[sent + i, "r", f'{{"n":{sent + i}}}', "async"] for i in range(size)]
             sent += size
-            ours.sendall(_frame(["b", items]))
+            ours.sendall(framed(["b", items]))
             time.sleep(pause)  # the worker is inside the first batch when the rest arrives
         ours.close()
         while read_frame(worker.stdout) is not None:

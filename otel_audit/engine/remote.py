@@ -78,9 +78,14 @@ _INHERITED: list[object] = []  # pipes inherited across fork: kept, never flushe
 Fallback = Callable[[Any, dict[str, Any], str, str], bytes]
 
 
-def write_frame(out: IO[bytes], frame: Any) -> None:
+def framed(frame: Any) -> bytes:
+    """``frame`` as it goes on the wire: a 4-byte little-endian length, then JSON."""
     data = orjson.dumps(frame)
-    out.write(_HEADER.pack(len(data)) + data)
+    return _HEADER.pack(len(data)) + data
+
+
+def write_frame(out: IO[bytes], frame: Any) -> None:
+    out.write(framed(frame))
     out.flush()
 
 
@@ -296,8 +301,7 @@ class ProcessWriter:
             theirs.close()
         assert proc.stdout is not None
         try:
-            data = orjson.dumps(["config", self._config])
-            ours.sendall(_HEADER.pack(len(data)) + data, _NOSIGNAL)
+            ours.sendall(framed(["config", self._config]), _NOSIGNAL)
             first = self._first_answer(proc)
         except BaseException:
             ours.close()
@@ -391,8 +395,7 @@ class ProcessWriter:
         if sock is None:
             return
         try:
-            data = orjson.dumps(["q"])
-            sock.sendall(_HEADER.pack(len(data)) + data, _NOSIGNAL)
+            sock.sendall(framed(["q"]), _NOSIGNAL)
             sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
