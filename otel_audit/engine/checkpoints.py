@@ -28,11 +28,12 @@ import bisect
 import hashlib
 import json
 import logging
+import operator
 import os
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
@@ -56,6 +57,9 @@ except ImportError:  # pragma: no cover - Windows
 _log = logging.getLogger("otel_audit")
 
 STATE_FORMAT = "otel-audit-signer-state"
+#: Most committed bodies kept for the next checkpoint's Merkle leaves (``keep_committed``).
+MAX_KEPT = 20_000
+_SEQ = operator.itemgetter(0)
 _THREAD_LOCKS: dict[str, threading.Lock] = {}
 _THREAD_LOCKS_GUARD = threading.Lock()
 # Descriptors holding a state file lock right now: a child inherits them, and
@@ -254,6 +258,28 @@ def _record_at(ledger: Ledger, chain: str, seq: int) -> bytes | None:
     for row in ledger.query(Query(after=(chain, seq - 1), limit=1)):
         return row.hash if row.seq == seq and row.chain == chain else None
     return None
+
+
+def keep_committed(
+    kept: list[tuple[int, bytes]], first: int, last: int, bodies: Sequence[bytes]
+) -> bool:
+    """Add (seq, body) for seqs ``first``..``last`` to ``kept`` (what ``Checkpointer.make``
+    may hash leaves from) when they are one run right after what it holds, within
+    ``MAX_KEPT``; False when not, and the caller forgets ``kept`` (the checkpointer
+    then reads the ledger back)."""
+    if (
+        last - first != len(bodies) - 1
+        or (kept and kept[-1][0] >= first)
+        or len(kept) + len(bodies) > MAX_KEPT
+    ):
+        return False
+    kept.extend(zip(range(first, last + 1), bodies))
+    return True
+
+
+def drop_covered(kept: list[tuple[int, bytes]], seq: int) -> None:
+    """Forget the kept bodies a checkpoint at ``seq`` covers (``kept`` is in seq order)."""
+    del kept[: bisect.bisect_right(kept, seq, key=_SEQ)]
 
 
 class Checkpointer:

@@ -34,7 +34,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from otel_audit.engine.checkpoints import Checkpointer, SignerRefused
+from otel_audit.engine.checkpoints import (
+    Checkpointer,
+    SignerRefused,
+    drop_covered,
+    keep_committed,
+)
 from otel_audit.engine.ledger import Appended, Ledger, open_ledger
 from otel_audit.errors import AuditError, LedgerUnavailable, LedgerWriteError
 from otel_audit.proof.chain import Checkpoint
@@ -129,7 +134,6 @@ class _Item:
 
 
 _MAX_BATCH = 8192
-_MAX_RECENT = 20_000  # committed bodies kept for the next checkpoint's Merkle leaves
 
 
 @dataclass(frozen=True)
@@ -475,8 +479,9 @@ class LedgerWriter:
         assert self._ledger is not None
         started = time.perf_counter()
         try:
+            bodies = [item.body for item in items]
             with self._io_lock:
-                appended = self._ledger.append(self.chain, [item.body for item in items])
+                appended = self._ledger.append(self.chain, bodies)
         except AuditError as exc:
             error: AuditError = exc
         except Exception as exc:  # a backend bug must not kill the writer thread
@@ -491,18 +496,12 @@ class LedgerWriter:
                 self._last_appended = appended[-1]
                 # What the next checkpoint's Merkle leaves are hashed from
                 # (engine/checkpoints.py), instead of reading them back.
-                recent = self._recent
-                first, last = appended[0].seq, appended[-1].seq
                 if (
-                    len(recent) + len(appended) > _MAX_RECENT
-                    or getattr(self._ledger, "pads_positions", False)
-                    or last - first != len(appended) - 1
+                    self._ledger.pads_positions
                     or len(appended) != len(items)
-                    or (recent and recent[-1][0] >= first)
+                    or not keep_committed(self._recent, appended[0].seq, appended[-1].seq, bodies)
                 ):
-                    recent.clear()  # the checkpointer reads the ledger instead
-                else:
-                    recent.extend(zip([a.seq for a in appended], [i.body for i in items]))
+                    self._recent.clear()  # the checkpointer reads the ledger instead
             # Counters and the in-flight count change together, under the
             # lock stats() and flush() read them with, before anyone is woken.
             with self._cond:
@@ -592,7 +591,7 @@ class LedgerWriter:
             return
         self._last_checkpoint_error = None
         self._since_checkpoint = 0
-        self._recent = [entry for entry in self._recent if entry[0] > head.seq]
+        drop_covered(self._recent, head.seq)
         self._last_checkpoint = time.monotonic()
         if checkpoint is None:  # another process already signed this head or a later one
             return

@@ -30,7 +30,7 @@ append whose bodies were all new, in seq order. An append that skipped a
 duplicate, or whose seqs are not one run after what is kept, or that
 failed, empties it (the checkpointer then reads the ledger back, as before);
 each stored checkpoint drops what it covers, and more than ``MAX_KEPT``
-bodies are not kept at all.
+(engine/checkpoints.py) bodies are not kept at all.
 Thread-safety: the wrapped ledger's (the writer serialises its appends, and
 checkpoints on the same thread); the counters are read under a lock, the
 keys kept in a dict whose single operations are atomic.
@@ -38,19 +38,14 @@ keys kept in a dict whose single operations are atomic.
 
 from __future__ import annotations
 
-import bisect
-import operator
 import threading
 from collections.abc import Sequence
 from typing import Any
 
+from otel_audit.engine.checkpoints import drop_covered, keep_committed
 from otel_audit.engine.ledger import Appended, Ledger
 from otel_audit.engine.ledger.base import SpanKey
 from otel_audit.proof.chain import GENESIS, Checkpoint
-
-#: Most committed bodies kept for the next checkpoint's leaves (the writer's own bound).
-MAX_KEPT = 20_000
-_SEQ = operator.itemgetter(0)
 
 
 class IdempotentAppends:
@@ -112,22 +107,12 @@ class IdempotentAppends:
         self, chain: str, bodies: Sequence[bytes], stored: Sequence[Appended], missing: int
     ) -> None:
         """Keep (seq, body) of an append whose every body was stored, in order."""
-        kept = self._committed.get(chain)
         if not stored:
             return  # nothing appended: what is kept is still the chain's
-        first, last = stored[0].seq, stored[-1].seq
-        if (
-            missing  # which body each position holds is the ledger's secret
-            or last - first != len(stored) - 1
-            or (kept and kept[-1][0] >= first)
-            or (kept is not None and len(kept) + len(stored) > MAX_KEPT)
-            or len(stored) > MAX_KEPT
-        ):
+        kept = self._committed.setdefault(chain, [])
+        # With a duplicate skipped, which body each position holds is the ledger's secret.
+        if missing or not keep_committed(kept, stored[0].seq, stored[-1].seq, bodies):
             self._committed.pop(chain, None)
-            return
-        if kept is None:
-            kept = self._committed[chain] = []
-        kept.extend(zip(range(first, last + 1), bodies))
 
     def committed_bodies(self, chain: str) -> list[tuple[int, bytes]]:
         """(seq, body) this wrapper appended to ``chain`` since its last checkpoint, by seq.
@@ -143,9 +128,8 @@ class IdempotentAppends:
             return  # an empty chain: nothing to cover
         self._ledger.add_checkpoint(checkpoint)
         kept = self._committed.get(checkpoint.chain)
-        if kept and kept[0][0] <= checkpoint.seq:
-            # Covered now: the next checkpoint starts after it (seqs only grow).
-            del kept[: bisect.bisect_right(kept, checkpoint.seq, key=_SEQ)]
+        if kept:  # covered now: the next checkpoint starts after it
+            drop_covered(kept, checkpoint.seq)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._ledger, name)
