@@ -38,6 +38,15 @@ def _chain(path: Path, chain: str) -> list[tuple[int, bytes, bytes, bytes]]:
         ]
 
 
+def _plant(db: Path, seq: int) -> None:
+    """The insider's row at ``seq`` of chain "shop", with a made-up hash."""
+    with sqlite3.connect(db) as con:
+        con.execute(
+            "INSERT INTO records (chain, seq, prev_hash, hash, body) VALUES (?, ?, ?, ?, ?)",
+            ("shop", seq, b"\0" * 32, b"\1" * 32, b'{"planted":true}'),
+        )
+
+
 def _assert_one_unbroken_chain(path: Path, chain: str, expected: list[bytes]) -> None:
     rows = _chain(path, chain)
     assert [seq for seq, *_ in rows] == list(range(1, len(expected) + 1))
@@ -77,12 +86,7 @@ def test_a_row_planted_at_the_next_position_is_linked_onto_not_overwritten(tmp_p
     ledger = open_ledger(str(db))
     try:
         ledger.append("shop", _bodies("first", 3))
-        # The insider writes seq 4 directly, with a made-up hash.
-        with sqlite3.connect(db) as con:
-            con.execute(
-                "INSERT INTO records (chain, seq, prev_hash, hash, body) VALUES (?, 4, ?, ?, ?)",
-                ("shop", b"\0" * 32, b"\1" * 32, b'{"planted":true}'),
-            )
+        _plant(db, 4)  # the insider writes seq 4 directly, with a made-up hash
         appended = ledger.append("shop", _bodies("next", 2))
     finally:
         ledger.close()
@@ -219,11 +223,7 @@ def test_a_row_planted_far_ahead_is_linked_onto_not_written_below(tmp_path: Path
     ledger = open_ledger(str(db))
     try:
         ledger.append("shop", _bodies("first", 3))
-        with sqlite3.connect(db) as con:  # the insider plants seq 1000
-            con.execute(
-                "INSERT INTO records (chain, seq, prev_hash, hash, body) VALUES (?, 1000, ?, ?, ?)",
-                ("shop", b"\0" * 32, b"\1" * 32, b'{"planted":true}'),
-            )
+        _plant(db, 1000)  # the insider plants seq 1000
         appended = ledger.append("shop", _bodies("next", 2))
     finally:
         ledger.close()
