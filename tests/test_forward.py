@@ -84,9 +84,13 @@ def test_forwards_every_record_byte_identical(make_server, outbox, tmp_path):
     assert set(sent) <= set(received)
     cursor = json.loads(pathlib.Path(forwarder.state_path).read_text())
     (entry,) = cursor.values()
+    with open_ledger(outbox, create=False) as ledger:
+        heads = {chain: ledger.head(chain) for chain in ("shop", "billing")}
     assert entry == {
         "endpoint": f"http://{host}:{port}/v1/traces",
         "chains": {"shop": 700, "billing": 5},
+        # the hash of the last record sent, checked at the start of each pass
+        "hashes": {chain: head.hash.hex() for chain, head in heads.items()},
     }
 
 

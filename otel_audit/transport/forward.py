@@ -10,6 +10,13 @@ the receiver's success and the cursor write resends the batch; the receiver
 (``otel-audit serve``) stores each (trace id, span id) once, so the receiver
 ends with every record exactly once.
 
+The cursor file also keeps the hash of the last record sent on each chain. A
+pass first reads the record at the cursor (one indexed lookup); when it is gone
+or its hash changed, someone edited the outbox (e.g. a row planted far ahead of
+the head, sent, then deleted, so that the writer refills seqs the cursor has
+passed): that is logged as an error, counted (``stats().rewinds``) and the
+chain is sent again from its first record, so no committed record is skipped.
+
 One forwarder per outbox: the cursor file is guarded by an exclusive lock, so
 several worker processes that all configured forwarding share the work safely
 (one sends, the others wait for the lock). Thread-safe.
@@ -56,7 +63,7 @@ from opentelemetry.util.re import parse_env_headers
 from urllib3.exceptions import HTTPError, InvalidHeader
 from urllib3.util.retry import Retry
 
-from otel_audit.engine.ledger import Ledger, RawRow, open_ledger, sqlite_path
+from otel_audit.engine.ledger import Ledger, Query, RawRow, open_ledger, sqlite_path
 from otel_audit.engine.record import decode
 from otel_audit.errors import AuditError, ConfigError
 from otel_audit.settings import (
@@ -91,6 +98,9 @@ class ForwarderStats:
     batches: int
     failures: int
     rejected: int
+    #: Chains sent again from their first record because the record at their
+    #: cursor was gone or changed: the outbox was edited outside the writer.
+    rewinds: int
     last_error: str | None
 
 
@@ -246,7 +256,7 @@ class Forwarder:
         self._passes = 0
         self._idle_pass = 0
         self._thread: threading.Thread | None = None
-        self._counts = {"forwarded": 0, "batches": 0, "failures": 0, "rejected": 0}
+        self._counts = {"forwarded": 0, "batches": 0, "failures": 0, "rejected": 0, "rewinds": 0}
         self._last_error: str | None = None
 
     # -- lifecycle -----------------------------------------------------
@@ -393,9 +403,25 @@ class Forwarder:
 
     def _pass(self, ledger: Ledger) -> int:
         """Send every record after the cursors; returns how many were sent."""
-        cursors = self._load_cursors()
+        cursors, hashes = self._load_cursors()
         sent = 0
         for chain in ledger.chains():
+            if chain in hashes and self._cursor_row_lost(
+                ledger, chain, cursors[chain], hashes[chain]
+            ):
+                # Why the chain's start, not its head or the cursor - 1: the
+                # records never sent are those the writer appended after the
+                # row at the cursor vanished (it appends after whatever the
+                # head is then), at seqs the cursor has already passed, and
+                # nothing tells them from records sent before: "1..12 sent,
+                # then a row planted at 1000" and "1..10 sent, 1000 planted,
+                # sent, deleted, 11..12 written" leave the same outbox and the
+                # same cursor file. Any point above the start can skip some;
+                # the start cannot. The resend happens only after tampering,
+                # and the receiver stores each (trace id, span id) once.
+                cursors[chain] = 0
+                del hashes[chain]
+                self._save_cursors(cursors, hashes)
             while not self._stop.is_set():
                 after = cursors.get(chain, 0)
                 rows = list(itertools.islice(ledger.scan(chain, after), self.batch_size))
@@ -404,9 +430,37 @@ class Forwarder:
                 if not self._deliver(chain, rows):
                     return sent  # stopping
                 cursors[chain] = rows[-1].seq
-                self._save_cursors(cursors)
+                hashes[chain] = rows[-1].hash.hex()
+                self._save_cursors(cursors, hashes)
                 sent += len(rows)
         return sent
+
+    def _cursor_row_lost(self, ledger: Ledger, chain: str, seq: int, sent_hash: str) -> bool:
+        """True (logged and counted) when the record at ``chain``'s cursor is gone or changed.
+
+        The writer only appends, so the last record sent stays where it was
+        with the same hash; one indexed lookup per chain and pass checks it.
+        """
+        found = list(ledger.query(Query(chain=chain, after=(chain, seq - 1), limit=1)))
+        if found and found[0].seq == seq:
+            if found[0].hash.hex() == sent_hash:
+                return False
+            what = (
+                f"was changed (hash now {found[0].hash.hex()[:16]}..., sent with"
+                f" {sent_hash[:16]}...)"
+            )
+        else:
+            what = "is gone"
+        with self._cond:
+            self._counts["rewinds"] += 1
+        _log.error(
+            "otel-audit forward: chain %r: the record at the forward cursor (seq %d, the last"
+            " one sent) %s: the outbox was edited outside the writer (run otel-audit verify);"
+            " sending the chain again from its first record so that no record written below"
+            " seq %d is skipped",
+            chain, seq, what, seq,
+        )  # fmt: skip
+        return True
 
     def _deliver(self, chain: str, rows: list[RawRow]) -> bool:
         """Send one batch until the receiver takes it; False only when stopping."""
@@ -506,12 +560,13 @@ class Forwarder:
 
     # -- cursor file ---------------------------------------------------
 
-    def _load_cursors(self) -> dict[str, int]:
+    def _load_cursors(self) -> tuple[dict[str, int], dict[str, str]]:
+        """(chain -> seq of the last record sent, chain -> its hash in hex) from the cursor file."""
         try:
             with open(self.state_path, encoding="utf-8") as f:
                 data = json.load(f)
         except FileNotFoundError:
-            return {}
+            return {}, {}
         except (OSError, ValueError) as exc:
             # Starting again from 0 is safe (the receiver deduplicates), only slower.
             _log.error(
@@ -519,19 +574,27 @@ class Forwarder:
                 self.state_path,
                 exc,
             )
-            return {}
+            return {}, {}
         try:
-            chains = data.get(self._key, {}).get("chains", {}) if isinstance(data, dict) else {}
-            return {str(k): int(v) for k, v in chains.items()}
+            entry = data.get(self._key, {}) if isinstance(data, dict) else {}
+            cursors = {str(k): int(v) for k, v in entry.get("chains", {}).items()}
+            # A file written before hashes were kept has none: that chain's
+            # cursor is taken on trust until its next send records a hash.
+            hashes = {}
+            for k, h in entry.get("hashes", {}).items():
+                bytes.fromhex(h)  # TypeError or ValueError when not hex text
+                if str(k) in cursors:
+                    hashes[str(k)] = h
+            return cursors, hashes
         except (AttributeError, TypeError, ValueError) as exc:
             _log.error(
                 "otel-audit forward: cursor file %s malformed (%s); resending",
                 self.state_path,
                 exc,
             )
-            return {}
+            return {}, {}
 
-    def _save_cursors(self, cursors: dict[str, int]) -> None:
+    def _save_cursors(self, cursors: dict[str, int], hashes: dict[str, str]) -> None:
         try:
             with open(self.state_path, encoding="utf-8") as f:
                 data = json.load(f)
@@ -539,7 +602,7 @@ class Forwarder:
                 data = {}
         except (OSError, ValueError):
             data = {}
-        data[self._key] = {"endpoint": self.url, "chains": cursors}
+        data[self._key] = {"endpoint": self.url, "chains": cursors, "hashes": hashes}
         tmp = f"{self.state_path}.tmp"
         try:
             with open(tmp, "w", encoding="utf-8") as f:

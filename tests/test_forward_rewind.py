@@ -1,0 +1,299 @@
+"""The forwarder's cursor check: an insider who edits the outbox cannot blind the receiver.
+
+The attack ("plant, pass, delete"): a row planted far ahead of a chain's head
+is sent, which moves the forwarder's cursor there; the row is deleted, the
+writer goes on appending after the real head, at seqs the cursor has passed.
+The forwarder remembers the hash of the last record it sent and checks it at
+the start of each pass; these tests run the attack, and its variants, with a
+real SQLite outbox, the real Forwarder and a real ``otel-audit serve``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import sqlite3
+
+import pytest
+
+from otel_audit import vocabulary as v
+from otel_audit.engine.ledger import open_ledger
+from otel_audit.engine.record import Record, encode
+from otel_audit.proof.chain import link_hash
+from otel_audit.transport.forward import Forwarder
+
+from .test_forward import _fill, _free_port, _received
+from .test_serve import _deadline_wait
+
+
+@pytest.fixture
+def db(tmp_path):
+    return tmp_path / "outbox.db"
+
+
+@pytest.fixture
+def outbox(db):
+    return f"sqlite:///{db}"
+
+
+def _record(n: int, action: str = "order.update") -> bytes:
+    """A well-formed record body with span ids no ``_fill`` record uses."""
+    return encode(
+        Record(
+            trace_id=f"{0xF000 + n:032x}",
+            span_id=f"{0xF000 + n:016x}",
+            parent_span_id=None,
+            name=action,
+            kind="SERVER",
+            service="shop",
+            start=1_700_000_000_000_000_000,
+            end=1_700_000_000_000_000_100,
+            attributes={v.EVENT: True, v.ACTION: action, v.ACTOR_ID: "mallory"},
+            scope="shop.orders",
+        )
+    )
+
+
+def _plant(db: pathlib.Path, seq: int, body: bytes) -> None:
+    """The insider's row at ``seq`` of chain "shop", written with sqlite3 directly."""
+    with sqlite3.connect(db) as con:
+        con.execute(
+            "INSERT INTO records (chain, seq, prev_hash, hash, body) VALUES (?, ?, ?, ?, ?)",
+            ("shop", seq, b"\0" * 32, b"\1" * 32, body),
+        )
+    con.close()
+
+
+def _delete(db: pathlib.Path, seq: int) -> None:
+    with sqlite3.connect(db) as con:
+        con.execute("DELETE FROM records WHERE chain = 'shop' AND seq = ?", (seq,))
+    con.close()
+
+
+def _seqs(db: pathlib.Path) -> list[int]:
+    with sqlite3.connect(db) as con:
+        seqs = [
+            s for (s,) in con.execute("SELECT seq FROM records WHERE chain = 'shop' ORDER BY seq")
+        ]
+    con.close()
+    return seqs
+
+
+def _cursor(forwarder: Forwarder) -> dict:
+    (entry,) = json.loads(pathlib.Path(forwarder.state_path).read_text()).values()
+    return entry
+
+
+def _forwarder(outbox: str, server, **options) -> Forwarder:
+    """A forwarder that makes a pass only when a test asks (start, ``flush``), not on a timer."""
+    host, port = server.http_address
+    return Forwarder(outbox, f"http://{host}:{port}", poll_interval=30, **options).start()
+
+
+def _errors(caplog) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "otel_audit.transport.forward" and r.levelno >= logging.ERROR
+    ]
+
+
+def test_a_row_planted_ahead_sent_then_deleted_hides_no_later_record(
+    make_server, db, outbox, tmp_path, caplog
+):
+    server = make_server(ledger=f"sqlite:///{tmp_path / 'central.db'}")
+    real = _fill(outbox, 10)
+    forwarder = _forwarder(outbox, server)
+    try:
+        assert forwarder.flush(30)
+        planted = _record(1)
+        _plant(db, 1000, planted)  # the insider: far ahead of the head (10)
+        assert forwarder.flush(30)
+        assert _cursor(forwarder)["chains"] == {"shop": 1000}  # the pass took it
+        _delete(db, 1000)  # ... and the insider removes it again
+        real += _fill(outbox, 5, start=10)  # the writer appends after the real head
+        assert _seqs(db) == list(range(1, 16))
+        assert forwarder.flush(30)
+    finally:
+        forwarder.stop()
+    received = _received(server)
+    assert sorted(received) == sorted(real + [planted])  # every record, each once
+    assert forwarder.stats().rewinds == 1
+    assert forwarder.stats().failures == 0
+    (error,) = _errors(caplog)
+    assert error.startswith(
+        "otel-audit forward: chain 'shop': the record at the forward cursor"
+        " (seq 1000, the last one sent) is gone: the outbox was edited outside the writer"
+    )
+    assert "no record written below seq 1000 is skipped" in error
+    with open_ledger(outbox, create=False) as ledger:
+        head = ledger.head("shop")
+    assert _cursor(forwarder)["chains"] == {"shop": 15}
+    assert _cursor(forwarder)["hashes"] == {"shop": head.hash.hex()}
+
+
+def test_records_written_past_the_vanished_row_are_caught_by_its_hash(
+    make_server, db, outbox, tmp_path, caplog
+):
+    """The writer refilled past the planted seq before the next pass: the row there is real now.
+
+    The forwarder is stopped while the insider and the writer act (a sidecar
+    run with ``--once``, or one restarted), so its next pass sees both.
+    """
+    server = make_server(ledger=f"sqlite:///{tmp_path / 'central.db'}")
+    real = _fill(outbox, 10)
+    first = _forwarder(outbox, server)
+    try:
+        assert first.flush(30)
+        planted = _record(1)
+        _plant(db, 30, planted)
+        assert first.flush(30)
+    finally:
+        first.stop()
+    _delete(db, 30)
+    real += _fill(outbox, 25, start=10)  # seqs 11..35: 30 is one of the writer's
+    assert _seqs(db) == list(range(1, 36))
+    second = _forwarder(outbox, server)
+    try:
+        assert second.flush(30)
+    finally:
+        second.stop()
+    assert sorted(_received(server)) == sorted(real + [planted])
+    assert (first.stats().rewinds, second.stats().rewinds) == (0, 1)
+    (error,) = _errors(caplog)
+    assert "(seq 30, the last one sent) was changed (hash now " in error
+
+
+def test_a_record_rewritten_in_place_at_the_cursor_is_detected_and_counted(
+    make_server, db, outbox, tmp_path, caplog
+):
+    server = make_server(ledger=f"sqlite:///{tmp_path / 'central.db'}")
+    real = _fill(outbox, 10)
+    forwarder = _forwarder(outbox, server)
+    try:
+        assert forwarder.flush(30)
+        # The insider rewrites the last record sent, body and hash, same span ids.
+        forged = real[-1].replace(b'"alice"', b'"mallory"')
+        assert forged != real[-1]
+        with sqlite3.connect(db) as con:
+            (prev,) = con.execute(
+                "SELECT prev_hash FROM records WHERE chain = 'shop' AND seq = 10"
+            ).fetchone()
+            con.execute(
+                "UPDATE records SET body = ?, hash = ? WHERE chain = 'shop' AND seq = 10",
+                (forged, link_hash(prev, forged)),
+            )
+        con.close()
+        assert forwarder.flush(30)
+        assert forwarder.stats().rewinds == 1
+        # It goes on sending, and the next passes find the cursor intact.
+        real += _fill(outbox, 3, start=10)
+        assert forwarder.flush(30)
+        assert forwarder.flush(30)
+    finally:
+        forwarder.stop()
+    assert forwarder.stats().rewinds == 1
+    assert sorted(_received(server)) == sorted(real)  # the receiver kept what was sent first
+    assert server.stats().duplicates == 10  # the chain was sent again from seq 1
+    (error,) = _errors(caplog)
+    assert "(seq 10, the last one sent) was changed" in error
+
+
+def test_the_rewound_cursor_is_persisted_before_anything_is_resent(
+    make_server, db, outbox, tmp_path, caplog
+):
+    port = _free_port()
+    central = f"sqlite:///{tmp_path / 'central.db'}"
+    server = make_server(ledger=central, http=("127.0.0.1", port), grpc_address=None)
+    real = _fill(outbox, 10)
+    first = _forwarder(outbox, server)
+    try:
+        assert first.flush(30)
+        _plant(db, 1000, _record(1))
+        assert first.flush(30)
+    finally:
+        first.stop()
+    _delete(db, 1000)
+    real += _fill(outbox, 5, start=10)
+    server.stop()  # the receiver is down when the next pass finds the row gone
+    second = Forwarder(
+        outbox, f"http://127.0.0.1:{port}", poll_interval=30, max_backoff=0.1
+    ).start()
+    try:
+        _deadline_wait(lambda: second.stats().failures >= 1, what="a send failing while down")
+    finally:
+        second.stop()
+    assert second.stats().rewinds == 1
+    assert _cursor(second)["chains"] == {"shop": 0}  # rewound on disk, nothing resent yet
+    assert _cursor(second)["hashes"] == {}
+    server = make_server(ledger=central, http=("127.0.0.1", port), grpc_address=None)
+    third = _forwarder(outbox, server)
+    try:
+        assert third.flush(30)
+    finally:
+        third.stop()
+    assert third.stats().rewinds == 0
+    assert third.stats().forwarded == 15
+    assert set(real) <= set(_received(server))
+    assert len(_errors(caplog)) == 1
+
+
+def test_an_old_cursor_file_without_hashes_is_read_and_checks_start_at_the_next_send(
+    make_server, db, outbox, tmp_path, caplog
+):
+    server = make_server(ledger=f"sqlite:///{tmp_path / 'central.db'}")
+    real = _fill(outbox, 10)
+    first = _forwarder(outbox, server)
+    assert first.flush(30)
+    first.stop()
+    # The cursor file as a forwarder without hashes wrote it.
+    state = json.loads(pathlib.Path(first.state_path).read_text())
+    for entry in state.values():
+        del entry["hashes"]
+    pathlib.Path(first.state_path).write_text(json.dumps(state))
+    second = _forwarder(outbox, server)
+    try:
+        assert second.flush(30)
+        assert second.stats().forwarded == 0  # resumed at seq 10, nothing resent
+        real += _fill(outbox, 5, start=10)
+        assert second.flush(30)
+        assert second.stats().forwarded == 5
+        assert set(_cursor(second)["hashes"]) == {"shop"}  # recorded by that send
+        _delete(db, 15)  # from now on the record at the cursor is checked
+        assert second.flush(30)
+    finally:
+        second.stop()
+    assert second.stats().rewinds == 1
+    assert second.stats().forwarded == 5 + 14  # the rest of the chain, sent again
+    assert sorted(_received(server)) == sorted(real)
+    (error,) = _errors(caplog)
+    assert "(seq 15, the last one sent) is gone" in error
+
+
+def test_forwarding_without_tampering_never_rewinds(make_server, db, outbox, tmp_path, caplog):
+    """Writes racing passes, small batches, two chains and a restart: no rewind, nothing twice."""
+    server = make_server(ledger=f"sqlite:///{tmp_path / 'central.db'}")
+    host, port = server.http_address
+    endpoint = f"http://{host}:{port}"
+    written = []
+    forwarders = []
+    start = 0
+    for _restart in range(2):
+        forwarder = Forwarder(outbox, endpoint, batch_size=7, poll_interval=0.01).start()
+        forwarders.append(forwarder)
+        try:
+            for i in range(12):
+                chain = ("shop", "billing")[i % 2]
+                written += _fill(outbox, 1 + i % 5, chain=chain, start=start)
+                start += 1 + i % 5
+                forwarder.wake()
+            assert forwarder.flush(30)
+        finally:
+            forwarder.stop()
+    received = _received(server)
+    assert sorted(received) == sorted(written)
+    assert server.stats().duplicates == 0
+    assert sum(f.stats().forwarded for f in forwarders) == len(written)
+    assert [f.stats().rewinds for f in forwarders] == [0, 0]
+    assert _errors(caplog) == []
