@@ -2,10 +2,13 @@
 
 Every writer appends to its own chain (``default_chain`` is
 ``service/hostname/pid``), so there is no global lock and chains commit in
-parallel. A batch is one binary COPY into the records table: one statement. The chain head a writer appended last is kept
-in memory: the next batch continues from it without reading the head or
-taking a lock, and the (chain, seq) primary key rejects it if anyone else
-appended in between (a fork is impossible either way). Only then, on a
+parallel. The chain head a writer appended last is kept in memory: the next
+batch continues from it in one binary COPY, without reading the head or
+taking a lock; the (chain, seq) primary key rejects it if anyone else
+appended in between, and its transaction rolls back when any row lies above
+the new ones (appended since, or planted far ahead), so a fork is impossible
+and a writer never appends below a planted row. Rows a planted trigger skips
+are never acknowledged: that append stores nothing and fails. Only then, on a
 first append, after an unknown COMMIT outcome or for a chain another writer
 shares, does an append take the per-chain transaction-scoped advisory lock
 and read the head in the same transaction. ``synchronous_commit`` is forced on, so ``append``
@@ -413,6 +416,7 @@ class _Conflict(Exception):
 
 
 _COPY = f"COPY {SCHEMA}.records (chain, seq, prev_hash, hash, body) FROM STDIN (FORMAT BINARY)"
+_ABOVE = f"SELECT seq FROM {SCHEMA}.records WHERE chain = %s AND seq > %s LIMIT 1"
 # PostgreSQL's binary COPY format: signature, flags, header extension length;
 # per row the field count and each field as a 4-byte length and its bytes;
 # a field count of -1 ends it.
@@ -462,8 +466,40 @@ def _insert(
             f"chain {chain!r} cannot be written in the connection's encoding {con.info.encoding}"
         ) from exc
     data = _copy_data(name, rows)
-    with con.cursor() as cur, cur.copy(_COPY) as copy:
-        copy.write(data)
+    with con.cursor() as cur:
+        with cur.copy(_COPY) as copy:
+            copy.write(data)
+        stored = cur.rowcount
+    if stored != len(rows):  # skipped without an error: never acknowledged
+        raise LedgerWriteError(
+            f"postgresql ledger: appending to chain {chain!r} stored {stored} of {len(rows)}"
+            " records (the schema was altered: a trigger?)"
+        )
+
+
+class _Above(Exception):
+    """A row lies above the records being appended (internal: rolls their transaction back)."""
+
+
+def _insert_after(
+    con: psycopg.Connection[Any], chain: str, rows: list[tuple[int, bytes, bytes, bytes]]
+) -> bool:
+    """Insert ``rows`` in one transaction that commits only when no row of ``chain``
+    lies above them; False (rolled back, nothing written) when one does.
+
+    A row above them was appended since the head this ledger remembers, or
+    planted far ahead: appending below it would put these records under the
+    cursor of a forwarder that has already passed it. The check runs after
+    the COPY, in its transaction, so it also sees a row committed meanwhile.
+    """
+    try:
+        with con.transaction():
+            _insert(con, chain, rows)
+            if con.execute(_ABOVE, (chain, rows[-1][0])).fetchone() is not None:
+                raise _Above
+    except _Above:
+        return False
+    return True
 
 
 def _link(
@@ -770,22 +806,30 @@ class PostgresLedger(Ledger):
         bodies: list[bytes],
         head: tuple[int, bytes],
     ) -> list[Appended]:
-        """Append after the head this ledger wrote last: one COPY, its own transaction.
+        """Append after the head this ledger wrote last: one COPY in its own transaction.
 
         No lock and no head read: if another writer appended in between, the
-        first seq is taken and the primary key refuses the whole statement
-        (``_Conflict``); nothing was written and the caller takes the locked path.
+        first seq is taken and the primary key refuses the whole COPY, and if
+        any row lies above the new ones (appended since, or planted far ahead)
+        the transaction rolls back (``_Conflict`` both ways); nothing was
+        written and the caller takes the locked path, which reads the head.
         """
         rows, new = _link(chain, head[0], head[1], bodies)
         mine = _Pending(rows[0][0], rows[0][2], new)
         self._unresolved.setdefault(chain, []).append(mine)
         try:
-            # Autocommit: the statement is a transaction, committed (and
-            # synchronous_commit waited for) when it returns.
-            _insert(con, chain, rows)
+            # Committed (and synchronous_commit waited for) when it returns.
+            if not _insert_after(con, chain, rows):
+                self._heads.pop(chain, None)
+                self._unresolved.pop(chain, None)  # nothing of it was written
+                raise _Conflict(f"chain {chain!r} has rows above seq {head[0]}")
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             self._heads.pop(chain, None)
             raise _Retry(exc) from exc  # outcome unknown: ``mine`` stays pending
+        except LedgerWriteError:  # a trigger skipped rows: rolled back
+            self._heads.pop(chain, None)
+            self._unresolved.pop(chain, None)
+            raise
         except psycopg.Error as exc:
             self._heads.pop(chain, None)
             self._unresolved.pop(chain, None)  # refused: nothing of it was written

@@ -1,0 +1,139 @@
+"""The PostgreSQL ledger's append after a remembered head, attacked on a real server.
+
+A ledger that appended to a chain appends its next batch after the head it
+remembers, without the chain lock: one COPY, and a check for rows above it,
+in one transaction. These are the
+insider's scripts against that shortcut (the table owner, or anyone with the
+writer's credentials): a row planted far ahead of the head, which would leave
+the writer appending below it where a forwarder that passed it never looks;
+a trigger that silently skips some rows, which must never be acknowledged;
+and another writer appending in between. The same attacks on SQLite are in
+``test_sqlite_append.py``.
+"""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from otel_audit.engine.ledger.postgres import SCHEMA, PostgresLedger
+from otel_audit.errors import LedgerWriteError, VerificationError
+from otel_audit.proof.chain import GENESIS, link_hash
+from otel_audit.proof.verify import verify_ledger
+
+from .test_ledger_backends import rec
+
+
+def _sql(url: str, *statements: str) -> None:
+    with psycopg.connect(url, autocommit=True) as con:
+        for statement in statements:
+            con.execute(statement)  # type: ignore[arg-type]
+
+
+def _plant(url: str, seq: int) -> None:
+    """The insider's row at ``seq`` of chain "shop", with a made-up hash."""
+    with psycopg.connect(url, autocommit=True) as con:
+        con.execute(
+            f"INSERT INTO {SCHEMA}.records (chain, seq, prev_hash, hash, body)"
+            " VALUES ('shop', %s, %s, %s, %s)",
+            (seq, b"\0" * 32, b"\1" * 32, rec(seq)),
+        )
+
+
+def _seqs(url: str) -> list[int]:
+    with psycopg.connect(url, autocommit=True) as con:
+        rows = con.execute(
+            f"SELECT seq FROM {SCHEMA}.records WHERE chain = 'shop' ORDER BY seq"
+        ).fetchall()
+    return [int(seq) for (seq,) in rows]
+
+
+def test_a_row_planted_far_ahead_is_linked_onto_not_written_below(pg_url: str) -> None:
+    with PostgresLedger(pg_url) as ledger:
+        ledger.append("shop", [rec(1), rec(2), rec(3)])  # the head it remembers: 3
+        _plant(pg_url, 1000)
+        appended = ledger.append("shop", [rec(4), rec(5)])
+        # Not at 4 and 5, below the planted row, where a forwarder whose cursor
+        # already passed 1000 would never look: after it, as the locked path does.
+        assert [a.seq for a in appended] == [1001, 1002]
+        more = ledger.append("shop", [rec(6)])
+        assert [a.seq for a in more] == [1003]
+    assert _seqs(pg_url) == [1, 2, 3, 1000, 1001, 1002, 1003]
+    with PostgresLedger(pg_url, readonly=True) as ro, pytest.raises(VerificationError):
+        verify_ledger(ro)  # the planted row breaks the chain where it stands
+
+
+def test_a_row_planted_at_the_next_position_is_linked_onto_not_overwritten(pg_url: str) -> None:
+    with PostgresLedger(pg_url) as ledger:
+        ledger.append("shop", [rec(1)])
+        _plant(pg_url, 2)
+        appended = ledger.append("shop", [rec(2), rec(3)])
+    assert [a.seq for a in appended] == [3, 4]
+    with psycopg.connect(pg_url, autocommit=True) as con:
+        (planted,) = con.execute(
+            f"SELECT hash FROM {SCHEMA}.records WHERE chain = 'shop' AND seq = 2"
+        ).fetchone()
+        (prev,) = con.execute(
+            f"SELECT prev_hash FROM {SCHEMA}.records WHERE chain = 'shop' AND seq = 3"
+        ).fetchone()
+    assert bytes(planted) == b"\1" * 32 and bytes(prev) == b"\1" * 32
+    with PostgresLedger(pg_url, readonly=True) as ro, pytest.raises(VerificationError):
+        verify_ledger(ro)
+
+
+@pytest.mark.parametrize("batch", [3, 40])
+def test_records_a_planted_trigger_skips_are_never_acknowledged(pg_url: str, batch: int) -> None:
+    with PostgresLedger(pg_url) as ledger:
+        ledger.append("shop", [rec(1), rec(2)])
+        _sql(
+            pg_url,
+            f"""CREATE FUNCTION {SCHEMA}.skip_even() RETURNS trigger LANGUAGE plpgsql AS $$
+                BEGIN IF NEW.seq % 2 = 0 THEN RETURN NULL; END IF; RETURN NEW; END $$""",
+            f"CREATE TRIGGER skip BEFORE INSERT ON {SCHEMA}.records"
+            f" FOR EACH ROW EXECUTE FUNCTION {SCHEMA}.skip_even()",
+        )
+        bodies = [rec(i) for i in range(3, 3 + batch)]
+        # The remembered head's COPY, then the locked path's:
+        # each stores nothing and fails, so a retry cannot store a record twice.
+        for _ in range(2):
+            with pytest.raises(LedgerWriteError, match=r"stored \d+ of \d+ records"):
+                ledger.append("shop", bodies)
+    assert _seqs(pg_url) == [1, 2]
+    with PostgresLedger(pg_url, readonly=True) as ro, pytest.raises(VerificationError) as err:
+        verify_ledger(ro)
+    assert err.value.kind == "schema" and "skip" in str(err.value)
+
+
+def test_two_ledgers_taking_turns_on_one_chain_never_fork_it(pg_url: str) -> None:
+    first, second = PostgresLedger(pg_url), PostgresLedger(pg_url)
+    expected = []
+    try:
+        for turn in range(6):
+            ledger = first if turn % 2 == 0 else second
+            bodies = [rec(100 * turn + i) for i in range(3)]
+            expected += bodies
+            ledger.append("shop", bodies)
+            ledger.append("shop", [rec(100 * turn + 50)])  # after its own remembered head
+            expected.append(rec(100 * turn + 50))
+    finally:
+        first.close()
+        second.close()
+    with PostgresLedger(pg_url, readonly=True) as ro:
+        rows = list(ro.scan("shop"))
+        assert [r.seq for r in rows] == list(range(1, len(expected) + 1))
+        prev = GENESIS
+        for row in rows:
+            assert row.prev_hash == prev and row.hash == link_hash(prev, row.body)
+            prev = row.hash
+        assert [r.body for r in rows] == expected
+        assert verify_ledger(ro).records == len(expected)
+
+
+def test_bodies_arrive_byte_exact_after_the_remembered_head(pg_url: str) -> None:
+    """Every byte value, empty-ish and large bodies: stored as sent, hashes agree."""
+    bodies = [rec(1), bytes(range(256)) * 3, b"{}", rec(2) * 200]
+    with PostgresLedger(pg_url) as ledger:
+        ledger.append("shop", bodies[:1])
+        ledger.append("shop", bodies[1:])  # after the remembered head
+        stored = [r.body for r in ledger.scan("shop")]
+    assert stored == bodies
