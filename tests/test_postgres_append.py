@@ -1,8 +1,9 @@
 """The PostgreSQL ledger's append after a remembered head, attacked on a real server.
 
 A ledger that appended to a chain appends its next batch after the head it
-remembers, without the chain lock: one COPY, and a check for rows above it,
-in one transaction. These are the
+remembers, without the chain lock: one autocommit COPY. The schema's
+statement trigger (schema version 2) refuses any insert below a row already
+there and any insert with a hole in it. These are the
 insider's scripts against that shortcut (the table owner, or anyone with the
 writer's credentials): a row planted far ahead of the head, which would leave
 the writer appending below it where a forwarder that passed it never looks;
@@ -93,10 +94,11 @@ def test_records_a_planted_trigger_skips_are_never_acknowledged(pg_url: str, bat
             f" FOR EACH ROW EXECUTE FUNCTION {SCHEMA}.skip_even()",
         )
         bodies = [rec(i) for i in range(3, 3 + batch)]
-        # The remembered head's COPY, then the locked path's:
-        # each stores nothing and fails, so a retry cannot store a record twice.
+        # The remembered head's COPY, then the locked path's: the schema's
+        # statement trigger sees the hole the planted one left and refuses
+        # each whole, so a retry cannot store a record twice.
         for _ in range(2):
-            with pytest.raises(LedgerWriteError, match=r"stored \d+ of \d+ records"):
+            with pytest.raises(LedgerWriteError, match="records of this append are missing"):
                 ledger.append("shop", bodies)
     assert _seqs(pg_url) == [1, 2]
     with PostgresLedger(pg_url, readonly=True) as ro, pytest.raises(VerificationError) as err:
@@ -137,3 +139,52 @@ def test_bodies_arrive_byte_exact_after_the_remembered_head(pg_url: str) -> None
         ledger.append("shop", bodies[1:])  # after the remembered head
         stored = [r.body for r in ledger.scan("shop")]
     assert stored == bodies
+
+
+def test_a_planted_trigger_skipping_the_last_row_is_never_acknowledged(pg_url: str) -> None:
+    """No hole for the statement trigger to see: the stored count is checked instead."""
+    with PostgresLedger(pg_url) as ledger:
+        ledger.append("shop", [rec(1)])
+        _sql(
+            pg_url,
+            f"""CREATE FUNCTION {SCHEMA}.skip_four() RETURNS trigger LANGUAGE plpgsql AS $$
+                BEGIN IF NEW.seq = 4 THEN RETURN NULL; END IF; RETURN NEW; END $$""",
+            f"CREATE TRIGGER skip BEFORE INSERT ON {SCHEMA}.records"
+            f" FOR EACH ROW EXECUTE FUNCTION {SCHEMA}.skip_four()",
+        )
+        with pytest.raises(LedgerWriteError, match=r"stored 2 of 3 records"):
+            ledger.append("shop", [rec(2), rec(3), rec(4)])
+    with PostgresLedger(pg_url, readonly=True) as ro, pytest.raises(VerificationError) as err:
+        verify_ledger(ro)
+    assert err.value.kind == "schema" and "skip" in str(err.value)
+
+
+def test_the_guard_is_part_of_the_schema_verify_checks(pg_url: str) -> None:
+    """The insider who drops or disables the statement trigger to plant rows ahead is named."""
+    with PostgresLedger(pg_url) as ledger:
+        ledger.append("shop", [rec(1), rec(2)])
+        assert ledger.schema_problems() == []
+    _sql(pg_url, f"ALTER TABLE {SCHEMA}.records DISABLE TRIGGER records_append_at_head")
+    with PostgresLedger(pg_url, readonly=True) as ro:
+        assert any("records_append_at_head" in p and "differs" in p for p in ro.schema_problems())
+    _sql(pg_url, f"DROP TRIGGER records_append_at_head ON {SCHEMA}.records")
+    with PostgresLedger(pg_url, readonly=True) as ro:
+        assert "trigger records_append_at_head on records is missing" in ro.schema_problems()
+        with pytest.raises(VerificationError, match="records_append_at_head"):
+            verify_ledger(ro)
+
+
+def test_a_version_1_ledger_is_migrated_by_a_writer_and_then_guarded(pg_url: str) -> None:
+    from otel_audit.engine.ledger.postgres import _MIGRATIONS
+
+    with psycopg.connect(pg_url, autocommit=True) as con:  # what otel-audit 1 created
+        for statement in _MIGRATIONS[0]:
+            con.execute(statement)  # type: ignore[arg-type]
+        con.execute(f"UPDATE {SCHEMA}.meta SET value = '1' WHERE key = 'schema_version'")
+    with pytest.raises(Exception, match="schema version 1, expected 2"):
+        PostgresLedger(pg_url, readonly=True)  # a reviewer cannot migrate: told to run init
+    with PostgresLedger(pg_url) as ledger:  # a writer that may, does
+        ledger.append("shop", [rec(1)])
+        assert ledger.schema_problems() == []
+        _plant(pg_url, 1000)
+        assert [a.seq for a in ledger.append("shop", [rec(2)])] == [1001]

@@ -20,6 +20,9 @@ from otel_audit.proof.verify import verify_ledger
 from .test_ledger_backends import rec
 
 COMMIT = b"COMMIT\x00"
+# An append that continues from the head it remembers is one autocommit COPY:
+# its CopyDone message commits it, and the reply to it is the COMMIT's.
+COPY_DONE = b"c\x00\x00\x00\x04"
 
 
 class CuttingProxy:
@@ -139,11 +142,11 @@ def test_lost_commit_is_resolved_without_loss_or_duplicate(proxied, pg_url, mode
             # A ledger's first append to a chain reads the head under the lock
             # in a transaction (BEGIN ... COMMIT).
             first.append("c", [rec(1)])
+            proxy.arm(mode)
         else:
-            # Later ones continue from the head it wrote, without the lock (a
-            # COPY and a check in a transaction, BEGIN ... COMMIT too).
+            # Later ones continue from the head it wrote: one autocommit COPY.
             ledger.append("c", [rec(1)])
-        proxy.arm(mode)
+            proxy.arm(mode, COPY_DONE)
         appended = ledger.append("c", [rec(2), rec(3)])
         assert proxy.cut.is_set()  # the connection really was cut at the commit
         assert [(a.seq) for a in appended] == [2, 3]
@@ -168,7 +171,7 @@ def test_unknown_outcome_is_settled_by_the_next_append(proxied, pg_url, pg_serve
     try:
         ledger.append("c", [rec(1)])
         proxy.refuse = True  # no reconnect possible
-        proxy.arm("after")  # the append continues from its remembered head
+        proxy.arm("after", COPY_DONE)  # the append continues from its remembered head
         with pytest.raises(LedgerWriteError, match=r"failed \(commit outcome unknown\)"):
             ledger.append("c", [rec(2), rec(3)])
         assert proxy.cut.is_set()

@@ -5,13 +5,13 @@ Every writer appends to its own chain (``default_chain`` is
 parallel. The chain head a writer appended last is kept in memory: the next
 batch continues from it in one binary COPY, without reading the head or
 taking a lock; the (chain, seq) primary key rejects it if anyone else
-appended in between, and its transaction rolls back when any row lies above
-the new ones (appended since, or planted far ahead), so a fork is impossible
-and a writer never appends below a planted row. Rows a planted trigger skips
-are never acknowledged: that append stores nothing and fails. Only then, on a
-first append, after an unknown COMMIT outcome or for a chain another writer
-shares, does an append take the per-chain transaction-scoped advisory lock
-and read the head in the same transaction. ``synchronous_commit`` is forced on, so ``append``
+appended in between, and the schema's statement trigger rejects any insert
+below a row already there (appended since, or planted far ahead), so a fork
+is impossible and a writer never appends below a planted row. Rows a planted
+trigger skips are never acknowledged. An append takes the per-chain
+transaction-scoped advisory lock and reads the head in the same transaction
+only after such a refusal, on a first append, after an unknown COMMIT
+outcome, and for a chain another writer shares. ``synchronous_commit`` is forced on, so ``append``
 returns only after PostgreSQL committed (and, with a synchronous standby,
 replicated) the records.
 
@@ -62,7 +62,7 @@ from otel_audit.errors import ConfigError, LedgerError, LedgerWriteError, Verifi
 from otel_audit.proof.chain import GENESIS, Checkpoint, link_hash
 
 SCHEMA = "otel_audit"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: How long an append keeps reconnecting and retrying before it fails.
 RETRY_SECONDS = 10.0
 _CONNECT_TIMEOUT = 5
@@ -158,6 +158,41 @@ _MIGRATIONS: list[list[str]] = [
         f"INSERT INTO {SCHEMA}.meta (key, value) VALUES ('schema_version', '0')",
     ],
 ]
+# Version 2: every insert into records is refused, as a whole, when a row of
+# its chain already lies above the rows it adds (appended meanwhile, or
+# planted far ahead by someone with write access): no writer ever appends
+# below a planted row, where a forwarder or ``tail`` whose cursor has passed
+# it would never look. Also refused: rows of one insert that are not
+# contiguous (a planted BEFORE trigger skipped some of them without an error).
+# One index probe per chain per statement; the error is a unique_violation,
+# which a writer appending after its remembered head takes as "someone else
+# appended": it reads the head under the lock and links onto what is there.
+_MIGRATIONS.append(
+    [
+        rf"""CREATE FUNCTION {SCHEMA}.append_at_head() RETURNS trigger
+            LANGUAGE plpgsql AS $$
+            DECLARE
+                c text; low bigint; top bigint; n bigint;
+            BEGIN
+                FOR c, low, top, n IN
+                    SELECT chain, min(seq), max(seq), count(*) FROM new_rows GROUP BY chain
+                LOOP
+                    IF top - low + 1 <> n THEN
+                        RAISE EXCEPTION 'otel-audit: records of this append are missing'
+                              ' (seq % to % holds % rows: a trigger skipped some?)', low, top, n;
+                    END IF;
+                    IF EXISTS (SELECT 1 FROM {SCHEMA}.records WHERE chain = c AND seq > top) THEN
+                        RAISE EXCEPTION 'otel-audit: chain % has rows above seq %', c, top
+                              USING ERRCODE = 'unique_violation';
+                    END IF;
+                END LOOP;
+                RETURN NULL;
+            END $$""",
+        f"CREATE TRIGGER records_append_at_head AFTER INSERT ON {SCHEMA}.records"
+        f" REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT"
+        f" EXECUTE FUNCTION {SCHEMA}.append_at_head()",
+    ]
+)
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
 
@@ -194,18 +229,32 @@ _CONSTRAINTS = {
 _TABLES = ("checkpoints", "meta", "records")
 
 
-def _function_source() -> str:
-    """The body of ``body_json`` exactly as the migration creates it (pg_proc.prosrc)."""
-    for statement in _MIGRATIONS[0]:
-        if "FUNCTION" in statement and "body_json" in statement:
-            return statement.split("$$")[1]
-    raise AssertionError("body_json is not in the migrations")
+def _function_source(name: str) -> str:
+    """The body of function ``name`` exactly as the migrations create it (pg_proc.prosrc)."""
+    for statements in _MIGRATIONS:
+        for statement in statements:
+            if statement.startswith(f"CREATE FUNCTION {SCHEMA}.{name}("):
+                return statement.split("$$")[1]
+    raise AssertionError(f"{name} is not in the migrations")
 
 
 #: (name, identity arguments) -> (returns, language, volatility, strict, security definer,
 #: settings, source)
 _FUNCTIONS: dict[tuple[str, str], tuple[str, str, str, bool, bool, object, str]] = {
-    ("body_json", "body bytea"): ("jsonb", "plpgsql", "i", True, False, None, _function_source()),
+    ("body_json", "body bytea"): (
+        "jsonb", "plpgsql", "i", True, False, None, _function_source("body_json")
+    ),
+    ("append_at_head", ""): (
+        "trigger", "plpgsql", "v", False, False, None, _function_source("append_at_head")
+    ),
+}  # fmt: skip
+#: (table, trigger) -> pg_get_triggerdef
+_TRIGGERS = {
+    ("records", "records_append_at_head"): (
+        f"CREATE TRIGGER records_append_at_head AFTER INSERT ON {SCHEMA}.records"
+        f" REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT"
+        f" EXECUTE FUNCTION {SCHEMA}.append_at_head()"
+    ),
 }
 
 
@@ -313,19 +362,32 @@ def _compare_schema(con: psycopg.Connection[Any]) -> list[str]:
             problems.append(f"function {fkey[0]}({fkey[1]}) is missing")
         elif found_funcs[fkey] != fwant:
             problems.append(
-                f"function {fkey[0]}({fkey[1]}) behind the query columns differs from the one"
-                " this version creates (replaced)"
+                f"function {fkey[0]}({fkey[1]}) differs from the one this version creates"
+                " (replaced)"
             )
     for fkey in sorted(set(found_funcs) - set(_FUNCTIONS)):
         problems.append(f"function {fkey[0]}({fkey[1]}) is not part of the ledger schema")
-    for table, name in con.execute(
-        "SELECT c.relname, t.tgname FROM pg_catalog.pg_trigger t"
-        " JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid"
-        " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
-        " WHERE n.nspname = %s AND NOT t.tgisinternal ORDER BY 1, 2",
-        ns,
-    ).fetchall():
-        problems.append(f"trigger {name} on {table} is not part of the ledger schema")
+    found_triggers = {
+        (str(table), str(name)): (str(definition), str(enabled))
+        for table, name, definition, enabled in con.execute(
+            "SELECT c.relname, t.tgname, pg_get_triggerdef(t.oid), t.tgenabled"
+            " FROM pg_catalog.pg_trigger t"
+            " JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid"
+            " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = %s AND NOT t.tgisinternal ORDER BY 1, 2",
+            ns,
+        ).fetchall()
+    }
+    for tkey, tdef in sorted(_TRIGGERS.items()):
+        if tkey not in found_triggers:
+            problems.append(f"trigger {tkey[1]} on {tkey[0]} is missing")
+        elif found_triggers[tkey] != (tdef, "O"):
+            problems.append(
+                f"trigger {tkey[1]} on {tkey[0]} differs from the one this version creates"
+                f" ({found_triggers[tkey][0]}, enabled {found_triggers[tkey][1]!r})"
+            )
+    for tkey in sorted(set(found_triggers) - set(_TRIGGERS)):
+        problems.append(f"trigger {tkey[1]} on {tkey[0]} is not part of the ledger schema")
     for table, name in con.execute(
         "SELECT c.relname, r.rulename FROM pg_catalog.pg_rewrite r"
         " JOIN pg_catalog.pg_class c ON c.oid = r.ev_class"
@@ -416,7 +478,6 @@ class _Conflict(Exception):
 
 
 _COPY = f"COPY {SCHEMA}.records (chain, seq, prev_hash, hash, body) FROM STDIN (FORMAT BINARY)"
-_ABOVE = f"SELECT seq FROM {SCHEMA}.records WHERE chain = %s AND seq > %s LIMIT 1"
 # PostgreSQL's binary COPY format: signature, flags, header extension length;
 # per row the field count and each field as a 4-byte length and its bytes;
 # a field count of -1 ends it.
@@ -475,31 +536,6 @@ def _insert(
             f"postgresql ledger: appending to chain {chain!r} stored {stored} of {len(rows)}"
             " records (the schema was altered: a trigger?)"
         )
-
-
-class _Above(Exception):
-    """A row lies above the records being appended (internal: rolls their transaction back)."""
-
-
-def _insert_after(
-    con: psycopg.Connection[Any], chain: str, rows: list[tuple[int, bytes, bytes, bytes]]
-) -> bool:
-    """Insert ``rows`` in one transaction that commits only when no row of ``chain``
-    lies above them; False (rolled back, nothing written) when one does.
-
-    A row above them was appended since the head this ledger remembers, or
-    planted far ahead: appending below it would put these records under the
-    cursor of a forwarder that has already passed it. The check runs after
-    the COPY, in its transaction, so it also sees a row committed meanwhile.
-    """
-    try:
-        with con.transaction():
-            _insert(con, chain, rows)
-            if con.execute(_ABOVE, (chain, rows[-1][0])).fetchone() is not None:
-                raise _Above
-    except _Above:
-        return False
-    return True
 
 
 def _link(
@@ -630,17 +666,24 @@ class PostgresLedger(Ledger):
     def _check_schema(self, con: psycopg.Connection[Any]) -> None:
         with _mapped(f"reading the schema version of {self.url}"):
             version = schema_version(con)
-        if version == 0 and not self.readonly:
+        if version < SCHEMA_VERSION and not self.readonly:
             try:
                 version = _migrate_schema(con)[1]
             except psycopg.errors.InsufficientPrivilege as exc:
+                what = (
+                    "has no otel-audit schema and this role cannot create it"
+                    if version == 0
+                    else f"has schema version {version} and this role cannot migrate it"
+                    f" to {SCHEMA_VERSION}"
+                )
                 raise LedgerError(
-                    f"postgresql ledger {self.url} has no otel-audit schema and this role cannot"
-                    " create it: run 'otel-audit init --ledger URL' as the database owner"
+                    f"postgresql ledger {self.url} {what}:"
+                    " run 'otel-audit init --ledger URL' as the database owner"
                 ) from exc
             except psycopg.Error as exc:
                 raise LedgerError(
-                    f"postgresql ledger {self.url}: creating the schema failed: {_one_line(exc)}"
+                    f"postgresql ledger {self.url}: {'creating' if version == 0 else 'migrating'}"
+                    f" the schema failed: {_one_line(exc)}"
                 ) from exc
         if version == 0:
             raise LedgerError(
@@ -806,27 +849,26 @@ class PostgresLedger(Ledger):
         bodies: list[bytes],
         head: tuple[int, bytes],
     ) -> list[Appended]:
-        """Append after the head this ledger wrote last: one COPY in its own transaction.
+        """Append after the head this ledger wrote last: one COPY, its own transaction.
 
         No lock and no head read: if another writer appended in between, the
-        first seq is taken and the primary key refuses the whole COPY, and if
-        any row lies above the new ones (appended since, or planted far ahead)
-        the transaction rolls back (``_Conflict`` both ways); nothing was
-        written and the caller takes the locked path, which reads the head.
+        first seq is taken and the primary key refuses the whole statement,
+        and if any row lies above the new ones (appended since, or planted far
+        ahead) the schema's statement trigger refuses it (``_Conflict`` both
+        ways); nothing was written and the caller takes the locked path, which
+        reads the head.
         """
         rows, new = _link(chain, head[0], head[1], bodies)
         mine = _Pending(rows[0][0], rows[0][2], new)
         self._unresolved.setdefault(chain, []).append(mine)
         try:
-            # Committed (and synchronous_commit waited for) when it returns.
-            if not _insert_after(con, chain, rows):
-                self._heads.pop(chain, None)
-                self._unresolved.pop(chain, None)  # nothing of it was written
-                raise _Conflict(f"chain {chain!r} has rows above seq {head[0]}")
+            # Autocommit: the statement is a transaction, committed (and
+            # synchronous_commit waited for) when it returns.
+            _insert(con, chain, rows)
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             self._heads.pop(chain, None)
             raise _Retry(exc) from exc  # outcome unknown: ``mine`` stays pending
-        except LedgerWriteError:  # a trigger skipped rows: rolled back
+        except LedgerWriteError:  # a trigger skipped rows without an error
             self._heads.pop(chain, None)
             self._unresolved.pop(chain, None)
             raise
@@ -985,9 +1027,11 @@ class PostgresLedger(Ledger):
         """How the ``otel_audit`` schema differs from the one this version creates.
 
         Compares the catalog: tables, columns (types, NOT NULL, the expression
-        generating ``doc``), constraints (the ``seq > 0`` CHECK), the function
-        behind the query columns (its source, language and volatility), and
-        that there is no trigger, rule or row-level security policy on them.
+        generating ``doc``), constraints (the ``seq > 0`` CHECK), the functions
+        (their source, language and volatility: the one behind the query
+        columns, the one behind the append guard), the append guard's trigger
+        (present and enabled), and that there is no other trigger, rule or
+        row-level security policy on them.
         """
         return self._read("reading the schema", _schema_problems)
 
