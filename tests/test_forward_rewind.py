@@ -297,3 +297,26 @@ def test_forwarding_without_tampering_never_rewinds(make_server, db, outbox, tmp
     assert sum(f.stats().forwarded for f in forwarders) == len(written)
     assert [f.stats().rewinds for f in forwarders] == [0, 0]
     assert _errors(caplog) == []
+
+
+def test_forward_once_says_when_it_resent_a_chain(make_server, db, outbox, tmp_path, capsys):
+    """The sidecar command run from cron: its summary names the rewind, not only the log."""
+    from otel_audit.cli import main
+
+    server = make_server(ledger=f"sqlite:///{tmp_path / 'central.db'}")
+    host, port = server.http_address
+    args = ["forward", "--ledger", outbox, "--endpoint", f"http://{host}:{port}", "--once"]
+    real = _fill(outbox, 10)
+    assert main(args) == 0
+    assert capsys.readouterr().out == "otel-audit forward: 10 records sent\n"
+    planted = _record(1)
+    _plant(db, 1000, planted)
+    assert main(args) == 0
+    capsys.readouterr()
+    _delete(db, 1000)
+    real += _fill(outbox, 5, start=10)
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("otel-audit forward: 15 records sent; 1 chain(s) resent from the start")
+    assert "the record at the cursor was deleted or changed" in out
+    assert sorted(_received(server)) == sorted(real + [planted])

@@ -537,7 +537,9 @@ def test_a_retry_reaching_another_instance_is_stored_once_and_verifies(make_serv
     body = encode_spans(_spans(3, 0)).SerializeToString()
     first = make_server(ledger=url, grpc_address=None, chain="serve-a")
     assert _post(first, body)[0] == 200
+    served_on = first.http_address
     first.stop()
+    assert first.http_address == served_on  # still answers once its socket is closed
     # The sender did not see the answer and retries on the other instance,
     # whose chain is still empty.
     second = make_server(ledger=url, grpc_address=None, chain="serve-b")

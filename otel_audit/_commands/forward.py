@@ -101,8 +101,21 @@ def run(args: argparse.Namespace) -> int:
         finally:
             forwarder.stop()
     stats = forwarder.stats()
-    print(f"otel-audit forward: stopped; {stats.forwarded} records sent", file=sys.stderr)
+    print(
+        f"otel-audit forward: stopped; {stats.forwarded} records sent{_rewinds(stats.rewinds)}",
+        file=sys.stderr,
+    )
     return 0
+
+
+def _rewinds(rewinds: int) -> str:
+    """Said in the summary: the outbox was edited under the forwarder (see the errors logged)."""
+    if not rewinds:
+        return ""
+    return (
+        f"; {rewinds} chain(s) resent from the start because the record at the cursor"
+        " was deleted or changed (the outbox was edited outside the writer)"
+    )
 
 
 def _once(forwarder: Forwarder) -> int:
@@ -117,7 +130,7 @@ def _once(forwarder: Forwarder) -> int:
         reason = stats.last_error or "the forwarding thread stopped"
         print(f"otel-audit: forwarding failed: {reason}", file=sys.stderr)
         return 1
-    print(f"otel-audit forward: {stats.forwarded} records sent")
+    print(f"otel-audit forward: {stats.forwarded} records sent{_rewinds(stats.rewinds)}")
     return 0
 
 

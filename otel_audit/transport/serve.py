@@ -137,6 +137,7 @@ class AuditServer:
         self.ledger_url = ledger_url
         self.receiver = AuditReceiver(ledger_url, **receiver_options)
         self._socket: socket.socket | None = None
+        self._http_bound: tuple[str, int] | None = None  # kept after stop (the socket is closed)
         self._app: OTLPHTTPApp | None = None
         self._http: Any = None
         self._http_thread: threading.Thread | None = None
@@ -145,6 +146,8 @@ class AuditServer:
         try:
             if http_address is not None:
                 self._socket = _listen(http_address)
+                host, port = self._socket.getsockname()[:2]
+                self._http_bound = (str(host), int(port))
                 self._app = OTLPHTTPApp(self.receiver, workers=http_workers)
                 self._http = self._http_server(self._app, tls_cert, tls_key)
             if grpc_address is not None:
@@ -214,10 +217,8 @@ class AuditServer:
 
     @property
     def http_address(self) -> tuple[str, int] | None:
-        if self._socket is None:
-            return None
-        host, port = self._socket.getsockname()[:2]
-        return str(host), int(port)
+        """The (host, port) the HTTP receiver listens (or, once stopped, listened) on."""
+        return self._http_bound
 
     @property
     def grpc_address(self) -> tuple[str, int] | None:
