@@ -188,3 +188,72 @@ def test_a_version_1_ledger_is_migrated_by_a_writer_and_then_guarded(pg_url: str
         assert ledger.schema_problems() == []
         _plant(pg_url, 1000)
         assert [a.seq for a in ledger.append("shop", [rec(2)])] == [1001]
+
+
+def _writer_role(pg_url: str, tag: str) -> str:
+    """A login role with exactly the writer's grants (``init --writer-role``); its URL."""
+    from otel_audit.engine.ledger.postgres import initialize
+
+    role = f"{tag}_{pg_url.rsplit('/', 1)[1]}"
+    _sql(pg_url, f"CREATE ROLE {role} LOGIN")
+    PostgresLedger(pg_url).close()  # the schema, as the owner
+    initialize(pg_url, writer_roles=[role])
+    return pg_url.replace("postgresql://postgres@", f"postgresql://{role}@")
+
+
+def test_the_writer_role_cannot_loosen_its_own_sessions(pg_url: str) -> None:
+    """A role may set its own defaults for every later session of the real writer:
+    an isolation whose snapshot predates a planted row, and a search path that puts
+    a look-alike ``>`` before pg_catalog's. Neither reaches the guard."""
+    writer = _writer_role(pg_url, "w_loose")
+    role = writer.split("//", 1)[1].split("@", 1)[0]
+    _sql(pg_url, f"GRANT CREATE ON SCHEMA public TO {role}")  # PostgreSQL <= 14 granted it to all
+    _sql(
+        writer,
+        "CREATE FUNCTION public.never(bigint, bigint) RETURNS boolean"
+        " LANGUAGE sql IMMUTABLE AS 'SELECT false'",
+        "CREATE OPERATOR public.> (LEFTARG = bigint, RIGHTARG = bigint, FUNCTION = public.never)",
+        f"ALTER ROLE {role} SET search_path = public, pg_catalog",
+        f"ALTER ROLE {role} SET default_transaction_isolation = 'repeatable read'",
+    )
+    with PostgresLedger(writer) as ledger:  # the service (re)connects with those defaults
+        ledger.append("shop", [rec(1), rec(2), rec(3)])
+        # The insider's own session keeps them: its insert is refused outright.
+        with pytest.raises(psycopg.errors.RaiseException, match="read committed isolation only"):
+            _sql(
+                writer,
+                f"INSERT INTO {SCHEMA}.records (chain, seq, prev_hash, hash, body)"
+                " VALUES ('shop', 1000, '\\x00', '\\x01', '{}')",
+            )
+        _plant(pg_url, 1000)  # planted anyway, as the owner
+        appended = ledger.append("shop", [rec(4), rec(5)])  # after its remembered head, 3
+        assert [a.seq for a in appended] == [1001, 1002]  # linked onto it, never below it
+        assert ledger.schema_problems() == []
+
+
+def test_a_child_table_that_forks_a_chain_is_named(pg_url: str) -> None:
+    """The owner adds a table inheriting from records, in another schema, with a row at
+    a seq the chain already has: no primary key of ours covers it."""
+    with PostgresLedger(pg_url) as ledger:
+        ledger.append("shop", [rec(1), rec(2)])
+    _sql(
+        pg_url,
+        "CREATE SCHEMA shadow",
+        f"CREATE TABLE shadow.extra () INHERITS ({SCHEMA}.records)",
+        f"INSERT INTO shadow.extra (chain, seq, prev_hash, hash, body)"
+        f" SELECT chain, seq, prev_hash, hash, body FROM {SCHEMA}.records WHERE seq = 2",
+    )
+    with PostgresLedger(pg_url, readonly=True) as ro:
+        problems = ro.schema_problems()
+        assert f"table shadow.extra inherits from {SCHEMA}.records" in " ".join(problems)
+        with pytest.raises(VerificationError, match="shadow.extra"):
+            verify_ledger(ro)
+
+
+def test_a_row_planted_at_the_end_of_the_range_fails_appends_with_one_line(pg_url: str) -> None:
+    with PostgresLedger(pg_url) as ledger:
+        ledger.append("shop", [rec(1)])
+        _plant(pg_url, 2**63 - 1)
+        for _ in range(2):  # after the remembered head, then under the lock
+            with pytest.raises(LedgerWriteError, match=r"is at seq 9223372036854775807: no room"):
+                ledger.append("shop", [rec(2)])

@@ -163,27 +163,43 @@ _MIGRATIONS: list[list[str]] = [
 # planted far ahead by someone with write access): no writer ever appends
 # below a planted row, where a forwarder or ``tail`` whose cursor has passed
 # it would never look. Also refused: rows of one insert that are not
-# contiguous (a planted BEFORE trigger skipped some of them without an error).
-# One index probe per chain per statement; the error is a unique_violation,
-# which a writer appending after its remembered head takes as "someone else
-# appended": it reads the head under the lock and links onto what is there.
+# contiguous (a planted BEFORE trigger skipped some of them without an
+# error), and inserts under another isolation than read committed (whose
+# snapshot could predate a planted row). The function takes the chain's
+# advisory lock (the one a writer reading the head holds) before it looks,
+# so a row another transaction is inserting in the chain is committed, and
+# seen, first; it probes with max(seq), whose plan is always a backward
+# index scan; and it resolves names in pg_catalog only, so no operator or
+# function placed earlier on a search path can stand in for the checks.
+# The error is a unique_violation, which a writer appending after its
+# remembered head takes as "someone else appended": it reads the head under
+# the lock and links onto what is there.
 _MIGRATIONS.append(
     [
         rf"""CREATE FUNCTION {SCHEMA}.append_at_head() RETURNS trigger
-            LANGUAGE plpgsql AS $$
+            LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
             DECLARE
-                c text; low bigint; top bigint; n bigint;
+                c text; low bigint; top bigint; n bigint; highest bigint;
             BEGIN
+                IF current_setting('transaction_isolation') <> 'read committed' THEN
+                    RAISE EXCEPTION 'otel-audit: records are appended under read committed'
+                          ' isolation only, not %', current_setting('transaction_isolation');
+                END IF;
                 FOR c, low, top, n IN
-                    SELECT chain, min(seq), max(seq), count(*) FROM new_rows GROUP BY chain
+                    SELECT chain, min(seq), max(seq), count(*) FROM new_rows
+                    GROUP BY chain ORDER BY chain
                 LOOP
                     IF top - low + 1 <> n THEN
                         RAISE EXCEPTION 'otel-audit: records of this append are missing'
                               ' (seq % to % holds % rows: a trigger skipped some?)', low, top, n;
                     END IF;
-                    IF EXISTS (SELECT 1 FROM {SCHEMA}.records WHERE chain = c AND seq > top) THEN
-                        RAISE EXCEPTION 'otel-audit: chain % has rows above seq %', c, top
-                              USING ERRCODE = 'unique_violation';
+                    PERFORM pg_advisory_xact_lock(
+                        ('x' || left(encode(sha256(convert_to(c, 'UTF8')), 'hex'), 16))
+                        ::bit(64)::bigint);
+                    highest := (SELECT max(seq) FROM {SCHEMA}.records WHERE chain = c);
+                    IF highest > top THEN
+                        RAISE EXCEPTION 'otel-audit: chain % has rows above seq % (up to %)',
+                              c, top, highest USING ERRCODE = 'unique_violation';
                     END IF;
                 END LOOP;
                 RETURN NULL;
@@ -245,7 +261,8 @@ _FUNCTIONS: dict[tuple[str, str], tuple[str, str, str, bool, bool, object, str]]
         "jsonb", "plpgsql", "i", True, False, None, _function_source("body_json")
     ),
     ("append_at_head", ""): (
-        "trigger", "plpgsql", "v", False, False, None, _function_source("append_at_head")
+        "trigger", "plpgsql", "v", False, False, ["search_path=pg_catalog, pg_temp"],
+        _function_source("append_at_head"),
     ),
 }  # fmt: skip
 #: (table, trigger) -> pg_get_triggerdef
@@ -287,6 +304,29 @@ def _compare_schema(con: psycopg.Connection[Any]) -> list[str]:
             problems.append(f"table {table} has row-level security enabled (rows can be hidden)")
     for name in sorted(set(rels) - set(_TABLES)):
         problems.append(f"relation {name} is not part of the ledger schema")
+    for table, persistence, partition in con.execute(
+        "SELECT c.relname, c.relpersistence, c.relispartition FROM pg_catalog.pg_class c"
+        " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s AND c.relname = ANY(%s)",
+        (SCHEMA, list(_TABLES)),
+    ).fetchall():
+        if persistence != "p":
+            problems.append(f"table {table} is not logged (a crash can lose its rows)")
+        if partition:
+            problems.append(f"table {table} is a partition of another table")
+    # A child table (in any schema) adds rows to every scan of its parent that
+    # no primary key of ours covers: a second row at a seq, a forked chain.
+    for child, parent in con.execute(
+        "SELECT format('%%I.%%I', cn.nspname, c.relname), format('%%I.%%I', pn.nspname, p.relname)"
+        " FROM pg_catalog.pg_inherits i"
+        " JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid"
+        " JOIN pg_catalog.pg_namespace cn ON cn.oid = c.relnamespace"
+        " JOIN pg_catalog.pg_class p ON p.oid = i.inhparent"
+        " JOIN pg_catalog.pg_namespace pn ON pn.oid = p.relnamespace"
+        " WHERE cn.nspname = %s OR pn.nspname = %s ORDER BY 1, 2",
+        (SCHEMA, SCHEMA),
+    ).fetchall():
+        problems.append(f"table {child} inherits from {parent}: not part of the ledger schema")
     found_cols = {
         (str(t), str(c)): (str(ty), bool(nn), str(gen), str(expr), str(coll))
         for t, c, ty, nn, gen, expr, coll in con.execute(
@@ -484,6 +524,7 @@ _COPY = f"COPY {SCHEMA}.records (chain, seq, prev_hash, hash, body) FROM STDIN (
 _COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\0" + bytes(8)
 _COPY_TRAILER = b"\xff\xff"
 _SEQ_FIELD = struct.Struct("!iq").pack  # 8, seq
+_MAX_SEQ = 2**63 - 1  # bigint
 _LENGTH = struct.Struct("!i").pack
 
 
@@ -538,10 +579,20 @@ def _insert(
         )
 
 
+def _check_room(chain: str, seq: int, count: int) -> None:
+    """Refuse ``count`` more records after ``seq`` past bigint (a row planted at its end)."""
+    if seq + count > _MAX_SEQ:
+        raise LedgerWriteError(
+            f"postgresql ledger: chain {chain!r} is at seq {seq}: no room for {count} more"
+            " records (a row was planted at the end of the range?)"
+        )
+
+
 def _link(
     chain: str, seq: int, prev: bytes, bodies: Sequence[bytes]
 ) -> tuple[list[tuple[int, bytes, bytes, bytes]], list[tuple[bytes, Appended]]]:
     """Rows (seq, prev_hash, hash, body) continuing ``chain`` after (``seq``, ``prev``)."""
+    _check_room(chain, seq, len(bodies))
     rows: list[tuple[int, bytes, bytes, bytes]] = []
     new: list[tuple[bytes, Appended]] = []
     for body in bodies:
@@ -601,8 +652,13 @@ class PostgresLedger(Ledger):
                 f"postgresql ledger {self.url} is unreachable: {_one_line(exc)}"
             ) from exc
         try:
-            # Session settings the guarantees rest on, whatever the server default.
+            # Session settings the guarantees rest on, whatever the server, database
+            # or role default (a role may set its own): durable commits, statements
+            # that see every commit made before them, and names resolved in
+            # pg_catalog only (every name of ours is schema-qualified).
             con.execute("SET synchronous_commit = on")
+            con.execute("SET default_transaction_isolation = 'read committed'")
+            con.execute("SET search_path = pg_catalog, pg_temp")
             if self.readonly:
                 con.execute("SET default_transaction_read_only = on")
         except psycopg.Error as exc:
@@ -799,6 +855,7 @@ class PostgresLedger(Ledger):
                     (chain,),
                 ).fetchone()
                 seq, prev = (int(row[0]), bytes(row[1])) if row else (0, GENESIS)
+                _check_room(chain, seq, len(bodies))
                 stored = self._stored_keys(con, keys) if keys is not None else set()
                 rows: list[tuple[int, bytes, bytes, bytes]] = []
                 new: list[tuple[bytes, Appended]] = []
