@@ -296,27 +296,72 @@ def test_forwarding_without_tampering_never_rewinds(make_server, db, outbox, tmp
     assert server.stats().duplicates == 0
     assert sum(f.stats().forwarded for f in forwarders) == len(written)
     assert [f.stats().rewinds for f in forwarders] == [0, 0]
+    assert [f.stats().late for f in forwarders] == [0, 0]
+    assert _cursor(forwarders[-1])["holes"] == {}
     assert _errors(caplog) == []
 
 
-def test_forward_once_says_when_it_resent_a_chain(make_server, db, outbox, tmp_path, capsys):
-    """The sidecar command run from cron: its summary names the rewind, not only the log."""
-    from otel_audit.cli import main
-
+def test_a_planted_row_deleted_and_put_back_unchanged_hides_nothing(
+    make_server, db, outbox, tmp_path, caplog
+):
+    """The row at the cursor is back, same hash, when the forwarder looks again: the
+    records the writer appended in the gap below it are found there and sent."""
     server = make_server(ledger=f"sqlite:///{tmp_path / 'central.db'}")
-    host, port = server.http_address
-    args = ["forward", "--ledger", outbox, "--endpoint", f"http://{host}:{port}", "--once"]
     real = _fill(outbox, 10)
-    assert main(args) == 0
-    assert capsys.readouterr().out == "otel-audit forward: 10 records sent\n"
-    planted = _record(1)
-    _plant(db, 1000, planted)
-    assert main(args) == 0
-    capsys.readouterr()
-    _delete(db, 1000)
-    real += _fill(outbox, 5, start=10)
-    assert main(args) == 0
-    out = capsys.readouterr().out
-    assert out.startswith("otel-audit forward: 15 records sent; 1 chain(s) resent from the start")
-    assert "the record at the cursor was deleted or changed" in out
-    assert sorted(_received(server)) == sorted(real + [planted])
+    forwarder = _forwarder(outbox, server)
+    try:
+        assert forwarder.flush(30)
+        planted = _record(1)
+        _plant(db, 1000, planted)
+        assert forwarder.flush(30)
+        assert _cursor(forwarder)["holes"] == {"shop": [[11, 999]]}
+        _delete(db, 1000)
+        real += _fill(outbox, 5, start=10)  # 11..15, in the gap the cursor passed
+        _plant(db, 1000, planted)  # back, byte for byte: the cursor check passes
+        assert forwarder.flush(30)
+        real += _fill(outbox, 2, start=15)  # the writer links these onto it: 1001, 1002
+        assert forwarder.flush(30)
+    finally:
+        forwarder.stop()
+    assert _seqs(db)[-3:] == [1000, 1001, 1002]
+    assert sorted(_received(server)) == sorted(real + [planted])  # every record, each once
+    assert forwarder.stats().rewinds == 0
+    assert forwarder.stats().late == 5
+    assert _cursor(forwarder)["holes"] == {"shop": [[16, 999]]}
+    (error,) = _errors(caplog)
+    assert error.startswith(
+        "otel-audit forward: chain 'shop': 5 record(s) appeared below the forward cursor,"
+        " in seqs 11..15 that held no record when it passed them"
+    )
+
+
+def test_gaps_are_kept_across_restarts(make_server, db, outbox, tmp_path, caplog):
+    """Many gaps, a forwarder restarted: a record written into one of them later is sent."""
+    server = make_server(ledger=f"sqlite:///{tmp_path / 'central.db'}")
+    real = _fill(outbox, 3)
+    planted = [_record(seq) for seq in range(10, 110, 2)]
+    for seq, body in zip(range(10, 110, 2), planted):  # 50 one-seq gaps above 4..9
+        _plant(db, seq, body)
+    first = _forwarder(outbox, server)
+    try:
+        assert first.flush(30)
+    finally:
+        first.stop()
+    gaps = _cursor(first)["holes"]["shop"]
+    assert gaps[0] == [4, 9] and gaps[1:] == [[seq, seq] for seq in range(11, 109, 2)]
+    with sqlite3.connect(db) as con:  # the insider fills one gap in the middle
+        con.execute(
+            "INSERT INTO records (chain, seq, prev_hash, hash, body) VALUES (?, ?, ?, ?, ?)",
+            ("shop", 51, b"\0" * 32, b"\2" * 32, _record(51)),
+        )
+    con.close()
+    second = _forwarder(outbox, server)
+    try:
+        assert second.flush(30)
+        assert second.flush(30)  # nothing new: nothing sent again, nothing logged again
+    finally:
+        second.stop()
+    assert (first.stats().late, second.stats().late) == (0, 1)
+    assert sorted(_received(server)) == sorted(real + planted + [_record(51)])
+    assert [51, 51] not in _cursor(second)["holes"]["shop"]
+    assert len(_errors(caplog)) == 1

@@ -16,6 +16,11 @@ or its hash changed, someone edited the outbox (e.g. a row planted far ahead of
 the head, sent, then deleted, so that the writer refills seqs the cursor has
 passed): that is logged as an error, counted (``stats().rewinds``) and the
 chain is sent again from its first record, so no committed record is skipped.
+It also keeps the gaps it passed (seqs below the cursor that held no record
+when it sent the records around them; a real chain has none), and every pass
+looks into them: records that appear there (a writer appending below a row
+planted ahead, which was then deleted and put back unchanged) are sent, and
+that is logged and counted too (``stats().late``).
 
 One forwarder per outbox: the cursor file is guarded by an exclusive lock, so
 several worker processes that all configured forwarding share the work safely
@@ -101,6 +106,9 @@ class ForwarderStats:
     #: Chains sent again from their first record because the record at their
     #: cursor was gone or changed: the outbox was edited outside the writer.
     rewinds: int
+    #: Records found, and sent, in a gap the cursor had passed: the outbox was
+    #: edited outside the writer (or a writer appended below a planted row).
+    late: int
     last_error: str | None
 
 
@@ -256,7 +264,9 @@ class Forwarder:
         self._passes = 0
         self._idle_pass = 0
         self._thread: threading.Thread | None = None
-        self._counts = {"forwarded": 0, "batches": 0, "failures": 0, "rejected": 0, "rewinds": 0}
+        self._counts = {
+            "forwarded": 0, "batches": 0, "failures": 0, "rejected": 0, "rewinds": 0, "late": 0
+        }  # fmt: skip
         self._last_error: str | None = None
 
     # -- lifecycle -----------------------------------------------------
@@ -402,8 +412,8 @@ class Forwarder:
         return None
 
     def _pass(self, ledger: Ledger) -> int:
-        """Send every record after the cursors; returns how many were sent."""
-        cursors, hashes = self._load_cursors()
+        """Send every record after the cursors, and any found in gaps; returns how many were sent."""
+        cursors, hashes, holes = self._load_cursors()
         sent = 0
         for chain in ledger.chains():
             if chain in hashes and self._cursor_row_lost(
@@ -421,7 +431,13 @@ class Forwarder:
                 # and the receiver stores each (trace id, span id) once.
                 cursors[chain] = 0
                 del hashes[chain]
-                self._save_cursors(cursors, hashes)
+                holes.pop(chain, None)
+                self._save_cursors(cursors, hashes, holes)
+            if holes.get(chain):
+                late = self._fill_holes(ledger, chain, cursors, hashes, holes)
+                if late is None:
+                    return sent  # stopping
+                sent += late
             while not self._stop.is_set():
                 after = cursors.get(chain, 0)
                 rows = list(itertools.islice(ledger.scan(chain, after), self.batch_size))
@@ -429,11 +445,54 @@ class Forwarder:
                     break
                 if not self._deliver(chain, rows):
                     return sent  # stopping
+                _note_gaps(holes.setdefault(chain, []), after, rows)
+                if not holes[chain]:
+                    del holes[chain]
                 cursors[chain] = rows[-1].seq
                 hashes[chain] = rows[-1].hash.hex()
-                self._save_cursors(cursors, hashes)
+                self._save_cursors(cursors, hashes, holes)
                 sent += len(rows)
         return sent
+
+    def _fill_holes(
+        self,
+        ledger: Ledger,
+        chain: str,
+        cursors: dict[str, int],
+        hashes: dict[str, str],
+        holes: dict[str, list[list[int]]],
+    ) -> int | None:
+        """Send the records that appeared in ``chain``'s gaps; how many (None: stopping).
+
+        One indexed range read per gap. A gap that stays empty costs only that;
+        a real chain has none, a tampered one as many as were made (each kept:
+        merging two would take in the records between them, sent already).
+        """
+        found: list[RawRow] = []
+        for low, high in holes[chain]:
+            rows = itertools.islice(ledger.scan(chain, low - 1), high - low + 1)
+            found += [row for row in rows if row.seq <= high]
+        if not found:
+            return 0
+        with self._cond:
+            self._counts["late"] += len(found)
+        _log.error(
+            "otel-audit forward: chain %r: %d record(s) appeared below the forward cursor, in"
+            " seqs %d..%d that held no record when it passed them: the outbox was edited"
+            " outside the writer (run otel-audit verify); sending them",
+            chain, len(found), found[0].seq, found[-1].seq,
+        )  # fmt: skip
+        for start in range(0, len(found), self.batch_size):
+            if not self._deliver(chain, found[start : start + self.batch_size]):
+                return None
+        remaining: list[list[int]] = []
+        for low, high in holes[chain]:
+            _note_gaps(remaining, low - 1, [r for r in found if low <= r.seq <= high], high)
+        holes[chain] = remaining
+        if not remaining:
+            del holes[chain]
+        self._save_cursors(cursors, hashes, holes)
+        return len(found)
 
     def _cursor_row_lost(self, ledger: Ledger, chain: str, seq: int, sent_hash: str) -> bool:
         """True (logged and counted) when the record at ``chain``'s cursor is gone or changed.
@@ -560,13 +619,14 @@ class Forwarder:
 
     # -- cursor file ---------------------------------------------------
 
-    def _load_cursors(self) -> tuple[dict[str, int], dict[str, str]]:
-        """(chain -> seq of the last record sent, chain -> its hash in hex) from the cursor file."""
+    def _load_cursors(self) -> tuple[dict[str, int], dict[str, str], dict[str, list[list[int]]]]:
+        """From the cursor file: chain -> seq of the last record sent, chain -> its hash
+        in hex, chain -> the gaps below it ([first, last] seqs that held no record)."""
         try:
             with open(self.state_path, encoding="utf-8") as f:
                 data = json.load(f)
         except FileNotFoundError:
-            return {}, {}
+            return {}, {}, {}
         except (OSError, ValueError) as exc:
             # Starting again from 0 is safe (the receiver deduplicates), only slower.
             _log.error(
@@ -574,7 +634,7 @@ class Forwarder:
                 self.state_path,
                 exc,
             )
-            return {}, {}
+            return {}, {}, {}
         try:
             entry = data.get(self._key, {}) if isinstance(data, dict) else {}
             cursors = {str(k): int(v) for k, v in entry.get("chains", {}).items()}
@@ -585,16 +645,28 @@ class Forwarder:
                 bytes.fromhex(h)  # TypeError or ValueError when not hex text
                 if str(k) in cursors:
                     hashes[str(k)] = h
-            return cursors, hashes
+            holes: dict[str, list[list[int]]] = {}
+            for k, gaps in entry.get("holes", {}).items():
+                kept = [[int(low), int(high)] for low, high in gaps]
+                if any(low > high for low, high in kept):
+                    raise ValueError(f"a gap of chain {k!r} ends before it starts")
+                if str(k) in cursors and kept:
+                    holes[str(k)] = kept
+            return cursors, hashes, holes
         except (AttributeError, TypeError, ValueError) as exc:
             _log.error(
                 "otel-audit forward: cursor file %s malformed (%s); resending",
                 self.state_path,
                 exc,
             )
-            return {}, {}
+            return {}, {}, {}
 
-    def _save_cursors(self, cursors: dict[str, int], hashes: dict[str, str]) -> None:
+    def _save_cursors(
+        self,
+        cursors: dict[str, int],
+        hashes: dict[str, str],
+        holes: dict[str, list[list[int]]],
+    ) -> None:
         try:
             with open(self.state_path, encoding="utf-8") as f:
                 data = json.load(f)
@@ -602,7 +674,9 @@ class Forwarder:
                 data = {}
         except (OSError, ValueError):
             data = {}
-        data[self._key] = {"endpoint": self.url, "chains": cursors, "hashes": hashes}
+        data[self._key] = {
+            "endpoint": self.url, "chains": cursors, "hashes": hashes, "holes": holes
+        }  # fmt: skip
         tmp = f"{self.state_path}.tmp"
         try:
             with open(tmp, "w", encoding="utf-8") as f:
@@ -629,6 +703,20 @@ else:
     def _lock_exclusive(file: IO[str]) -> None:
         """Lock ``file`` for this process or raise OSError at once (held until closed)."""
         fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _note_gaps(
+    holes: list[list[int]], after: int, rows: list[RawRow], upto: int | None = None
+) -> None:
+    """Add to ``holes`` the seqs after ``after`` that ``rows`` (in seq order) skip, and,
+    with ``upto``, those after the last of them up to ``upto``."""
+    prev = after
+    for row in rows:
+        if row.seq > prev + 1:
+            holes.append([prev + 1, row.seq - 1])
+        prev = row.seq
+    if upto is not None and upto > prev:
+        holes.append([prev + 1, upto])
 
 
 def _close_quietly(ledger: Ledger) -> None:
