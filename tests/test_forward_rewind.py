@@ -331,7 +331,7 @@ def test_a_planted_row_deleted_and_put_back_unchanged_hides_nothing(
     (error,) = _errors(caplog)
     assert error.startswith(
         "otel-audit forward: chain 'shop': 5 record(s) appeared below the forward cursor,"
-        " in seqs 11..15 that held no record when it passed them"
+        " in gaps between seqs 11 and 15 that held no record when it passed them"
     )
 
 
@@ -365,3 +365,27 @@ def test_gaps_are_kept_across_restarts(make_server, db, outbox, tmp_path, caplog
     assert sorted(_received(server)) == sorted(real + planted + [_record(51)])
     assert [51, 51] not in _cursor(second)["holes"]["shop"]
     assert len(_errors(caplog)) == 1
+
+
+def test_a_row_planted_at_a_fractional_seq_beside_the_cursor_is_not_a_rewind(
+    make_server, db, outbox, tmp_path, caplog
+):
+    server = make_server(ledger=f"sqlite:///{tmp_path / 'central.db'}")
+    real = _fill(outbox, 10)
+    forwarder = _forwarder(outbox, server)
+    try:
+        assert forwarder.flush(30)
+        with sqlite3.connect(db) as con:  # a REAL seq sorts between 9 and 10
+            con.execute(
+                "INSERT INTO records (chain, seq, prev_hash, hash, body) VALUES (?, ?, ?, ?, ?)",
+                ("shop", 9.5, b"\0" * 32, b"\1" * 32, _record(3)),
+            )
+        con.close()
+        real += _fill(outbox, 2, start=10)
+        assert forwarder.flush(30)
+        assert forwarder.flush(30)
+    finally:
+        forwarder.stop()
+    assert forwarder.stats().rewinds == 0
+    assert sorted(_received(server)) == sorted(real)
+    assert server.stats().duplicates == 0

@@ -63,9 +63,9 @@ class _CountingScans:
         self._ledger = ledger
         self.scans = 0
 
-    def scan(self, chain: str, after_seq: int = 0) -> Any:
+    def scan(self, chain: str, after_seq: int = 0, until_seq: int | None = None) -> Any:
         self.scans += 1
-        return self._ledger.scan(chain, after_seq)
+        return self._ledger.scan(chain, after_seq, until_seq)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._ledger, name)

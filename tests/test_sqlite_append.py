@@ -253,3 +253,37 @@ def test_records_a_planted_trigger_skips_silently_are_never_acknowledged(tmp_pat
     with open_ledger(str(db), readonly=True) as ro, pytest.raises(VerificationError) as err:
         verify_ledger(ro)
     assert err.value.kind == "schema"
+
+
+def test_a_row_planted_at_a_negative_seq_is_not_a_head(tmp_path: Path) -> None:
+    """A first append to a chain never continues from a row below seq 1, where no
+    forwarder or chain walk looks."""
+    db = tmp_path / "audit.db"
+    ledger = open_ledger(str(db))
+    try:
+        ledger.append("other", _bodies("o", 1))  # the file exists; "shop" has no records
+        _plant(db, -1000)
+        appended = ledger.append("shop", _bodies("a", 3))
+    finally:
+        ledger.close()
+    assert [x.seq for x in appended] == [1, 2, 3]
+    with open_ledger(str(db), readonly=True) as ro:
+        assert ro.stray_rows() == [("shop", -1000, "seq -1000 is outside every sequence")]
+
+
+def test_rows_deleted_under_a_writer_are_not_refilled_by_its_locked_path(tmp_path: Path) -> None:
+    """A batch too big for the one-statement append reads the head under the lock: after
+    the newest rows were deleted, it still goes on after what this connection wrote."""
+    db = tmp_path / "audit.db"
+    ledger = open_ledger(str(db))
+    try:
+        ledger.append("shop", _bodies("first", 10))
+        with sqlite3.connect(db) as con:
+            con.execute("DELETE FROM records WHERE chain = 'shop' AND seq > 4")
+        con.close()
+        appended = ledger.append("shop", _bodies("big", 600))  # more than one statement takes
+    finally:
+        ledger.close()
+    assert appended[0].seq == 11  # not 5: seqs a forwarder may have sent are never reused
+    with open_ledger(str(db), readonly=True) as ro, pytest.raises(VerificationError):
+        verify_ledger(ro)

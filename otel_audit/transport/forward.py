@@ -68,7 +68,7 @@ from opentelemetry.util.re import parse_env_headers
 from urllib3.exceptions import HTTPError, InvalidHeader
 from urllib3.util.retry import Retry
 
-from otel_audit.engine.ledger import Ledger, Query, RawRow, open_ledger, sqlite_path
+from otel_audit.engine.ledger import Ledger, RawRow, open_ledger, sqlite_path
 from otel_audit.engine.record import decode
 from otel_audit.errors import AuditError, ConfigError
 from otel_audit.settings import (
@@ -470,18 +470,9 @@ class Forwarder:
         """
         found: list[RawRow] = []
         for low, high in holes[chain]:
-            rows = itertools.islice(ledger.scan(chain, low - 1), high - low + 1)
-            found += [row for row in rows if row.seq <= high]
+            found += ledger.scan(chain, low - 1, high)  # bounded in the query itself
         if not found:
             return 0
-        with self._cond:
-            self._counts["late"] += len(found)
-        _log.error(
-            "otel-audit forward: chain %r: %d record(s) appeared below the forward cursor, in"
-            " seqs %d..%d that held no record when it passed them: the outbox was edited"
-            " outside the writer (run otel-audit verify); sending them",
-            chain, len(found), found[0].seq, found[-1].seq,
-        )  # fmt: skip
         for start in range(0, len(found), self.batch_size):
             if not self._deliver(chain, found[start : start + self.batch_size]):
                 return None
@@ -492,6 +483,16 @@ class Forwarder:
         if not remaining:
             del holes[chain]
         self._save_cursors(cursors, hashes, holes)
+        # Said once they are sent and the gaps saved: a failed save sends them
+        # again (deduplicated) without counting or logging them twice.
+        with self._cond:
+            self._counts["late"] += len(found)
+        _log.error(
+            "otel-audit forward: chain %r: %d record(s) appeared below the forward cursor, in"
+            " gaps between seqs %d and %d that held no record when it passed them: the outbox"
+            " was edited outside the writer (run otel-audit verify); sent them",
+            chain, len(found), found[0].seq, found[-1].seq,
+        )  # fmt: skip
         return len(found)
 
     def _cursor_row_lost(self, ledger: Ledger, chain: str, seq: int, sent_hash: str) -> bool:
@@ -500,8 +501,9 @@ class Forwarder:
         The writer only appends, so the last record sent stays where it was
         with the same hash; one indexed lookup per chain and pass checks it.
         """
-        found = list(ledger.query(Query(chain=chain, after=(chain, seq - 1), limit=1)))
-        if found and found[0].seq == seq:
+        # scan reads integer seqs only: a row planted at 9.5 is not the record at 10.
+        found = list(ledger.scan(chain, seq - 1, seq))
+        if found:
             if found[0].hash.hex() == sent_hash:
                 return False
             what = (

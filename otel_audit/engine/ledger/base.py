@@ -152,8 +152,10 @@ class Ledger(abc.ABC):
         """Every chain id that has records or checkpoints, sorted."""
 
     @abc.abstractmethod
-    def scan(self, chain: str, after_seq: int = 0) -> Iterator[RawRow]:
-        """Rows of ``chain`` with seq > ``after_seq``, in seq order."""
+    def scan(
+        self, chain: str, after_seq: int = 0, until_seq: int | None = None
+    ) -> Iterator[RawRow]:
+        """Rows of ``chain`` with seq > ``after_seq`` (and <= ``until_seq``), in seq order."""
 
     def scan_batches(self, chain: str, after_seq: int = 0) -> Iterator[Sequence[RawRow]]:
         """``scan`` in batches of (seq, prev_hash, hash, body) tuples, for verify's hot loop.

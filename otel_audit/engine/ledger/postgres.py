@@ -1012,17 +1012,20 @@ class PostgresLedger(Ledger):
         )
         return [str(r[0]) for r in rows]
 
-    def scan(self, chain: str, after_seq: int = 0) -> Iterator[RawRow]:
+    def scan(
+        self, chain: str, after_seq: int = 0, until_seq: int | None = None
+    ) -> Iterator[RawRow]:
         # Keyset pages instead of a server-side cursor: no transaction stays
         # open between pages, and a reconnect in the middle resumes cleanly.
         last = after_seq
+        until = _MAX_SEQ if until_seq is None else until_seq
         while True:
             rows = self._read(
                 f"reading chain {chain!r}",
                 lambda con: con.execute(
                     f"SELECT seq, prev_hash, hash, body FROM {SCHEMA}.records"
-                    " WHERE chain = %s AND seq > %s ORDER BY seq LIMIT %s",
-                    (chain, last, _PAGE),  # noqa: B023 - called before ``last`` changes
+                    " WHERE chain = %s AND seq > %s AND seq <= %s ORDER BY seq LIMIT %s",
+                    (chain, last, until, _PAGE),  # noqa: B023 - called before ``last`` changes
                 ).fetchall(),
             )
             for seq, prev, digest, body in rows:
