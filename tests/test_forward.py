@@ -351,6 +351,24 @@ def test_undecodable_outbox_record_is_reported_and_retried(make_server, outbox, 
     assert _count(server) == 0  # nothing skipped: the batch waits for the outbox to be repaired
 
 
+def test_a_damaged_record_in_one_chain_does_not_hold_the_others(make_server, outbox, tmp_path):
+    server = make_server(ledger=f"sqlite:///{tmp_path / 'central.db'}")
+    host, port = server.http_address
+    with open_ledger(outbox) as ledger:
+        ledger.append("a-damaged", [b'{"v": 99}'])  # sorts first; not a record of this format
+    good = _fill(outbox, 5) + _fill(outbox, 4, chain="zz", start=5)
+    forwarder = Forwarder(
+        outbox, f"http://{host}:{port}", poll_interval=0.05, max_backoff=0.1
+    ).start()
+    try:
+        _deadline_wait(lambda: _count(server) == len(good), what="the good chains' records")
+        _deadline_wait(lambda: forwarder.stats().failures >= 2, what="the damaged chain retried")
+        assert "chain 'a-damaged'" in (forwarder.stats().last_error or "")
+    finally:
+        forwarder.stop()
+    assert _count(server) == len(good)
+
+
 def test_once_fails_fast_when_the_cursor_cannot_be_written(make_server, outbox, tmp_path):
     server = make_server(ledger=f"sqlite:///{tmp_path / 'central.db'}")
     host, port = server.http_address

@@ -19,7 +19,12 @@ from otel_audit.settings import (
     OTEL_AUDIT_FORWARD_HEADERS,
     OTEL_AUDIT_FORWARD_TOKEN,
 )
-from otel_audit.transport.forward import Forwarder, forwarder_from_env, parse_headers
+from otel_audit.transport.forward import (
+    Forwarder,
+    ForwarderStats,
+    forwarder_from_env,
+    parse_headers,
+)
 
 #: ``--once`` is run by a person or a cron job: another forwarder holding the
 #: outbox is a failure to report, not a reason to wait for ever.
@@ -102,20 +107,26 @@ def run(args: argparse.Namespace) -> int:
             forwarder.stop()
     stats = forwarder.stats()
     print(
-        f"otel-audit forward: stopped; {stats.forwarded} records sent{_rewinds(stats.rewinds)}",
+        f"otel-audit forward: stopped; {stats.forwarded} records sent{_edited(stats)}",
         file=sys.stderr,
     )
     return 0
 
 
-def _rewinds(rewinds: int) -> str:
+def _edited(stats: ForwarderStats) -> str:
     """Said in the summary: the outbox was edited under the forwarder (see the errors logged)."""
-    if not rewinds:
-        return ""
-    return (
-        f"; {rewinds} chain(s) resent from the start because the record at the cursor"
-        " was deleted or changed (the outbox was edited outside the writer)"
-    )
+    said = ""
+    if stats.rewinds:
+        said += (
+            f"; {stats.rewinds} chain(s) resent from the start because the record at the"
+            " cursor was deleted or changed (the outbox was edited outside the writer)"
+        )
+    if stats.late:
+        said += (
+            f"; {stats.late} record(s) found, and sent, in gaps the cursor had passed"
+            " (the outbox was edited outside the writer)"
+        )
+    return said
 
 
 def _once(forwarder: Forwarder) -> int:
@@ -130,7 +141,7 @@ def _once(forwarder: Forwarder) -> int:
         reason = stats.last_error or "the forwarding thread stopped"
         print(f"otel-audit: forwarding failed: {reason}", file=sys.stderr)
         return 1
-    print(f"otel-audit forward: {stats.forwarded} records sent{_rewinds(stats.rewinds)}")
+    print(f"otel-audit forward: {stats.forwarded} records sent{_edited(stats)}")
     return 0
 
 

@@ -412,46 +412,72 @@ class Forwarder:
         return None
 
     def _pass(self, ledger: Ledger) -> int:
-        """Send every record after the cursors, and any found in gaps; returns how many were sent."""
+        """Send every record after the cursors, and any found in gaps; returns how many were sent.
+
+        A chain that fails (a damaged record in it) does not hold the others:
+        they are sent, then the first failure is raised for the thread to log,
+        count and retry.
+        """
         cursors, hashes, holes = self._load_cursors()
         sent = 0
+        failed: Exception | None = None
         for chain in ledger.chains():
-            if chain in hashes and self._cursor_row_lost(
-                ledger, chain, cursors[chain], hashes[chain]
-            ):
-                # Why the chain's start, not its head or the cursor - 1: the
-                # records never sent are those the writer appended after the
-                # row at the cursor vanished (it appends after whatever the
-                # head is then), at seqs the cursor has already passed, and
-                # nothing tells them from records sent before: "1..12 sent,
-                # then a row planted at 1000" and "1..10 sent, 1000 planted,
-                # sent, deleted, 11..12 written" leave the same outbox and the
-                # same cursor file. Any point above the start can skip some;
-                # the start cannot. The resend happens only after tampering,
-                # and the receiver stores each (trace id, span id) once.
-                cursors[chain] = 0
-                del hashes[chain]
-                holes.pop(chain, None)
-                self._save_cursors(cursors, hashes, holes)
-            if holes.get(chain):
-                late = self._fill_holes(ledger, chain, cursors, hashes, holes)
-                if late is None:
-                    return sent  # stopping
-                sent += late
-            while not self._stop.is_set():
-                after = cursors.get(chain, 0)
-                rows = list(itertools.islice(ledger.scan(chain, after), self.batch_size))
-                if not rows:
-                    break
-                if not self._deliver(chain, rows):
-                    return sent  # stopping
-                _note_gaps(holes.setdefault(chain, []), after, rows)
-                if not holes[chain]:
-                    del holes[chain]
-                cursors[chain] = rows[-1].seq
-                hashes[chain] = rows[-1].hash.hex()
-                self._save_cursors(cursors, hashes, holes)
-                sent += len(rows)
+            try:
+                got = self._pass_chain(ledger, chain, cursors, hashes, holes)
+            except Exception as exc:
+                failed = failed or exc
+                continue
+            if got is None:
+                return sent  # stopping
+            sent += got
+        if failed is not None:
+            raise failed
+        return sent
+
+    def _pass_chain(
+        self,
+        ledger: Ledger,
+        chain: str,
+        cursors: dict[str, int],
+        hashes: dict[str, str],
+        holes: dict[str, list[list[int]]],
+    ) -> int | None:
+        """One chain's share of a pass: how many records it sent (None: stopping)."""
+        sent = 0
+        if chain in hashes and self._cursor_row_lost(ledger, chain, cursors[chain], hashes[chain]):
+            # Why the chain's start, not its head or the cursor - 1: the
+            # records never sent are those the writer appended after the
+            # row at the cursor vanished (it appends after whatever the
+            # head is then), at seqs the cursor has already passed, and
+            # nothing tells them from records sent before: "1..12 sent,
+            # then a row planted at 1000" and "1..10 sent, 1000 planted,
+            # sent, deleted, 11..12 written" leave the same outbox and the
+            # same cursor file. Any point above the start can skip some;
+            # the start cannot. The resend happens only after tampering,
+            # and the receiver stores each (trace id, span id) once.
+            cursors[chain] = 0
+            del hashes[chain]
+            holes.pop(chain, None)
+            self._save_cursors(cursors, hashes, holes)
+        if holes.get(chain):
+            late = self._fill_holes(ledger, chain, cursors, hashes, holes)
+            if late is None:
+                return None
+            sent += late
+        while not self._stop.is_set():
+            after = cursors.get(chain, 0)
+            rows = list(itertools.islice(ledger.scan(chain, after), self.batch_size))
+            if not rows:
+                break
+            if not self._deliver(chain, rows):
+                return None
+            _note_gaps(holes.setdefault(chain, []), after, rows)
+            if not holes[chain]:
+                del holes[chain]
+            cursors[chain] = rows[-1].seq
+            hashes[chain] = rows[-1].hash.hex()
+            self._save_cursors(cursors, hashes, holes)
+            sent += len(rows)
         return sent
 
     def _fill_holes(
