@@ -37,6 +37,12 @@ def outbox(db):
     return f"sqlite:///{db}"
 
 
+@pytest.fixture
+def server(make_server, tmp_path):
+    """The receiver: a real ``otel-audit serve`` on loopback, with its own ledger."""
+    return make_server(ledger=f"sqlite:///{tmp_path / 'central.db'}")
+
+
 def _record(n: int, action: str = "order.update") -> bytes:
     """A well-formed record body with span ids no ``_fill`` record uses."""
     return encode(
@@ -99,10 +105,7 @@ def _errors(caplog) -> list[str]:
     ]
 
 
-def test_a_row_planted_ahead_sent_then_deleted_hides_no_later_record(
-    make_server, db, outbox, tmp_path, caplog
-):
-    server = make_server(ledger=f"sqlite:///{tmp_path / 'central.db'}")
+def test_a_row_planted_ahead_sent_then_deleted_hides_no_later_record(server, db, outbox, caplog):
     real = _fill(outbox, 10)
     forwarder = _forwarder(outbox, server)
     try:
@@ -133,15 +136,12 @@ def test_a_row_planted_ahead_sent_then_deleted_hides_no_later_record(
     assert _cursor(forwarder)["hashes"] == {"shop": head.hash.hex()}
 
 
-def test_records_written_past_the_vanished_row_are_caught_by_its_hash(
-    make_server, db, outbox, tmp_path, caplog
-):
+def test_records_written_past_the_vanished_row_are_caught_by_its_hash(server, db, outbox, caplog):
     """The writer refilled past the planted seq before the next pass: the row there is real now.
 
     The forwarder is stopped while the insider and the writer act (a sidecar
     run with ``--once``, or one restarted), so its next pass sees both.
     """
-    server = make_server(ledger=f"sqlite:///{tmp_path / 'central.db'}")
     real = _fill(outbox, 10)
     first = _forwarder(outbox, server)
     try:
@@ -166,9 +166,8 @@ def test_records_written_past_the_vanished_row_are_caught_by_its_hash(
 
 
 def test_a_record_rewritten_in_place_at_the_cursor_is_detected_and_counted(
-    make_server, db, outbox, tmp_path, caplog
+    server, db, outbox, caplog
 ):
-    server = make_server(ledger=f"sqlite:///{tmp_path / 'central.db'}")
     real = _fill(outbox, 10)
     forwarder = _forwarder(outbox, server)
     try:
@@ -240,9 +239,8 @@ def test_the_rewound_cursor_is_persisted_before_anything_is_resent(
 
 
 def test_an_old_cursor_file_without_hashes_is_read_and_checks_start_at_the_next_send(
-    make_server, db, outbox, tmp_path, caplog
+    server, db, outbox, caplog
 ):
-    server = make_server(ledger=f"sqlite:///{tmp_path / 'central.db'}")
     real = _fill(outbox, 10)
     first = _forwarder(outbox, server)
     assert first.flush(30)
@@ -271,9 +269,8 @@ def test_an_old_cursor_file_without_hashes_is_read_and_checks_start_at_the_next_
     assert "(seq 15, the last one sent) is gone" in error
 
 
-def test_forwarding_without_tampering_never_rewinds(make_server, db, outbox, tmp_path, caplog):
+def test_forwarding_without_tampering_never_rewinds(server, db, outbox, caplog):
     """Writes racing passes, small batches, two chains and a restart: no rewind, nothing twice."""
-    server = make_server(ledger=f"sqlite:///{tmp_path / 'central.db'}")
     host, port = server.http_address
     endpoint = f"http://{host}:{port}"
     written = []
@@ -301,12 +298,9 @@ def test_forwarding_without_tampering_never_rewinds(make_server, db, outbox, tmp
     assert _errors(caplog) == []
 
 
-def test_a_planted_row_deleted_and_put_back_unchanged_hides_nothing(
-    make_server, db, outbox, tmp_path, caplog
-):
+def test_a_planted_row_deleted_and_put_back_unchanged_hides_nothing(server, db, outbox, caplog):
     """The row at the cursor is back, same hash, when the forwarder looks again: the
     records the writer appended in the gap below it are found there and sent."""
-    server = make_server(ledger=f"sqlite:///{tmp_path / 'central.db'}")
     real = _fill(outbox, 10)
     forwarder = _forwarder(outbox, server)
     try:
@@ -335,9 +329,8 @@ def test_a_planted_row_deleted_and_put_back_unchanged_hides_nothing(
     )
 
 
-def test_gaps_are_kept_across_restarts(make_server, db, outbox, tmp_path, caplog):
+def test_gaps_are_kept_across_restarts(server, db, outbox, caplog):
     """Many gaps, a forwarder restarted: a record written into one of them later is sent."""
-    server = make_server(ledger=f"sqlite:///{tmp_path / 'central.db'}")
     real = _fill(outbox, 3)
     planted = [_record(seq) for seq in range(10, 110, 2)]
     for seq, body in zip(range(10, 110, 2), planted):  # 50 one-seq gaps above 4..9
@@ -368,9 +361,8 @@ def test_gaps_are_kept_across_restarts(make_server, db, outbox, tmp_path, caplog
 
 
 def test_a_row_planted_at_a_fractional_seq_beside_the_cursor_is_not_a_rewind(
-    make_server, db, outbox, tmp_path, caplog
+    server, db, outbox, caplog
 ):
-    server = make_server(ledger=f"sqlite:///{tmp_path / 'central.db'}")
     real = _fill(outbox, 10)
     forwarder = _forwarder(outbox, server)
     try:
@@ -389,3 +381,26 @@ def test_a_row_planted_at_a_fractional_seq_beside_the_cursor_is_not_a_rewind(
     assert forwarder.stats().rewinds == 0
     assert sorted(_received(server)) == sorted(real)
     assert server.stats().duplicates == 0
+
+
+def test_forward_once_says_when_it_resent_a_chain(server, db, outbox, capsys):
+    """The sidecar command run from cron: its summary names the rewind, not only the log."""
+    from otel_audit.cli import main
+
+    host, port = server.http_address
+    args = ["forward", "--ledger", outbox, "--endpoint", f"http://{host}:{port}", "--once"]
+    real = _fill(outbox, 10)
+    assert main(args) == 0
+    assert capsys.readouterr().out == "otel-audit forward: 10 records sent\n"
+    planted = _record(1)
+    _plant(db, 1000, planted)
+    assert main(args) == 0
+    capsys.readouterr()
+    _delete(db, 1000)
+    real += _fill(outbox, 5, start=10)
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("otel-audit forward: 15 records sent; 1 chain(s) resent from the start")
+    assert "found, and sent, in gaps" not in out  # a rewind drops the gaps
+    assert "the record at the cursor was deleted or changed" in out
+    assert sorted(_received(server)) == sorted(real + [planted])

@@ -57,7 +57,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -110,6 +110,16 @@ class ForwarderStats:
     #: edited outside the writer (or a writer appended below a planted row).
     late: int
     last_error: str | None
+
+
+@dataclass
+class _Cursors:
+    """What the cursor file keeps per chain: the seq of the last record sent, its
+    hash (hex), and the gaps below it ([first, last] seqs that held no record)."""
+
+    seqs: dict[str, int] = field(default_factory=dict)
+    hashes: dict[str, str] = field(default_factory=dict)
+    holes: dict[str, list[list[int]]] = field(default_factory=dict)
 
 
 class _SendFailed(Exception):
@@ -418,12 +428,12 @@ class Forwarder:
         they are sent, then the first failure is raised for the thread to log,
         count and retry.
         """
-        cursors, hashes, holes = self._load_cursors()
+        cursors = self._load_cursors()
         sent = 0
         failed: Exception | None = None
         for chain in ledger.chains():
             try:
-                got = self._pass_chain(ledger, chain, cursors, hashes, holes)
+                got = self._pass_chain(ledger, chain, cursors)
             except Exception as exc:
                 failed = failed or exc
                 continue
@@ -434,17 +444,13 @@ class Forwarder:
             raise failed
         return sent
 
-    def _pass_chain(
-        self,
-        ledger: Ledger,
-        chain: str,
-        cursors: dict[str, int],
-        hashes: dict[str, str],
-        holes: dict[str, list[list[int]]],
-    ) -> int | None:
+    def _pass_chain(self, ledger: Ledger, chain: str, cursors: _Cursors) -> int | None:
         """One chain's share of a pass: how many records it sent (None: stopping)."""
+        hashes, holes = cursors.hashes, cursors.holes
         sent = 0
-        if chain in hashes and self._cursor_row_lost(ledger, chain, cursors[chain], hashes[chain]):
+        if chain in hashes and self._cursor_row_lost(
+            ledger, chain, cursors.seqs[chain], hashes[chain]
+        ):
             # Why the chain's start, not its head or the cursor - 1: the
             # records never sent are those the writer appended after the
             # row at the cursor vanished (it appends after whatever the
@@ -455,17 +461,17 @@ class Forwarder:
             # same cursor file. Any point above the start can skip some;
             # the start cannot. The resend happens only after tampering,
             # and the receiver stores each (trace id, span id) once.
-            cursors[chain] = 0
+            cursors.seqs[chain] = 0
             del hashes[chain]
             holes.pop(chain, None)
-            self._save_cursors(cursors, hashes, holes)
+            self._save_cursors(cursors)
         if holes.get(chain):
-            late = self._fill_holes(ledger, chain, cursors, hashes, holes)
+            late = self._fill_holes(ledger, chain, cursors)
             if late is None:
                 return None
             sent += late
         while not self._stop.is_set():
-            after = cursors.get(chain, 0)
+            after = cursors.seqs.get(chain, 0)
             rows = list(itertools.islice(ledger.scan(chain, after), self.batch_size))
             if not rows:
                 break
@@ -474,26 +480,20 @@ class Forwarder:
             _note_gaps(holes.setdefault(chain, []), after, rows)
             if not holes[chain]:
                 del holes[chain]
-            cursors[chain] = rows[-1].seq
+            cursors.seqs[chain] = rows[-1].seq
             hashes[chain] = rows[-1].hash.hex()
-            self._save_cursors(cursors, hashes, holes)
+            self._save_cursors(cursors)
             sent += len(rows)
         return sent
 
-    def _fill_holes(
-        self,
-        ledger: Ledger,
-        chain: str,
-        cursors: dict[str, int],
-        hashes: dict[str, str],
-        holes: dict[str, list[list[int]]],
-    ) -> int | None:
+    def _fill_holes(self, ledger: Ledger, chain: str, cursors: _Cursors) -> int | None:
         """Send the records that appeared in ``chain``'s gaps; how many (None: stopping).
 
         One indexed range read per gap. A gap that stays empty costs only that;
         a real chain has none, a tampered one as many as were made (each kept:
         merging two would take in the records between them, sent already).
         """
+        holes = cursors.holes
         found: list[RawRow] = []
         for low, high in holes[chain]:
             found += ledger.scan(chain, low - 1, high)  # bounded in the query itself
@@ -508,7 +508,7 @@ class Forwarder:
         holes[chain] = remaining
         if not remaining:
             del holes[chain]
-        self._save_cursors(cursors, hashes, holes)
+        self._save_cursors(cursors)
         # Said once they are sent and the gaps saved: a failed save sends them
         # again (deduplicated) without counting or logging them twice.
         with self._cond:
@@ -647,14 +647,13 @@ class Forwarder:
 
     # -- cursor file ---------------------------------------------------
 
-    def _load_cursors(self) -> tuple[dict[str, int], dict[str, str], dict[str, list[list[int]]]]:
-        """From the cursor file: chain -> seq of the last record sent, chain -> its hash
-        in hex, chain -> the gaps below it ([first, last] seqs that held no record)."""
+    def _load_cursors(self) -> _Cursors:
+        """The cursor file's entry for this endpoint (empty when there is none, or a bad one)."""
         try:
             with open(self.state_path, encoding="utf-8") as f:
                 data = json.load(f)
         except FileNotFoundError:
-            return {}, {}, {}
+            return _Cursors()
         except (OSError, ValueError) as exc:
             # Starting again from 0 is safe (the receiver deduplicates), only slower.
             _log.error(
@@ -662,7 +661,7 @@ class Forwarder:
                 self.state_path,
                 exc,
             )
-            return {}, {}, {}
+            return _Cursors()
         try:
             entry = data.get(self._key, {}) if isinstance(data, dict) else {}
             cursors = {str(k): int(v) for k, v in entry.get("chains", {}).items()}
@@ -680,21 +679,16 @@ class Forwarder:
                     raise ValueError(f"a gap of chain {k!r} ends before it starts")
                 if str(k) in cursors and kept:
                     holes[str(k)] = kept
-            return cursors, hashes, holes
+            return _Cursors(cursors, hashes, holes)
         except (AttributeError, TypeError, ValueError) as exc:
             _log.error(
                 "otel-audit forward: cursor file %s malformed (%s); resending",
                 self.state_path,
                 exc,
             )
-            return {}, {}, {}
+            return _Cursors()
 
-    def _save_cursors(
-        self,
-        cursors: dict[str, int],
-        hashes: dict[str, str],
-        holes: dict[str, list[list[int]]],
-    ) -> None:
+    def _save_cursors(self, cursors: _Cursors) -> None:
         try:
             with open(self.state_path, encoding="utf-8") as f:
                 data = json.load(f)
@@ -703,8 +697,11 @@ class Forwarder:
         except (OSError, ValueError):
             data = {}
         data[self._key] = {
-            "endpoint": self.url, "chains": cursors, "hashes": hashes, "holes": holes
-        }  # fmt: skip
+            "endpoint": self.url,
+            "chains": cursors.seqs,
+            "hashes": cursors.hashes,
+            "holes": cursors.holes,
+        }
         tmp = f"{self.state_path}.tmp"
         try:
             with open(tmp, "w", encoding="utf-8") as f:
