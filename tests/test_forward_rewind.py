@@ -404,3 +404,56 @@ def test_forward_once_says_when_it_resent_a_chain(server, db, outbox, capsys):
     assert "found, and sent, in gaps" not in out  # a rewind drops the gaps
     assert "the record at the cursor was deleted or changed" in out
     assert sorted(_received(server)) == sorted(real + [planted])
+
+
+def test_sent_records_replaced_under_the_cursor_are_caught_by_the_recount(
+    server, db, outbox, caplog
+):
+    """The newest records are deleted after they were sent, a restarted writer appends
+    new ones at their seqs, the old rows go back above them: the row at the cursor and
+    every gap look untouched. The recount of what lies under the cursor does not."""
+    real = _fill(outbox, 10)
+    first = _forwarder(outbox, server)
+    try:
+        assert first.flush(30)
+    finally:
+        first.stop()
+    with sqlite3.connect(db) as con:
+        kept = con.execute(
+            "SELECT chain, seq, prev_hash, hash, body FROM records WHERE seq > 6"
+        ).fetchall()
+        con.execute("DELETE FROM records WHERE seq > 4")
+    con.close()
+    refilled = _fill(outbox, 2, start=10)  # a new writer: the head is 4, so seqs 5 and 6
+    with sqlite3.connect(db) as con:
+        con.executemany("INSERT INTO records VALUES (?, ?, ?, ?, ?)", kept)
+    con.close()
+    assert _seqs(db) == list(range(1, 11))
+    second = _forwarder(outbox, server)  # its first pass recounts
+    try:
+        assert second.flush(30)
+    finally:
+        second.stop()
+    assert second.stats().rewinds == 1
+    assert set(refilled) <= set(_received(server))
+    assert set(real) <= set(_received(server))
+    (error,) = _errors(caplog)
+    assert "the records up to the forward cursor (seq 10) are not the ones sent" in error
+
+
+def test_an_untouched_outbox_passes_the_recount(server, db, outbox, caplog):
+    real = _fill(outbox, 10)
+    forwarder = Forwarder(
+        outbox, f"http://{server.http_address[0]}:{server.http_address[1]}",
+        poll_interval=30, recount_interval=0,
+    ).start()  # fmt: skip
+    try:
+        assert forwarder.flush(30)
+        real += _fill(outbox, 5, start=10)
+        assert forwarder.flush(30)
+        assert forwarder.flush(30)
+    finally:
+        forwarder.stop()
+    assert forwarder.stats().rewinds == 0
+    assert sorted(_received(server)) == sorted(real)
+    assert _errors(caplog) == []
