@@ -93,10 +93,7 @@ def test_forwards_every_record_byte_identical(make_server, outbox, tmp_path):
         "hashes": {chain: head.hash.hex() for chain, head in heads.items()},
         # seqs passed that held no record (a real chain has none), looked into each pass
         "holes": {},
-        # what every record sent adds up to, checked against the outbox now and then
-        "sums": entry["sums"],
     }
-    assert sorted(entry["sums"]) == ["billing", "shop"]
 
 
 def test_survives_a_receiver_outage_without_loss_or_duplicates(make_server, outbox, tmp_path):

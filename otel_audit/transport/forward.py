@@ -20,13 +20,7 @@ It also keeps the gaps it passed (seqs below the cursor that held no record
 when it sent the records around them; a real chain has none), and every pass
 looks into them: records that appear there (a writer appending below a row
 planted ahead, which was then deleted and put back unchanged) are sent, and
-that is logged and counted too (``stats().late``). At its first pass and then
-every ``recount_interval`` seconds (600) it reads each chain up to its cursor
-and checks that the records there add up to the ones it sent (a sum of
-sha256(seq, hash) kept in the cursor file); if not (the newest records
-deleted after they were sent, new ones appended at their seqs, the old rows
-put back above them), the chain is resent from its start, logged and counted
-as a rewind.
+that is logged and counted too (``stats().late``).
 
 One forwarder per outbox: the cursor file is guarded by an exclusive lock, so
 several worker processes that all configured forwarding share the work safely
@@ -62,7 +56,7 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -97,7 +91,6 @@ _log = logging.getLogger("otel_audit.transport.forward")
 _DEFAULT_BATCH_SIZE = 512
 _DEFAULT_TIMEOUT = 10.0
 _DEFAULT_POLL_INTERVAL = 1.0
-_DEFAULT_RECOUNT_INTERVAL = 600.0  # seconds
 _DEFAULT_MAX_BACKOFF = 30.0
 _RETRYABLE = frozenset({429, 502, 503, 504})
 
@@ -127,25 +120,6 @@ class _Cursors:
     seqs: dict[str, int] = field(default_factory=dict)
     hashes: dict[str, str] = field(default_factory=dict)
     holes: dict[str, list[list[int]]] = field(default_factory=dict)
-    #: chain -> the sum (mod 2**256, hex) of sha256(seq, hash) over every record
-    #: sent: the outbox up to the cursor must add up to it (``_recount``).
-    sums: dict[str, str] = field(default_factory=dict)
-
-    def add(self, chain: str, rows: list[RawRow]) -> None:
-        total = int(self.sums.get(chain, "0"), 16)
-        self.sums[chain] = format((total + _rows_sum(rows)) % _MOD, "x")
-
-
-_MOD = 2**256
-
-
-def _rows_sum(rows: Iterable[RawRow]) -> int:
-    """The sum of sha256(seq, hash) over ``rows``: the same whatever their order."""
-    total = 0
-    for row in rows:
-        digest = hashlib.sha256(row.seq.to_bytes(8, "big", signed=True) + row.hash).digest()
-        total += int.from_bytes(digest, "big")
-    return total % _MOD
 
 
 class _SendFailed(Exception):
@@ -247,7 +221,6 @@ class Forwarder:
         max_backoff: float = _DEFAULT_MAX_BACKOFF,
         alive: Callable[[], bool] | None = None,
         lock_timeout: float | None = None,
-        recount_interval: float = _DEFAULT_RECOUNT_INTERVAL,
     ) -> None:
         if batch_size <= 0:
             raise ValueError("batch_size must be a positive integer.")
@@ -274,10 +247,6 @@ class Forwarder:
         # None: wait for the outbox lock as long as it takes (workers share the
         # work); a number: after that many seconds waiting, count a failure.
         self.lock_timeout = lock_timeout
-        # How often every chain is read up to its cursor and checked against
-        # what was sent (the first pass always does it): O(records), so seldom.
-        self.recount_interval = recount_interval
-        self._recounted_at: float | None = None
         self.state_path = state_path or default_state_path(ledger_url)
         self._key = hashlib.sha256(self.url.encode()).hexdigest()[:16]
         tls = ssl.create_default_context(cafile=certificate) if self._https else None
@@ -462,13 +431,9 @@ class Forwarder:
         cursors = self._load_cursors()
         sent = 0
         failed: Exception | None = None
-        now = time.monotonic()
-        recount = self._recounted_at is None or now - self._recounted_at >= self.recount_interval
-        if recount:
-            self._recounted_at = now
         for chain in ledger.chains():
             try:
-                got = self._pass_chain(ledger, chain, cursors, recount)
+                got = self._pass_chain(ledger, chain, cursors)
             except Exception as exc:
                 failed = failed or exc
                 continue
@@ -479,15 +444,12 @@ class Forwarder:
             raise failed
         return sent
 
-    def _pass_chain(
-        self, ledger: Ledger, chain: str, cursors: _Cursors, recount: bool = False
-    ) -> int | None:
+    def _pass_chain(self, ledger: Ledger, chain: str, cursors: _Cursors) -> int | None:
         """One chain's share of a pass: how many records it sent (None: stopping)."""
         hashes, holes = cursors.hashes, cursors.holes
         sent = 0
-        if chain in hashes and (
-            self._cursor_row_lost(ledger, chain, cursors.seqs[chain], hashes[chain])
-            or (recount and self._recount_differs(ledger, chain, cursors))
+        if chain in hashes and self._cursor_row_lost(
+            ledger, chain, cursors.seqs[chain], hashes[chain]
         ):
             # Why the chain's start, not its head or the cursor - 1: the
             # records never sent are those the writer appended after the
@@ -502,7 +464,6 @@ class Forwarder:
             cursors.seqs[chain] = 0
             del hashes[chain]
             holes.pop(chain, None)
-            cursors.sums.pop(chain, None)
             self._save_cursors(cursors)
         if holes.get(chain):
             late = self._fill_holes(ledger, chain, cursors)
@@ -519,7 +480,6 @@ class Forwarder:
             _note_gaps(holes.setdefault(chain, []), after, rows)
             if not holes[chain]:
                 del holes[chain]
-            cursors.add(chain, rows)
             cursors.seqs[chain] = rows[-1].seq
             hashes[chain] = rows[-1].hash.hex()
             self._save_cursors(cursors)
@@ -548,7 +508,6 @@ class Forwarder:
         holes[chain] = remaining
         if not remaining:
             del holes[chain]
-        cursors.add(chain, found)
         self._save_cursors(cursors)
         # Said once they are sent and the gaps saved: a failed save sends them
         # again (deduplicated) without counting or logging them twice.
@@ -561,42 +520,6 @@ class Forwarder:
             chain, len(found), found[0].seq, found[-1].seq,
         )  # fmt: skip
         return len(found)
-
-    def _recount_differs(self, ledger: Ledger, chain: str, cursors: _Cursors) -> bool:
-        """True (logged and counted) when the records up to ``chain``'s cursor are not
-        the ones sent: read them all and compare their sum with the one kept.
-
-        Catches what the cursor and gap checks cannot see: the newest records
-        deleted after they were sent, a restarted writer appending new ones at
-        their seqs, the old rows put back above them. Gaps are read first, in
-        the same pass, so every record up to the cursor has been sent.
-        """
-        kept = cursors.sums.get(chain)
-        seq = cursors.seqs[chain]
-        if kept is None:  # a cursor file from before sums were kept: this is the baseline
-            cursors.sums[chain] = format(_rows_sum(ledger.scan(chain, 0, seq)), "x")
-            return False
-        unsent = cursors.holes.get(chain)
-        if unsent:
-            # Records in gaps are sent after this check: leave them out of the sum.
-            rows = [
-                row
-                for row in ledger.scan(chain, 0, seq)
-                if not any(low <= row.seq <= high for low, high in unsent)
-            ]
-        else:
-            rows = ledger.scan(chain, 0, seq)  # type: ignore[assignment]
-        if format(_rows_sum(rows), "x") == kept:
-            return False
-        with self._cond:
-            self._counts["rewinds"] += 1
-        _log.error(
-            "otel-audit forward: chain %r: the records up to the forward cursor (seq %d) are not"
-            " the ones sent: the outbox was edited outside the writer (run otel-audit verify);"
-            " sending the chain again from its first record",
-            chain, seq,
-        )  # fmt: skip
-        return True
 
     def _cursor_row_lost(self, ledger: Ledger, chain: str, seq: int, sent_hash: str) -> bool:
         """True (logged and counted) when the record at ``chain``'s cursor is gone or changed.
@@ -756,12 +679,7 @@ class Forwarder:
                     raise ValueError(f"a gap of chain {k!r} ends before it starts")
                 if str(k) in cursors and kept:
                     holes[str(k)] = kept
-            sums = {}
-            for k, total in entry.get("sums", {}).items():
-                int(total, 16)  # TypeError or ValueError when not hex text
-                if str(k) in cursors:
-                    sums[str(k)] = total
-            return _Cursors(cursors, hashes, holes, sums)
+            return _Cursors(cursors, hashes, holes)
         except (AttributeError, TypeError, ValueError) as exc:
             _log.error(
                 "otel-audit forward: cursor file %s malformed (%s); resending",
@@ -783,7 +701,6 @@ class Forwarder:
             "chains": cursors.seqs,
             "hashes": cursors.hashes,
             "holes": cursors.holes,
-            "sums": cursors.sums,
         }
         tmp = f"{self.state_path}.tmp"
         try:
