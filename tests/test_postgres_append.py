@@ -257,3 +257,18 @@ def test_a_row_planted_at_the_end_of_the_range_fails_appends_with_one_line(pg_ur
         for _ in range(2):  # after the remembered head, then under the lock
             with pytest.raises(LedgerWriteError, match=r"is at seq 9223372036854775807: no room"):
                 ledger.append("shop", [rec(2)])
+
+
+def test_the_guard_takes_the_same_chain_lock_as_the_locked_path(pg_url: str) -> None:
+    """The trigger's SQL key and ``_lock_key`` must name one lock, or the guard would not
+    wait for a writer reading the head under it."""
+    from otel_audit.engine.ledger.postgres import _function_source, _lock_key
+
+    source = _function_source("append_at_head")
+    expression = source.split("pg_advisory_xact_lock(", 1)[1].split(");", 1)[0]
+    with psycopg.connect(pg_url, autocommit=True) as con:
+        for chain in ("shop", "svc/host/123", "ünï €", "", "a'b\\c"):
+            (key,) = con.execute(
+                f"SELECT {expression.replace('c,', '%s::text,')}", (chain,)
+            ).fetchone()
+            assert key == _lock_key(chain), chain

@@ -490,7 +490,12 @@ def redact(url: str) -> str:
 
 
 def _lock_key(chain: str) -> int:
-    """A signed 64-bit advisory lock key for ``chain`` (collisions only serialise)."""
+    """A signed 64-bit advisory lock key for ``chain`` (collisions only serialise).
+
+    The append guard (migration 2, ``append_at_head``) computes the same key in
+    SQL, so that it waits for a writer holding this lock: the two must agree
+    (``tests/test_postgres_append.py`` checks them).
+    """
     import hashlib
 
     return int.from_bytes(hashlib.sha256(chain.encode("utf-8")).digest()[:8], "big", signed=True)
