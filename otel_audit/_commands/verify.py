@@ -8,6 +8,7 @@ from otel_audit._commands._common import add_ledger_argument, open_for_reading
 from otel_audit._progress import Progress
 from otel_audit.errors import ConfigError
 from otel_audit.proof.keys import load_public_key
+from otel_audit.proof.parallel import default_jobs
 from otel_audit.proof.verify import verify_ledger
 from otel_audit.transport.anchors import read_anchors
 
@@ -20,7 +21,26 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument(
         "--anchors", metavar="FILE", help="JSONL export of checkpoint log records to check against"
     )
+    p.add_argument(
+        "--jobs",
+        "-j",
+        type=_jobs,
+        default=None,
+        metavar="N",
+        help="worker processes for long chains (default: the CPUs verify may use;"
+        " 1: one process); the result is the same",
+    )
     p.set_defaults(func=run)
+
+
+def _jobs(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 1 or more")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,7 +52,13 @@ def run(args: argparse.Namespace) -> int:
         with Progress(None, "verifying") as bar:
             if bar.enabled:
                 bar.total = ledger.count()
-            report = verify_ledger(ledger, public_key, anchors=anchors, progress=bar.update)
+            report = verify_ledger(
+                ledger,
+                public_key,
+                anchors=anchors,
+                progress=bar.update,
+                jobs=args.jobs or default_jobs(),
+            )
     if args.quiet:
         return 0
     for c in report.chains:

@@ -157,14 +157,16 @@ class Ledger(abc.ABC):
     ) -> Iterator[RawRow]:
         """Rows of ``chain`` with seq > ``after_seq`` (and <= ``until_seq``), in seq order."""
 
-    def scan_batches(self, chain: str, after_seq: int = 0) -> Iterator[Sequence[RawRow]]:
+    def scan_batches(
+        self, chain: str, after_seq: int = 0, until_seq: int | None = None
+    ) -> Iterator[Sequence[RawRow]]:
         """``scan`` in batches of (seq, prev_hash, hash, body) tuples, for verify's hot loop.
 
         A backend may yield plain tuples exactly as stored, so a value of the
         wrong type (text where bytes belong) is left for verify to name.
         """
         batch: list[RawRow] = []
-        for row in self.scan(chain, after_seq):
+        for row in self.scan(chain, after_seq, until_seq):
             batch.append(row)
             if len(batch) == 4096:
                 yield batch

@@ -472,12 +472,14 @@ class SQLiteLedger(Ledger):
                     else:
                         yield RawRow(seq, as_bytes(prev), as_bytes(digest), as_bytes(body))
 
-    def scan_batches(self, chain: str, after_seq: int = 0) -> Iterator[Sequence[RawRow]]:
+    def scan_batches(
+        self, chain: str, after_seq: int = 0, until_seq: int | None = None
+    ) -> Iterator[Sequence[RawRow]]:
         with _mapped(f"reading chain {chain!r}"):
-            cur = self._con.execute(
-                _SCAN,
-                (chain, after_seq),
-            )
+            if until_seq is None:
+                cur = self._con.execute(_SCAN, (chain, after_seq))
+            else:
+                cur = self._con.execute(_SCAN_RANGE, (chain, after_seq, until_seq))
             while True:
                 rows = cur.fetchmany(8192)
                 if not rows:

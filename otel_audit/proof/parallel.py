@@ -1,0 +1,298 @@
+"""Verify on several processes at once (``otel-audit verify --jobs N``).
+
+Chains are independent, and within a chain each record can be checked on its
+own: SHA-256(prev_hash || body) must be its stored hash, and its prev_hash the
+stored hash of the record before it. So a long chain is cut into ranges of
+seqs, each walked by a worker process that starts from the stored hash of the
+row just before its range. The range before computes that very row's hash
+from its bytes, and this process checks that every range starts where the one
+before it ended: together the ranges check exactly the links one walk does.
+
+Ranges are aligned on a power of two, so a chain's Merkle tree (RFC 9162)
+splits along them: a whole range is one perfect subtree, and the frontier at
+a checkpoint inside a range is the frontier of the ranges before it plus the
+range's own prefix nodes. Signatures, checkpoint heads and Merkle roots are
+then checked here, in seq order, with the code the single walk uses.
+
+Only an intact chain is assembled from ranges. When a range is not intact (a
+link breaks, a row is missing, a value has the wrong type) or a checkpoint
+does not match, that chain is walked again by the single walk of verify.py,
+which names the first damage exactly as it always does: damage is rare, and
+its report must not depend on how the work was cut.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import multiprocessing
+import os
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, BrokenExecutor, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from otel_audit.engine.ledger import Ledger, open_ledger
+from otel_audit.errors import VerificationError
+from otel_audit.proof.chain import GENESIS, Checkpoint, check_checkpoints
+from otel_audit.proof.merkle import node_hash
+from otel_audit.proof.verify import ChainReport, _check_due, _linked, _merkle_batch
+
+_log = logging.getLogger(__name__)
+
+#: The smallest range worth a process (a power of two): below about this many
+#: records, starting and feeding a worker costs more than the walk it saves.
+MIN_RANGE = 1 << 15
+
+
+def default_jobs() -> int:
+    """Worker processes ``otel-audit verify`` uses unless told: the CPUs it may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass
+class _Range:
+    """What an intact walk of seqs (after, until] found (the worker's answer)."""
+
+    after: int
+    start: bytes  # the stored hash of row ``after`` (GENESIS for 0): where the walk began
+    last_seq: int
+    last_hash: bytes  # computed from the bytes of row ``last_seq``
+    digests: dict[int, bytes] = field(default_factory=dict)  # at the seqs asked for
+    prefixes: dict[int, list[bytes]] = field(default_factory=dict)  # Merkle nodes after ``after``
+    nodes: list[bytes] = field(default_factory=list)  # the range's own Merkle frontier
+
+
+def walk_range(
+    url: str, chain: str, after: int, until: int | None, due: list[int], merkle_until: int
+) -> _Range | None:
+    """Walk rows (after, until] of ``chain`` (to the end when ``until`` is None).
+
+    Runs in a worker process. Returns None when the rows are not an intact
+    piece of chain, or cannot be read now: the single walk then names it.
+    """
+    try:
+        with open_ledger(url, create=False, readonly=True) as ledger:
+            if after:
+                row = next(iter(ledger.scan(chain, after - 1, after)), None)
+                if row is None or row[0] != after:
+                    return None
+                expected = row[2]
+            else:
+                expected = GENESIS
+            found = _Range(after, expected, after, expected)
+            pending = deque(due)
+            last_seq = after
+            nodes: list[bytes] = []
+            for batch in ledger.scan_batches(chain, after, until):
+                if not batch:
+                    continue
+                digests = _linked(batch, last_seq, expected)
+                if digests is None:
+                    return None
+                first, last = last_seq + 1, last_seq + len(batch)
+                inside: list[int] = []
+                while pending and pending[0] <= last:
+                    inside.append(pending.popleft())
+                if first <= merkle_until:
+                    local = [seq - after for seq in inside]
+                    for offset, frontier in _merkle_batch(nodes, last_seq - after, batch, local):
+                        seq = offset + after
+                        found.digests[seq] = digests[seq - first]
+                        found.prefixes[seq] = list(frontier)
+                else:
+                    for seq in inside:
+                        found.digests[seq] = digests[seq - first]
+                expected, last_seq = digests[-1], last
+    except Exception:  # noqa: BLE001 - whatever it is, the single walk names it
+        return None
+    if until is not None and last_seq != until:
+        return None  # rows missing at the end of the range
+    found.last_seq, found.last_hash, found.nodes = last_seq, expected, nodes
+    return found
+
+
+def _extend(nodes: list[bytes], size: int, node: bytes, height: int) -> int:
+    """Add a perfect subtree of 2**height leaves to the frontier ``nodes`` of ``size``."""
+    s = size >> height
+    while s & 1:
+        node = node_hash(nodes.pop(), node)
+        s >>= 1
+    nodes.append(node)
+    return size + (1 << height)
+
+
+def _joined(nodes: list[bytes], size: int, prefix: list[bytes], offset: int) -> list[bytes]:
+    """The frontier at ``size + offset``: ``nodes`` (at ``size``) then a range's prefix nodes."""
+    out = list(nodes)
+    heights = [h for h in range(offset.bit_length() - 1, -1, -1) if offset >> h & 1]
+    for node, height in zip(prefix, heights):
+        size = _extend(out, size, node, height)
+    return out
+
+
+@dataclass
+class _Plan:
+    chain: str
+    ranges: list[tuple[int, int | None]]  # (after, until) in seq order
+    due: dict[int, list[tuple[Checkpoint, str]]]
+    merkle_until: int
+    checkpoints: int
+    head: int  # the chain's last seq when planned
+
+
+def _plan(
+    ledger: Ledger,
+    chain: str,
+    public_key: Ed25519PublicKey | None,
+    anchors: list[Checkpoint],
+    size: int,
+) -> _Plan | None:
+    """The ranges of ``chain`` and what to check where; None: walk it whole."""
+    stored, problems = check_checkpoints(ledger.checkpoints(chain), public_key)
+    if problems:
+        return None
+    due: dict[int, list[tuple[Checkpoint, str]]] = {}
+    for cp in stored:
+        due.setdefault(cp.seq, []).append((cp, f"checkpoint at seq {cp.seq}"))
+    for cp in anchors:
+        due.setdefault(cp.seq, []).append((cp, f"anchor at seq {cp.seq}"))
+    if any(type(seq) is not int or seq < 1 for seq in due):
+        return None
+    head = ledger.head(chain)
+    if head is None or type(head.seq) is not int:
+        return None
+    count = max(1, -(-head.seq // size))  # a short chain is one range: one task of the pool
+    ranges: list[tuple[int, int | None]] = [(k * size, (k + 1) * size) for k in range(count - 1)]
+    ranges.append(((count - 1) * size, None))
+    merkle_until = max(
+        (seq for seq, cps in due.items() if any(cp.merkle_root for cp, _ in cps)), default=0
+    )
+    return _Plan(chain, ranges, due, merkle_until, len(stored), head.seq)
+
+
+def _assemble(
+    plan: _Plan, walked: list[_Range | None], public_key: Ed25519PublicKey | None, size: int
+) -> ChainReport | None:
+    """The chain's report from its intact ranges, or None when the single walk must name damage."""
+    rep = ChainReport(plan.chain)
+    rep.checkpoints = plan.checkpoints
+    height = size.bit_length() - 1
+    nodes: list[bytes] = []
+    tree = 0  # leaves in ``nodes``
+    expected, last_seq, last_good_cp = GENESIS, 0, 0
+    try:
+        for (after, _until), found in zip(plan.ranges, walked):
+            if found is None or found.after != last_seq or found.start != expected:
+                return None
+            for seq in sorted(found.digests):
+                frontier: list[bytes] = []
+                if seq in found.prefixes:
+                    frontier = _joined(nodes, tree, found.prefixes[seq], seq - after)
+                last_good_cp = _check_due(
+                    plan.chain, plan.due.pop(seq), seq, found.digests[seq], frontier,
+                    public_key, last_good_cp, rep,
+                )  # fmt: skip
+            if after + size < plan.merkle_until:  # later checkpoints need this range's root
+                if found.last_seq != after + size or len(found.nodes) != 1:
+                    return None
+                tree = _extend(nodes, tree, found.nodes[0], height)
+            expected, last_seq = found.last_hash, found.last_seq
+    except VerificationError:
+        return None
+    if plan.due:  # checkpoints past the last record: truncated
+        return None
+    if public_key is not None and last_seq and not (rep.signatures_checked or rep.anchors_checked):
+        return None
+    rep.records = last_seq
+    rep.last_seq = last_seq
+    rep.head = expected
+    rep.last_checkpoint_seq = last_good_cp
+    return rep
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    # fork is fast (nothing to import again) but unsafe once threads run:
+    # a library caller's threads may hold locks the child would inherit.
+    if threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
+
+
+def walk_chains(
+    ledger: Ledger,
+    chains: Iterable[str],
+    public_key: Ed25519PublicKey | None,
+    anchors: dict[str, list[Checkpoint]],
+    jobs: int,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, ChainReport]:
+    """Reports of the chains found intact by ``jobs`` worker processes, by chain.
+
+    A chain missing from the answer (too short to split, not intact, or its
+    checkpoints not matching) is for the single walk.
+    """
+    url = getattr(ledger, "url", None)
+    names = list(chains)
+    if jobs < 2 or not url or not names:
+        return {}
+    total = ledger.count()
+    if total < 2 * MIN_RANGE:
+        return {}
+    size = MIN_RANGE
+    while size * jobs * 4 < total:
+        size *= 2
+    plans = [
+        p
+        for p in (_plan(ledger, c, public_key, anchors.get(c, []), size) for c in names)
+        if p is not None
+    ]
+    if not plans:
+        return {}
+    # Longest ranges first, so no worker is left with a long one at the end.
+    tasks = sorted(
+        ((i, k) for i, p in enumerate(plans) for k in range(len(p.ranges))),
+        key=lambda t: (
+            plans[t[0]].ranges[t[1]][0] - (plans[t[0]].ranges[t[1]][1] or plans[t[0]].head)
+        ),
+    )
+    results: list[list[_Range | None]] = [[None] * len(p.ranges) for p in plans]
+    reports: dict[str, ChainReport] = {}
+    workers = min(jobs, len(tasks))
+    try:
+        # The workers make no reference cycles; without the collector, a
+        # forked worker never walks (and so never copies) its parent's heap.
+        pool = ProcessPoolExecutor(workers, mp_context=_context(), initializer=gc.disable)
+        with pool:
+            running: dict[Future[_Range | None], tuple[int, int]] = {}
+            for i, k in tasks:
+                p = plans[i]
+                after, until = p.ranges[k]
+                due = sorted(s for s in p.due if s > after and (until is None or s <= until))
+                future = pool.submit(walk_range, url, p.chain, after, until, due, p.merkle_until)
+                running[future] = (i, k)
+            left = [len(p.ranges) for p in plans]
+            while running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    i, k = running.pop(future)
+                    found = future.result()
+                    results[i][k] = found
+                    if progress is not None and found is not None:
+                        progress(found.last_seq - found.after)
+                    left[i] -= 1
+                    if not left[i]:
+                        rep = _assemble(plans[i], results[i], public_key, size)
+                        if rep is not None:
+                            reports[plans[i].chain] = rep
+    except (BrokenExecutor, OSError) as exc:
+        # A worker died (killed, out of memory) or none could start: the
+        # chains not assembled yet are walked here instead.
+        _log.warning("otel-audit: verify workers failed (%s); walking the rest in one process", exc)
+    return reports

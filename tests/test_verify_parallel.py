@@ -1,0 +1,371 @@
+"""verify --jobs: chains cut into ranges walked by worker processes.
+
+The promise: the same report, and the same damage named (chain, seq, kind,
+message), whatever the number of processes. Each attack below is the
+insider's edit of a real ledger file (or PostgreSQL database); the single walk
+(jobs=1) is the reference. Ranges are made small here (the module's
+MIN_RANGE, 64 records instead of 32,768) so a few hundred records make many
+ranges, and damage can be put exactly at their edges.
+"""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from otel_audit import vocabulary as v
+from otel_audit.engine.ledger import open_ledger
+from otel_audit.engine.record import Record, encode
+from otel_audit.errors import VerificationError
+from otel_audit.proof import parallel
+from otel_audit.proof.chain import Checkpoint, link_hash
+from otel_audit.proof.keys import Signer
+from otel_audit.proof.merkle import Frontier
+from otel_audit.proof.verify import verify_ledger
+
+# Records per chain: range edges (of 128, see below) fall inside "long" and "mid".
+CHAINS = {"long": 600, "mid": 300, "short": 50}
+CHECKPOINT_EVERY = 37
+JOBS = 3
+
+
+@pytest.fixture
+def small_ranges(monkeypatch: pytest.MonkeyPatch) -> int:
+    """Ranges of 64 records at the least; with 950 records and 3 jobs they are 128."""
+    monkeypatch.setattr(parallel, "MIN_RANGE", 64)
+    return 128
+
+
+def _body(chain: str, i: int, rnd: random.Random) -> bytes:
+    t = 1_700_000_000_000_000_000 + i * 1_000_000
+    attrs: dict[str, object] = {
+        v.ACTOR_ID: f"user{rnd.randrange(9)}",
+        v.ACTION: "order.update",
+        v.RESOURCE_TYPE: "order",
+        v.RESOURCE_ID: str(i),
+        v.OUTCOME: "success",
+    }
+    return encode(
+        Record(
+            trace_id=f"{rnd.getrandbits(128):032x}",
+            span_id=f"{rnd.getrandbits(64):016x}",
+            parent_span_id=None,
+            name="order.update",
+            kind="INTERNAL",
+            service=chain,
+            start=t,
+            end=t + 1000,
+            attributes=attrs,
+        )  # fmt: skip
+    )
+
+
+def build(
+    url: str, signer: Signer, chains: dict[str, int] = CHAINS, every: int = CHECKPOINT_EVERY
+) -> None:
+    """Chains of records with a signed checkpoint carrying a Merkle root every ``every``."""
+    rnd = random.Random(11)
+    with open_ledger(url) as ledger:
+        for chain, n in chains.items():
+            frontier = Frontier()
+            for start in range(0, n, every):
+                bodies = [_body(chain, i, rnd) for i in range(start, min(n, start + every))]
+                last = ledger.append(chain, bodies)[-1]
+                for body in bodies:
+                    frontier.append(body)
+                cp = Checkpoint(
+                    chain, last.seq, last.hash, time.time_ns(), merkle_root=frontier.root()
+                )
+                ledger.add_checkpoint(
+                    Checkpoint(
+                        cp.chain,
+                        cp.seq,
+                        cp.head,
+                        cp.time,
+                        signer.sign(cp.message()),
+                        signer.key_id,
+                        cp.merkle_root,
+                    )  # fmt: skip
+                )
+
+
+@pytest.fixture(scope="module")
+def signer() -> Signer:
+    return Signer(Ed25519PrivateKey.generate())
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory, signer: Signer) -> Path:
+    path = tmp_path_factory.mktemp("parallel") / "audit.db"
+    build(f"sqlite:///{path}", signer)
+    con = sqlite3.connect(path)
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+    return path
+
+
+def _copy(pristine: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "audit.db"
+    target.write_bytes(pristine.read_bytes())
+    return target
+
+
+def _outcome(url: str, key, jobs: int, anchors=()) -> object:  # type: ignore[no-untyped-def]
+    """The report's chains, or the damage named: what a reviewer sees."""
+    with open_ledger(url, create=False, readonly=True) as ledger:
+        try:
+            report = verify_ledger(ledger, key, jobs=jobs, anchors=anchors)
+        except VerificationError as exc:
+            return ("damaged", exc.chain, exc.seq, exc.kind, str(exc))
+    return [vars(c) for c in report.chains]
+
+
+def test_ranges_in_workers_give_the_single_walks_report(pristine, signer, small_ranges):
+    url = f"sqlite:///{pristine}"
+    key = signer.public_key
+    one = _outcome(url, key, 1)
+    assert [c["records"] for c in one] == [600, 300, 50]  # type: ignore[index]
+    assert _outcome(url, key, JOBS) == one
+    assert _outcome(url, None, JOBS) == _outcome(url, None, 1)
+    # The workers did the walking: every chain came back assembled from its ranges.
+    with open_ledger(url, readonly=True) as ledger:
+        walked = parallel.walk_chains(ledger, list(CHAINS), key, {}, JOBS)
+    assert sorted(walked) == sorted(CHAINS)
+    assert [vars(walked[c["chain"]]) for c in one] == one  # type: ignore[index]
+
+
+def test_anchors_inside_ranges_are_checked(pristine, signer, small_ranges):
+    url = f"sqlite:///{pristine}"
+    with open_ledger(url, readonly=True) as ledger:
+        head = ledger.head("long")
+        row = next(iter(ledger.scan("long", 199, 200)))
+
+    def signed(seq: int, digest: bytes) -> Checkpoint:
+        cp = Checkpoint("long", seq, digest, 1)
+        return Checkpoint("long", seq, digest, 1, signer.sign(cp.message()), signer.key_id)
+
+    good = [signed(200, row.hash), signed(head.seq, head.hash)]
+    bad = [signed(200, bytes(32))]
+    for key in (signer.public_key, None):
+        assert _outcome(url, key, JOBS, good) == _outcome(url, key, 1, good)
+        assert _outcome(url, key, JOBS, good) != _outcome(url, key, 1)  # anchors counted
+        damaged = _outcome(url, key, JOBS, bad)
+        assert damaged == _outcome(url, key, 1, bad)
+        assert damaged[:4] == ("damaged", "long", 186, "modified")  # type: ignore[index]
+
+
+def _row(con: sqlite3.Connection, seq: int, chain: str = "long") -> tuple[bytes, bytes, bytes]:
+    return con.execute(
+        "SELECT prev_hash, hash, body FROM records WHERE chain = ? AND seq = ?", (chain, seq)
+    ).fetchone()
+
+
+def _edit(con: sqlite3.Connection, kind: str, seq: int) -> None:
+    """The insider's edit of chain "long" at ``seq``."""
+    where = "chain = 'long' AND seq = ?"
+    if kind == "merkle_root":
+        con.execute(
+            "UPDATE checkpoints SET merkle_root = ? WHERE chain = 'long' AND seq = ?",
+            (bytes(32), seq),
+        )
+        return
+    prev, digest, body = _row(con, seq)
+    if kind == "body":
+        con.execute(
+            f"UPDATE records SET body = ? WHERE {where}", (body.replace(b"user", b"usEr", 1), seq)
+        )
+    elif kind == "hash":
+        con.execute(f"UPDATE records SET hash = ? WHERE {where}", (bytes(32), seq))
+    elif kind == "prev_hash":
+        con.execute(f"UPDATE records SET prev_hash = ? WHERE {where}", (b"\x01" * 32, seq))
+    elif kind == "delete":
+        con.execute(f"DELETE FROM records WHERE {where}", (seq,))
+    elif kind == "swap":
+        other = 601 - seq if seq != 300 else 10
+        a, b = _row(con, seq), _row(con, other)
+        con.execute(f"UPDATE records SET prev_hash=?, hash=?, body=? WHERE {where}", (*b, seq))
+        con.execute(f"UPDATE records SET prev_hash=?, hash=?, body=? WHERE {where}", (*a, other))
+    elif kind == "insert":
+        con.execute("UPDATE records SET seq = -seq - 1 WHERE chain = 'long' AND seq >= ?", (seq,))
+        con.execute("UPDATE records SET seq = -seq WHERE chain = 'long' AND seq < 0")
+        before = _row(con, seq - 1)[1] if seq > 1 else bytes(32)
+        forged = body.replace(b"order.update", b"order.delete")
+        con.execute(
+            "INSERT INTO records (chain, seq, prev_hash, hash, body) VALUES ('long', ?, ?, ?, ?)",
+            (seq, before, link_hash(before, forged), forged),
+        )
+    elif kind == "text_hash":
+        con.execute(f"UPDATE records SET hash = ? WHERE {where}", (digest.hex(), seq))
+    elif kind == "truncate":
+        con.execute("DELETE FROM records WHERE chain = 'long' AND seq >= ?", (seq,))
+    elif kind == "rewrite":
+        # Change one record and recompute every hash after it: only a signature tells.
+        rows = con.execute(
+            "SELECT seq, body FROM records WHERE chain = 'long' AND seq >= ? ORDER BY seq", (seq,)
+        ).fetchall()
+        for s, b in rows:
+            if s == seq:
+                b = b.replace(b"order.update", b"order.cancel")
+            digest = link_hash(prev, b)
+            con.execute(
+                f"UPDATE records SET prev_hash = ?, hash = ?, body = ? WHERE {where}",
+                (prev, digest, b, s),
+            )
+            prev = digest
+    else:
+        raise AssertionError(kind)
+
+
+EDITS = [
+    "body",
+    "hash",
+    "prev_hash",
+    "delete",
+    "swap",
+    "insert",
+    "text_hash",
+    "truncate",
+    "rewrite",
+]
+# Range edges at 128, 256, 384, 512: the rows on each side of one, inside one, the ends.
+PLACES = [1, 127, 128, 129, 256, 257, 300, 599, 600]
+
+
+@pytest.mark.parametrize("place", PLACES)
+@pytest.mark.parametrize("kind", EDITS)
+def test_damage_is_named_as_the_single_walk_names_it(
+    pristine, signer, tmp_path, small_ranges, kind, place
+):
+    if kind == "truncate" and place == 600:
+        place = 560  # a checkpoint must cover what is cut (592 does)
+    db = _copy(pristine, tmp_path)
+    con = sqlite3.connect(db)
+    _edit(con, kind, place)
+    con.commit()
+    con.close()
+    url = f"sqlite:///{db}"
+    for key in (signer.public_key, None):
+        one = _outcome(url, key, 1)
+        assert _outcome(url, key, JOBS) == one, (kind, place, key is not None)
+        if key is not None:
+            assert one[0] == "damaged", (kind, place)  # type: ignore[index]
+            assert one[1] == "long"  # type: ignore[index]
+
+
+def test_a_forged_merkle_root_and_a_stray_row_are_named_alike(
+    pristine, signer, tmp_path, small_ranges
+):
+    db = _copy(pristine, tmp_path)
+    con = sqlite3.connect(db)
+    _edit(con, "merkle_root", 407)  # a checkpoint inside the range (384, 512]
+    con.execute(
+        "INSERT INTO records (chain, seq, prev_hash, hash, body) SELECT chain, 0, prev_hash, hash,"
+        " body FROM records WHERE chain = 'mid' AND seq = 5"
+    )
+    con.commit()
+    con.close()
+    url = f"sqlite:///{db}"
+    for key in (signer.public_key, None):
+        one = _outcome(url, key, 1)
+        assert one[0] == "damaged"  # type: ignore[index]
+        assert _outcome(url, key, JOBS) == one
+
+
+def test_only_the_damaged_chain_is_walked_again(pristine, signer, tmp_path, small_ranges):
+    db = _copy(pristine, tmp_path)
+    con = sqlite3.connect(db)
+    _edit(con, "body", 300)
+    con.commit()
+    con.close()
+    with open_ledger(f"sqlite:///{db}", readonly=True) as ledger:
+        walked = parallel.walk_chains(ledger, list(CHAINS), signer.public_key, {}, JOBS)
+    assert sorted(walked) == ["mid", "short"]
+
+
+def test_a_wrong_merkle_root_fails_the_assembly_without_a_key(pristine, tmp_path, small_ranges):
+    """Only the root differs (no key checks the signature): the frontier of the ranges tells."""
+    db = _copy(pristine, tmp_path)
+    con = sqlite3.connect(db)
+    _edit(con, "merkle_root", 407)
+    con.commit()
+    con.close()
+    with open_ledger(f"sqlite:///{db}", readonly=True) as ledger:
+        walked = parallel.walk_chains(ledger, list(CHAINS), None, {}, JOBS)
+    assert sorted(walked) == ["mid", "short"]
+    damaged = _outcome(f"sqlite:///{db}", None, JOBS)
+    assert damaged[:4] == ("damaged", "long", 407, "modified")  # type: ignore[index]
+    assert "merkle root" in damaged[4]  # type: ignore[index]
+
+
+def test_postgresql_ledger_in_workers(pg_url, signer, small_ranges):
+    build(pg_url, signer)
+    key = signer.public_key
+    one = _outcome(pg_url, key, 1)
+    assert _outcome(pg_url, key, JOBS) == one
+    import psycopg
+
+    with psycopg.connect(pg_url, autocommit=True) as con:
+        con.execute("DELETE FROM otel_audit.records WHERE chain = 'long' AND seq = 129")
+    damaged = _outcome(pg_url, key, JOBS)
+    assert damaged == _outcome(pg_url, key, 1)
+    assert damaged[:4] == ("damaged", "long", 129, "deleted")  # type: ignore[index]
+
+
+def test_cli_jobs_on_a_long_ledger(tmp_path, signer):
+    """The command line, real ranges (2 x 32,768 records and more), fork or spawn alike."""
+    db = tmp_path / "big.db"
+    build(f"sqlite:///{db}", signer, {"orders": 70_000, "small": 500}, every=10_000)
+    pub = tmp_path / "k.pub"
+    pub.write_bytes(_pem(signer))
+    cmd = [
+        sys.executable,
+        "-m",
+        "otel_audit.cli",
+        "verify",
+        "--ledger",
+        str(db),
+        "--public-key",
+        str(pub),
+    ]
+    one = subprocess.run([*cmd, "--jobs", "1"], capture_output=True, text=True)
+    two = subprocess.run([*cmd, "--jobs", "2"], capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    assert (two.returncode, two.stdout) == (0, one.stdout)
+    assert "ok: 70500 records in 2 chains intact" in two.stdout
+    con = sqlite3.connect(db)
+    con.execute("UPDATE records SET body = body || ' ' WHERE chain = 'orders' AND seq = 32769")
+    con.commit()
+    con.close()
+    one = subprocess.run([*cmd, "--jobs", "1"], capture_output=True, text=True)
+    two = subprocess.run([*cmd, "--jobs", "2"], capture_output=True, text=True)
+    assert one.returncode == 1
+    assert (two.returncode, two.stderr) == (1, one.stderr)
+    assert "seq 32769: modified" in two.stderr
+
+
+def _pem(signer: Signer) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return signer.public_key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+@pytest.mark.parametrize("bad", ["0", "-2", "two"])
+def test_cli_refuses_a_bad_jobs_count_in_one_line(tmp_path, bad):
+    db = tmp_path / "a.db"
+    open_ledger(f"sqlite:///{db}").close()
+    out = subprocess.run(
+        [sys.executable, "-m", "otel_audit.cli", "verify", "--ledger", str(db), "--jobs", bad],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and "--jobs" in out.stderr and "Traceback" not in out.stderr
