@@ -10,6 +10,7 @@ ranges, and damage can be put exactly at their edges.
 
 from __future__ import annotations
 
+import os
 import random
 import sqlite3
 import subprocess
@@ -318,36 +319,77 @@ def test_postgresql_ledger_in_workers(pg_url, signer, small_ranges):
     assert damaged[:4] == ("damaged", "long", 129, "deleted")  # type: ignore[index]
 
 
-def test_cli_jobs_on_a_long_ledger(tmp_path, signer):
-    """The command line, real ranges (2 x 32,768 records and more), fork or spawn alike."""
-    db = tmp_path / "big.db"
+@pytest.fixture(scope="module")
+def big(tmp_path_factory: pytest.TempPathFactory, signer: Signer) -> tuple[Path, Path]:
+    """A ledger long enough for real ranges (2 x 32,768 records and more), and its key."""
+    d = tmp_path_factory.mktemp("big")
+    db = d / "big.db"
     build(f"sqlite:///{db}", signer, {"orders": 70_000, "small": 500}, every=10_000)
-    pub = tmp_path / "k.pub"
+    con = sqlite3.connect(db)
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+    pub = d / "k.pub"
     pub.write_bytes(_pem(signer))
-    cmd = [
-        sys.executable,
-        "-m",
-        "otel_audit.cli",
-        "verify",
-        "--ledger",
-        str(db),
-        "--public-key",
-        str(pub),
-    ]
-    one = subprocess.run([*cmd, "--jobs", "1"], capture_output=True, text=True)
-    two = subprocess.run([*cmd, "--jobs", "2"], capture_output=True, text=True)
+    return db, pub
+
+
+def _cli(*args: str, one_cpu: bool = False) -> subprocess.CompletedProcess[str]:
+    """``otel-audit ARGS``; ``one_cpu``: on one CPU, so its default is one process."""
+    return subprocess.run(
+        [sys.executable, "-m", "otel_audit.cli", *args],
+        capture_output=True,
+        text=True,
+        preexec_fn=(lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}))
+        if one_cpu
+        else None,
+    )
+
+
+def test_cli_jobs_on_a_long_ledger(big, tmp_path):
+    """The command line, fork or spawn alike: --jobs 2 says what --jobs 1 says."""
+    db = _copy(big[0], tmp_path)
+    cmd = ["verify", "--ledger", str(db), "--public-key", str(big[1])]
+    one, two = _cli(*cmd, "--jobs", "1"), _cli(*cmd, "--jobs", "2")
     assert one.returncode == 0, one.stderr
     assert (two.returncode, two.stdout) == (0, one.stdout)
     assert "ok: 70500 records in 2 chains intact" in two.stdout
     con = sqlite3.connect(db)
-    con.execute("UPDATE records SET body = body || ' ' WHERE chain = 'orders' AND seq = 32769")
+    con.execute(
+        "UPDATE records SET body = CAST(body || ' ' AS BLOB) WHERE chain = 'orders' AND seq = 32769"
+    )
     con.commit()
     con.close()
-    one = subprocess.run([*cmd, "--jobs", "1"], capture_output=True, text=True)
-    two = subprocess.run([*cmd, "--jobs", "2"], capture_output=True, text=True)
+    one, two = _cli(*cmd, "--jobs", "1"), _cli(*cmd, "--jobs", "2")
     assert one.returncode == 1
     assert (two.returncode, two.stderr) == (1, one.stderr)
     assert "seq 32769: modified" in two.stderr
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to compare")
+def test_search_and_migrate_verify_in_workers_alike(big, tmp_path):
+    """search, export and migrate verify the chains they touch with one process per CPU."""
+    db = _copy(big[0], tmp_path)
+    con = sqlite3.connect(db)
+    con.execute(
+        "UPDATE records SET body = CAST(body || ' ' AS BLOB) WHERE chain = 'orders' AND seq = 40000"
+    )
+    con.commit()
+    con.close()
+    search = ["search", "--ledger", str(db), "--public-key", str(big[1]), "--format", "jsonl"]
+    search += ["--actor", "user3", "--chain", "orders", "--limit", "70000"]
+    many, one = _cli(*search), _cli(*search, one_cpu=True)
+    assert (many.returncode, many.stdout, many.stderr) == (one.returncode, one.stdout, one.stderr)
+    assert many.stdout.count("\n") > 5000
+    lines = many.stdout.splitlines()
+    damaged = [line for line in lines if '"status": "damaged"' in line]
+    assert 0 < len(damaged) < len(lines)  # those from seq 40000 on; the others are shown clean
+    target = tmp_path / "copy.db"
+    moved = _cli("migrate", "--from", str(big[0]), "--to", f"sqlite:///{target}")
+    assert moved.returncode == 0, moved.stderr
+    assert "70500 records" in moved.stdout
+    refused = _cli("migrate", "--from", str(db), "--to", f"sqlite:///{tmp_path / 'no.db'}")
+    assert refused.returncode == 1
+    assert "seq 40000: modified" in refused.stderr
 
 
 def _pem(signer: Signer) -> bytes:

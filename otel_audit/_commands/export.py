@@ -19,6 +19,7 @@ from otel_audit._progress import Progress, atomic_output
 from otel_audit.engine.ledger import Query, StoredRecord
 from otel_audit.errors import VerificationError
 from otel_audit.proof.keys import load_public_key
+from otel_audit.proof.parallel import default_jobs
 from otel_audit.review.checked import Review, Verdict, checked
 from otel_audit.review.export import formats
 
@@ -41,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     query: Query = query_from_args(args)
     bad: list[Verdict] = []
     with open_for_reading(args) as ledger:
-        review = Review(ledger, public_key)
+        review = Review(ledger, public_key, jobs=default_jobs())
         records = checked(review.records(query), bad)
         if not args.output:
             write(records, sys.stdout)

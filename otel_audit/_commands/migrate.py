@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from otel_audit.engine.migrate import migrate
+from otel_audit.proof.parallel import default_jobs
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -18,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
-    report = migrate(args.source, args.target)
+    report = migrate(args.source, args.target, jobs=default_jobs())
     print(
         f"copied {report.records} records and {report.checkpoints} checkpoints"
         f" in {report.chains} chains from {report.source} to {report.target}; target verified"

@@ -31,6 +31,7 @@ from otel_audit._commands._filters import (
 from otel_audit.engine.ledger import StoredRecord
 from otel_audit.errors import VerificationError
 from otel_audit.proof.keys import load_public_key
+from otel_audit.proof.parallel import default_jobs
 from otel_audit.review.checked import Review, Verdict
 from otel_audit.review.export.jsonl import as_dict
 
@@ -124,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     rows: list[list[str]] = []
     bad: list[Verdict] = []
     with open_for_reading(args) as ledger:
-        review = Review(ledger, public_key)
+        review = Review(ledger, public_key, jobs=default_jobs())
         for stored, verdict in review.records(query):
             if args.limit and shown == args.limit:
                 more = True

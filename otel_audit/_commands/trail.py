@@ -9,6 +9,7 @@ from otel_audit._commands._common import add_ledger_argument, open_for_reading
 from otel_audit._progress import Progress, atomic_output
 from otel_audit.errors import ConfigError
 from otel_audit.proof.keys import load_public_key
+from otel_audit.proof.parallel import default_jobs
 from otel_audit.review.trail import (
     damaged,
     find_trail,
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
             heads = [ledger.head(chain) for chain in chains]
             total = sum(head.seq for head in heads if head is not None)
             with Progress(total, "verifying") as bar:
-                verify_trail(ledger, trail, public_key, progress=bar.update)
+                verify_trail(ledger, trail, public_key, progress=bar.update, jobs=default_jobs())
     if args.format == "json":
         text = to_json(trail)
     elif args.format == "html":

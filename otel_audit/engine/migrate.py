@@ -34,16 +34,23 @@ class MigrateReport:
 
 
 def migrate(
-    source_url: str, target_url: str, *, progress: Callable[[int], None] | None = None
+    source_url: str,
+    target_url: str,
+    *,
+    progress: Callable[[int], None] | None = None,
+    jobs: int = 1,
 ) -> MigrateReport:
-    """Copy every chain and checkpoint from ``source_url`` to ``target_url``; then verify it."""
+    """Copy every chain and checkpoint from ``source_url`` to ``target_url``; then verify it.
+
+    ``jobs``: worker processes for both verifies (``verify_ledger``).
+    """
     with open_ledger(source_url, create=False, readonly=True) as source:
-        verify_ledger(source)  # raises VerificationError naming the damage
+        verify_ledger(source, jobs=jobs)  # raises VerificationError naming the damage
         with open_ledger(target_url, create=True) as target:
             if source.url == target.url:
                 raise LedgerError(f"source and target are the same ledger ({source.url})")
             report = copy_ledger(source, target, progress=progress)
-            verify_ledger(target)
+            verify_ledger(target, jobs=jobs)
     return report
 
 

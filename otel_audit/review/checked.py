@@ -72,10 +72,12 @@ class Review:
         public_key: Ed25519PublicKey | None = None,
         *,
         progress: Callable[[int], None] | None = None,
+        jobs: int = 1,
     ) -> None:
         self.ledger = ledger
         self.public_key = public_key
         self.progress = progress
+        self.jobs = jobs  # worker processes for a long chain's walk (proof/parallel.py)
         self._chains: dict[str, _Chain] = {}
         # An altered schema can hide records from a query as well as forge
         # them, so no answer drawn through it is shown: the review is refused.
@@ -126,7 +128,11 @@ class Review:
         if state is None:
             try:
                 report = verify_ledger(
-                    self.ledger, self.public_key, progress=self.progress, chains=[chain]
+                    self.ledger,
+                    self.public_key,
+                    progress=self.progress,
+                    chains=[chain],
+                    jobs=self.jobs,
                 )
             except VerificationError as exc:
                 start = 1 if exc.kind in _WHOLE_CHAIN else max(exc.seq, 1)

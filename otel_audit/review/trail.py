@@ -244,6 +244,7 @@ def verify_trail(
     trail: Trail,
     public_key: Ed25519PublicKey | None = None,
     progress: Callable[[int], None] | None = None,
+    jobs: int = 1,
 ) -> None:
     """Verify every chain the trail touches and mark each node intact/unanchored/damaged.
 
@@ -254,7 +255,7 @@ def verify_trail(
     signature tells), outside its chain's sequence (seq 0, a chain id that is
     not text), or when the schema behind the query columns was altered.
     """
-    review = Review(ledger, public_key, progress=progress)
+    review = Review(ledger, public_key, progress=progress, jobs=jobs)
     query = Query(trail_id=trail.trail_id)
     for node in [n for _, n in trail.nodes()] + trail.others:
         verdict = review.judge(node.stored, query)
