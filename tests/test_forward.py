@@ -86,6 +86,7 @@ def test_forwards_every_record_byte_identical(make_server, outbox, tmp_path):
     (entry,) = cursor.values()
     with open_ledger(outbox, create=False) as ledger:
         heads = {chain: ledger.head(chain) for chain in ("shop", "billing")}
+    walks = entry.pop("sweeps")
     assert entry == {
         "endpoint": f"http://{host}:{port}/v1/traces",
         "chains": {"shop": 700, "billing": 5},
@@ -93,6 +94,13 @@ def test_forwards_every_record_byte_identical(make_server, outbox, tmp_path):
         "hashes": {chain: head.hash.hex() for chain, head in heads.items()},
         # seqs passed that held no record (a real chain has none), looked into each pass
         "holes": {},
+        # links that broke below the cursor, reported once (a real chain has none)
+        "breaks": {},
+    }
+    # The walk of the sent records' links: how far it went, the hash there, when it began.
+    assert {chain: walk[:2] for chain, walk in walks.items()} == {
+        "shop": [700, heads["shop"].hash.hex()],
+        "billing": [5, heads["billing"].hash.hex()],
     }
 
 

@@ -277,7 +277,9 @@ def test_forwarding_without_tampering_never_rewinds(server, db, outbox, caplog):
     forwarders = []
     start = 0
     for _restart in range(2):
-        forwarder = Forwarder(outbox, endpoint, batch_size=7, poll_interval=0.01).start()
+        forwarder = Forwarder(
+            outbox, endpoint, batch_size=7, poll_interval=0.01, check_interval=0, check_slice=5
+        ).start()
         forwarders.append(forwarder)
         try:
             for i in range(12):
@@ -294,7 +296,9 @@ def test_forwarding_without_tampering_never_rewinds(server, db, outbox, caplog):
     assert sum(f.stats().forwarded for f in forwarders) == len(written)
     assert [f.stats().rewinds for f in forwarders] == [0, 0]
     assert [f.stats().late for f in forwarders] == [0, 0]
+    assert [f.stats().breaks for f in forwarders] == [0, 0]  # links walked again and again
     assert _cursor(forwarders[-1])["holes"] == {}
+    assert _cursor(forwarders[-1])["breaks"] == {}
     assert _errors(caplog) == []
 
 
@@ -412,3 +416,111 @@ def test_forward_once_says_when_it_resent_a_chain(server, db, outbox, capsys):
     assert "found, and sent, in gaps" not in out  # a rewind drops the gaps
     assert "the record at the cursor was deleted or changed" in out
     assert sorted(_received(server)) == sorted(real + [planted])
+
+
+def _rows(db: pathlib.Path, low: int, high: int) -> list[tuple]:
+    with sqlite3.connect(db) as con:
+        rows = con.execute(
+            "SELECT chain, seq, prev_hash, hash, body FROM records"
+            " WHERE chain = 'shop' AND seq BETWEEN ? AND ? ORDER BY seq",
+            (low, high),
+        ).fetchall()
+    con.close()
+    return rows
+
+
+def _put_back(db: pathlib.Path, rows: list[tuple]) -> None:
+    with sqlite3.connect(db) as con:
+        con.executemany(
+            "INSERT INTO records (chain, seq, prev_hash, hash, body) VALUES (?, ?, ?, ?, ?)", rows
+        )
+    con.close()
+
+
+def _replace_newest(db: pathlib.Path, outbox: str, total: int) -> list[bytes]:
+    """Review D1: the newest three records, already sent, are deleted; a restarted
+    writer appends two new ones at their seqs; the old last row is put back above
+    them, byte for byte. The record at the cursor is the one sent, no gap was
+    made: only the link from the new records to the old row breaks."""
+    old = _rows(db, total - 2, total)
+    for seq in range(total - 2, total + 1):
+        _delete(db, seq)
+    new = _fill(outbox, 2, start=10_000)  # a fresh ledger connection: seqs total-2, total-1
+    _put_back(db, old[2:])
+    assert _seqs(db) == list(range(1, total + 1))
+    return new
+
+
+def test_sent_records_replaced_under_an_unchanged_cursor_are_sent(server, db, outbox, caplog):
+    real = _fill(outbox, 10)
+    first = _forwarder(outbox, server, check_interval=0)
+    try:
+        assert first.flush(30)
+    finally:
+        first.stop()
+    new = _replace_newest(db, outbox, 10)
+    forwarder = _forwarder(outbox, server, check_interval=0)
+    try:
+        assert forwarder.flush(30)
+        assert forwarder.flush(30)  # the break stays in the outbox: reported once
+        assert forwarder.flush(30)
+    finally:
+        forwarder.stop()
+    assert sorted(_received(server)) == sorted(real + new)  # the new records too, each once
+    assert server.stats().duplicates == 8  # the chain was sent again from its start
+    assert (forwarder.stats().breaks, forwarder.stats().rewinds) == (1, 0)
+    assert _cursor(forwarder)["breaks"] == {"shop": [[10, _rows(db, 10, 10)[0][2].hex()]]}
+    (error,) = _errors(caplog)
+    assert error.startswith(
+        "otel-audit forward: chain 'shop': seq 10 does not link to the record before it"
+        " (records at or below seq 9, already sent, were replaced outside the writer"
+    )
+
+
+def test_the_link_walk_goes_a_slice_per_pass_and_resumes_after_a_restart(
+    server, db, outbox, caplog
+):
+    """A long outbox is walked a slice at a time (the pass stays short), and the
+    walk goes on from where a stopped forwarder left it (kept in the cursor file)."""
+    real = _fill(outbox, 1000)
+    first = _forwarder(outbox, server, check_interval=3600, check_slice=300)
+    try:
+        assert first.flush(30)
+    finally:
+        first.stop()
+    walked = _cursor(first)["sweeps"]["shop"][0]
+    assert walked in (300, 600, 900)  # one slice per pass, not the whole chain at once
+    new = _replace_newest(db, outbox, 1000)
+    forwarder = _forwarder(outbox, server, check_interval=3600, check_slice=300)
+    try:
+        for _ in range(5):
+            assert forwarder.flush(30)
+            if forwarder.stats().breaks:
+                break
+    finally:
+        forwarder.stop()
+    assert forwarder.stats().breaks == 1
+    assert sorted(_received(server)) == sorted(real + new)
+    assert len(_errors(caplog)) == 1
+
+
+def test_forward_once_says_when_sent_records_were_replaced(server, db, outbox, capsys):
+    from otel_audit.cli import main
+
+    host, port = server.http_address
+    args = ["forward", "--ledger", outbox, "--endpoint", f"http://{host}:{port}", "--once"]
+    real = _fill(outbox, 10)
+    assert main(args) == 0
+    capsys.readouterr()
+    new = _replace_newest(db, outbox, 10)
+    # The links are walked again check_interval (10 minutes) after the last walk began.
+    state = pathlib.Path(f"{db}.forward.json")
+    data = json.loads(state.read_text())
+    for entry in data.values():
+        for walk in entry["sweeps"].values():
+            walk[2] -= 601
+    state.write_text(json.dumps(data))
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "1 chain(s) resent from the start because records already sent were replaced" in out
+    assert sorted(_received(server)) == sorted(real + new)

@@ -121,6 +121,11 @@ def _edited(stats: ForwarderStats) -> str:
             f"; {stats.rewinds} chain(s) resent from the start because the record at the"
             " cursor was deleted or changed (the outbox was edited outside the writer)"
         )
+    if stats.breaks:
+        said += (
+            f"; {stats.breaks} chain(s) resent from the start because records already sent"
+            " were replaced under the cursor (the outbox was edited outside the writer)"
+        )
     if stats.late:
         said += (
             f"; {stats.late} record(s) found, and sent, in gaps the cursor had passed"

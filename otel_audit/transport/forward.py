@@ -20,7 +20,15 @@ It also keeps the gaps it passed (seqs below the cursor that held no record
 when it sent the records around them; a real chain has none), and every pass
 looks into them: records that appear there (a writer appending below a row
 planted ahead, which was then deleted and put back unchanged) are sent, and
-that is logged and counted too (``stats().late``).
+that is logged and counted too (``stats().late``). And it walks the links of
+the records it has sent, a slice of each chain per pass (every record's
+prev_hash must be the hash of the record before it), once every
+``check_interval`` seconds: a link that breaks below the cursor means records
+it sent were replaced (the newest rows deleted, a restarted writer appending
+new records at their seqs, the old rows put back above them, so that the
+record at the cursor is unchanged). That is logged, counted
+(``stats().breaks``) and the chain is sent again from its first record; the
+break is remembered, so it is reported once.
 
 One forwarder per outbox: the cursor file is guarded by an exclusive lock, so
 several worker processes that all configured forwarding share the work safely
@@ -71,6 +79,7 @@ from urllib3.util.retry import Retry
 from otel_audit.engine.ledger import Ledger, RawRow, open_ledger, sqlite_path
 from otel_audit.engine.record import decode
 from otel_audit.errors import AuditError, ConfigError
+from otel_audit.proof.chain import GENESIS
 from otel_audit.settings import (
     OTEL_AUDIT_FORWARD_CERTIFICATE,
     OTEL_AUDIT_FORWARD_COMPRESSION,
@@ -92,6 +101,8 @@ _DEFAULT_BATCH_SIZE = 512
 _DEFAULT_TIMEOUT = 10.0
 _DEFAULT_POLL_INTERVAL = 1.0
 _DEFAULT_MAX_BACKOFF = 30.0
+_DEFAULT_CHECK_INTERVAL = 600.0  # seconds between walks of the sent records' links
+_DEFAULT_CHECK_SLICE = 2048  # records of a chain whose links one pass checks
 _RETRYABLE = frozenset({429, 502, 503, 504})
 
 
@@ -109,17 +120,24 @@ class ForwarderStats:
     #: Records found, and sent, in a gap the cursor had passed: the outbox was
     #: edited outside the writer (or a writer appended below a planted row).
     late: int
+    #: Chains sent again from their first record because the links of records
+    #: already sent broke (records below the cursor were replaced).
+    breaks: int
     last_error: str | None
 
 
 @dataclass
 class _Cursors:
     """What the cursor file keeps per chain: the seq of the last record sent, its
-    hash (hex), and the gaps below it ([first, last] seqs that held no record)."""
+    hash (hex), the gaps below it ([first, last] seqs that held no record), where
+    the walk of the sent records' links is ([seq, hash hex of that record, Unix
+    time the walk began]) and the breaks it reported ([seq, prev_hash hex])."""
 
     seqs: dict[str, int] = field(default_factory=dict)
     hashes: dict[str, str] = field(default_factory=dict)
     holes: dict[str, list[list[int]]] = field(default_factory=dict)
+    sweeps: dict[str, list[Any]] = field(default_factory=dict)
+    breaks: dict[str, list[list[Any]]] = field(default_factory=dict)
 
 
 class _SendFailed(Exception):
@@ -221,9 +239,13 @@ class Forwarder:
         max_backoff: float = _DEFAULT_MAX_BACKOFF,
         alive: Callable[[], bool] | None = None,
         lock_timeout: float | None = None,
+        check_interval: float = _DEFAULT_CHECK_INTERVAL,
+        check_slice: int = _DEFAULT_CHECK_SLICE,
     ) -> None:
         if batch_size <= 0:
             raise ValueError("batch_size must be a positive integer.")
+        if check_slice <= 0:
+            raise ValueError("check_slice must be a positive integer.")
         if compression not in ("gzip", "none"):
             raise ConfigError(f"forward compression must be gzip or none, got {compression!r}")
         self.ledger_url = ledger_url
@@ -247,6 +269,10 @@ class Forwarder:
         # None: wait for the outbox lock as long as it takes (workers share the
         # work); a number: after that many seconds waiting, count a failure.
         self.lock_timeout = lock_timeout
+        # The walk of the sent records' links: a slice per chain and pass, a
+        # new walk at most every check_interval seconds.
+        self.check_interval = check_interval
+        self.check_slice = check_slice
         self.state_path = state_path or default_state_path(ledger_url)
         self._key = hashlib.sha256(self.url.encode()).hexdigest()[:16]
         tls = ssl.create_default_context(cafile=certificate) if self._https else None
@@ -275,7 +301,8 @@ class Forwarder:
         self._idle_pass = 0
         self._thread: threading.Thread | None = None
         self._counts = {
-            "forwarded": 0, "batches": 0, "failures": 0, "rejected": 0, "rewinds": 0, "late": 0
+            "forwarded": 0, "batches": 0, "failures": 0, "rejected": 0, "rewinds": 0, "late": 0,
+            "breaks": 0,
         }  # fmt: skip
         self._last_error: str | None = None
 
@@ -464,12 +491,28 @@ class Forwarder:
             cursors.seqs[chain] = 0
             del hashes[chain]
             holes.pop(chain, None)
+            cursors.sweeps.pop(chain, None)
             self._save_cursors(cursors)
         if holes.get(chain):
             late = self._fill_holes(ledger, chain, cursors)
             if late is None:
                 return None
             sent += late
+        new = self._send_after_cursor(ledger, chain, cursors)
+        if new is None:
+            return None
+        sent += new
+        if self._links_broke(ledger, chain, cursors):
+            again = self._send_after_cursor(ledger, chain, cursors)
+            if again is None:
+                return None
+            sent += again
+        return sent
+
+    def _send_after_cursor(self, ledger: Ledger, chain: str, cursors: _Cursors) -> int | None:
+        """Send ``chain``'s records after its cursor; how many (None: stopping)."""
+        hashes, holes = cursors.hashes, cursors.holes
+        sent = 0
         while not self._stop.is_set():
             after = cursors.seqs.get(chain, 0)
             rows = list(itertools.islice(ledger.scan(chain, after), self.batch_size))
@@ -485,6 +528,61 @@ class Forwarder:
             self._save_cursors(cursors)
             sent += len(rows)
         return sent
+
+    def _links_broke(self, ledger: Ledger, chain: str, cursors: _Cursors) -> bool:
+        """Walk the next slice of the links of ``chain``'s sent records; True: rewound.
+
+        Each record's prev_hash must be the hash of the record before it
+        (across a gap there is nothing to compare: the gaps are watched
+        apart). A link that breaks below the cursor, and was not reported
+        before, means records already sent were replaced under the cursor:
+        logged, counted, remembered, and the chain is rewound to its first
+        record (as when the record at the cursor is lost), so that the
+        records which replaced them are sent too.
+        """
+        top = cursors.seqs.get(chain, 0)
+        if not top:
+            return False
+        now = time.time()
+        pos, prev, began = 0, GENESIS, now
+        state = cursors.sweeps.get(chain)
+        if state is not None:
+            pos, prev, began = state[0], bytes.fromhex(state[1]), state[2]
+            if pos >= top:  # this walk is done: the next begins check_interval after it began
+                if now - began < self.check_interval:
+                    return False
+                pos, prev, began = 0, GENESIS, now
+        until = min(top, pos + self.check_slice)
+        last = pos
+        known = cursors.breaks.setdefault(chain, [])
+        broken: RawRow | None = None
+        for row in ledger.scan(chain, pos, until):
+            if row.seq == last + 1 and row.prev_hash != prev:
+                if [row.seq, row.prev_hash.hex()] not in known:
+                    broken = row
+                    break
+            last, prev = row.seq, row.hash
+        if broken is None:
+            if not known:
+                del cursors.breaks[chain]
+            cursors.sweeps[chain] = [until, prev.hex(), began]
+            self._save_cursors(cursors)
+            return False
+        known.append([broken.seq, broken.prev_hash.hex()])
+        cursors.seqs[chain] = 0
+        cursors.hashes.pop(chain, None)
+        cursors.holes.pop(chain, None)
+        cursors.sweeps.pop(chain, None)
+        self._save_cursors(cursors)
+        with self._cond:
+            self._counts["breaks"] += 1
+        _log.error(
+            "otel-audit forward: chain %r: seq %d does not link to the record before it"
+            " (records at or below seq %d, already sent, were replaced outside the writer:"
+            " run otel-audit verify); sending the chain again from its first record",
+            chain, broken.seq, broken.seq - 1,
+        )  # fmt: skip
+        return True
 
     def _fill_holes(self, ledger: Ledger, chain: str, cursors: _Cursors) -> int | None:
         """Send the records that appeared in ``chain``'s gaps; how many (None: stopping).
@@ -679,7 +777,7 @@ class Forwarder:
                     raise ValueError(f"a gap of chain {k!r} ends before it starts")
                 if str(k) in cursors and kept:
                     holes[str(k)] = kept
-            return _Cursors(cursors, hashes, holes)
+            return _Cursors(cursors, hashes, holes, *_checks(entry, cursors))
         except (AttributeError, TypeError, ValueError) as exc:
             _log.error(
                 "otel-audit forward: cursor file %s malformed (%s); resending",
@@ -701,6 +799,8 @@ class Forwarder:
             "chains": cursors.seqs,
             "hashes": cursors.hashes,
             "holes": cursors.holes,
+            "sweeps": cursors.sweeps,
+            "breaks": cursors.breaks,
         }
         tmp = f"{self.state_path}.tmp"
         try:
@@ -742,6 +842,34 @@ def _note_gaps(
         prev = row.seq
     if upto is not None and upto > prev:
         holes.append([prev + 1, upto])
+
+
+def _checks(
+    entry: Mapping[str, Any], cursors: Mapping[str, int]
+) -> tuple[dict[str, list[Any]], dict[str, list[list[Any]]]]:
+    """The link walks' positions and the breaks reported, from a cursor file entry.
+
+    Lenient: a value that does not read (a file from an older version has
+    none) only starts that chain's walk again, which is always safe.
+    """
+    sweeps: dict[str, list[Any]] = {}
+    breaks: dict[str, list[list[Any]]] = {}
+    for k, state in (entry.get("sweeps") or {}).items():
+        try:
+            pos, digest, began = int(state[0]), str(state[1]), float(state[2])
+            bytes.fromhex(digest)
+        except (TypeError, ValueError, IndexError, KeyError):
+            continue
+        if str(k) in cursors and pos >= 0:
+            sweeps[str(k)] = [pos, digest, began]
+    for k, seen in (entry.get("breaks") or {}).items():
+        try:
+            kept = [[int(seq), str(prev)] for seq, prev in seen]
+        except (TypeError, ValueError):
+            continue
+        if kept:
+            breaks[str(k)] = kept
+    return sweeps, breaks
 
 
 def _close_quietly(ledger: Ledger) -> None:
