@@ -39,8 +39,10 @@ JOBS = 3
 
 @pytest.fixture
 def small_ranges(monkeypatch: pytest.MonkeyPatch) -> int:
-    """Ranges of 64 records at the least; with 950 records and 3 jobs they are 128."""
+    """Ranges of 64 records at the least; with 950 records and 3 jobs they are 128.
+    Chains of 16 records or more are planned (32 records would make a task)."""
     monkeypatch.setattr(parallel, "MIN_RANGE", 64)
+    monkeypatch.setattr(parallel, "SHORT", 16)
     return 128
 
 
@@ -137,7 +139,7 @@ def test_ranges_in_workers_give_the_single_walks_report(pristine, signer, small_
     assert _outcome(url, None, JOBS) == _outcome(url, None, 1)
     # The workers did the walking: every chain came back assembled from its ranges.
     with open_ledger(url, readonly=True) as ledger:
-        walked = parallel.walk_chains(ledger, list(CHAINS), key, {}, JOBS)
+        walked, _tried = parallel.walk_chains(ledger, list(CHAINS), key, {}, JOBS)
     assert sorted(walked) == sorted(CHAINS)
     assert [vars(walked[c["chain"]]) for c in one] == one  # type: ignore[index]
 
@@ -286,7 +288,7 @@ def test_only_the_damaged_chain_is_walked_again(pristine, signer, tmp_path, smal
     con.commit()
     con.close()
     with open_ledger(f"sqlite:///{db}", readonly=True) as ledger:
-        walked = parallel.walk_chains(ledger, list(CHAINS), signer.public_key, {}, JOBS)
+        walked, _tried = parallel.walk_chains(ledger, list(CHAINS), signer.public_key, {}, JOBS)
     assert sorted(walked) == ["mid", "short"]
 
 
@@ -298,7 +300,7 @@ def test_a_wrong_merkle_root_fails_the_assembly_without_a_key(pristine, tmp_path
     con.commit()
     con.close()
     with open_ledger(f"sqlite:///{db}", readonly=True) as ledger:
-        walked = parallel.walk_chains(ledger, list(CHAINS), None, {}, JOBS)
+        walked, _tried = parallel.walk_chains(ledger, list(CHAINS), None, {}, JOBS)
     assert sorted(walked) == ["mid", "short"]
     damaged = _outcome(f"sqlite:///{db}", None, JOBS)
     assert damaged[:4] == ("damaged", "long", 407, "modified")  # type: ignore[index]
@@ -411,3 +413,150 @@ def test_cli_refuses_a_bad_jobs_count_in_one_line(tmp_path, bad):
     )
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and "--jobs" in out.stderr and "Traceback" not in out.stderr
+
+
+# -- the reviewer's attacks on the workers' way to the ledger ---------------
+
+
+def test_a_file_swapped_under_an_open_ledger_is_not_what_workers_walk(
+    pristine, signer, tmp_path, small_ranges
+):
+    """The insider puts an untouched copy at the path once verify has the
+    edited file open: workers that open the path would vouch for the copy."""
+    db = _copy(pristine, tmp_path)
+    (tmp_path / "clean").mkdir()
+    clean = _copy(pristine, tmp_path / "clean")
+    con = sqlite3.connect(db)
+    _edit(con, "body", 300)
+    con.commit()
+    con.close()
+    with open_ledger(f"sqlite:///{db}", create=False, readonly=True) as ledger:
+        ledger.count()
+        clean.replace(db)  # the path now names the untouched copy
+        outcomes = []
+        for jobs in (1, JOBS):
+            with pytest.raises(VerificationError) as info:
+                verify_ledger(ledger, signer.public_key, jobs=jobs)
+            outcomes.append((info.value.chain, info.value.seq, info.value.kind, str(info.value)))
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0][:3] == ("long", 300, "modified")
+
+
+def test_workers_open_the_file_the_caller_named_after_a_chdir(
+    pristine, signer, tmp_path, small_ranges, monkeypatch
+):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    edited = _copy(pristine, tmp_path / "a")
+    _copy(pristine, tmp_path / "b")
+    con = sqlite3.connect(edited)
+    _edit(con, "body", 300)
+    con.commit()
+    con.close()
+    monkeypatch.chdir(tmp_path / "a")
+    with open_ledger("audit.db", create=False, readonly=True) as ledger:
+        monkeypatch.chdir(tmp_path / "b")  # an untouched audit.db here
+        with pytest.raises(VerificationError) as info:
+            verify_ledger(ledger, signer.public_key, jobs=JOBS)
+    assert (info.value.chain, info.value.seq, info.value.kind) == ("long", 300, "modified")
+
+
+def test_a_connection_that_reaches_another_database_is_not_used(
+    pg_server, signer, small_ranges, monkeypatch
+):
+    """The URL names no database; the environment does, and it changes before
+    the workers connect, to a copy made before the edit. Their walk is refused."""
+    import psycopg
+
+    real = pg_server.create_database("parallel_real")
+    build(real, signer)
+    with psycopg.connect(pg_server.url(), autocommit=True) as con:
+        con.execute('CREATE DATABASE "parallel_decoy" TEMPLATE "parallel_real"')
+    with psycopg.connect(real, autocommit=True) as con:
+        con.execute(
+            "UPDATE otel_audit.records SET body = body || '\\x20'::bytea"
+            " WHERE chain = 'long' AND seq = 300"
+        )
+    url = real.rsplit("/", 1)[0] + "/"
+    monkeypatch.setenv("PGDATABASE", "parallel_real")
+    with open_ledger(url, create=False, readonly=True) as ledger:
+        monkeypatch.setenv("PGDATABASE", "parallel_decoy")
+        outcomes = []
+        for jobs in (1, JOBS):
+            with pytest.raises(VerificationError) as info:
+                verify_ledger(ledger, signer.public_key, jobs=jobs)
+            outcomes.append(str(info.value))
+    assert outcomes[0] == outcomes[1]
+    assert "chain 'long' seq 300: modified" in outcomes[0]
+
+
+def test_a_row_planted_at_a_huge_seq_is_walked_here_not_planned(
+    pristine, signer, tmp_path, small_ranges
+):
+    """Ranges are planned from a chain's last seq: a row at 2**62 must not make
+    2**55 of them (the reviewer's run ran out of memory)."""
+    db = _copy(pristine, tmp_path)
+    con = sqlite3.connect(db)
+    con.execute(
+        "INSERT INTO records (chain, seq, prev_hash, hash, body) SELECT chain, ?, prev_hash,"
+        " hash, body FROM records WHERE chain = 'long' AND seq = 5",
+        (2**62,),
+    )
+    con.commit()
+    con.close()
+    url = f"sqlite:///{db}"
+    began = time.monotonic()
+    damaged = _outcome(url, signer.public_key, JOBS)
+    assert time.monotonic() - began < 20
+    assert damaged == _outcome(url, signer.public_key, 1)
+    assert damaged[:4] == ("damaged", "long", 601, "deleted")  # type: ignore[index]
+
+
+def test_progress_counts_each_record_once(pristine, signer, tmp_path, small_ranges):
+    db = _copy(pristine, tmp_path)
+    con = sqlite3.connect(db)
+    _edit(con, "body", 599)
+    con.commit()
+    con.close()
+    counted = {1: 0, JOBS: 0}
+    for jobs in counted:
+
+        def tell(n: int, jobs: int = jobs) -> None:
+            counted[jobs] += n
+
+        with open_ledger(f"sqlite:///{db}", readonly=True) as ledger:
+            with pytest.raises(VerificationError):
+                verify_ledger(ledger, signer.public_key, jobs=jobs, progress=tell)
+    assert 0 < counted[JOBS] <= 950
+    assert counted[1] <= 950
+
+
+def test_many_short_chains_take_no_longer_with_workers(tmp_path):
+    """34,000 chains of two records (real range sizes): none is planned, so
+    --jobs costs about what one process does (the reviewer's run: 50x)."""
+    import hashlib
+
+    db = tmp_path / "many.db"
+    open_ledger(f"sqlite:///{db}").close()
+    rows = []
+    rnd = random.Random(5)
+    for i in range(34_000):
+        prev = bytes(32)
+        for seq in (1, 2):
+            body = _body(f"c{i}", seq, rnd)
+            digest = hashlib.sha256(prev + body).digest()
+            rows.append((f"c{i}", seq, prev, digest, body))
+            prev = digest
+    con = sqlite3.connect(db)
+    con.executemany(
+        "INSERT INTO records (chain, seq, prev_hash, hash, body) VALUES (?, ?, ?, ?, ?)", rows
+    )
+    con.commit()
+    con.close()
+    took, seen = {}, {}
+    for jobs in (1, 2):
+        began = time.monotonic()
+        seen[jobs] = _outcome(f"sqlite:///{db}", None, jobs)
+        took[jobs] = time.monotonic() - began
+    assert seen[2] == seen[1] and len(seen[1]) == 34_000  # type: ignore[arg-type]
+    assert took[2] < 2 * took[1] + 2

@@ -46,6 +46,9 @@ _log = logging.getLogger(__name__)
 #: The smallest range worth a process (a power of two): below about this many
 #: records, starting and feeding a worker costs more than the walk it saves.
 MIN_RANGE = 1 << 15
+#: Chains shorter than this are walked by the parent: planning them would cost
+#: more queries than walking them.
+SHORT = 1024
 
 
 def default_jobs() -> int:
@@ -69,49 +72,77 @@ class _Range:
     nodes: list[bytes] = field(default_factory=list)  # the range's own Merkle frontier
 
 
-def walk_range(
-    url: str, chain: str, after: int, until: int | None, due: list[int], merkle_until: int
-) -> _Range | None:
-    """Walk rows (after, until] of ``chain`` (to the end when ``until`` is None).
+#: A piece of work: (chain, after, until, due seqs, merkle_until).
+_Piece = tuple[str, int, "int | None", list[int], int]
 
-    Runs in a worker process. Returns None when the rows are not an intact
-    piece of chain, or cannot be read now: the single walk then names it.
+
+def _reopen(target: str) -> Ledger:
+    if target.startswith("sqlite:"):
+        return open_ledger(target, create=False, readonly=True)
+    from otel_audit.engine.ledger.postgres import PostgresLedger
+
+    return PostgresLedger(target, readonly=True)
+
+
+def walk_pieces(
+    target: str, identity: tuple[object, ...], pieces: list[_Piece]
+) -> list[_Range | None]:
+    """Walk each piece (rows ``after`` < seq <= ``until`` of a chain); runs in a worker.
+
+    The ledger is opened again through ``target`` and used only if it is the
+    store the parent reads (``identity``): a path swapped for another file,
+    or a connection that reaches another database, walks nothing. A piece
+    comes back None when its rows are not an intact piece of chain, or could
+    not be read: the single walk then names it.
     """
     try:
-        with open_ledger(url, create=False, readonly=True) as ledger:
-            if after:
-                row = next(iter(ledger.scan(chain, after - 1, after)), None)
-                if row is None or row[0] != after:
-                    return None
-                expected = row[2]
-            else:
-                expected = GENESIS
-            found = _Range(after, expected, after, expected)
-            pending = deque(due)
-            last_seq = after
-            nodes: list[bytes] = []
-            for batch in ledger.scan_batches(chain, after, until):
-                if not batch:
-                    continue
-                digests = _linked(batch, last_seq, expected)
-                if digests is None:
-                    return None
-                first, last = last_seq + 1, last_seq + len(batch)
-                inside: list[int] = []
-                while pending and pending[0] <= last:
-                    inside.append(pending.popleft())
-                if first <= merkle_until:
-                    local = [seq - after for seq in inside]
-                    for offset, frontier in _merkle_batch(nodes, last_seq - after, batch, local):
-                        seq = offset + after
-                        found.digests[seq] = digests[seq - first]
-                        found.prefixes[seq] = list(frontier)
-                else:
-                    for seq in inside:
-                        found.digests[seq] = digests[seq - first]
-                expected, last_seq = digests[-1], last
+        ledger = _reopen(target)
     except Exception:  # noqa: BLE001 - whatever it is, the single walk names it
-        return None
+        return [None] * len(pieces)
+    try:
+        if ledger.store_identity() != identity:
+            return [None] * len(pieces)
+        return [_walk(ledger, *piece) for piece in pieces]
+    except Exception:  # noqa: BLE001
+        return [None] * len(pieces)
+    finally:
+        ledger.close()
+
+
+def _walk(
+    ledger: Ledger, chain: str, after: int, until: int | None, due: list[int], merkle_until: int
+) -> _Range | None:
+    if after:
+        row = next(iter(ledger.scan(chain, after - 1, after)), None)
+        if row is None or row[0] != after:
+            return None
+        expected = row[2]
+    else:
+        expected = GENESIS
+    found = _Range(after, expected, after, expected)
+    pending = deque(due)
+    last_seq = after
+    nodes: list[bytes] = []
+    for batch in ledger.scan_batches(chain, after, until):
+        if not batch:
+            continue
+        digests = _linked(batch, last_seq, expected)
+        if digests is None:
+            return None
+        first, last = last_seq + 1, last_seq + len(batch)
+        inside: list[int] = []
+        while pending and pending[0] <= last:
+            inside.append(pending.popleft())
+        if first <= merkle_until:
+            local = [seq - after for seq in inside]
+            for offset, frontier in _merkle_batch(nodes, last_seq - after, batch, local):
+                seq = offset + after
+                found.digests[seq] = digests[seq - first]
+                found.prefixes[seq] = list(frontier)
+        else:
+            for seq in inside:
+                found.digests[seq] = digests[seq - first]
+        expected, last_seq = digests[-1], last
     if until is not None and last_seq != until:
         return None  # rows missing at the end of the range
     found.last_seq, found.last_hash, found.nodes = last_seq, expected, nodes
@@ -153,8 +184,10 @@ def _plan(
     public_key: Ed25519PublicKey | None,
     anchors: list[Checkpoint],
     size: int,
+    head: int,
 ) -> _Plan | None:
-    """The ranges of ``chain`` and what to check where; None: walk it whole."""
+    """The ranges of ``chain`` (whose last seq is ``head``) and what to check where;
+    None: walk it whole."""
     stored, problems = check_checkpoints(ledger.checkpoints(chain), public_key)
     if problems:
         return None
@@ -165,16 +198,13 @@ def _plan(
         due.setdefault(cp.seq, []).append((cp, f"anchor at seq {cp.seq}"))
     if any(type(seq) is not int or seq < 1 for seq in due):
         return None
-    head = ledger.head(chain)
-    if head is None or type(head.seq) is not int:
-        return None
-    count = max(1, -(-head.seq // size))  # a short chain is one range: one task of the pool
+    count = max(1, -(-head // size))  # a chain shorter than a range is one range
     ranges: list[tuple[int, int | None]] = [(k * size, (k + 1) * size) for k in range(count - 1)]
     ranges.append(((count - 1) * size, None))
     merkle_until = max(
         (seq for seq, cps in due.items() if any(cp.merkle_root for cp, _ in cps)), default=0
     )
-    return _Plan(chain, ranges, due, merkle_until, len(stored), head.seq)
+    return _Plan(chain, ranges, due, merkle_until, len(stored), head)
 
 
 def _assemble(
@@ -232,67 +262,105 @@ def walk_chains(
     anchors: dict[str, list[Checkpoint]],
     jobs: int,
     progress: Callable[[int], None] | None = None,
-) -> dict[str, ChainReport]:
-    """Reports of the chains found intact by ``jobs`` worker processes, by chain.
+) -> tuple[dict[str, ChainReport], set[str]]:
+    """Walk long chains on ``jobs`` worker processes.
 
-    A chain missing from the answer (too short to split, not intact, or its
-    checkpoints not matching) is for the single walk.
+    Returns the reports of the chains found intact, by chain, and the chains
+    that were tried (their progress was reported). A chain missing from the
+    reports (short, tried and not intact, or not tried) is for the single walk.
     """
-    url = getattr(ledger, "url", None)
     names = list(chains)
-    if jobs < 2 or not url or not names:
-        return {}
+    if jobs < 2 or not names:
+        return {}, set()
     total = ledger.count()
     if total < 2 * MIN_RANGE:
-        return {}
+        return {}, set()
+    target = ledger.reopen_target()
+    identity = ledger.store_identity() if target is not None else None
+    if target is None or identity is None:
+        return {}, set()
     size = MIN_RANGE
     while size * jobs * 4 < total:
         size *= 2
-    plans = [
-        p
-        for p in (_plan(ledger, c, public_key, anchors.get(c, []), size) for c in names)
-        if p is not None
-    ]
+    plans: list[_Plan] = []
+    for chain in names:
+        last = ledger.head(chain)
+        # A short chain is walked here, with no planning. A head above the
+        # rows stored (a row planted at a huge seq) is damage: walked here too.
+        if last is None or type(last.seq) is not int or not SHORT <= last.seq <= total:
+            continue
+        plan = _plan(ledger, chain, public_key, anchors.get(chain, []), size, last.seq)
+        if plan is not None:
+            plans.append(plan)
     if not plans:
-        return {}
-    # Longest ranges first, so no worker is left with a long one at the end.
-    tasks = sorted(
-        ((i, k) for i, p in enumerate(plans) for k in range(len(p.ranges))),
-        key=lambda t: (
-            plans[t[0]].ranges[t[1]][0] - (plans[t[0]].ranges[t[1]][1] or plans[t[0]].head)
-        ),
-    )
+        return {}, set()
+    tasks = _tasks(plans, size)
     results: list[list[_Range | None]] = [[None] * len(p.ranges) for p in plans]
+    left = [len(p.ranges) for p in plans]
     reports: dict[str, ChainReport] = {}
-    workers = min(jobs, len(tasks))
     try:
         # The workers make no reference cycles; without the collector, a
         # forked worker never walks (and so never copies) its parent's heap.
-        pool = ProcessPoolExecutor(workers, mp_context=_context(), initializer=gc.disable)
+        pool = ProcessPoolExecutor(
+            min(jobs, len(tasks)), mp_context=_context(), initializer=gc.disable
+        )
         with pool:
-            running: dict[Future[_Range | None], tuple[int, int]] = {}
-            for i, k in tasks:
-                p = plans[i]
-                after, until = p.ranges[k]
-                due = sorted(s for s in p.due if s > after and (until is None or s <= until))
-                future = pool.submit(walk_range, url, p.chain, after, until, due, p.merkle_until)
-                running[future] = (i, k)
-            left = [len(p.ranges) for p in plans]
+            running: dict[Future[list[_Range | None]], list[tuple[int, int]]] = {}
+            for task in tasks:
+                pieces: list[_Piece] = []
+                for i, k in task:
+                    p = plans[i]
+                    after, until = p.ranges[k]
+                    due = sorted(s for s in p.due if s > after and (until is None or s <= until))
+                    pieces.append((p.chain, after, until, due, p.merkle_until))
+                running[pool.submit(walk_pieces, target, identity, pieces)] = task
             while running:
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
-                    i, k = running.pop(future)
-                    found = future.result()
-                    results[i][k] = found
-                    if progress is not None and found is not None:
-                        progress(found.last_seq - found.after)
-                    left[i] -= 1
-                    if not left[i]:
-                        rep = _assemble(plans[i], results[i], public_key, size)
-                        if rep is not None:
-                            reports[plans[i].chain] = rep
+                    task = running.pop(future)
+                    for (i, k), found in zip(task, future.result()):
+                        results[i][k] = found
+                        if progress is not None and found is not None:
+                            progress(found.last_seq - found.after)
+                        left[i] -= 1
+                        if not left[i]:
+                            rep = _assemble(plans[i], results[i], public_key, size)
+                            if rep is not None:
+                                reports[plans[i].chain] = rep
     except (BrokenExecutor, OSError) as exc:
         # A worker died (killed, out of memory) or none could start: the
         # chains not assembled yet are walked here instead.
         _log.warning("otel-audit: verify workers failed (%s); walking the rest in one process", exc)
-    return reports
+    return reports, {p.chain for p in plans}
+
+
+def _tasks(plans: list[_Plan], size: int) -> list[list[tuple[int, int]]]:
+    """The ranges, as tasks of about ``size`` records or more: a long range alone,
+    short ones (short chains, the ends of long ones) packed together, so that
+    each worker opens the ledger once per task, not once per chain. Longest first,
+    so no worker is left with a long one at the end."""
+
+    def length(ik: tuple[int, int]) -> int:
+        after, until = plans[ik[0]].ranges[ik[1]]
+        return (until if until is not None else plans[ik[0]].head) - after
+
+    ranges = sorted(
+        ((i, k) for i, p in enumerate(plans) for k in range(len(p.ranges))),
+        key=length,
+        reverse=True,
+    )
+    tasks: list[list[tuple[int, int]]] = []
+    group: list[tuple[int, int]] = []
+    filled = 0
+    for ik in ranges:
+        if length(ik) >= size:
+            tasks.append([ik])
+            continue
+        group.append(ik)
+        filled += length(ik)
+        if filled >= size:
+            tasks.append(group)
+            group, filled = [], 0
+    if group:
+        tasks.append(group)
+    return tasks

@@ -95,16 +95,19 @@ def verify_ledger(
         # names no chain: stray_rows reports its rows below.
         names = sorted({c for c in ledger.chains() if isinstance(c, str)} | set(external))
     walked: dict[str, ChainReport] = {}
+    tried: set[str] = set()
     if jobs > 1:
         from otel_audit.proof.parallel import walk_chains
 
-        walked = walk_chains(ledger, names, public_key, external, jobs, progress)
+        walked, tried = walk_chains(ledger, names, public_key, external, jobs, progress)
     damaged: list[tuple[bool, VerificationError]] = []
     for chain in names:
         try:
             found = walked.get(chain)
             if found is None:
-                found = _verify_chain(ledger, chain, public_key, external.get(chain, []), progress)
+                # A chain the workers tried had its progress told already.
+                told = None if chain in tried else progress
+                found = _verify_chain(ledger, chain, public_key, external.get(chain, []), told)
             report.chains.append(found)
         except VerificationError as exc:
             # Every chain is checked; a chain with checkpoints is reported

@@ -190,6 +190,24 @@ class Ledger(abc.ABC):
     def count(self) -> int:
         """Number of records in every chain."""
 
+    def reopen_target(self) -> str | None:
+        """What opens this same store read-only in another process (``verify --jobs``).
+
+        A file's absolute path as a URL, or PostgreSQL's full connection
+        string (credentials included: hand it to no one but a worker). None
+        when the backend has no such thing: verify then walks in one process.
+        """
+        return None
+
+    def store_identity(self) -> tuple[object, ...] | None:
+        """What tells the store this ledger reads from any other store, now.
+
+        A worker of ``verify --jobs`` opens the ledger again and must find
+        the same identity, or its walk is not used: a path may name another
+        file by then, a connection string another database. None: unknown.
+        """
+        return None
+
     def schema_problems(self) -> list[str]:
         """How the stored schema differs from the one this version creates; empty when equal.
 

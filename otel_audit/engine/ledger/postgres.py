@@ -1156,6 +1156,25 @@ class PostgresLedger(Ledger):
         """``service/hostname/pid``: one chain per service instance, so writers never contend."""
         return f"{service}/{socket.gethostname()}/{os.getpid()}"
 
+    def reopen_target(self) -> str | None:
+        return self._conninfo
+
+    def store_identity(self) -> tuple[object, ...] | None:
+        """The server's start time, the database's and the records table's oids.
+
+        Another server, or another database on this one (a copy made from
+        it, say), differs in at least one of them.
+        """
+        row = self._read(
+            "reading the store's identity",
+            lambda con: con.execute(
+                "SELECT pg_postmaster_start_time()::text, d.oid::bigint,"
+                f" '{SCHEMA}.records'::regclass::oid::bigint"
+                " FROM pg_database d WHERE d.datname = current_database()"
+            ).fetchone(),
+        )
+        return ("postgresql", *row) if row is not None else None
+
     def close(self) -> None:
         with self._lock:
             self._drop()

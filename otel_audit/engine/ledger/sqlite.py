@@ -577,6 +577,33 @@ class SQLiteLedger(Ledger):
             problems.append(f"{kind} {name} is not part of the ledger schema")
         return problems
 
+    def reopen_target(self) -> str | None:
+        return f"sqlite:///{self._abspath}"
+
+    def store_identity(self) -> tuple[object, ...] | None:
+        """(device, inode) of the file this process has open at the ledger's path.
+
+        Read from the open descriptors (Linux ``/proc/self/fd``), not from the
+        path, which may name another file by now; None when the process holds
+        more than one file there (one was replaced) or there is no ``/proc``.
+        """
+        names = {self._abspath, os.path.realpath(self._abspath)}
+        names |= {f"{name} (deleted)" for name in names}
+        held = set()
+        try:
+            descriptors = os.listdir("/proc/self/fd")
+        except OSError:
+            return None
+        for fd in descriptors:
+            link = f"/proc/self/fd/{fd}"
+            try:
+                if os.readlink(link) in names:
+                    st = os.stat(link)
+                    held.add((st.st_dev, st.st_ino))
+            except OSError:  # closed meanwhile
+                continue
+        return ("sqlite", *held.pop()) if len(held) == 1 else None
+
     def close(self) -> None:
         try:
             self._con.close()
