@@ -39,7 +39,7 @@ from otel_audit.engine.ledger import Ledger, open_ledger
 from otel_audit.errors import VerificationError
 from otel_audit.proof.chain import GENESIS, Checkpoint, check_checkpoints
 from otel_audit.proof.merkle import node_hash
-from otel_audit.proof.verify import ChainReport, _check_due, _linked, _merkle_batch
+from otel_audit.proof.walk import ChainReport, check_due, linked, merkle_batch
 
 _log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def _walk(
     for batch in ledger.scan_batches(chain, after, until):
         if not batch:
             continue
-        digests = _linked(batch, last_seq, expected)
+        digests = linked(batch, last_seq, expected)
         if digests is None:
             return None
         first, last = last_seq + 1, last_seq + len(batch)
@@ -135,7 +135,7 @@ def _walk(
             inside.append(pending.popleft())
         if first <= merkle_until:
             local = [seq - after for seq in inside]
-            for offset, frontier in _merkle_batch(nodes, last_seq - after, batch, local):
+            for offset, frontier in merkle_batch(nodes, last_seq - after, batch, local):
                 seq = offset + after
                 found.digests[seq] = digests[seq - first]
                 found.prefixes[seq] = list(frontier)
@@ -225,7 +225,7 @@ def _assemble(
                 frontier: list[bytes] = []
                 if seq in found.prefixes:
                     frontier = _joined(nodes, tree, found.prefixes[seq], seq - after)
-                last_good_cp = _check_due(
+                last_good_cp = check_due(
                     plan.chain, plan.due.pop(seq), seq, found.digests[seq], frontier,
                     public_key, last_good_cp, rep,
                 )  # fmt: skip

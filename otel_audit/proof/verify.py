@@ -10,9 +10,8 @@ catches an insider who rewrote a record and recomputed every later hash.
 
 from __future__ import annotations
 
-import hashlib
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -20,25 +19,17 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from otel_audit.engine.ledger import Ledger, RawRow
 from otel_audit.errors import VerificationError
 from otel_audit.proof.chain import GENESIS, Checkpoint, check_checkpoints, link_hash
-from otel_audit.proof.keys import key_id, verify_signature
-from otel_audit.proof.merkle import Frontier, leaf_hashes, node_hash, parent_level
+from otel_audit.proof.keys import key_id
+from otel_audit.proof.walk import (
+    ChainReport,
+    check_due,
+    check_signature,
+    damage,
+    linked,
+    merkle_batch,
+)
 
-
-@dataclass
-class ChainReport:
-    chain: str
-    records: int = 0
-    last_seq: int = 0
-    head: bytes = GENESIS
-    checkpoints: int = 0
-    last_checkpoint_seq: int = 0
-    signatures_checked: int = 0
-    anchors_checked: int = 0
-
-    @property
-    def unanchored(self) -> int:
-        """Records after the last checkpoint: protected by the chain, not yet by a signature."""
-        return self.last_seq - self.last_checkpoint_seq
+__all__ = ["ChainReport", "VerifyReport", "verify_ledger"]
 
 
 @dataclass
@@ -53,12 +44,6 @@ class VerifyReport:
 
 #: How SQL names the Python type a stored value came back as.
 _TYPE_NAMES = {str: "text", float: "real", bytes: "blob", type(None): "null"}
-
-
-def _damage(chain: str, seq: int, kind: str, detail: str) -> VerificationError:
-    return VerificationError(
-        f"chain {chain!r} seq {seq}: {kind}: {detail}", chain=chain, seq=seq, kind=kind
-    )
 
 
 def verify_ledger(
@@ -159,20 +144,6 @@ def _account_for_every_row(ledger: Ledger, report: VerifyReport) -> None:
     # No stray: the difference is records appended while the walks ran.
 
 
-def _check_signature(cp: Checkpoint, public_key: Ed25519PublicKey | None, what: str) -> None:
-    if public_key is None:
-        return
-    if not cp.signature:
-        raise _damage(cp.chain, cp.seq, "bad signature", f"{what} is not signed")
-    if not verify_signature(public_key, cp.signature, cp.message()):
-        raise _damage(
-            cp.chain,
-            cp.seq,
-            "bad signature",
-            f"{what} signature does not verify with the public key",
-        )
-
-
 def _verify_chain(
     ledger: Ledger,
     chain: str,
@@ -185,7 +156,7 @@ def _verify_chain(
     # comes back as the version it was signed as, so message() below is right.
     stored, problems = check_checkpoints(ledger.checkpoints(chain), public_key)
     if problems:
-        raise _damage(problems[0].chain, problems[0].seq, problems[0].kind, problems[0].detail)
+        raise damage(problems[0].chain, problems[0].seq, problems[0].kind, problems[0].detail)
     rep.checkpoints = len(stored)
     # seq -> [(checkpoint, what)]; anchors are checkpoints held by another system.
     due: dict[int, list[tuple[Checkpoint, str]]] = {}
@@ -211,7 +182,7 @@ def _verify_chain(
     pending = deque(sorted(due))  # seqs with checkpoints or anchors to check, in order
     if pending and pending[0] < 1:
         _cp, what = due[pending[0]][0]
-        raise _damage(chain, pending[0], "inserted", f"the {what} is outside the chain's sequence")
+        raise damage(chain, pending[0], "inserted", f"the {what} is outside the chain's sequence")
     nodes: list[bytes] = []  # Merkle frontier: roots of perfect subtrees, largest first
     expected = GENESIS
     before: bytes | None = None  # hash of the record before the previous one
@@ -221,23 +192,23 @@ def _verify_chain(
         n = len(batch)
         if not n:
             continue
-        digests = _linked(batch, last_seq, expected)
+        digests = linked(batch, last_seq, expected)
         if digests is None:
             _find_damage(ledger, chain, batch, last_seq, expected, before)
-            raise _damage(chain, last_seq + 1, "modified", "records do not chain")  # unreachable
+            raise damage(chain, last_seq + 1, "modified", "records do not chain")  # unreachable
         first, last = last_seq + 1, last_seq + n
         inside: list[int] = []
         while pending and pending[0] <= last:
             inside.append(pending.popleft())
         if first <= merkle_until:
-            for seq, frontier in _merkle_batch(nodes, last_seq, batch, inside):
-                last_good_cp = _check_due(
+            for seq, frontier in merkle_batch(nodes, last_seq, batch, inside):
+                last_good_cp = check_due(
                     chain, due.pop(seq), seq, digests[seq - first], frontier, public_key,
                     last_good_cp, rep,
                 )  # fmt: skip
         else:
             for seq in inside:
-                last_good_cp = _check_due(
+                last_good_cp = check_due(
                     chain, due.pop(seq), seq, digests[seq - first], [], public_key,
                     last_good_cp, rep,
                 )  # fmt: skip
@@ -248,8 +219,8 @@ def _verify_chain(
     count = last_seq
     for seq in sorted(due):
         for cp, what in due[seq]:
-            _check_signature(cp, public_key, what)
-            raise _damage(
+            check_signature(cp, public_key, what)
+            raise damage(
                 chain,
                 last_seq + 1,
                 "truncated",
@@ -258,7 +229,7 @@ def _verify_chain(
     if public_key is not None and count and not (rep.signatures_checked or rep.anchors_checked):
         # Deleting every checkpoint must not turn "rewritten" into "unchecked":
         # with a key, a chain is only intact when a signature vouches for it.
-        raise _damage(
+        raise damage(
             chain,
             1,
             "bad signature",
@@ -269,22 +240,6 @@ def _verify_chain(
     rep.head = expected
     rep.last_checkpoint_seq = last_good_cp
     return rep
-
-
-def _linked(batch: Sequence[RawRow], last_seq: int, expected: bytes) -> list[bytes] | None:
-    """The hashes of ``batch`` when its rows continue the chain intact, else None."""
-    sha256 = hashlib.sha256
-    try:
-        if batch[0][0] != last_seq + 1 or batch[-1][0] != last_seq + len(batch):
-            return None  # seqs are unique and ascending: first and last tell a gap
-        digests = [row[2] for row in batch]
-        if batch[0][1] != expected or [row[1] for row in batch[1:]] != digests[:-1]:
-            return None
-        if [sha256(row[1] + row[3]).digest() for row in batch] != digests:
-            return None
-    except TypeError:  # text where bytes belong: _find_damage names it
-        return None
-    return digests
 
 
 def _find_damage(
@@ -307,7 +262,7 @@ def _find_damage(
                     seq=last_seq + 1,
                     kind="inserted",
                 )
-            raise _damage(
+            raise damage(
                 chain, last_seq + 1, "deleted", f"record missing (next present is seq {seq})"
             )
         try:
@@ -317,83 +272,6 @@ def _find_damage(
         if not ok or prev != expected:
             _classify(ledger, chain, seq, prev, digest, body, expected, before, last_seq)
         before, expected, last_seq = expected, digest, seq
-
-
-def _merkle_batch(
-    nodes: list[bytes], size: int, batch: Sequence[RawRow], inside: list[int]
-) -> Iterator[tuple[int, list[bytes]]]:
-    """Extend the frontier ``nodes`` (of ``size`` leaves) with the bodies of ``batch``.
-
-    Yields (seq, frontier nodes at seq) for each seq of ``inside`` (ascending,
-    within the batch) before extending past it. The batch is cut into perfect
-    subtrees (powers of two, aligned on the tree's size), each built level by
-    level; a frontier inside one is the old frontier plus the subtree's nodes
-    that cover the prefix (the set bits of the offset).
-    """
-    leaves = leaf_hashes([row[3] for row in batch])
-    i, n, k = 0, len(leaves), 0
-    while i < n:
-        c = 1 << ((n - i).bit_length() - 1)
-        if size:
-            c = min(c, size & -size)
-        level = leaves[i : i + c]
-        levels = [level]
-        while len(level) > 1:
-            level = parent_level(level)
-            levels.append(level)
-        while k < len(inside) and inside[k] - size <= c:
-            m = inside[k] - size
-            if m == c:
-                break  # the whole subtree: checked after it joins the frontier
-            prefix, p = [], 0
-            for h in range(len(levels) - 2, -1, -1):
-                if m >> h & 1:
-                    prefix.append(levels[h][p >> h])
-                    p += 1 << h
-            yield inside[k], nodes + prefix
-            k += 1
-        node, s = level[0], size >> (len(levels) - 1)
-        while s & 1:
-            node = node_hash(nodes.pop(), node)
-            s >>= 1
-        nodes.append(node)
-        size += c
-        i += c
-        if k < len(inside) and inside[k] == size:
-            yield inside[k], nodes
-            k += 1
-
-
-def _check_due(
-    chain: str,
-    checks: list[tuple[Checkpoint, str]],
-    seq: int,
-    digest: bytes,
-    nodes: list[bytes],
-    public_key: Ed25519PublicKey | None,
-    last_good_cp: int,
-    rep: ChainReport,
-) -> int:
-    """Check the checkpoints and anchors at ``seq`` against the walk; returns ``seq``."""
-    for cp, what in checks:
-        _check_signature(cp, public_key, what)
-        if cp.head != digest:
-            raise _damage(
-                chain,
-                last_good_cp + 1,
-                "modified",
-                f"history rewritten between seq {last_good_cp + 1} and {seq}:"
-                f" record {seq} does not match the {what}",
-            )
-        if cp.merkle_root is not None and Frontier(seq, nodes).root() != cp.merkle_root:
-            raise _damage(
-                chain, seq, "modified", f"merkle root of the {what} does not match records 1..{seq}"
-            )
-        if what.startswith("anchor"):
-            rep.anchors_checked += 1
-        elif public_key is not None:
-            rep.signatures_checked += 1
-    return seq
 
 
 def _classify(
@@ -411,17 +289,17 @@ def _classify(
     for name, value in (("prev_hash", prev), ("hash", digest), ("body", body)):
         if type(value) is not bytes:
             kind = _TYPE_NAMES.get(type(value), type(value).__name__)
-            raise _damage(chain, seq, "modified", f"{name} is {kind}, not blob")
+            raise damage(chain, seq, "modified", f"{name} is {kind}, not blob")
     if link_hash(prev, body) != digest:
         nxt = next(iter(ledger.scan(chain, after_seq=seq)), None)
         if nxt is not None and nxt.prev_hash == expected:
-            raise _damage(chain, seq, "inserted", "record is not part of the chain around it")
-        raise _damage(chain, seq, "modified", "hash does not match the record's bytes")
+            raise damage(chain, seq, "inserted", "record is not part of the chain around it")
+        raise damage(chain, seq, "modified", "hash does not match the record's bytes")
     if before is not None and prev == before:
-        raise _damage(chain, last_seq, "inserted", "record is not part of the chain around it")
+        raise damage(chain, last_seq, "inserted", "record is not part of the chain around it")
     if _hash_elsewhere(ledger, chain, prev, seq):
-        raise _damage(chain, seq, "reordered", "record is out of its place in the chain")
-    raise _damage(chain, seq, "modified", "previous-hash link does not match")
+        raise damage(chain, seq, "reordered", "record is out of its place in the chain")
+    raise damage(chain, seq, "modified", "previous-hash link does not match")
 
 
 def _hash_elsewhere(ledger: Ledger, chain: str, digest: bytes, seq: int) -> bool:

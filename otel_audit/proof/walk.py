@@ -1,0 +1,151 @@
+"""The walk of a chain, shared by verify (one process) and its workers (proof/parallel.py).
+
+A batch of rows at a time: the links and hashes of a whole batch are
+compared in one go (``linked``), Merkle roots (RFC 9162) are built a perfect
+subtree at a time (``merkle_batch``), and checkpoints and anchors are checked
+against the walk (``check_due``). What fails is named by verify.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from otel_audit.engine.ledger import RawRow
+from otel_audit.errors import VerificationError
+from otel_audit.proof.chain import GENESIS, Checkpoint
+from otel_audit.proof.keys import verify_signature
+from otel_audit.proof.merkle import Frontier, leaf_hashes, node_hash, parent_level
+
+
+@dataclass
+class ChainReport:
+    chain: str
+    records: int = 0
+    last_seq: int = 0
+    head: bytes = GENESIS
+    checkpoints: int = 0
+    last_checkpoint_seq: int = 0
+    signatures_checked: int = 0
+    anchors_checked: int = 0
+
+    @property
+    def unanchored(self) -> int:
+        """Records after the last checkpoint: protected by the chain, not yet by a signature."""
+        return self.last_seq - self.last_checkpoint_seq
+
+
+def damage(chain: str, seq: int, kind: str, detail: str) -> VerificationError:
+    return VerificationError(
+        f"chain {chain!r} seq {seq}: {kind}: {detail}", chain=chain, seq=seq, kind=kind
+    )
+
+
+def check_signature(cp: Checkpoint, public_key: Ed25519PublicKey | None, what: str) -> None:
+    if public_key is None:
+        return
+    if not cp.signature:
+        raise damage(cp.chain, cp.seq, "bad signature", f"{what} is not signed")
+    if not verify_signature(public_key, cp.signature, cp.message()):
+        raise damage(
+            cp.chain,
+            cp.seq,
+            "bad signature",
+            f"{what} signature does not verify with the public key",
+        )
+
+
+def linked(batch: Sequence[RawRow], last_seq: int, expected: bytes) -> list[bytes] | None:
+    """The hashes of ``batch`` when its rows continue the chain intact, else None."""
+    sha256 = hashlib.sha256
+    try:
+        if batch[0][0] != last_seq + 1 or batch[-1][0] != last_seq + len(batch):
+            return None  # seqs are unique and ascending: first and last tell a gap
+        digests = [row[2] for row in batch]
+        if batch[0][1] != expected or [row[1] for row in batch[1:]] != digests[:-1]:
+            return None
+        if [sha256(row[1] + row[3]).digest() for row in batch] != digests:
+            return None
+    except TypeError:  # text where bytes belong: verify.py names it
+        return None
+    return digests
+
+
+def merkle_batch(
+    nodes: list[bytes], size: int, batch: Sequence[RawRow], inside: list[int]
+) -> Iterator[tuple[int, list[bytes]]]:
+    """Extend the frontier ``nodes`` (of ``size`` leaves) with the bodies of ``batch``.
+
+    Yields (seq, frontier nodes at seq) for each seq of ``inside`` (ascending,
+    within the batch) before extending past it. The batch is cut into perfect
+    subtrees (powers of two, aligned on the tree's size), each built level by
+    level; a frontier inside one is the old frontier plus the subtree's nodes
+    that cover the prefix (the set bits of the offset).
+    """
+    leaves = leaf_hashes([row[3] for row in batch])
+    i, n, k = 0, len(leaves), 0
+    while i < n:
+        c = 1 << ((n - i).bit_length() - 1)
+        if size:
+            c = min(c, size & -size)
+        level = leaves[i : i + c]
+        levels = [level]
+        while len(level) > 1:
+            level = parent_level(level)
+            levels.append(level)
+        while k < len(inside) and inside[k] - size <= c:
+            m = inside[k] - size
+            if m == c:
+                break  # the whole subtree: checked after it joins the frontier
+            prefix, p = [], 0
+            for h in range(len(levels) - 2, -1, -1):
+                if m >> h & 1:
+                    prefix.append(levels[h][p >> h])
+                    p += 1 << h
+            yield inside[k], nodes + prefix
+            k += 1
+        node, s = level[0], size >> (len(levels) - 1)
+        while s & 1:
+            node = node_hash(nodes.pop(), node)
+            s >>= 1
+        nodes.append(node)
+        size += c
+        i += c
+        if k < len(inside) and inside[k] == size:
+            yield inside[k], nodes
+            k += 1
+
+
+def check_due(
+    chain: str,
+    checks: list[tuple[Checkpoint, str]],
+    seq: int,
+    digest: bytes,
+    nodes: list[bytes],
+    public_key: Ed25519PublicKey | None,
+    last_good_cp: int,
+    rep: ChainReport,
+) -> int:
+    """Check the checkpoints and anchors at ``seq`` against the walk; returns ``seq``."""
+    for cp, what in checks:
+        check_signature(cp, public_key, what)
+        if cp.head != digest:
+            raise damage(
+                chain,
+                last_good_cp + 1,
+                "modified",
+                f"history rewritten between seq {last_good_cp + 1} and {seq}:"
+                f" record {seq} does not match the {what}",
+            )
+        if cp.merkle_root is not None and Frontier(seq, nodes).root() != cp.merkle_root:
+            raise damage(
+                chain, seq, "modified", f"merkle root of the {what} does not match records 1..{seq}"
+            )
+        if what.startswith("anchor"):
+            rep.anchors_checked += 1
+        elif public_key is not None:
+            rep.signatures_checked += 1
+    return seq
