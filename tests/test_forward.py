@@ -97,10 +97,10 @@ def test_forwards_every_record_byte_identical(make_server, outbox, tmp_path):
         # links that broke below the cursor, reported once (a real chain has none)
         "breaks": {},
     }
-    # The walk of the sent records' links: how far it went, the hash there, when it began.
-    assert {chain: walk[:2] for chain, walk in walks.items()} == {
-        "shop": [700, heads["shop"].hash.hex()],
-        "billing": [5, heads["billing"].hash.hex()],
+    # The walk of the records sent: how far it read, the last record and its hash.
+    assert {chain: walk[:3] for chain, walk in walks.items()} == {
+        "shop": [700, 700, heads["shop"].hash.hex()],
+        "billing": [5, 5, heads["billing"].hash.hex()],
     }
 
 

@@ -15,6 +15,7 @@ import random
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -560,3 +561,44 @@ def test_many_short_chains_take_no_longer_with_workers(tmp_path):
         took[jobs] = time.monotonic() - began
     assert seen[2] == seen[1] and len(seen[1]) == 34_000  # type: ignore[arg-type]
     assert took[2] < 2 * took[1] + 2
+
+
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_a_wal_file_swapped_under_an_open_ledger_is_not_what_workers_read(
+    pristine, signer, tmp_path, small_ranges, start
+):
+    """The edit sits in the -wal only (its writer died before a checkpoint); once
+    verify has the ledger open, the insider moves the -wal and -shm aside, so a
+    new connection would read the clean main file. Workers are spawned (fresh
+    processes) when the caller runs other threads, forked otherwise: both."""
+    db = _copy(pristine, tmp_path)
+    tamper = (
+        "import os, sqlite3, sys\n"
+        "con = sqlite3.connect(sys.argv[1])\n"
+        "con.execute('PRAGMA wal_autocheckpoint = 0')\n"
+        "con.execute(\"UPDATE records SET body = CAST(body || ' ' AS BLOB)"
+        " WHERE chain = 'long' AND seq = 300\")\n"
+        "con.commit()\n"
+        "os._exit(0)  # no close, no checkpoint: the edit stays in the -wal\n"
+    )
+    subprocess.run([sys.executable, "-c", tamper, str(db)], check=True)
+    wal, shm = Path(f"{db}-wal"), Path(f"{db}-shm")
+    assert wal.stat().st_size > 0
+    with open_ledger(f"sqlite:///{db}", create=False, readonly=True) as ledger:
+        ledger.count()
+        wal.rename(tmp_path / "aside-wal")
+        shm.rename(tmp_path / "aside-shm")
+        outcomes = []
+        done = threading.Event()
+        other = threading.Thread(target=done.wait, daemon=True)
+        if start == "spawn":
+            other.start()  # a caller's thread: workers are spawned, not forked
+        try:
+            for jobs in (1, JOBS):
+                with pytest.raises(VerificationError) as info:
+                    verify_ledger(ledger, signer.public_key, jobs=jobs)
+                outcomes.append(str(info.value))
+        finally:
+            done.set()
+    assert outcomes[0] == outcomes[1]
+    assert "chain 'long' seq 300: modified" in outcomes[0]

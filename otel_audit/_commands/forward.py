@@ -123,8 +123,8 @@ def _edited(stats: ForwarderStats) -> str:
         )
     if stats.breaks:
         said += (
-            f"; {stats.breaks} chain(s) resent from the start because records already sent"
-            " were replaced under the cursor (the outbox was edited outside the writer)"
+            f"; records already sent were replaced or removed at {stats.breaks} place(s) (the"
+            " outbox was edited outside the writer): their chains were sent again from the start"
         )
     if stats.late:
         said += (

@@ -100,6 +100,7 @@ def walk_pieces(
     except Exception:  # noqa: BLE001 - whatever it is, the single walk names it
         return [None] * len(pieces)
     try:
+        ledger.head(pieces[0][0])  # a read: the -wal and -shm a file ledger reads are open
         if ledger.store_identity() != identity:
             return [None] * len(pieces)
         return [_walk(ledger, *piece) for piece in pieces]
@@ -272,24 +273,30 @@ def walk_chains(
     names = list(chains)
     if jobs < 2 or not names:
         return {}, set()
+    # A short chain is walked here, with no planning (one indexed read each).
+    heads: dict[str, int] = {}
+    for chain in names:
+        last = ledger.head(chain)
+        if last is not None and type(last.seq) is int and last.seq >= SHORT:
+            heads[chain] = last.seq
+    if sum(heads.values()) < 2 * MIN_RANGE:
+        return {}, set()
+    # A head above the rows stored (a row planted at a huge seq) is damage,
+    # and would make ranges without end: such a chain is walked here too.
     total = ledger.count()
-    if total < 2 * MIN_RANGE:
+    heads = {chain: head for chain, head in heads.items() if head <= total}
+    if sum(heads.values()) < 2 * MIN_RANGE:
         return {}, set()
     target = ledger.reopen_target()
     identity = ledger.store_identity() if target is not None else None
     if target is None or identity is None:
         return {}, set()
     size = MIN_RANGE
-    while size * jobs * 4 < total:
+    while size * jobs * 4 < sum(heads.values()):
         size *= 2
     plans: list[_Plan] = []
-    for chain in names:
-        last = ledger.head(chain)
-        # A short chain is walked here, with no planning. A head above the
-        # rows stored (a row planted at a huge seq) is damage: walked here too.
-        if last is None or type(last.seq) is not int or not SHORT <= last.seq <= total:
-            continue
-        plan = _plan(ledger, chain, public_key, anchors.get(chain, []), size, last.seq)
+    for chain, head in heads.items():
+        plan = _plan(ledger, chain, public_key, anchors.get(chain, []), size, head)
         if plan is not None:
             plans.append(plan)
     if not plans:

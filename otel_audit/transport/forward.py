@@ -20,15 +20,16 @@ It also keeps the gaps it passed (seqs below the cursor that held no record
 when it sent the records around them; a real chain has none), and every pass
 looks into them: records that appear there (a writer appending below a row
 planted ahead, which was then deleted and put back unchanged) are sent, and
-that is logged and counted too (``stats().late``). And it walks the links of
-the records it has sent, a slice of each chain per pass (every record's
-prev_hash must be the hash of the record before it), once every
-``check_interval`` seconds: a link that breaks below the cursor means records
-it sent were replaced (the newest rows deleted, a restarted writer appending
-new records at their seqs, the old rows put back above them, so that the
-record at the cursor is unchanged). That is logged, counted
-(``stats().breaks``) and the chain is sent again from its first record; the
-break is remembered, so it is reported once.
+that is logged and counted too (``stats().late``). And it walks the records it
+has sent, ``check_slice`` records per pass over all chains, resuming from the
+cursor file, a new walk every ``check_interval`` seconds: each must hash to
+its stored hash, link to the record before it, and a missing seq must be a
+gap seen when sending. A place where that fails means records already sent
+were replaced or removed under the cursor (the newest rows deleted, a
+restarted writer appending new records at their seqs, the old rows put back
+above them, so that the record at the cursor is unchanged): logged, counted
+(``stats().breaks``), remembered (reported once) and the chain is sent again
+from its first record, at most twice per walk.
 
 One forwarder per outbox: the cursor file is guarded by an exclusive lock, so
 several worker processes that all configured forwarding share the work safely
@@ -79,7 +80,7 @@ from urllib3.util.retry import Retry
 from otel_audit.engine.ledger import Ledger, RawRow, open_ledger, sqlite_path
 from otel_audit.engine.record import decode
 from otel_audit.errors import AuditError, ConfigError
-from otel_audit.proof.chain import GENESIS
+from otel_audit.proof.chain import GENESIS, link_hash
 from otel_audit.settings import (
     OTEL_AUDIT_FORWARD_CERTIFICATE,
     OTEL_AUDIT_FORWARD_COMPRESSION,
@@ -102,7 +103,9 @@ _DEFAULT_TIMEOUT = 10.0
 _DEFAULT_POLL_INTERVAL = 1.0
 _DEFAULT_MAX_BACKOFF = 30.0
 _DEFAULT_CHECK_INTERVAL = 600.0  # seconds between walks of the sent records' links
-_DEFAULT_CHECK_SLICE = 2048  # records of a chain whose links one pass checks
+_DEFAULT_CHECK_SLICE = 1024  # records whose links and hashes one pass checks, all chains
+_KEEP_BREAKS = 256  # places of replaced records remembered per chain (each reported once)
+_LOGGED_BREAKS = 5  # logged one by one per slice; the rest summed up
 _RETRYABLE = frozenset({429, 502, 503, 504})
 
 
@@ -120,8 +123,9 @@ class ForwarderStats:
     #: Records found, and sent, in a gap the cursor had passed: the outbox was
     #: edited outside the writer (or a writer appended below a planted row).
     late: int
-    #: Chains sent again from their first record because the links of records
-    #: already sent broke (records below the cursor were replaced).
+    #: Places where records already sent were found replaced or removed (a
+    #: link or hash that does not match, a gap the forwarder never saw); their
+    #: chains were sent again from the first record.
     breaks: int
     last_error: str | None
 
@@ -130,14 +134,17 @@ class ForwarderStats:
 class _Cursors:
     """What the cursor file keeps per chain: the seq of the last record sent, its
     hash (hex), the gaps below it ([first, last] seqs that held no record), where
-    the walk of the sent records' links is ([seq, hash hex of that record, Unix
-    time the walk began]) and the breaks it reported ([seq, prev_hash hex])."""
+    the walk of the sent records is ([seq it has read to, last record read,
+    that record's hash hex, Unix time the walk began, rewound once in this
+    walk, rewind again at its end]) and
+    the places where it found records replaced (reported once each)."""
 
     seqs: dict[str, int] = field(default_factory=dict)
     hashes: dict[str, str] = field(default_factory=dict)
     holes: dict[str, list[list[int]]] = field(default_factory=dict)
     sweeps: dict[str, list[Any]] = field(default_factory=dict)
-    breaks: dict[str, list[list[Any]]] = field(default_factory=dict)
+    breaks: dict[str, list[str]] = field(default_factory=dict)
+    dirty: bool = False  # changed since it was last saved (not kept in the file)
 
 
 class _SendFailed(Exception):
@@ -458,20 +465,25 @@ class Forwarder:
         cursors = self._load_cursors()
         sent = 0
         failed: Exception | None = None
+        budget = [self.check_slice]  # records whose links this pass walks, all chains
         for chain in ledger.chains():
             try:
-                got = self._pass_chain(ledger, chain, cursors)
+                got = self._pass_chain(ledger, chain, cursors, budget)
             except Exception as exc:
                 failed = failed or exc
                 continue
             if got is None:
                 return sent  # stopping
             sent += got
+        if cursors.dirty:  # the walks moved: saved once per pass, not once per chain
+            self._save_cursors(cursors)
         if failed is not None:
             raise failed
         return sent
 
-    def _pass_chain(self, ledger: Ledger, chain: str, cursors: _Cursors) -> int | None:
+    def _pass_chain(
+        self, ledger: Ledger, chain: str, cursors: _Cursors, budget: list[int]
+    ) -> int | None:
         """One chain's share of a pass: how many records it sent (None: stopping)."""
         hashes, holes = cursors.hashes, cursors.holes
         sent = 0
@@ -502,7 +514,7 @@ class Forwarder:
         if new is None:
             return None
         sent += new
-        if self._links_broke(ledger, chain, cursors):
+        if self._links_broke(ledger, chain, cursors, budget):
             again = self._send_after_cursor(ledger, chain, cursors)
             if again is None:
                 return None
@@ -529,59 +541,106 @@ class Forwarder:
             sent += len(rows)
         return sent
 
-    def _links_broke(self, ledger: Ledger, chain: str, cursors: _Cursors) -> bool:
-        """Walk the next slice of the links of ``chain``'s sent records; True: rewound.
+    def _links_broke(
+        self, ledger: Ledger, chain: str, cursors: _Cursors, budget: list[int]
+    ) -> bool:
+        """Walk the next records of ``chain`` already sent; True when it rewound the chain.
 
-        Each record's prev_hash must be the hash of the record before it
-        (across a gap there is nothing to compare: the gaps are watched
-        apart). A link that breaks below the cursor, and was not reported
-        before, means records already sent were replaced under the cursor:
-        logged, counted, remembered, and the chain is rewound to its first
-        record (as when the record at the cursor is lost), so that the
-        records which replaced them are sent too.
+        Each record must hash to its stored hash (SHA-256 of prev_hash and
+        body), its prev_hash must be the hash of the record before it, and a
+        seq missing between two records must be a gap the forwarder saw when
+        it sent them. Anything else means records already sent were replaced
+        or removed under the cursor: each such place is logged, counted and
+        remembered (reported once), and the chain is rewound to its first
+        record (as when the record at the cursor is lost), so the records that
+        replaced them are sent too. At most two rewinds per walk: at the first
+        break, and at the walk's end if more were found after it.
+        ``budget`` (records, shared by the chains of a pass) bounds the pass.
         """
         top = cursors.seqs.get(chain, 0)
-        if not top:
+        if not top or budget[0] <= 0:
             return False
         now = time.time()
-        pos, prev, began = 0, GENESIS, now
-        state = cursors.sweeps.get(chain)
-        if state is not None:
-            pos, prev, began = state[0], bytes.fromhex(state[1]), state[2]
-            if pos >= top:  # this walk is done: the next begins check_interval after it began
-                if now - began < self.check_interval:
-                    return False
-                pos, prev, began = 0, GENESIS, now
-        until = min(top, pos + self.check_slice)
-        last = pos
+        walk = cursors.sweeps.get(chain)
+        if walk is None or walk[0] > top:
+            walk = [0, 0, GENESIS.hex(), now, False, False]
+        scan, last, prev = walk[0], walk[1], bytes.fromhex(walk[2])
+        began, rewound, pending = walk[3], walk[4], walk[5]
+        if scan >= top:  # this walk is done
+            if pending:
+                walk = [scan, last, prev.hex(), began, True, False]
+                return self._rewind_for_breaks(chain, cursors, walk)
+            if now - began < self.check_interval:
+                return False
+            scan, last, prev, began, rewound = 0, 0, GENESIS, now, False
+        holes = cursors.holes.get(chain, [])
+        for low, high in sorted(holes):  # a gap seen when sending is watched apart
+            if low <= scan + 1 <= high:
+                scan = high
+        until = min(top, scan + budget[0])
+        rows = list(ledger.scan(chain, scan, until))
+        if not rows and until < top:
+            # Nothing in this stretch: go to the next record at once rather
+            # than stretch by stretch (a gap nobody saw would take forever).
+            rows = list(itertools.islice(ledger.scan(chain, until, top), 1))
+            until = rows[0].seq if rows else top
         known = cursors.breaks.setdefault(chain, [])
-        broken: RawRow | None = None
-        for row in ledger.scan(chain, pos, until):
-            if row.seq == last + 1 and row.prev_hash != prev:
-                if [row.seq, row.prev_hash.hex()] not in known:
-                    broken = row
-                    break
+        found: list[tuple[int, str]] = []
+        for row in rows:
+            what = ""
+            if row.seq > last + 1 and not _covered(holes, last + 1, row.seq - 1):
+                what = f"seqs {last + 1} to {row.seq - 1} were removed"
+            elif row.seq == last + 1 and row.prev_hash != prev:
+                what = "it does not link to the record before it"
+            elif link_hash(row.prev_hash, row.body) != row.hash:
+                what = "its hash does not match its bytes"
+            if what:
+                key = f"{row.seq}:{row.prev_hash.hex()}:{prev.hex()}:{row.hash.hex()}"
+                if key not in known:
+                    known.append(key)
+                    found.append((row.seq, what))
             last, prev = row.seq, row.hash
-        if broken is None:
-            if not known:
-                del cursors.breaks[chain]
-            cursors.sweeps[chain] = [until, prev.hex(), began]
+        budget[0] -= max(len(rows), 1)
+        del known[:-_KEEP_BREAKS]
+        if not known:
+            del cursors.breaks[chain]
+        walk = [until, last, prev.hex(), began, rewound, pending]
+        cursors.sweeps[chain] = walk
+        cursors.dirty = True
+        if not found:
+            return False
+        with self._cond:
+            self._counts["breaks"] += len(found)
+        for seq, what in found[:_LOGGED_BREAKS]:
+            _log.error(
+                "otel-audit forward: chain %r: seq %d: %s: records already sent were"
+                " replaced or removed outside the writer (run otel-audit verify)",
+                chain, seq, what,
+            )  # fmt: skip
+        if len(found) > _LOGGED_BREAKS:
+            _log.error(
+                "otel-audit forward: chain %r: %d more such places up to seq %d",
+                chain, len(found) - _LOGGED_BREAKS, found[-1][0],
+            )  # fmt: skip
+        if rewound:
+            walk[5] = True  # rewound once this walk: again when it ends
             self._save_cursors(cursors)
             return False
-        known.append([broken.seq, broken.prev_hash.hex()])
+        walk[4] = True
+        return self._rewind_for_breaks(chain, cursors, walk)
+
+    def _rewind_for_breaks(self, chain: str, cursors: _Cursors, walk: list[Any]) -> bool:
+        """Send ``chain`` again from its first record; the walk goes on where it was."""
         cursors.seqs[chain] = 0
         cursors.hashes.pop(chain, None)
         cursors.holes.pop(chain, None)
-        cursors.sweeps.pop(chain, None)
+        cursors.sweeps[chain] = walk
         self._save_cursors(cursors)
-        with self._cond:
-            self._counts["breaks"] += 1
         _log.error(
-            "otel-audit forward: chain %r: seq %d does not link to the record before it"
-            " (records at or below seq %d, already sent, were replaced outside the writer:"
-            " run otel-audit verify); sending the chain again from its first record",
-            chain, broken.seq, broken.seq - 1,
-        )  # fmt: skip
+            "otel-audit forward: chain %r: sending it again from its first record, so that"
+            " the records which replaced those already sent reach the receiver",
+            chain,
+        )
         return True
 
     def _fill_holes(self, ledger: Ledger, chain: str, cursors: _Cursors) -> int | None:
@@ -846,30 +905,38 @@ def _note_gaps(
 
 def _checks(
     entry: Mapping[str, Any], cursors: Mapping[str, int]
-) -> tuple[dict[str, list[Any]], dict[str, list[list[Any]]]]:
-    """The link walks' positions and the breaks reported, from a cursor file entry.
+) -> tuple[dict[str, list[Any]], dict[str, list[str]]]:
+    """The walks' positions and the places reported, from a cursor file entry.
 
     Lenient: a value that does not read (a file from an older version has
     none) only starts that chain's walk again, which is always safe.
     """
     sweeps: dict[str, list[Any]] = {}
-    breaks: dict[str, list[list[Any]]] = {}
-    for k, state in (entry.get("sweeps") or {}).items():
+    breaks: dict[str, list[str]] = {}
+    for k, walk in (entry.get("sweeps") or {}).items():
         try:
-            pos, digest, began = int(state[0]), str(state[1]), float(state[2])
-            bytes.fromhex(digest)
+            scan, last, digest, began = int(walk[0]), int(walk[1]), str(walk[2]), float(walk[3])
+            rewound, pending = bool(walk[4]), bool(walk[5])
+            if len(bytes.fromhex(digest)) != 32:
+                continue
         except (TypeError, ValueError, IndexError, KeyError):
             continue
-        if str(k) in cursors and pos >= 0:
-            sweeps[str(k)] = [pos, digest, began]
+        if str(k) in cursors and 0 <= last <= scan:
+            sweeps[str(k)] = [scan, last, digest, began, rewound, pending]
     for k, seen in (entry.get("breaks") or {}).items():
-        try:
-            kept = [[int(seq), str(prev)] for seq, prev in seen]
-        except (TypeError, ValueError):
-            continue
-        if kept:
-            breaks[str(k)] = kept
+        if str(k) in cursors and isinstance(seen, list):
+            breaks[str(k)] = [str(x) for x in seen][-_KEEP_BREAKS:]
     return sweeps, breaks
+
+
+def _covered(holes: list[list[int]], low: int, high: int) -> bool:
+    """True when every seq from ``low`` to ``high`` lies in one of the gaps ``holes``."""
+    for first, last in sorted(holes):
+        if first <= low <= last:
+            low = last + 1
+            if low > high:
+                return True
+    return low > high
 
 
 def _close_quietly(ledger: Ledger) -> None:

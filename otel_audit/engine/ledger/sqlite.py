@@ -581,15 +581,22 @@ class SQLiteLedger(Ledger):
         return f"sqlite:///{self._abspath}"
 
     def store_identity(self) -> tuple[object, ...] | None:
-        """(device, inode) of the file this process has open at the ledger's path.
+        """(device, inode) of the database file, its ``-wal`` and its ``-shm`` that
+        this process has open at the ledger's path.
 
         Read from the open descriptors (Linux ``/proc/self/fd``), not from the
-        path, which may name another file by now; None when the process holds
-        more than one file there (one was replaced) or there is no ``/proc``.
+        paths, which may name other files by now (a clean copy's ``-wal``
+        renamed into place changes what a new connection reads, and so what
+        the records are). None when the process holds more than one file at
+        one of those paths (one was replaced), or there is no ``/proc``.
         """
-        names = {self._abspath, os.path.realpath(self._abspath)}
-        names |= {f"{name} (deleted)" for name in names}
-        held = set()
+        base = {self._abspath, os.path.realpath(self._abspath)}
+        kinds: dict[str, str] = {}
+        for suffix in ("", "-wal", "-shm"):
+            for name in base:
+                kinds[name + suffix] = suffix or "db"
+                kinds[f"{name}{suffix} (deleted)"] = suffix or "db"
+        held: dict[str, set[tuple[int, int]]] = {"db": set(), "-wal": set(), "-shm": set()}
         try:
             descriptors = os.listdir("/proc/self/fd")
         except OSError:
@@ -597,12 +604,15 @@ class SQLiteLedger(Ledger):
         for fd in descriptors:
             link = f"/proc/self/fd/{fd}"
             try:
-                if os.readlink(link) in names:
+                kind = kinds.get(os.readlink(link))
+                if kind is not None:
                     st = os.stat(link)
-                    held.add((st.st_dev, st.st_ino))
+                    held[kind].add((st.st_dev, st.st_ino))
             except OSError:  # closed meanwhile
                 continue
-        return ("sqlite", *held.pop()) if len(held) == 1 else None
+        if len(held["db"]) != 1 or any(len(ids) > 1 for ids in held.values()):
+            return None
+        return ("sqlite", *(tuple(sorted(held[k])) for k in ("db", "-wal", "-shm")))
 
     def close(self) -> None:
         try:
