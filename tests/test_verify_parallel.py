@@ -171,6 +171,16 @@ def _row(con: sqlite3.Connection, seq: int, chain: str = "long") -> tuple[bytes,
     ).fetchone()
 
 
+def _edited(pristine: Path, tmp_path: Path, kind: str, seq: int) -> Path:
+    """A copy of the pristine ledger with the insider's edit (``_edit``) made."""
+    db = _copy(pristine, tmp_path)
+    con = sqlite3.connect(db)
+    _edit(con, kind, seq)
+    con.commit()
+    con.close()
+    return db
+
+
 def _edit(con: sqlite3.Connection, kind: str, seq: int) -> None:
     """The insider's edit of chain "long" at ``seq``."""
     where = "chain = 'long' AND seq = ?"
@@ -249,11 +259,7 @@ def test_damage_is_named_as_the_single_walk_names_it(
 ):
     if kind == "truncate" and place == 600:
         place = 560  # a checkpoint must cover what is cut (592 does)
-    db = _copy(pristine, tmp_path)
-    con = sqlite3.connect(db)
-    _edit(con, kind, place)
-    con.commit()
-    con.close()
+    db = _edited(pristine, tmp_path, kind, place)
     url = f"sqlite:///{db}"
     for key in (signer.public_key, None):
         one = _outcome(url, key, 1)
@@ -283,11 +289,7 @@ def test_a_forged_merkle_root_and_a_stray_row_are_named_alike(
 
 
 def test_only_the_damaged_chain_is_walked_again(pristine, signer, tmp_path, small_ranges):
-    db = _copy(pristine, tmp_path)
-    con = sqlite3.connect(db)
-    _edit(con, "body", 300)
-    con.commit()
-    con.close()
+    db = _edited(pristine, tmp_path, "body", 300)
     with open_ledger(f"sqlite:///{db}", readonly=True) as ledger:
         walked, _tried = parallel.walk_chains(ledger, list(CHAINS), signer.public_key, {}, JOBS)
     assert sorted(walked) == ["mid", "short"]
@@ -295,11 +297,7 @@ def test_only_the_damaged_chain_is_walked_again(pristine, signer, tmp_path, smal
 
 def test_a_wrong_merkle_root_fails_the_assembly_without_a_key(pristine, tmp_path, small_ranges):
     """Only the root differs (no key checks the signature): the frontier of the ranges tells."""
-    db = _copy(pristine, tmp_path)
-    con = sqlite3.connect(db)
-    _edit(con, "merkle_root", 407)
-    con.commit()
-    con.close()
+    db = _edited(pristine, tmp_path, "merkle_root", 407)
     with open_ledger(f"sqlite:///{db}", readonly=True) as ledger:
         walked, _tried = parallel.walk_chains(ledger, list(CHAINS), None, {}, JOBS)
     assert sorted(walked) == ["mid", "short"]
@@ -514,11 +512,7 @@ def test_a_row_planted_at_a_huge_seq_is_walked_here_not_planned(
 
 
 def test_progress_counts_each_record_once(pristine, signer, tmp_path, small_ranges):
-    db = _copy(pristine, tmp_path)
-    con = sqlite3.connect(db)
-    _edit(con, "body", 599)
-    con.commit()
-    con.close()
+    db = _edited(pristine, tmp_path, "body", 599)
     counted = {1: 0, JOBS: 0}
     for jobs in counted:
 

@@ -24,6 +24,21 @@ def add_ledger_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def whole_number(minimum: int) -> Any:
+    """An argparse ``type``: a whole number of at least ``minimum`` (one-line errors)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} must be {minimum} or more")
+        return value
+
+    return parse
+
+
 def ledger_url(args: argparse.Namespace) -> str:
     url = args.ledger or os.environ.get(OTEL_AUDIT_LEDGER)
     if not url:

@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Iterable
 
-from otel_audit._commands._common import add_ledger_argument, open_for_reading
+from otel_audit._commands._common import add_ledger_argument, open_for_reading, whole_number
 from otel_audit.engine.ledger import Ledger, StoredRecord
 from otel_audit.errors import VerificationError
 from otel_audit.review.checked import Review, Verdict
@@ -23,20 +23,12 @@ from otel_audit.review.export.jsonl import as_dict
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("tail", help="print the newest records as JSON lines")
     add_ledger_argument(p)
-    p.add_argument("-n", "--lines", type=_count, default=10, help="records per chain (default 10)")
+    p.add_argument(
+        "-n", "--lines", type=whole_number(0), default=10, help="records per chain (default 10)"
+    )
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new records")
     p.add_argument("--interval", type=_seconds, default=0.5, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
-    return value
 
 
 def _seconds(text: str) -> float:

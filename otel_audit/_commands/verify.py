@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from otel_audit._commands._common import add_ledger_argument, open_for_reading
+from otel_audit._commands._common import add_ledger_argument, open_for_reading, whole_number
 from otel_audit._progress import Progress
 from otel_audit.errors import ConfigError
 from otel_audit.proof.keys import load_public_key
@@ -24,23 +24,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument(
         "--jobs",
         "-j",
-        type=_jobs,
+        type=whole_number(1),
         default=None,
         metavar="N",
         help="worker processes for long chains (default: the CPUs verify may use;"
         " 1: one process); the result is the same",
     )
     p.set_defaults(func=run)
-
-
-def _jobs(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be 1 or more")
-    return value
 
 
 def run(args: argparse.Namespace) -> int:
