@@ -21,15 +21,15 @@ when it sent the records around them; a real chain has none), and every pass
 looks into them: records that appear there (a writer appending below a row
 planted ahead, which was then deleted and put back unchanged) are sent, and
 that is logged and counted too (``stats().late``). And it walks the records it
-has sent, ``check_slice`` records per pass over all chains, resuming from the
-cursor file, a new walk every ``check_interval`` seconds: each must hash to
-its stored hash, link to the record before it, and a missing seq must be a
-gap seen when sending. A place where that fails means records already sent
+has sent, ``check_slice`` records per pass over all chains (taken in turn),
+resuming from the cursor file, a new walk every ``check_interval`` seconds:
+each must hash to its stored hash, link to the record before it, and a
+missing seq must be a gap seen when sending, with the same record below it. A place where that fails means records already sent
 were replaced or removed under the cursor (the newest rows deleted, a
 restarted writer appending new records at their seqs, the old rows put back
 above them, so that the record at the cursor is unchanged): logged, counted
 (``stats().breaks``), remembered (reported once) and the chain is sent again
-from its first record, at most twice per walk.
+from its first record: at once, then at most once every ``check_interval``.
 
 One forwarder per outbox: the cursor file is guarded by an exclusive lock, so
 several worker processes that all configured forwarding share the work safely
@@ -52,6 +52,7 @@ Settings (argument, then variable, then default), in the
 from __future__ import annotations
 
 import atexit
+import bisect
 import errno
 import gzip
 import hashlib
@@ -104,7 +105,7 @@ _DEFAULT_POLL_INTERVAL = 1.0
 _DEFAULT_MAX_BACKOFF = 30.0
 _DEFAULT_CHECK_INTERVAL = 600.0  # seconds between walks of the sent records' links
 _DEFAULT_CHECK_SLICE = 1024  # records whose links and hashes one pass checks, all chains
-_KEEP_BREAKS = 256  # places of replaced records remembered per chain (each reported once)
+_KEEP_BREAKS = 4096  # places of replaced records remembered per chain (each reported once)
 _LOGGED_BREAKS = 5  # logged one by one per slice; the rest summed up
 _RETRYABLE = frozenset({429, 502, 503, 504})
 
@@ -135,15 +136,18 @@ class _Cursors:
     """What the cursor file keeps per chain: the seq of the last record sent, its
     hash (hex), the gaps below it ([first, last] seqs that held no record), where
     the walk of the sent records is ([seq it has read to, last record read,
-    that record's hash hex, Unix time the walk began, rewound once in this
-    walk, rewind again at its end]) and
-    the places where it found records replaced (reported once each)."""
+    that record's hash hex, Unix time the walk began, Unix time of its last
+    rewind of the chain, a rewind due]), the places where it found records
+    replaced (reported once each) and the hash of the record below each gap."""
 
     seqs: dict[str, int] = field(default_factory=dict)
     hashes: dict[str, str] = field(default_factory=dict)
     holes: dict[str, list[list[int]]] = field(default_factory=dict)
     sweeps: dict[str, list[Any]] = field(default_factory=dict)
     breaks: dict[str, list[str]] = field(default_factory=dict)
+    #: Per chain, gap start seq (text) -> hash hex of the record just below the
+    #: gap when it was sent: a walk crossing the gap checks that record.
+    edges: dict[str, dict[str, str]] = field(default_factory=dict)
     dirty: bool = False  # changed since it was last saved (not kept in the file)
 
 
@@ -307,6 +311,7 @@ class Forwarder:
         self._passes = 0
         self._idle_pass = 0
         self._thread: threading.Thread | None = None
+        self._walked_last = ""  # the chain whose walk the last pass reached last
         self._counts = {
             "forwarded": 0, "batches": 0, "failures": 0, "rejected": 0, "rewinds": 0, "late": 0,
             "breaks": 0,
@@ -465,25 +470,40 @@ class Forwarder:
         cursors = self._load_cursors()
         sent = 0
         failed: Exception | None = None
-        budget = [self.check_slice]  # records whose links this pass walks, all chains
-        for chain in ledger.chains():
+        chains = ledger.chains()
+        for chain in chains:
             try:
-                got = self._pass_chain(ledger, chain, cursors, budget)
+                got = self._pass_chain(ledger, chain, cursors)
             except Exception as exc:
                 failed = failed or exc
                 continue
             if got is None:
                 return sent  # stopping
             sent += got
+        # Then the walks of the records sent, one budget for all chains, the
+        # chains taken in turn from where the last pass's budget ran out: a
+        # long chain cannot keep the others from ever being walked.
+        budget = [self.check_slice]
+        turn = sum(1 for c in chains if c <= self._walked_last) % max(1, len(chains))
+        for chain in chains[turn:] + chains[:turn]:
+            if budget[0] <= 0:
+                break
+            try:
+                if self._links_broke(ledger, chain, cursors, budget):
+                    again = self._send_after_cursor(ledger, chain, cursors)
+                    if again is None:
+                        return sent
+                    sent += again
+            except Exception as exc:
+                failed = failed or exc
+            self._walked_last = chain
         if cursors.dirty:  # the walks moved: saved once per pass, not once per chain
             self._save_cursors(cursors)
         if failed is not None:
             raise failed
         return sent
 
-    def _pass_chain(
-        self, ledger: Ledger, chain: str, cursors: _Cursors, budget: list[int]
-    ) -> int | None:
+    def _pass_chain(self, ledger: Ledger, chain: str, cursors: _Cursors) -> int | None:
         """One chain's share of a pass: how many records it sent (None: stopping)."""
         hashes, holes = cursors.hashes, cursors.holes
         sent = 0
@@ -503,6 +523,7 @@ class Forwarder:
             cursors.seqs[chain] = 0
             del hashes[chain]
             holes.pop(chain, None)
+            cursors.edges.pop(chain, None)
             cursors.sweeps.pop(chain, None)
             self._save_cursors(cursors)
         if holes.get(chain):
@@ -513,13 +534,7 @@ class Forwarder:
         new = self._send_after_cursor(ledger, chain, cursors)
         if new is None:
             return None
-        sent += new
-        if self._links_broke(ledger, chain, cursors, budget):
-            again = self._send_after_cursor(ledger, chain, cursors)
-            if again is None:
-                return None
-            sent += again
-        return sent
+        return sent + new
 
     def _send_after_cursor(self, ledger: Ledger, chain: str, cursors: _Cursors) -> int | None:
         """Send ``chain``'s records after its cursor; how many (None: stopping)."""
@@ -532,9 +547,12 @@ class Forwarder:
                 break
             if not self._deliver(chain, rows):
                 return None
-            _note_gaps(holes.setdefault(chain, []), after, rows)
+            edges = cursors.edges.setdefault(chain, {})
+            _note_gaps(holes.setdefault(chain, []), after, rows, None, edges, hashes.get(chain))
             if not holes[chain]:
                 del holes[chain]
+            if not edges:
+                del cursors.edges[chain]
             cursors.seqs[chain] = rows[-1].seq
             hashes[chain] = rows[-1].hash.hex()
             self._save_cursors(cursors)
@@ -547,15 +565,15 @@ class Forwarder:
         """Walk the next records of ``chain`` already sent; True when it rewound the chain.
 
         Each record must hash to its stored hash (SHA-256 of prev_hash and
-        body), its prev_hash must be the hash of the record before it, and a
-        seq missing between two records must be a gap the forwarder saw when
-        it sent them. Anything else means records already sent were replaced
-        or removed under the cursor: each such place is logged, counted and
-        remembered (reported once), and the chain is rewound to its first
-        record (as when the record at the cursor is lost), so the records that
-        replaced them are sent too. At most two rewinds per walk: at the first
-        break, and at the walk's end if more were found after it.
-        ``budget`` (records, shared by the chains of a pass) bounds the pass.
+        body) and link to the record before it; a seq missing between two
+        records must be a gap seen when sending, and the record below that
+        gap the one that was there then. Anything else means records already
+        sent were replaced or removed under the cursor: each such place is
+        logged, counted and remembered (reported once), and the chain is
+        rewound to its first record (as when the record at the cursor is
+        lost), so that the records which replaced them are sent too: at once,
+        and then at most once every ``check_interval``. ``budget`` (records,
+        shared by the chains of a pass) bounds the pass.
         """
         top = cursors.seqs.get(chain, 0)
         if not top or budget[0] <= 0:
@@ -563,20 +581,20 @@ class Forwarder:
         now = time.time()
         walk = cursors.sweeps.get(chain)
         if walk is None or walk[0] > top:
-            walk = [0, 0, GENESIS.hex(), now, False, False]
+            walk = [0, 0, GENESIS.hex(), now, 0.0, False]
         scan, last, prev = walk[0], walk[1], bytes.fromhex(walk[2])
-        began, rewound, pending = walk[3], walk[4], walk[5]
-        if scan >= top:  # this walk is done
-            if pending:
-                walk = [scan, last, prev.hex(), began, True, False]
-                return self._rewind_for_breaks(chain, cursors, walk)
+        began, rewound_at, due = walk[3], walk[4], walk[5]
+        if due and now - rewound_at >= self.check_interval:
+            return self._rewind_for_breaks(chain, cursors, [scan, last, walk[2], began, now, False])
+        if scan >= top:  # this walk is done: the next begins check_interval after it began
             if now - began < self.check_interval:
                 return False
-            scan, last, prev, began, rewound = 0, 0, GENESIS, now, False
-        holes = cursors.holes.get(chain, [])
-        for low, high in sorted(holes):  # a gap seen when sending is watched apart
-            if low <= scan + 1 <= high:
-                scan = high
+            scan, last, prev, began = 0, 0, GENESIS, now
+        holes = sorted(cursors.holes.get(chain, []))
+        starts = [low for low, _high in holes]
+        at = bisect.bisect_right(starts, scan + 1) - 1
+        if at >= 0 and holes[at][0] <= scan + 1 <= holes[at][1]:
+            scan = holes[at][1]  # a gap seen when sending is watched apart
         until = min(top, scan + budget[0])
         rows = list(ledger.scan(chain, scan, until))
         if not rows and until < top:
@@ -584,27 +602,33 @@ class Forwarder:
             # than stretch by stretch (a gap nobody saw would take forever).
             rows = list(itertools.islice(ledger.scan(chain, until, top), 1))
             until = rows[0].seq if rows else top
+        edges = cursors.edges.get(chain, {})
         known = cursors.breaks.setdefault(chain, [])
         found: list[tuple[int, str]] = []
         for row in rows:
-            what = ""
-            if row.seq > last + 1 and not _covered(holes, last + 1, row.seq - 1):
-                what = f"seqs {last + 1} to {row.seq - 1} were removed"
-            elif row.seq == last + 1 and row.prev_hash != prev:
-                what = "it does not link to the record before it"
-            elif link_hash(row.prev_hash, row.body) != row.hash:
-                what = "its hash does not match its bytes"
-            if what:
-                key = f"{row.seq}:{row.prev_hash.hex()}:{prev.hex()}:{row.hash.hex()}"
-                if key not in known:
+            digest = link_hash(row.prev_hash, row.body)
+            wrong = []
+            if row.seq > last + 1:
+                if not _covered(holes, starts, last + 1, row.seq - 1):
+                    wrong.append(f"seqs {last + 1} to {row.seq - 1} were removed")
+                elif edges.get(str(last + 1), prev.hex()) != prev.hex():
+                    wrong.append(f"the record below the gap at seq {last + 1} was replaced")
+            elif row.prev_hash != prev:
+                wrong.append("it does not link to the record before it")
+            if digest != row.hash:
+                wrong.append("its hash does not match its bytes")
+            if wrong:
+                key = (
+                    f"{row.seq}:{digest.hex()}:{row.prev_hash.hex()}:{prev.hex()}:{row.hash.hex()}"
+                )
+                if key not in known and len(known) < _KEEP_BREAKS:
                     known.append(key)
-                    found.append((row.seq, what))
+                    found.append((row.seq, "; ".join(wrong)))
             last, prev = row.seq, row.hash
         budget[0] -= max(len(rows), 1)
-        del known[:-_KEEP_BREAKS]
         if not known:
             del cursors.breaks[chain]
-        walk = [until, last, prev.hex(), began, rewound, pending]
+        walk = [until, last, prev.hex(), began, rewound_at, due]
         cursors.sweeps[chain] = walk
         cursors.dirty = True
         if not found:
@@ -622,11 +646,11 @@ class Forwarder:
                 "otel-audit forward: chain %r: %d more such places up to seq %d",
                 chain, len(found) - _LOGGED_BREAKS, found[-1][0],
             )  # fmt: skip
-        if rewound:
-            walk[5] = True  # rewound once this walk: again when it ends
+        if now - rewound_at < self.check_interval:
+            walk[5] = True  # rewound lately: again once check_interval has passed
             self._save_cursors(cursors)
             return False
-        walk[4] = True
+        walk[4], walk[5] = now, False
         return self._rewind_for_breaks(chain, cursors, walk)
 
     def _rewind_for_breaks(self, chain: str, cursors: _Cursors, walk: list[Any]) -> bool:
@@ -634,6 +658,7 @@ class Forwarder:
         cursors.seqs[chain] = 0
         cursors.hashes.pop(chain, None)
         cursors.holes.pop(chain, None)
+        cursors.edges.pop(chain, None)
         cursors.sweeps[chain] = walk
         self._save_cursors(cursors)
         _log.error(
@@ -660,11 +685,16 @@ class Forwarder:
             if not self._deliver(chain, found[start : start + self.batch_size]):
                 return None
         remaining: list[list[int]] = []
+        was = cursors.edges.pop(chain, {})
+        edges: dict[str, str] = {}
         for low, high in holes[chain]:
-            _note_gaps(remaining, low - 1, [r for r in found if low <= r.seq <= high], high)
+            inside = [r for r in found if low <= r.seq <= high]
+            _note_gaps(remaining, low - 1, inside, high, edges, was.get(str(low)))
         holes[chain] = remaining
         if not remaining:
             del holes[chain]
+        if edges:
+            cursors.edges[chain] = edges
         self._save_cursors(cursors)
         # Said once they are sent and the gaps saved: a failed save sends them
         # again (deduplicated) without counting or logging them twice.
@@ -836,7 +866,11 @@ class Forwarder:
                     raise ValueError(f"a gap of chain {k!r} ends before it starts")
                 if str(k) in cursors and kept:
                     holes[str(k)] = kept
-            return _Cursors(cursors, hashes, holes, *_checks(entry, cursors))
+            found = _Cursors(cursors, hashes, holes, *_checks(entry, cursors))
+            for k, below in (entry.get("edges") or {}).items():
+                if str(k) in holes and isinstance(below, dict):
+                    found.edges[str(k)] = {str(a): str(b) for a, b in below.items()}
+            return found
         except (AttributeError, TypeError, ValueError) as exc:
             _log.error(
                 "otel-audit forward: cursor file %s malformed (%s); resending",
@@ -860,6 +894,7 @@ class Forwarder:
             "holes": cursors.holes,
             "sweeps": cursors.sweeps,
             "breaks": cursors.breaks,
+            "edges": cursors.edges,
         }
         tmp = f"{self.state_path}.tmp"
         try:
@@ -890,17 +925,28 @@ else:
 
 
 def _note_gaps(
-    holes: list[list[int]], after: int, rows: list[RawRow], upto: int | None = None
+    holes: list[list[int]],
+    after: int,
+    rows: list[RawRow],
+    upto: int | None = None,
+    edges: dict[str, str] | None = None,
+    below: str | None = None,
 ) -> None:
     """Add to ``holes`` the seqs after ``after`` that ``rows`` (in seq order) skip, and,
-    with ``upto``, those after the last of them up to ``upto``."""
+    with ``upto``, those after the last of them up to ``upto``. ``edges`` gets, for
+    each gap, the hash of the record just below it (``below``: that of ``after``)."""
     prev = after
     for row in rows:
         if row.seq > prev + 1:
             holes.append([prev + 1, row.seq - 1])
+            if edges is not None and below is not None:
+                edges[str(prev + 1)] = below
         prev = row.seq
+        below = row.hash.hex()
     if upto is not None and upto > prev:
         holes.append([prev + 1, upto])
+        if edges is not None and below is not None:
+            edges[str(prev + 1)] = below
 
 
 def _checks(
@@ -916,26 +962,28 @@ def _checks(
     for k, walk in (entry.get("sweeps") or {}).items():
         try:
             scan, last, digest, began = int(walk[0]), int(walk[1]), str(walk[2]), float(walk[3])
-            rewound, pending = bool(walk[4]), bool(walk[5])
+            rewound_at, due = float(walk[4]), bool(walk[5])
             if len(bytes.fromhex(digest)) != 32:
                 continue
         except (TypeError, ValueError, IndexError, KeyError):
             continue
         if str(k) in cursors and 0 <= last <= scan:
-            sweeps[str(k)] = [scan, last, digest, began, rewound, pending]
+            sweeps[str(k)] = [scan, last, digest, began, rewound_at, due]
     for k, seen in (entry.get("breaks") or {}).items():
         if str(k) in cursors and isinstance(seen, list):
             breaks[str(k)] = [str(x) for x in seen][-_KEEP_BREAKS:]
     return sweeps, breaks
 
 
-def _covered(holes: list[list[int]], low: int, high: int) -> bool:
-    """True when every seq from ``low`` to ``high`` lies in one of the gaps ``holes``."""
-    for first, last in sorted(holes):
-        if first <= low <= last:
-            low = last + 1
-            if low > high:
-                return True
+def _covered(holes: list[list[int]], starts: list[int], low: int, high: int) -> bool:
+    """True when every seq from ``low`` to ``high`` lies in the gaps ``holes`` (sorted;
+    ``starts``: their first seqs)."""
+    at = bisect.bisect_right(starts, low) - 1
+    while 0 <= at < len(holes) and holes[at][0] <= low <= holes[at][1]:
+        low = holes[at][1] + 1
+        if low > high:
+            return True
+        at += 1
     return low > high
 
 
