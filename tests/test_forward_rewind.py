@@ -714,3 +714,112 @@ def test_hundreds_of_damaged_places_do_not_resend_the_chain_for_ever(server, db,
     assert forwarder.stats().breaks == 300  # each place once
     assert server.stats().duplicates - before <= 3000  # one resend: the next waits 10 minutes
     assert sorted(_received(server)) == sorted(real)
+
+
+def test_a_row_with_a_chain_id_that_is_not_text_does_not_stop_the_walk(server, db, outbox, caplog):
+    real = _fill(outbox, 10)
+    _forward_until_quiet(outbox, server)
+    with sqlite3.connect(db) as con:
+        con.execute(
+            "INSERT INTO records (chain, seq, prev_hash, hash, body) SELECT ?, seq, prev_hash,"
+            " hash, body FROM records WHERE chain = 'shop' AND seq = 1",
+            (b"zz",),
+        )
+    con.close()
+    new = _replace_newest(db, outbox, 10)
+    forwarder = _forward_until_quiet(outbox, server)
+    assert forwarder.stats().breaks == 1
+    assert forwarder.stats().failures == 0
+    assert sorted(_received(server)) == sorted(real + new)
+    assert any("chain id is not text" in e for e in _errors(caplog))
+
+
+def test_places_over_the_remembered_number_still_count(server, db, outbox):
+    """The oldest places are forgotten, not the new ones: with the list full, an
+    edit made afterwards is still caught."""
+    real = _fill(outbox, 60)
+    host, port = server.http_address
+    forwarder = Forwarder(
+        outbox, f"http://{host}:{port}", poll_interval=30, check_interval=0
+    ).start()
+    try:
+        assert forwarder.flush(30)
+    finally:
+        forwarder.stop()
+    from otel_audit.transport import forward
+
+    keep = forward._KEEP_BREAKS
+    forward._KEEP_BREAKS = 20  # a full list with few records
+    try:
+        with sqlite3.connect(db) as con:
+            con.execute("UPDATE records SET prev_hash = randomblob(32) WHERE seq <= 40")
+        con.close()
+        # 40 places, 20 remembered: with no pause between walks (check_interval
+        # 0) the forgotten ones are found again and again, so no pass is idle.
+        busy = Forwarder(outbox, f"http://{host}:{port}", poll_interval=0.05, check_interval=0)
+        busy.start()
+        time.sleep(2)
+        busy.stop()
+        assert busy.stats().breaks >= 40
+        with sqlite3.connect(db) as con:  # the insider puts the links right again...
+            for seq in range(2, 41):
+                con.execute(
+                    "UPDATE records SET prev_hash = (SELECT hash FROM records WHERE chain ="
+                    " 'shop' AND seq = ?) WHERE chain = 'shop' AND seq = ?",
+                    (seq - 1, seq),
+                )
+            con.execute("UPDATE records SET prev_hash = ? WHERE seq = 1", (b"\0" * 32,))
+        con.close()
+        new = _replace_newest(db, outbox, 60)  # ...and makes the edit that matters
+        forwarder = _forward_until_quiet(outbox, server)
+    finally:
+        forward._KEEP_BREAKS = keep
+    assert forwarder.stats().breaks >= 1
+    assert set(real + new) <= set(_received(server))
+
+
+def test_a_record_sent_before_that_no_longer_decodes_does_not_hold_the_chain(
+    server, db, outbox, caplog
+):
+    real = _fill(outbox, 10)
+    _forward_until_quiet(outbox, server)
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE records SET body = CAST('{}' AS BLOB) WHERE chain = 'shop' AND seq = 2")
+    con.close()
+    forwarder = _forward_until_quiet(outbox, server)
+    more = _fill(outbox, 3, start=60_000)
+    forwarder = _forward_until_quiet(outbox, server)
+    assert forwarder.stats().failures == 0
+    assert set(real + more) <= set(_received(server))
+    assert any("record 2, sent before, no longer decodes" in e for e in _errors(caplog))
+
+
+def test_a_chain_deleted_whole_is_said_and_leaves_the_cursor_file(server, db, outbox, caplog):
+    _fill(outbox, 5, chain="gone")
+    _fill(outbox, 5, start=100)
+    _forward_until_quiet(outbox, server)
+    with sqlite3.connect(db) as con:
+        con.execute("DELETE FROM records WHERE chain = 'gone'")
+    con.close()
+    forwarder = _forward_until_quiet(outbox, server)
+    assert forwarder.stats().breaks == 1
+    assert "gone" not in _cursor(forwarder)["chains"]
+    assert any("chain 'gone' is gone from the outbox, 5 record(s) of it sent" in e
+               for e in _errors(caplog))  # fmt: skip
+
+
+def test_a_clock_set_back_does_not_stop_the_walks(server, db, outbox, caplog):
+    """A walk that began while the clock was a year ahead: once the clock is
+    right again, walks go on (they do not wait a year)."""
+    real = _fill(outbox, 10)
+    _forward_until_quiet(outbox, server)
+    state = pathlib.Path(f"{db}.forward.json")
+    data = json.loads(state.read_text())
+    for entry in data.values():
+        for walk in entry["sweeps"].values():
+            walk[3] += 365 * 24 * 3600  # began "in a year"
+    state.write_text(json.dumps(data))
+    new = _replace_newest(db, outbox, 10)
+    forwarder = _forward_until_quiet(outbox, server)
+    assert forwarder.stats().breaks == 1
+    assert sorted(_received(server)) == sorted(real + new)

@@ -148,6 +148,10 @@ class _Cursors:
     #: Per chain, gap start seq (text) -> hash hex of the record just below the
     #: gap when it was sent: a walk crossing the gap checks that record.
     edges: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: Per chain being sent again after a rewind: the cursor before it. Below
+    #: it a record that no longer decodes was sent before, whole; it is
+    #: skipped (logged) rather than hold the chain.
+    resend: dict[str, int] = field(default_factory=dict)
     dirty: bool = False  # changed since it was last saved (not kept in the file)
 
 
@@ -312,6 +316,7 @@ class Forwarder:
         self._idle_pass = 0
         self._thread: threading.Thread | None = None
         self._walked_last = ""  # the chain whose walk the last pass reached last
+        self._said_odd_chains = False
         self._counts = {
             "forwarded": 0, "batches": 0, "failures": 0, "rejected": 0, "rewinds": 0, "late": 0,
             "breaks": 0,
@@ -470,7 +475,13 @@ class Forwarder:
         cursors = self._load_cursors()
         sent = 0
         failed: Exception | None = None
-        chains = ledger.chains()
+        chains = [c for c in ledger.chains() if isinstance(c, str)]
+        if len(chains) != len(ledger.chains()) and not self._said_odd_chains:
+            self._said_odd_chains = True  # verify names those rows; they are no records
+            _log.error(
+                "otel-audit forward: the outbox has rows whose chain id is not text (run"
+                " otel-audit verify); they are not sent"
+            )
         for chain in chains:
             try:
                 got = self._pass_chain(ledger, chain, cursors)
@@ -497,6 +508,25 @@ class Forwarder:
             except Exception as exc:
                 failed = failed or exc
             self._walked_last = chain
+        present = set(chains)
+        gone = [c for c in cursors.seqs if c not in present and cursors.seqs[c]]
+        for chain in gone[:_LOGGED_BREAKS]:
+            _log.error(
+                "otel-audit forward: chain %r is gone from the outbox, %d record(s) of it sent:"
+                " the outbox was edited outside the writer (run otel-audit verify)",
+                chain, cursors.seqs[chain],
+            )  # fmt: skip
+        if len(gone) > _LOGGED_BREAKS:
+            _log.error("otel-audit forward: %d more chains are gone", len(gone) - _LOGGED_BREAKS)
+        if gone:
+            with self._cond:
+                self._counts["breaks"] += len(gone)
+        for chain in [c for c in cursors.seqs if c not in present]:
+            # Nothing left to check or send: the cursor file keeps no entry for it.
+            for kept in (cursors.seqs, cursors.hashes, cursors.holes, cursors.sweeps,
+                         cursors.breaks, cursors.edges, cursors.resend):  # fmt: skip
+                kept.pop(chain, None)
+            cursors.dirty = True
         if cursors.dirty:  # the walks moved: saved once per pass, not once per chain
             self._save_cursors(cursors)
         if failed is not None:
@@ -520,6 +550,7 @@ class Forwarder:
             # same cursor file. Any point above the start can skip some;
             # the start cannot. The resend happens only after tampering,
             # and the receiver stores each (trace id, span id) once.
+            cursors.resend[chain] = max(cursors.resend.get(chain, 0), cursors.seqs[chain])
             cursors.seqs[chain] = 0
             del hashes[chain]
             holes.pop(chain, None)
@@ -545,8 +576,10 @@ class Forwarder:
             rows = list(itertools.islice(ledger.scan(chain, after), self.batch_size))
             if not rows:
                 break
-            if not self._deliver(chain, rows):
+            if not self._deliver(chain, rows, cursors.resend.get(chain, 0)):
                 return None
+            if rows[-1].seq >= cursors.resend.get(chain, 0):
+                cursors.resend.pop(chain, None)
             edges = cursors.edges.setdefault(chain, {})
             _note_gaps(holes.setdefault(chain, []), after, rows, None, edges, hashes.get(chain))
             if not holes[chain]:
@@ -584,10 +617,10 @@ class Forwarder:
             walk = [0, 0, GENESIS.hex(), now, 0.0, False]
         scan, last, prev = walk[0], walk[1], bytes.fromhex(walk[2])
         began, rewound_at, due = walk[3], walk[4], walk[5]
-        if due and now - rewound_at >= self.check_interval:
+        if due and not 0 <= now - rewound_at < self.check_interval:  # (a clock set back: due)
             return self._rewind_for_breaks(chain, cursors, [scan, last, walk[2], began, now, False])
         if scan >= top:  # this walk is done: the next begins check_interval after it began
-            if now - began < self.check_interval:
+            if 0 <= now - began < self.check_interval:
                 return False
             scan, last, prev, began = 0, 0, GENESIS, now
         holes = sorted(cursors.holes.get(chain, []))
@@ -604,6 +637,7 @@ class Forwarder:
             until = rows[0].seq if rows else top
         edges = cursors.edges.get(chain, {})
         known = cursors.breaks.setdefault(chain, [])
+        seen = set(known)
         found: list[tuple[int, str]] = []
         for row in rows:
             digest = link_hash(row.prev_hash, row.body)
@@ -621,11 +655,13 @@ class Forwarder:
                 key = (
                     f"{row.seq}:{digest.hex()}:{row.prev_hash.hex()}:{prev.hex()}:{row.hash.hex()}"
                 )
-                if key not in known and len(known) < _KEEP_BREAKS:
+                if key not in seen:
+                    seen.add(key)
                     known.append(key)
                     found.append((row.seq, "; ".join(wrong)))
             last, prev = row.seq, row.hash
         budget[0] -= max(len(rows), 1)
+        del known[:-_KEEP_BREAKS]  # the oldest go: one found again is reported again
         if not known:
             del cursors.breaks[chain]
         walk = [until, last, prev.hex(), began, rewound_at, due]
@@ -646,7 +682,7 @@ class Forwarder:
                 "otel-audit forward: chain %r: %d more such places up to seq %d",
                 chain, len(found) - _LOGGED_BREAKS, found[-1][0],
             )  # fmt: skip
-        if now - rewound_at < self.check_interval:
+        if 0 <= now - rewound_at < self.check_interval:
             walk[5] = True  # rewound lately: again once check_interval has passed
             self._save_cursors(cursors)
             return False
@@ -655,6 +691,7 @@ class Forwarder:
 
     def _rewind_for_breaks(self, chain: str, cursors: _Cursors, walk: list[Any]) -> bool:
         """Send ``chain`` again from its first record; the walk goes on where it was."""
+        cursors.resend[chain] = max(cursors.resend.get(chain, 0), cursors.seqs.get(chain, 0))
         cursors.seqs[chain] = 0
         cursors.hashes.pop(chain, None)
         cursors.holes.pop(chain, None)
@@ -736,8 +773,12 @@ class Forwarder:
         )  # fmt: skip
         return True
 
-    def _deliver(self, chain: str, rows: list[RawRow]) -> bool:
-        """Send one batch until the receiver takes it; False only when stopping."""
+    def _deliver(self, chain: str, rows: list[RawRow], sent_upto: int = 0) -> bool:
+        """Send one batch until the receiver takes it; False only when stopping.
+
+        A record at or below ``sent_upto`` (a chain sent again) that no longer
+        decodes was sent before as it was: it is skipped, and said.
+        """
         backoff = 0.5
         last_seq = rows[-1].seq
         size = len(rows)
@@ -749,10 +790,20 @@ class Forwarder:
                 try:
                     records.append(decode(row.body))
                 except ValueError as exc:
+                    if row.seq <= sent_upto:
+                        _log.error(
+                            "otel-audit forward: chain %r: record %d, sent before, no longer"
+                            " decodes (%s): the outbox was edited; not sent again",
+                            chain, row.seq, exc,
+                        )  # fmt: skip
+                        continue
                     # Not skipped (nothing is): the outbox needs repair; retried with backoff.
                     raise ValueError(
                         f"record {row.seq} of chain {chain!r} in the outbox cannot be sent: {exc}"
                     ) from exc
+            if not records:
+                start += len(part)
+                continue
             try:
                 rejected, message = self._send(records)
             except _SendFailed as exc:
@@ -870,6 +921,9 @@ class Forwarder:
             for k, below in (entry.get("edges") or {}).items():
                 if str(k) in holes and isinstance(below, dict):
                     found.edges[str(k)] = {str(a): str(b) for a, b in below.items()}
+            for k, upto in (entry.get("resend") or {}).items():
+                if isinstance(upto, int) and str(k) in cursors:
+                    found.resend[str(k)] = upto
             return found
         except (AttributeError, TypeError, ValueError) as exc:
             _log.error(
@@ -895,6 +949,7 @@ class Forwarder:
             "sweeps": cursors.sweeps,
             "breaks": cursors.breaks,
             "edges": cursors.edges,
+            "resend": cursors.resend,
         }
         tmp = f"{self.state_path}.tmp"
         try:
