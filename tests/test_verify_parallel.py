@@ -40,7 +40,7 @@ JOBS = 3
 
 @pytest.fixture
 def small_ranges(monkeypatch: pytest.MonkeyPatch) -> int:
-    """Ranges of 64 records at the least; with 950 records and 3 jobs they are 128.
+    """Ranges of 64 records at the least (with 950 records and 3 jobs, 64: edges at 128, 256, ... too).
     Chains of 16 records or more are planned (32 records would make a task)."""
     monkeypatch.setattr(parallel, "MIN_RANGE", 64)
     monkeypatch.setattr(parallel, "SHORT", 16)

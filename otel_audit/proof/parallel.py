@@ -292,7 +292,7 @@ def walk_chains(
     if target is None or identity is None:
         return {}, set()
     size = MIN_RANGE
-    while size * jobs * 4 < sum(heads.values()):
+    while size * 2 * jobs * 4 <= sum(heads.values()):  # at least 4 ranges a worker
         size *= 2
     plans: list[_Plan] = []
     for chain, head in heads.items():
