@@ -366,7 +366,6 @@ def test_cli_jobs_on_a_long_ledger(big, tmp_path):
     assert "seq 32769: modified" in two.stderr
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to compare")
 def test_search_and_migrate_verify_in_workers_alike(big, tmp_path):
     """search, export and migrate verify the chains they touch with one process per CPU."""
     db = _copy(big[0], tmp_path)

@@ -38,8 +38,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from otel_audit.engine.ledger import Ledger, open_ledger
 from otel_audit.errors import VerificationError
 from otel_audit.proof.chain import GENESIS, Checkpoint, check_checkpoints
-from otel_audit.proof.merkle import node_hash
-from otel_audit.proof.walk import ChainReport, check_due, linked, merkle_batch
+from otel_audit.proof.walk import (
+    ChainReport,
+    check_due,
+    due_checks,
+    extend,
+    linked,
+    merkle_batch,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -150,22 +156,12 @@ def _walk(
     return found
 
 
-def _extend(nodes: list[bytes], size: int, node: bytes, height: int) -> int:
-    """Add a perfect subtree of 2**height leaves to the frontier ``nodes`` of ``size``."""
-    s = size >> height
-    while s & 1:
-        node = node_hash(nodes.pop(), node)
-        s >>= 1
-    nodes.append(node)
-    return size + (1 << height)
-
-
 def _joined(nodes: list[bytes], size: int, prefix: list[bytes], offset: int) -> list[bytes]:
     """The frontier at ``size + offset``: ``nodes`` (at ``size``) then a range's prefix nodes."""
     out = list(nodes)
     heights = [h for h in range(offset.bit_length() - 1, -1, -1) if offset >> h & 1]
     for node, height in zip(prefix, heights):
-        size = _extend(out, size, node, height)
+        size = extend(out, size, node, height)
     return out
 
 
@@ -192,19 +188,12 @@ def _plan(
     stored, problems = check_checkpoints(ledger.checkpoints(chain), public_key)
     if problems:
         return None
-    due: dict[int, list[tuple[Checkpoint, str]]] = {}
-    for cp in stored:
-        due.setdefault(cp.seq, []).append((cp, f"checkpoint at seq {cp.seq}"))
-    for cp in anchors:
-        due.setdefault(cp.seq, []).append((cp, f"anchor at seq {cp.seq}"))
+    due, merkle_until = due_checks(stored, anchors)
     if any(type(seq) is not int or seq < 1 for seq in due):
         return None
     count = max(1, -(-head // size))  # a chain shorter than a range is one range
     ranges: list[tuple[int, int | None]] = [(k * size, (k + 1) * size) for k in range(count - 1)]
     ranges.append(((count - 1) * size, None))
-    merkle_until = max(
-        (seq for seq, cps in due.items() if any(cp.merkle_root for cp, _ in cps)), default=0
-    )
     return _Plan(chain, ranges, due, merkle_until, len(stored), head)
 
 
@@ -233,7 +222,7 @@ def _assemble(
             if after + size < plan.merkle_until:  # later checkpoints need this range's root
                 if found.last_seq != after + size or len(found.nodes) != 1:
                     return None
-                tree = _extend(nodes, tree, found.nodes[0], height)
+                tree = extend(nodes, tree, found.nodes[0], height)
             expected, last_seq = found.last_hash, found.last_seq
     except VerificationError:
         return None

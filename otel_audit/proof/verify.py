@@ -25,6 +25,7 @@ from otel_audit.proof.walk import (
     check_due,
     check_signature,
     damage,
+    due_checks,
     linked,
     merkle_batch,
 )
@@ -158,12 +159,9 @@ def _verify_chain(
     if problems:
         raise damage(problems[0].chain, problems[0].seq, problems[0].kind, problems[0].detail)
     rep.checkpoints = len(stored)
-    # seq -> [(checkpoint, what)]; anchors are checkpoints held by another system.
-    due: dict[int, list[tuple[Checkpoint, str]]] = {}
-    for cp in stored:
-        due.setdefault(cp.seq, []).append((cp, f"checkpoint at seq {cp.seq}"))
-    for cp in anchors:
-        due.setdefault(cp.seq, []).append((cp, f"anchor at seq {cp.seq}"))
+    # Leaf hashes after the last checkpoint or anchor with a root (merkle_until)
+    # are compared with nothing: the Merkle pass stops at the batch that reaches it.
+    due, merkle_until = due_checks(stored, anchors)
 
     # The hot path of verify (issue 13) works a batch of rows at a time with
     # list comprehensions, so the per-record work is the SHA-256 calls and
@@ -174,11 +172,6 @@ def _verify_chain(
     # left is the formats' own cost: reading each row, its link hash and its
     # Merkle leaf (a second SHA-256 over the same body) and inner node
     # (bench_verify.py prints each, and the ratio they allow).
-    # Leaf hashes after the last checkpoint or anchor with a root are compared
-    # with nothing: the Merkle pass stops at the batch that reaches it.
-    merkle_until = max(
-        (seq for seq, cps in due.items() if any(cp.merkle_root for cp, _ in cps)), default=0
-    )
     pending = deque(sorted(due))  # seqs with checkpoints or anchors to check, in order
     if pending and pending[0] < 1:
         _cp, what = due[pending[0]][0]

@@ -107,12 +107,7 @@ def merkle_batch(
                     p += 1 << h
             yield inside[k], nodes + prefix
             k += 1
-        node, s = level[0], size >> (len(levels) - 1)
-        while s & 1:
-            node = node_hash(nodes.pop(), node)
-            s >>= 1
-        nodes.append(node)
-        size += c
+        size = extend(nodes, size, level[0], len(levels) - 1)
         i += c
         if k < len(inside) and inside[k] == size:
             yield inside[k], nodes
@@ -149,3 +144,30 @@ def check_due(
         elif public_key is not None:
             rep.signatures_checked += 1
     return seq
+
+
+def extend(nodes: list[bytes], size: int, node: bytes, height: int) -> int:
+    """Add a perfect subtree of 2**height leaves to the frontier ``nodes`` of ``size``
+    leaves (a multiple of 2**height); returns the new size."""
+    s = size >> height
+    while s & 1:
+        node = node_hash(nodes.pop(), node)
+        s >>= 1
+    nodes.append(node)
+    return size + (1 << height)
+
+
+def due_checks(
+    stored: list[Checkpoint], anchors: list[Checkpoint]
+) -> tuple[dict[int, list[tuple[Checkpoint, str]]], int]:
+    """seq -> [(checkpoint, what)] to check against a walk (anchors are checkpoints
+    held by another system), and the last seq whose checks need a Merkle root."""
+    due: dict[int, list[tuple[Checkpoint, str]]] = {}
+    for cp in stored:
+        due.setdefault(cp.seq, []).append((cp, f"checkpoint at seq {cp.seq}"))
+    for cp in anchors:
+        due.setdefault(cp.seq, []).append((cp, f"anchor at seq {cp.seq}"))
+    merkle_until = max(
+        (seq for seq, cps in due.items() if any(cp.merkle_root for cp, _ in cps)), default=0
+    )
+    return due, merkle_until

@@ -475,8 +475,9 @@ class Forwarder:
         cursors = self._load_cursors()
         sent = 0
         failed: Exception | None = None
-        chains = [c for c in ledger.chains() if isinstance(c, str)]
-        if len(chains) != len(ledger.chains()) and not self._said_odd_chains:
+        listed = ledger.chains()
+        chains = [c for c in listed if isinstance(c, str)]
+        if len(chains) != len(listed) and not self._said_odd_chains:
             self._said_odd_chains = True  # verify names those rows; they are no records
             _log.error(
                 "otel-audit forward: the outbox has rows whose chain id is not text (run"
