@@ -2,7 +2,9 @@
 
 Builds a SQLite ledger of N records (default 200,000; ``--records``) in 5
 chains, with a signed checkpoint carrying a Merkle root every 10,000 records
-per chain (what the writer does), then in the same run measures, in CPU time
+per chain (what the writer does: version 3, roots over the chain hashes;
+``--roots bodies`` builds what versions before it signed, version 2 roots
+over the bodies, for comparison), then in the same run measures, in CPU time
 of this process (the machine is shared; best of ``--repeat``, the bare loop
 and verify taken in turns so load hits both alike):
 
@@ -14,10 +16,9 @@ and verify taken in turns so load hits both alike):
 * their ratio (goal, issue 13: >= 0.5), and where verify's time goes: reading
   the rows, the link hashes, the Merkle leaf and node hashes, each timed alone
   with the code verify runs, their sum and the ratio that sum allows (what no
-  rewrite of verify's Python can beat with these formats), the SHA-256 blocks
-  each record costs, and what a Merkle tree over the chain hashes (a format
-  change, not made) would allow; with ``--profile`` also cProfile's top
-  functions by own time;
+  rewrite of verify's Python can beat with this format), the SHA-256 blocks
+  each record costs, and the same for the other kind of root; with
+  ``--profile`` also cProfile's top functions by own time;
 * then in wall time, taken in turns: the bare loop, verify in one process,
   and verify with ``jobs`` worker processes (the CPUs it may use, what
   ``otel-audit verify`` does by default), each ratio to the bare loop.
@@ -26,6 +27,7 @@ and verify taken in turns so load hits both alike):
 on the next run (building takes about a minute).
 
 Run: .venv/bin/python benchmarks/bench_verify.py [--records N] [--profile] [--ledger PATH]
+     [--roots hashes|bodies]
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from otel_audit.engine.ledger import open_ledger
 from otel_audit.engine.record import Record, encode
 from otel_audit.proof.chain import GENESIS, Checkpoint
 from otel_audit.proof.keys import Signer
-from otel_audit.proof.merkle import Frontier, leaf_hashes, parent_level, short_sha256
+from otel_audit.proof.merkle import Frontier, leaf_hashes, parent_level, record_leaves
 from otel_audit.proof.parallel import default_jobs
 from otel_audit.proof.verify import verify_ledger
 
@@ -77,11 +79,14 @@ def _body(i: int, rnd: random.Random, chain: str) -> bytes:
     return encode(rec)
 
 
-def build(path: str, n: int, signer: Signer) -> dict[str, list[bytes]]:
+def build(path: str, n: int, signer: Signer, over_hashes: bool) -> dict[str, list[bytes]]:
+    """The ledger, signed as the writer signs: linked checkpoints, version 3 (roots
+    over chain hashes) or, with ``over_hashes`` False, version 2 (over bodies)."""
     rnd = random.Random(7)
     ledger = open_ledger(f"sqlite:///{path}")
     bodies: dict[str, list[bytes]] = {c: [] for c in CHAINS}
     frontiers = {c: Frontier() for c in CHAINS}
+    links = dict.fromkeys(CHAINS, GENESIS)
     per_chain = n // len(CHAINS)
     for chain in CHAINS:
         for off in range(0, per_chain, CHECKPOINT_EVERY):
@@ -89,15 +94,20 @@ def build(path: str, n: int, signer: Signer) -> dict[str, list[bytes]]:
                 _body(off + i, rnd, chain) for i in range(min(CHECKPOINT_EVERY, per_chain - off))
             ]
             appended = ledger.append(chain, batch)
-            for b in batch:
-                frontiers[chain].append(b)
+            if over_hashes:
+                leaves = record_leaves(a.hash for a in appended)
+            else:
+                leaves = leaf_hashes(batch)
+            for leaf in leaves:
+                frontiers[chain].append_leaf_hash(leaf)
             bodies[chain].extend(batch)
             last = appended[-1]
-            cp = Checkpoint(chain, last.seq, last.hash, time.time_ns(),
-                            merkle_root=frontiers[chain].root())  # fmt: skip
-            ledger.add_checkpoint(Checkpoint(cp.chain, cp.seq, cp.head, cp.time,
-                                             signer.sign(cp.message()), signer.key_id,
-                                             cp.merkle_root))  # fmt: skip
+            cp = Checkpoint(chain, last.seq, last.hash, time.time_ns(), key_id=signer.key_id,
+                            merkle_root=frontiers[chain].root(),
+                            version=3 if over_hashes else 2, prev=links[chain])  # fmt: skip
+            cp = cp.signed(signer.sign(cp.message()), signer.key_id)
+            ledger.add_checkpoint(cp)
+            links[chain] = cp.digest()
     ledger.close()
     return bodies
 
@@ -132,8 +142,8 @@ def _stored(ledger) -> tuple[dict[str, list[bytes]], dict[str, list[bytes]]]:  #
     return bodies, hashes
 
 
-def _merkle_leaves(bodies: dict[str, list[bytes]]) -> None:
-    """The Merkle leaf hashes, with the function verify uses."""
+def _leaves_over_bodies(bodies: dict[str, list[bytes]]) -> None:
+    """The Merkle leaf hashes of version 2 roots, with the function verify uses."""
     for chain_bodies in bodies.values():
         leaf_hashes(chain_bodies)
 
@@ -146,10 +156,9 @@ def _merkle_nodes(leaves: dict[str, list[bytes]]) -> None:
 
 
 def _leaves_over_hashes(hashes: dict[str, list[bytes]]) -> None:
-    """Leaf hashes of a tree over the chain hashes (the format change proposed, not made)."""
-    sha = short_sha256
+    """The Merkle leaf hashes of version 3 roots, with the function verify uses."""
     for chain_hashes in hashes.values():
-        [sha(b"\x00" + h).digest() for h in chain_hashes]
+        record_leaves(chain_hashes)
 
 
 def _blocks(length: int) -> int:
@@ -183,6 +192,13 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--profile", action="store_true", help="print where verify's time goes")
     ap.add_argument("--ledger", help="build the ledger here once and reuse it (key in PATH.key)")
+    ap.add_argument(
+        "--roots",
+        choices=("hashes", "bodies"),
+        default="hashes",
+        help="what the checkpoints' Merkle roots are over: chain hashes (version 3, what"
+        " the writer signs) or bodies (version 2, before it)",
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = args.ledger or os.path.join(tmp, "bench.db")
@@ -193,33 +209,36 @@ def main() -> None:
             key = Ed25519PrivateKey.generate()
             signer = Signer(key)
             t = time.perf_counter()
-            build(path, args.records, signer)
+            build(path, args.records, signer, args.roots == "hashes")
             print(f"build: {time.perf_counter() - t:.1f} s")
             if args.ledger:
                 with open(path + ".key", "wb") as f:
                     f.write(key.private_bytes_raw())
         ledger = open_ledger(f"sqlite:///{path}", create=False, readonly=True)
         try:
-            measure(ledger, signer, args.repeat, args.profile)
+            measure(ledger, signer, args.repeat, args.profile, args.roots == "hashes")
         finally:
             ledger.close()
 
 
-def measure(ledger, signer: Signer, repeat: int, profile: bool) -> None:  # type: ignore[no-untyped-def]
+def measure(ledger, signer: Signer, repeat: int, profile: bool, over_hashes: bool) -> None:  # type: ignore[no-untyped-def]
     bodies, hashes = _stored(ledger)
     n = sum(len(b) for b in bodies.values())
     size = sum(len(x) for b in bodies.values() for x in b)
-    print(f"ledger: {n:,} records ({size / n:.0f} bytes each) in {len(CHAINS)} chains")
+    kind = "version 3, over chain hashes" if over_hashes else "version 2, over bodies"
+    print(f"ledger: {n:,} records ({size / n:.0f} bytes each) in {len(CHAINS)} chains;"
+          f" Merkle roots {kind}")  # fmt: skip
     report = verify_ledger(ledger, signer.public_key)
     assert report.records == n, (report.records, n)
-    leaves = {c: leaf_hashes(b) for c, b in bodies.items()}
+    leaves = {c: record_leaves(h) if over_hashes else leaf_hashes(bodies[c])
+              for c, h in hashes.items()}  # fmt: skip
     timer = Timer()
     timer.run(
         {
             "bare": lambda: bare_chain(bodies),
             "verify": lambda: verify_ledger(ledger, signer.public_key),
             "read": lambda: _fetch(ledger),
-            "leaves": lambda: _merkle_leaves(bodies),
+            "leaves over bodies": lambda: _leaves_over_bodies(bodies),
             "nodes": lambda: _merkle_nodes(leaves),
             "leaves over hashes": lambda: _leaves_over_hashes(hashes),
         },
@@ -235,11 +254,12 @@ def measure(ledger, signer: Signer, repeat: int, profile: bool) -> None:  # type
         f"verify_ledger (key)      {n / verify_s:12,.0f} records/s  ({size / verify_s / 1e6:.0f} MB/s)"
     )
     print(f"ratio verify/bare        {base_s / verify_s:12.2f}   (goal >= 0.5)")
-    parts = us["read"] + us["bare"] + us["leaves"] + us["nodes"]
+    mine, other = ("leaves over hashes", "leaves over bodies")[:: 1 if over_hashes else -1]
+    parts = us["read"] + us["bare"] + us[mine] + us["nodes"]
     print("where verify's time goes (each part alone, per record):")
     print(f"  read rows from SQLite      {us['read']:7.2f} us")
     print(f"  link hash (the bare loop)  {us['bare']:7.2f} us")
-    print(f"  Merkle leaf hashes         {us['leaves']:7.2f} us")
+    print(f"  Merkle leaf hashes         {us[mine]:7.2f} us  ({mine})")
     print(f"  Merkle node hashes         {us['nodes']:7.2f} us")
     print(
         f"  sum of the parts           {parts:7.2f} us  -> allows at most {us['bare'] / parts:.2f}x"
@@ -247,21 +267,23 @@ def measure(ledger, signer: Signer, repeat: int, profile: bool) -> None:  # type
     print(f"  verify, all of it          {us['verify']:7.2f} us  (checks and bookkeeping: "
           f"{us['verify'] - parts:.2f} us)")  # fmt: skip
     link_blocks = sum(_blocks(32 + len(x)) for b in bodies.values() for x in b) / n
-    leaf_blocks = sum(_blocks(1 + len(x)) for b in bodies.values() for x in b) / n
+    blocks = {
+        "leaves over bodies": sum(_blocks(1 + len(x)) for b in bodies.values() for x in b) / n,
+        "leaves over hashes": float(_blocks(33)),
+    }
     node_blocks = _blocks(65) * (n - len(CHAINS)) / n
-    total = link_blocks + leaf_blocks + node_blocks
+    total = link_blocks + blocks[mine] + node_blocks
     print(
         f"SHA-256 blocks per record: bare {link_blocks:.1f}; verify {total:.1f} (link"
-        f" {link_blocks:.1f} + leaf {leaf_blocks:.1f} + nodes {node_blocks:.1f}):"
+        f" {link_blocks:.1f} + leaf {blocks[mine]:.1f} + nodes {node_blocks:.1f}):"
         f" at no cost per call and per row, at most {link_blocks / total:.2f}x"
     )
-    over = us["read"] + us["bare"] + us["leaves over hashes"] + us["nodes"]
-    over_blocks = link_blocks + _blocks(33) + node_blocks
+    alt = us["read"] + us["bare"] + us[other] + us["nodes"]
+    alt_blocks = link_blocks + blocks[other] + node_blocks
     print(
-        f"a Merkle tree over the chain hashes (format change, not made): leaf"
-        f" {us['leaves over hashes']:.2f} us, parts {over:.2f} us -> at most"
-        f" {us['bare'] / over:.2f}x; {over_blocks:.1f} blocks -> at most"
-        f" {link_blocks / over_blocks:.2f}x"
+        f"the other kind of root, {other} (version {2 if over_hashes else 3}): leaf"
+        f" {us[other]:.2f} us, parts {alt:.2f} us -> at most {us['bare'] / alt:.2f}x;"
+        f" {alt_blocks:.1f} blocks -> at most {link_blocks / alt_blocks:.2f}x"
     )
     jobs = default_jobs()
     wall = Timer(time.perf_counter)

@@ -418,9 +418,22 @@ def test_any_byte_of_the_zip_changed_is_damage_or_harmless(shop, tmp_path, capsy
 def test_a_bundle_shows_only_what_its_proofs_cover(shop, tmp_path, capsys) -> None:
     key = load_public_key(shop.public_key)
     files = members(make_bundle(shop, tmp_path, capsys))
-    # Records carry their bytes, not chain hashes nothing in the bundle could prove.
+    # Records carry their bytes and the prev_hash their leaf covers (a version 3
+    # root is over chain hashes), not their own chain hash nothing could prove.
     for line in files["records.jsonl"].decode().splitlines():
-        assert set(json.loads(line)) == {"chain", "seq", "body"}
+        assert set(json.loads(line)) == {"chain", "seq", "body", "prev_hash"}
+
+    def record_edited(change) -> io.BytesIO:
+        lines = files["records.jsonl"].decode().splitlines()
+        rec = json.loads(lines[0])
+        change(rec)
+        lines[0] = canonical_json(rec)
+        return rezip(rehash({**files, "records.jsonl": ("\n".join(lines) + "\n").encode()}))
+
+    with pytest.raises(VerificationError, match="no prev_hash, which its checkpoint's merkle"):
+        verify_bundle(record_edited(lambda rec: rec.pop("prev_hash")), key)
+    with pytest.raises(VerificationError, match="inclusion proof does not lead to the checkpoint"):
+        verify_bundle(record_edited(lambda rec: rec.update(prev_hash="ab" * 32)), key)
     cps = json.loads(files["checkpoints.json"])
     first = cps["checkpoints"][0]
     assert set(first) == {"chain", "seq", "head", "time", "signature", "key_id", "merkle_root",

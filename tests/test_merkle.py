@@ -146,10 +146,11 @@ def test_checkpoints_carry_a_signed_root_the_verifier_checks(make_pipeline, tmp_
     key = load_public_key(tmp_path / "k.pub")
     with open_ledger(url, readonly=True) as ledger:
         cps = ledger.checkpoints("shop")
-        bodies = [r.body for r in ledger.scan("shop")]
+        hashes = [r.hash for r in ledger.scan("shop")]
         assert [cp.seq for cp in cps] == [3, 6, 9, 10]
         for cp in cps:
-            assert cp.merkle_root == rfc_mth(bodies[: cp.seq])
+            # Version 3: the leaves are the records' chain hashes.
+            assert cp.merkle_root == rfc_mth(hashes[: cp.seq])
         report = verify_ledger(ledger, key)
         assert report.chains[0].signatures_checked == 4
     # A checkpoint whose root was replaced (and re-signed by nobody) fails on its signature;
@@ -176,11 +177,11 @@ def test_root_is_right_when_two_writers_share_a_chain(make_pipeline, tmp_path) -
     a.shutdown()
     b.shutdown()
     with open_ledger(url, readonly=True) as ledger:
-        bodies = [r.body for r in ledger.scan("shared")]
+        hashes = [r.hash for r in ledger.scan("shared")]
         cps = [cp for cp in ledger.checkpoints("shared") if cp.merkle_root is not None]
-        assert len(bodies) == 12 and len(cps) >= 4
+        assert len(hashes) == 12 and len(cps) >= 4
         for cp in cps:
-            assert cp.merkle_root == rfc_mth(bodies[: cp.seq])
+            assert cp.merkle_root == rfc_mth(hashes[: cp.seq])
         verify_ledger(ledger)
 
 

@@ -19,8 +19,9 @@ from opentelemetry.sdk.trace.export import SpanExportResult
 
 from otel_audit.engine.ledger import Ledger, open_ledger
 from otel_audit.engine.writer import LedgerWriter
+from otel_audit.proof.chain import link_hash
 from otel_audit.proof.keys import Signer, generate_keypair, load_public_key
-from otel_audit.proof.merkle import root_of
+from otel_audit.proof.merkle import Tree, record_leaves
 from otel_audit.proof.verify import verify_ledger
 from otel_audit.transport.idempotent import IdempotentAppends
 from otel_audit.transport.serve import AuditServer
@@ -43,13 +44,16 @@ def _keypair(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def _check_roots(url: str, chain: str, public: Path) -> int:
-    """Every checkpoint's root is the RFC 9162 root of the stored bodies 1..seq; verify passes."""
+    """Every checkpoint's root is the RFC 9162 root over the chain hashes of records 1..seq
+    (version 3); verify passes."""
     with open_ledger(url, readonly=True) as ledger:
-        bodies = [row.body for row in ledger.scan(chain)]
+        rows = list(ledger.scan(chain))
+        bodies = [row.body for row in rows]
+        leaves = record_leaves(link_hash(row.prev_hash, row.body) for row in rows)
         checkpoints = ledger.checkpoints(chain)
         assert checkpoints
         for checkpoint in checkpoints:
-            assert checkpoint.merkle_root == root_of(bodies[: checkpoint.seq]), checkpoint.seq
+            assert checkpoint.merkle_root == Tree(leaves[: checkpoint.seq]).root(), checkpoint.seq
         # Raises VerificationError on any wrong root, link or signature.
         report = verify_ledger(ledger, public_key=load_public_key(str(public)))
     assert report.records == len(bodies)

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from otel_audit.engine.ledger import Ledger, open_ledger
 from otel_audit.errors import VerificationError
-from otel_audit.proof import walk as walk_module
+from otel_audit.proof import verify as verify_module
 from otel_audit.proof.chain import Checkpoint
 from otel_audit.proof.keys import Signer
 from otel_audit.proof.merkle import (
@@ -74,7 +74,7 @@ class _SmallBatches:
         self.ledger = ledger
         self.leaves = 0
         real_scan = ledger.scan_batches
-        real_leaves = walk_module.leaf_hashes
+        real_leaves = verify_module.leaf_hashes
 
         def scan_batches(chain: str, after_seq: int = 0) -> Iterator[Sequence[Any]]:
             for batch in real_scan(chain, after_seq):
@@ -87,7 +87,7 @@ class _SmallBatches:
             return out
 
         monkeypatch.setattr(ledger, "scan_batches", scan_batches)
-        monkeypatch.setattr(walk_module, "leaf_hashes", counted)
+        monkeypatch.setattr(verify_module, "leaf_hashes", counted)
 
 
 @pytest.fixture

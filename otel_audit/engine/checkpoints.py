@@ -2,9 +2,12 @@
 
 A checkpoint of a chain states its head (the hash of record ``seq``) and the
 RFC 9162 Merkle root over records 1..seq, and is signed with Ed25519 when a
-key is configured. Signed checkpoints (version 2) link to the checkpoint
-signed before them (``Checkpoint.prev``), so deleting one from the middle of
-a chain is seen by verify.
+key is configured. Signed checkpoints (version 2 and 3) link to the
+checkpoint signed before them (``Checkpoint.prev``), so deleting one from the
+middle of a chain is seen by verify. Roots are over the records' chain hashes
+(version 3, proof/merkle.py ``record_leaf``), except in a chain whose key last
+signed a version 2 root over bodies: its signatures stay version 2, so each
+new root is still provably an extension of the last one signed.
 
 The rollback defence: a signer never signs a head that does not extend the
 last head it signed. What it signed last is kept per chain in its *signer
@@ -46,6 +49,7 @@ from otel_audit.proof.merkle import (
     advance,
     extension_proof,
     leaf_hashes,
+    record_leaves,
     verify_consistency,
 )
 
@@ -57,8 +61,10 @@ except ImportError:  # pragma: no cover - Windows
 _log = logging.getLogger("otel_audit")
 
 STATE_FORMAT = "otel-audit-signer-state"
-#: Most committed bodies kept for the next checkpoint's Merkle leaves (``keep_committed``).
+#: Most committed records kept for the next checkpoint's Merkle leaves (``keep_committed``).
 MAX_KEPT = 20_000
+#: What a writer keeps of each record it committed: (seq, body, chain hash).
+Kept = tuple[int, bytes, bytes]
 _SEQ = operator.itemgetter(0)
 _THREAD_LOCKS: dict[str, threading.Lock] = {}
 _THREAD_LOCKS_GUARD = threading.Lock()
@@ -260,25 +266,26 @@ def _record_at(ledger: Ledger, chain: str, seq: int) -> bytes | None:
     return None
 
 
-def keep_committed(
-    kept: list[tuple[int, bytes]], first: int, last: int, bodies: Sequence[bytes]
-) -> bool:
-    """Add (seq, body) for seqs ``first``..``last`` to ``kept`` (what ``Checkpointer.make``
-    may hash leaves from) when they are one run right after what it holds, within
-    ``MAX_KEPT``; False when not, and the caller forgets ``kept`` (the checkpointer
-    then reads the ledger back)."""
+def keep_committed(kept: list[Kept], appended: Sequence[Appended], bodies: Sequence[bytes]) -> bool:
+    """Add (seq, body, hash) of each record of an append (``appended`` and its
+    ``bodies``) to ``kept`` (what ``Checkpointer.make`` may hash leaves from) when
+    they are one run right after what it holds, within ``MAX_KEPT``; False when
+    not, and the caller forgets ``kept`` (the checkpointer then reads the ledger
+    back)."""
     if (
-        last - first != len(bodies) - 1
-        or (kept and kept[-1][0] >= first)
+        not appended
+        or len(appended) != len(bodies)
+        or appended[-1].seq - appended[0].seq != len(bodies) - 1
+        or (kept and kept[-1][0] >= appended[0].seq)
         or len(kept) + len(bodies) > MAX_KEPT
     ):
         return False
-    kept.extend(zip(range(first, last + 1), bodies))
+    kept.extend((a.seq, body, a.hash) for a, body in zip(appended, bodies))
     return True
 
 
-def drop_covered(kept: list[tuple[int, bytes]], seq: int) -> None:
-    """Forget the kept bodies a checkpoint at ``seq`` covers (``kept`` is in seq order)."""
+def drop_covered(kept: list[Kept], seq: int) -> None:
+    """Forget the kept records a checkpoint at ``seq`` covers (``kept`` is in seq order)."""
     del kept[: bisect.bisect_right(kept, seq, key=_SEQ)]
 
 
@@ -289,11 +296,12 @@ class Checkpointer:
         self.chain = chain
         self.signer = signer
         self.state = SignerState(signer.state_path) if signer is not None else None
-        # A tree this process has checked against a signed root (or the empty
-        # tree): extended from the ledger, so a checkpoint costs only the
+        # Trees this process has checked against a signed root (or the empty
+        # tree), one per kind of leaf (True: chain hashes, version 3; False:
+        # bodies): extended from the ledger, so a checkpoint costs only the
         # records since the last one, and several processes may share a chain.
-        self._frontier = Frontier()
-        self._recent: list[tuple[int, bytes]] = []
+        self._frontiers = {True: Frontier(), False: Frontier()}
+        self._recent: list[Kept] = []
         self.refusals = 0
 
     def make(
@@ -301,24 +309,24 @@ class Checkpointer:
         ledger: Ledger,
         head: Appended,
         io_lock: AbstractContextManager[Any],
-        recent: list[tuple[int, bytes]] | None = None,
+        recent: list[Kept] | None = None,
     ) -> Checkpoint | None:
         """Make, sign and store the checkpoint of ``head``; None when there is nothing new.
 
         Raises SignerRefused when the ledger does not extend what the key
         signed last (or the signer state cannot be read or written), and
         another AuditError when the checkpoint cannot be stored.
-        ``io_lock`` is held around every ledger call. ``recent``: (seq, body)
-        of what this writer committed since the last checkpoint, in order;
+        ``io_lock`` is held around every ledger call. ``recent``: (seq, body,
+        hash) of what this writer committed since the last checkpoint, in order;
         when they are exactly the records after the tree's last leaf up to
         ``head`` (no other process appended between them), the leaves are
         hashed from them instead of read back from the ledger. Without them,
         a ledger that keeps what its own appends committed (``serve``'s
-        ``IdempotentAppends.committed_bodies``, where the writer cannot) is
+        ``IdempotentAppends.committed_records``, where the writer cannot) is
         asked for the same, under the same rule.
         """
         if not recent:
-            kept = getattr(ledger, "committed_bodies", None)
+            kept = getattr(ledger, "committed_records", None)
             recent = kept(self.chain) if callable(kept) else None
         self._recent = recent or []
         if self.signer is None or self.state is None:
@@ -350,34 +358,45 @@ class Checkpointer:
         upto: int,
         io_lock: AbstractContextManager[Any],
         leaves: list[bytes] | None = None,
+        *,
+        hashes: bool,
     ) -> bool:
-        """``merkle.advance``, from this writer's own committed bodies when they are the range."""
+        """``merkle.advance``, from this writer's own committed records when they are the range.
+
+        ``hashes``: leaves over chain hashes (version 3), else over bodies."""
         recent, first = self._recent, work.size + 1
         count = upto - first + 1
         if recent and count > 0:
-            start = bisect.bisect_left(recent, (first, b""))
+            start = bisect.bisect_left(recent, first, key=_SEQ)
             end = start + count - 1
             # Seqs only grow: the first and the last in place, ``count`` apart,
             # means the range is exactly these records, none from another process.
             if end < len(recent) and recent[start][0] == first and recent[end][0] == upto:
-                digests = leaf_hashes(body for _, body in recent[start : end + 1])
+                run = recent[start : end + 1]
+                if hashes:
+                    digests = record_leaves(digest for _, _, digest in run)
+                else:
+                    digests = leaf_hashes(body for _, body, _ in run)
                 for digest in digests:
                     work.append_leaf_hash(digest)
                 if leaves is not None:
                     leaves.extend(digests)
                 return True
         with io_lock:
-            return advance(work, ledger, self.chain, upto, leaves)
+            return advance(work, ledger, self.chain, upto, leaves, hashes=hashes)
 
     def _unsigned(
         self, ledger: Ledger, head: Appended, io_lock: AbstractContextManager[Any]
     ) -> Checkpoint:
         # Without a key nothing is refused; a gap (damaged chain) means no
-        # root rather than a wrong one.
-        work = self._frontier.copy() if self._frontier.size <= head.seq else Frontier()
-        advanced = self._advance(work, ledger, head.seq, io_lock)
+        # root rather than a wrong one. The root is over chain hashes, as a
+        # version 3 one: unsigned, its version is not stated, and verify
+        # without a key accepts either kind of root (proof/walk.py).
+        kept = self._frontiers[True]
+        work = kept.copy() if kept.size <= head.seq else Frontier()
+        advanced = self._advance(work, ledger, head.seq, io_lock, hashes=True)
         if advanced:
-            self._frontier = work
+            self._frontiers[True] = work
         checkpoint = Checkpoint(
             self.chain,
             head.seq,
@@ -400,6 +419,10 @@ class Checkpointer:
         chain = self.chain
         signed_seq = last.seq if last is not None else 0
         refuse = f"refusing to sign chain {chain!r} at seq {head.seq}"
+        # A chain whose key last signed a root over bodies (version 2) keeps
+        # signing those: only a root of the same kind extends it provably.
+        hashes = last is None or last.merkle_root is None or last.hash_leaves
+        version = CHECKPOINT_VERSION if hashes else 2
         if last is not None:
             with io_lock:
                 stored = _record_at(ledger, chain, last.seq)
@@ -418,9 +441,10 @@ class Checkpointer:
                 self._restore(ledger, last, io_lock)
                 return None
         # The tree of the records the key signed, read back from the ledger.
-        work = self._frontier.copy() if self._frontier.size <= signed_seq else Frontier()
+        kept = self._frontiers[hashes]
+        work = kept.copy() if kept.size <= signed_seq else Frontier()
         with io_lock:
-            whole = advance(work, ledger, chain, signed_seq)
+            whole = advance(work, ledger, chain, signed_seq, hashes=hashes)
         if not whole:
             raise SignerRefused(f"{refuse}: records 1..{signed_seq} it signed are not all there")
         if last is not None and last.merkle_root is not None:
@@ -431,7 +455,7 @@ class Checkpointer:
                 )
         old = work.copy()
         appended: list[bytes] = []
-        whole = self._advance(work, ledger, head.seq, io_lock, appended)
+        whole = self._advance(work, ledger, head.seq, io_lock, appended, hashes=hashes)
         if not whole:
             raise SignerRefused(f"{refuse}: the chain has a gap before seq {head.seq}")
         root = work.root()
@@ -472,7 +496,7 @@ class Checkpointer:
             time.time_ns(),
             key_id=signer.key_id,
             merkle_root=root,
-            version=CHECKPOINT_VERSION,
+            version=version,
             prev=prev,
         )
         checkpoint = unsigned.signed(signer.sign(unsigned.message()), signer.key_id)
@@ -484,7 +508,7 @@ class Checkpointer:
         self.state.save(checkpoint)
         with io_lock:
             ledger.add_checkpoint(checkpoint)
-        self._frontier = work
+        self._frontiers[hashes] = work
         return checkpoint
 
     def _restore(

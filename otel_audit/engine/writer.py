@@ -36,6 +36,7 @@ from typing import Protocol
 
 from otel_audit.engine.checkpoints import (
     Checkpointer,
+    Kept,
     SignerRefused,
     drop_covered,
     keep_committed,
@@ -247,7 +248,7 @@ class LedgerWriter:
         self._last_checkpoint = time.monotonic()
         self._last_checkpoint_error: str | None = None
         self._last_appended: Appended | None = None
-        self._recent: list[tuple[int, bytes]] = []
+        self._recent: list[Kept] = []
         self._checkpointer: Checkpointer | None = None
 
     def _after_fork(self) -> None:
@@ -499,7 +500,7 @@ class LedgerWriter:
                 if (
                     self._ledger.pads_positions
                     or len(appended) != len(items)
-                    or not keep_committed(self._recent, appended[0].seq, appended[-1].seq, bodies)
+                    or not keep_committed(self._recent, appended, bodies)
                 ):
                     self._recent.clear()  # the checkpointer reads the ledger instead
             # Counters and the in-flight count change together, under the

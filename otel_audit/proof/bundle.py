@@ -3,16 +3,19 @@
 A bundle is a zip file:
 
 * ``records.jsonl``: one selected record a line (chain, seq, canonical body
-  in base64), in ledger order. Nothing else: a record's chain hashes cannot
-  be proven without every record after it, so a bundle does not show them
-  (version 1 bundles did; verify-bundle says they are not proven);
-* ``proofs.jsonl``: for each record, an RFC 9162 inclusion proof of its body
-  against the Merkle root of the first signed checkpoint that covers it;
+  in base64), in ledger order, and, when its checkpoint's root is over chain
+  hashes (version 3), its ``prev_hash``, which the leaf covers. Nothing else:
+  a record's own chain hash cannot be proven without every record after it,
+  so a bundle does not show it (version 1 bundles did; verify-bundle says
+  they are not proven);
+* ``proofs.jsonl``: for each record, an RFC 9162 inclusion proof of its leaf
+  (its chain hash, or its body before version 3) against the Merkle root of
+  the first signed checkpoint that covers it;
 * ``checkpoints.json``: those checkpoints (signed, with Merkle roots), the
   newest signed checkpoint of each chain, and a consistency proof from each
   to the newest (the ledger only grew after every record's checkpoint). Each
   carries ``prev``, the digest of the checkpoint before it in the ledger,
-  which the signature of a linked (version 2) checkpoint covers;
+  which the signature of a linked (version 2 or 3) checkpoint covers;
 * ``public_key.pem`` (when given), ``info.json`` (what was selected, when; for
   people, not evidence);
 * ``manifest.json``: the SHA-256 of every other file.
@@ -43,14 +46,21 @@ from otel_audit._progress import Progress
 from otel_audit.engine.ledger import Ledger, Query, StoredRecord
 from otel_audit.engine.record import canonical_json, decode
 from otel_audit.errors import ConfigError, VerificationError
-from otel_audit.proof.chain import CHECKPOINT_VERSION, GENESIS, Checkpoint, link_hash
+from otel_audit.proof.chain import GENESIS, LINKED_VERSIONS, Checkpoint, link_hash
 from otel_audit.proof.keys import key_id, public_key_pem, verify_signature
-from otel_audit.proof.merkle import Tree, leaf_hash, verify_consistency, verify_inclusion
+from otel_audit.proof.merkle import (
+    Tree,
+    leaf_hash,
+    record_leaf,
+    verify_consistency,
+    verify_inclusion,
+)
 
 FORMAT = "otel-audit-evidence"
-VERSION = 2
-#: Bundle versions verify-bundle reads (1: records carried their chain hashes).
-VERSIONS = (1, 2)
+VERSION = 3
+#: Bundle versions verify-bundle reads (1: records carried their chain hashes;
+#: 3: a record under a version 3 checkpoint carries its prev_hash).
+VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
 RECORDS = "records.jsonl"
 PROOFS = "proofs.jsonl"
@@ -170,24 +180,40 @@ def write_bundle(
         # One pass over the chain up to the newest root; proofs come from the tree.
         # The links are checked on the way: a bundle of damaged records would
         # only fail later, at the reviewer's, with a less precise message.
-        leaves: list[bytes] = []
+        by_hash: list[bytes] = []
+        by_body: list[bytes] = []
+        prevs: dict[int, bytes] = {}
+        wanted = {row.seq for row in rows}
         expected = GENESIS
         intact = True
         for row in ledger.scan(chain):
             if row.seq > newest.seq:
                 break
             if (
-                row.seq != len(leaves) + 1
+                row.seq != len(by_hash) + 1
                 or row.prev_hash != expected
                 or link_hash(row.prev_hash, row.body) != row.hash
             ):
                 intact = False
                 break
-            leaves.append(leaf_hash(row.body))
+            by_hash.append(record_leaf(row.hash))
+            by_body.append(leaf_hash(row.body))
+            if row.seq in wanted:
+                prevs[row.seq] = row.prev_hash
             expected = row.hash
-        tree = Tree(leaves) if intact else None
-        if tree is None or len(leaves) != newest.seq or tree.root() != newest.merkle_root:
+        if not intact or len(by_hash) != newest.seq:
             raise _diagnose(ledger, chain, newest)
+        # Which leaves the newest root is over (its version is in its signature,
+        # which needs no key here): the tree that gives it. Only checkpoints
+        # whose roots the same tree gives are used; a chain signed over bodies
+        # before and over chain hashes after is proven from the newer ones.
+        hashes = True
+        tree = Tree(by_hash)
+        if tree.root() != newest.merkle_root:
+            hashes, tree = False, Tree(by_body)
+            if tree.root() != newest.merkle_root:
+                raise _diagnose(ledger, chain, newest)
+        cps = [cp for cp in cps if tree.mth(0, cp.seq) == cp.merkle_root]
         cp_index = 0
         for stored in rows:
             if stored.seq > newest.seq:
@@ -197,15 +223,14 @@ def write_bundle(
                 cp_index += 1
             cp = cps[cp_index]
             used[(chain, cp.seq)] = cp
-            record_lines.append(
-                canonical_json(
-                    {
-                        "chain": chain,
-                        "seq": stored.seq,
-                        "body": base64.b64encode(stored.body).decode("ascii"),
-                    }
-                )
-            )
+            line: dict[str, object] = {
+                "chain": chain,
+                "seq": stored.seq,
+                "body": base64.b64encode(stored.body).decode("ascii"),
+            }
+            if hashes:
+                line["prev_hash"] = prevs[stored.seq].hex()
+            record_lines.append(canonical_json(line))
             proof_lines.append(
                 canonical_json(
                     {
@@ -482,9 +507,17 @@ def _verify_contents(
         if version >= 2:
             # Signed as linked (the signature covers prev and the key id) or,
             # before links existed, as version 1: then prev is not proven.
-            linked = replace(cp, version=CHECKPOINT_VERSION, prev=_hex(d, "prev", where))
-            if verify_signature(public_key, cp.signature or b"", linked.message()):
-                cp = linked
+            prev = _hex(d, "prev", where)
+            signed_as = next(
+                (
+                    linked
+                    for linked in (replace(cp, version=n, prev=prev) for n in LINKED_VERSIONS)
+                    if verify_signature(public_key, cp.signature or b"", linked.message())
+                ),
+                None,
+            )
+            if signed_as is not None:
+                cp = signed_as
             elif verify_signature(public_key, cp.signature or b"", cp.message()):
                 unlinked += 1
             else:
@@ -511,6 +544,11 @@ def _verify_contents(
         if old is None or new is None or new is not newest.get(chain):
             raise _bad(f"{where} names a checkpoint that is not in the bundle")
         path = _path(d, where)
+        if old.hash_leaves != new.hash_leaves:
+            raise _bad(
+                f"{where} (chain {chain!r} seq {old.seq} -> {new.seq}): the two roots are over"
+                " different leaves (record bodies and chain hashes)"
+            )
         try:
             verify_consistency(
                 old.seq, new.seq, old.merkle_root or b"", new.merkle_root or b"", path
@@ -542,7 +580,11 @@ def _verify_contents(
     record_keys = {"chain", "seq", "body"} | ({"prev_hash", "hash"} if version == 1 else set())
     for n, (rline, pline) in enumerate(zip(record_lines, proof_lines), start=1):
         where = f"{RECORDS} line {n}"
-        r = _fields(_parse_canonical(rline, where), record_keys, where)
+        r = _parse_canonical(rline, where)
+        keys_here = record_keys
+        if version >= 3 and isinstance(r, dict) and "prev_hash" in r:
+            keys_here = record_keys | {"prev_hash"}  # checked against its checkpoint below
+        r = _fields(r, keys_here, where)
         chain, seq = _str(r, "chain", where), _int(r, "seq", where)
         where = f"{RECORDS} line {n} (chain {chain!r} seq {seq})"
         if seq < 1:
@@ -559,10 +601,13 @@ def _verify_contents(
             raise _bad(f"{where} appears twice")
         seen.add((chain, seq))
         digest: bytes | None = None
+        prev_hash: bytes | None = None
         if version == 1:
             prev, digest = _hex(r, "prev_hash", where), _hex(r, "hash", where)
             if link_hash(prev, body) != digest:
                 raise _bad(f"{where}: hash does not match the record's bytes")
+        elif "prev_hash" in r:
+            prev_hash = _hex(r, "prev_hash", where)
         try:
             decode(body)
         except ValueError as exc:
@@ -589,10 +634,17 @@ def _verify_contents(
             raise _bad(f"{pwhere}: leaf index or tree size do not match the record and checkpoint")
         if digest is not None and seq == cp.seq and digest != cp.head:
             raise _bad(f"{where}: hash does not match the checkpoint's head")
+        if cp.hash_leaves:
+            # The leaf is the record's chain hash: its prev_hash and body.
+            if prev_hash is None:
+                raise _bad(f"{where}: no prev_hash, which its checkpoint's merkle root covers")
+            leaf = record_leaf(link_hash(prev_hash, body))
+        else:
+            if prev_hash is not None:
+                raise _bad(f"{where}: prev_hash is not covered by its checkpoint's merkle root")
+            leaf = leaf_hash(body)
         try:
-            verify_inclusion(
-                leaf_hash(body), seq - 1, cp.seq, _path(p, pwhere), cp.merkle_root or b""
-            )
+            verify_inclusion(leaf, seq - 1, cp.seq, _path(p, pwhere), cp.merkle_root or b"")
         except VerificationError as exc:
             raise _bad(f"{where}: {exc}") from None
         used.add((chain, cp.seq))

@@ -10,7 +10,10 @@ Checkpoint messages are versioned. Version 1 (written before links existed)
 signs chain, seq, head, time and the Merkle root. Version 2 also signs the
 key id and ``prev``: the digest of the checkpoint before it in its chain
 (``GENESIS`` for the first), so deleting a checkpoint from the middle of a
-chain breaks the link of the one after it. The link is not stored in the
+chain breaks the link of the one after it. Version 3 signs the same fields
+and changes what its Merkle root is over: the records' chain hashes instead
+of their bodies (proof/merkle.py, ``record_leaf``), so verify hashes each
+body once, not twice (issue 13). The link is not stored in the
 ledger: it is the digest of the stored predecessor, recomputed by whoever
 verifies; the version of a stored checkpoint is the one its signature
 verifies as. ``check_checkpoints`` walks a chain's checkpoints that way.
@@ -31,9 +34,11 @@ from otel_audit.proof.keys import verify_signature
 
 GENESIS = bytes(32)
 #: The version of the checkpoints this version of otel-audit signs.
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3
 #: Versions whose messages this version can verify.
-CHECKPOINT_VERSIONS = (1, 2)
+CHECKPOINT_VERSIONS = (1, 2, 3)
+#: Linked versions, newest first: what a stored checkpoint's signature is tried as.
+LINKED_VERSIONS = (3, 2)
 
 
 def link_hash(prev_hash: bytes, body: bytes) -> bytes:
@@ -63,6 +68,12 @@ class Checkpoint:
     version: int = 1
     #: Version 2: ``digest()`` of the previous checkpoint of the chain (GENESIS if none).
     prev: bytes | None = None
+
+    @property
+    def hash_leaves(self) -> bool:
+        """Version 3 and later: the Merkle root's leaves are the records' chain hashes
+        (``merkle.record_leaf``), not their bodies (``merkle.leaf_hash``)."""
+        return self.version >= 3
 
     def message(self) -> bytes:
         """The canonical bytes that are signed (the Merkle root only when present)."""
@@ -178,8 +189,8 @@ def check_checkpoints(
 
     Returns the checkpoints with the version and link each was signed with
     (so ``message()`` is the signed one), and the damage found: an unsigned
-    checkpoint, a signature that verifies as no version, or a version-2
-    checkpoint whose link is not the digest of the checkpoint before it (one
+    checkpoint, a signature that verifies as no version, or a linked (version
+    2 or 3) checkpoint whose link is not the digest of the checkpoint before it (one
     was deleted, inserted or replaced). Version-1 checkpoints (older writers,
     ``serve`` before it signed through the writer) are accepted anywhere:
     their messages name their seq, so none can be moved. Without a key nothing
@@ -209,11 +220,14 @@ def check_checkpoints(
                 if cp.prev != link:
                     damage.append(_gap(cp, before))
         else:
-            as_v2 = replace(cp, version=CHECKPOINT_VERSION, prev=link)
-            if _verifies(public_key, as_v2):
-                resolved = as_v2
-            elif _verifies(public_key, cp):
-                resolved = cp
+            for version in LINKED_VERSIONS:
+                linked = replace(cp, version=version, prev=link)
+                if _verifies(public_key, linked):
+                    resolved = linked
+                    break
+            else:
+                if _verifies(public_key, cp):
+                    resolved = cp
         if resolved is None:
             prior = f" (seq {before.seq})" if before is not None else ""
             damage.append(

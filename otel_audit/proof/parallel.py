@@ -12,7 +12,9 @@ Ranges are aligned on a power of two, so a chain's Merkle tree (RFC 9162)
 splits along them: a whole range is one perfect subtree, and the frontier at
 a checkpoint inside a range is the frontier of the ranges before it plus the
 range's own prefix nodes. Signatures, checkpoint heads and Merkle roots are
-then checked here, in seq order, with the code the single walk uses.
+then checked here, in seq order, with the code the single walk uses. Workers
+build the trees the chain's checkpoints need: over chain hashes, over bodies,
+or both (proof/walk.py, ``leaf_kind``).
 
 Only an intact chain is assembled from ranges. When a range is not intact (a
 link breaks, a row is missing, a value has the wrong type) or a checkpoint
@@ -38,8 +40,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from otel_audit.engine.ledger import Ledger, open_ledger
 from otel_audit.errors import VerificationError
 from otel_audit.proof.chain import GENESIS, Checkpoint, check_checkpoints
+from otel_audit.proof.merkle import leaf_hashes, record_leaves
 from otel_audit.proof.walk import (
     ChainReport,
+    Due,
     check_due,
     due_checks,
     extend,
@@ -74,12 +78,15 @@ class _Range:
     last_seq: int
     last_hash: bytes  # computed from the bytes of row ``last_seq``
     digests: dict[int, bytes] = field(default_factory=dict)  # at the seqs asked for
-    prefixes: dict[int, list[bytes]] = field(default_factory=dict)  # Merkle nodes after ``after``
-    nodes: list[bytes] = field(default_factory=list)  # the range's own Merkle frontier
+    # Per tree (True: over chain hashes, False: over bodies): seq -> its Merkle
+    # nodes after ``after``, and the range's own Merkle frontier.
+    prefixes: dict[bool, dict[int, list[bytes]]] = field(default_factory=dict)
+    nodes: dict[bool, list[bytes]] = field(default_factory=dict)
 
 
-#: A piece of work: (chain, after, until, due seqs, merkle_until).
-_Piece = tuple[str, int, "int | None", list[int], int]
+#: A piece of work: (chain, after, until, due seqs, last seq needing the tree over
+#: chain hashes, and over bodies).
+_Piece = tuple[str, int, "int | None", list[int], int, int]
 
 
 def _reopen(target: str) -> Ledger:
@@ -117,7 +124,13 @@ def walk_pieces(
 
 
 def _walk(
-    ledger: Ledger, chain: str, after: int, until: int | None, due: list[int], merkle_until: int
+    ledger: Ledger,
+    chain: str,
+    after: int,
+    until: int | None,
+    due: list[int],
+    hashes_until: int,
+    bodies_until: int,
 ) -> _Range | None:
     if after:
         row = next(iter(ledger.scan(chain, after - 1, after)), None)
@@ -129,7 +142,10 @@ def _walk(
     found = _Range(after, expected, after, expected)
     pending = deque(due)
     last_seq = after
-    nodes: list[bytes] = []
+    trees = [(True, hashes_until), (False, bodies_until)]
+    for hashes, until_seq in trees:
+        if until_seq:
+            found.nodes[hashes], found.prefixes[hashes] = [], {}
     for batch in ledger.scan_batches(chain, after, until):
         if not batch:
             continue
@@ -140,19 +156,18 @@ def _walk(
         inside: list[int] = []
         while pending and pending[0] <= last:
             inside.append(pending.popleft())
-        if first <= merkle_until:
-            local = [seq - after for seq in inside]
-            for offset, frontier in merkle_batch(nodes, last_seq - after, batch, local):
-                seq = offset + after
-                found.digests[seq] = digests[seq - first]
-                found.prefixes[seq] = list(frontier)
-        else:
-            for seq in inside:
-                found.digests[seq] = digests[seq - first]
+        local = [seq - after for seq in inside]
+        for hashes, until_seq in trees:
+            if first <= until_seq:
+                leaves = record_leaves(digests) if hashes else leaf_hashes([r[3] for r in batch])
+                got = merkle_batch(found.nodes[hashes], last_seq - after, leaves, local)
+                found.prefixes[hashes].update((off + after, list(front)) for off, front in got)
+        for seq in inside:
+            found.digests[seq] = digests[seq - first]
         expected, last_seq = digests[-1], last
     if until is not None and last_seq != until:
         return None  # rows missing at the end of the range
-    found.last_seq, found.last_hash, found.nodes = last_seq, expected, nodes
+    found.last_seq, found.last_hash = last_seq, expected
     return found
 
 
@@ -165,12 +180,24 @@ def _joined(nodes: list[bytes], size: int, prefix: list[bytes], offset: int) -> 
     return out
 
 
+def _frontier_at(
+    nodes: dict[bool, list[bytes]], tree: int, found: _Range, hashes: bool, seq: int, until: int
+) -> list[bytes] | None:
+    """The frontier at ``seq`` (inside ``found``) of one tree, None when no check needs it:
+    past ``until``, the ranges before were not added to ``nodes``."""
+    prefix = found.prefixes.get(hashes, {}).get(seq)
+    if prefix is None or seq > until:
+        return None
+    return _joined(nodes[hashes], tree, prefix, seq - found.after)
+
+
 @dataclass
 class _Plan:
     chain: str
     ranges: list[tuple[int, int | None]]  # (after, until) in seq order
-    due: dict[int, list[tuple[Checkpoint, str]]]
-    merkle_until: int
+    due: Due
+    hashes_until: int  # the last seq whose checks need the tree over chain hashes
+    bodies_until: int  # ... over bodies
     checkpoints: int
     head: int  # the chain's last seq when planned
 
@@ -188,13 +215,13 @@ def _plan(
     stored, problems = check_checkpoints(ledger.checkpoints(chain), public_key)
     if problems:
         return None
-    due, merkle_until = due_checks(stored, anchors)
+    due, hashes_until, bodies_until = due_checks(stored, anchors, resolved=public_key is not None)
     if any(type(seq) is not int or seq < 1 for seq in due):
         return None
     count = max(1, -(-head // size))  # a chain shorter than a range is one range
     ranges: list[tuple[int, int | None]] = [(k * size, (k + 1) * size) for k in range(count - 1)]
     ranges.append(((count - 1) * size, None))
-    return _Plan(chain, ranges, due, merkle_until, len(stored), head)
+    return _Plan(chain, ranges, due, hashes_until, bodies_until, len(stored), head)
 
 
 def _assemble(
@@ -204,25 +231,30 @@ def _assemble(
     rep = ChainReport(plan.chain)
     rep.checkpoints = plan.checkpoints
     height = size.bit_length() - 1
-    nodes: list[bytes] = []
-    tree = 0  # leaves in ``nodes``
+    # Per tree (True: over chain hashes): the frontier of the ranges so far.
+    nodes: dict[bool, list[bytes]] = {True: [], False: []}
+    tree = 0  # leaves in each frontier
+    until = {True: plan.hashes_until, False: plan.bodies_until}
     expected, last_seq, last_good_cp = GENESIS, 0, 0
     try:
         for (after, _until), found in zip(plan.ranges, walked):
             if found is None or found.after != last_seq or found.start != expected:
                 return None
             for seq in sorted(found.digests):
-                frontier: list[bytes] = []
-                if seq in found.prefixes:
-                    frontier = _joined(nodes, tree, found.prefixes[seq], seq - after)
                 last_good_cp = check_due(
-                    plan.chain, plan.due.pop(seq), seq, found.digests[seq], frontier,
+                    plan.chain, plan.due.pop(seq), seq, found.digests[seq],
+                    _frontier_at(nodes, tree, found, True, seq, plan.hashes_until),
+                    _frontier_at(nodes, tree, found, False, seq, plan.bodies_until),
                     public_key, last_good_cp, rep,
                 )  # fmt: skip
-            if after + size < plan.merkle_until:  # later checkpoints need this range's root
-                if found.last_seq != after + size or len(found.nodes) != 1:
-                    return None
-                tree = extend(nodes, tree, found.nodes[0], height)
+            grown = tree
+            for hashes in (True, False):
+                if after + size < until[hashes]:  # later checkpoints need this range's root
+                    own = found.nodes.get(hashes, [])
+                    if found.last_seq != after + size or len(own) != 1:
+                        return None
+                    grown = extend(nodes[hashes], tree, own[0], height)
+            tree = grown
             expected, last_seq = found.last_hash, found.last_seq
     except VerificationError:
         return None
@@ -308,7 +340,7 @@ def walk_chains(
                     p = plans[i]
                     after, until = p.ranges[k]
                     due = sorted(s for s in p.due if s > after and (until is None or s <= until))
-                    pieces.append((p.chain, after, until, due, p.merkle_until))
+                    pieces.append((p.chain, after, until, due, p.hashes_until, p.bodies_until))
                 running[pool.submit(walk_pieces, target, identity, pieces)] = task
             while running:
                 done, _ = wait(running, return_when=FIRST_COMPLETED)

@@ -20,14 +20,15 @@ from otel_audit.engine.ledger import Ledger, RawRow
 from otel_audit.errors import VerificationError
 from otel_audit.proof.chain import GENESIS, Checkpoint, check_checkpoints, link_hash
 from otel_audit.proof.keys import key_id
+from otel_audit.proof.merkle import leaf_hashes, record_leaves
 from otel_audit.proof.walk import (
     ChainReport,
     check_due,
     check_signature,
     damage,
     due_checks,
+    frontiers,
     linked,
-    merkle_batch,
 )
 
 __all__ = ["ChainReport", "VerifyReport", "verify_ledger"]
@@ -159,9 +160,10 @@ def _verify_chain(
     if problems:
         raise damage(problems[0].chain, problems[0].seq, problems[0].kind, problems[0].detail)
     rep.checkpoints = len(stored)
-    # Leaf hashes after the last checkpoint or anchor with a root (merkle_until)
-    # are compared with nothing: the Merkle pass stops at the batch that reaches it.
-    due, merkle_until = due_checks(stored, anchors)
+    # Leaf hashes after the last checkpoint or anchor with a root of their kind
+    # (hashes_until, bodies_until) are compared with nothing: each tree stops
+    # at the batch that reaches it.
+    due, hashes_until, bodies_until = due_checks(stored, anchors, resolved=public_key is not None)
 
     # The hot path of verify (issue 13) works a batch of rows at a time with
     # list comprehensions, so the per-record work is the SHA-256 calls and
@@ -169,14 +171,18 @@ def _verify_chain(
     # go, and only a batch that fails goes through _find_damage, row by row,
     # to name the first damage. Merkle roots (RFC 9162), only when some
     # checkpoint carries one, are built a perfect subtree at a time. What is
-    # left is the formats' own cost: reading each row, its link hash and its
-    # Merkle leaf (a second SHA-256 over the same body) and inner node
-    # (bench_verify.py prints each, and the ratio they allow).
+    # left is the formats' own cost: reading each row, its link hash, its
+    # Merkle leaf (a short hash of the link hash; a second SHA-256 over the
+    # body for roots before version 3) and inner nodes (bench_verify.py
+    # prints each, and the ratio they allow).
     pending = deque(sorted(due))  # seqs with checkpoints or anchors to check, in order
     if pending and pending[0] < 1:
-        _cp, what = due[pending[0]][0]
+        _cp, what, _kind = due[pending[0]][0]
         raise damage(chain, pending[0], "inserted", f"the {what} is outside the chain's sequence")
-    nodes: list[bytes] = []  # Merkle frontier: roots of perfect subtrees, largest first
+    # Merkle frontiers (roots of perfect subtrees, largest first) of the trees
+    # over chain hashes and over bodies.
+    hash_nodes: list[bytes] = []
+    body_nodes: list[bytes] = []
     expected = GENESIS
     before: bytes | None = None  # hash of the record before the previous one
     last_seq = 0
@@ -193,25 +199,23 @@ def _verify_chain(
         inside: list[int] = []
         while pending and pending[0] <= last:
             inside.append(pending.popleft())
-        if first <= merkle_until:
-            for seq, frontier in merkle_batch(nodes, last_seq, batch, inside):
-                last_good_cp = check_due(
-                    chain, due.pop(seq), seq, digests[seq - first], frontier, public_key,
-                    last_good_cp, rep,
-                )  # fmt: skip
-        else:
-            for seq in inside:
-                last_good_cp = check_due(
-                    chain, due.pop(seq), seq, digests[seq - first], [], public_key,
-                    last_good_cp, rep,
-                )  # fmt: skip
+        by_hash = by_body = {}
+        if first <= hashes_until:
+            by_hash = frontiers(hash_nodes, last_seq, record_leaves(digests), inside)
+        if first <= bodies_until:
+            by_body = frontiers(body_nodes, last_seq, leaf_hashes([r[3] for r in batch]), inside)
+        for seq in inside:
+            last_good_cp = check_due(
+                chain, due.pop(seq), seq, digests[seq - first], by_hash.get(seq),
+                by_body.get(seq), public_key, last_good_cp, rep,
+            )  # fmt: skip
         before = digests[-2] if n > 1 else expected
         expected, last_seq = digests[-1], last
         if progress is not None:
             progress(n)
     count = last_seq
     for seq in sorted(due):
-        for cp, what in due[seq]:
+        for cp, what, _kind in due[seq]:
             check_signature(cp, public_key, what)
             raise damage(
                 chain,

@@ -4,6 +4,13 @@ A batch of rows at a time: the links and hashes of a whole batch are
 compared in one go (``linked``), Merkle roots (RFC 9162) are built a perfect
 subtree at a time (``merkle_batch``), and checkpoints and anchors are checked
 against the walk (``check_due``). What fails is named by verify.py.
+
+A checkpoint's root is over the records' chain hashes (version 3) or their
+bodies (versions 1 and 2): ``leaf_kind`` says which, and the walk builds only
+the trees its checkpoints need. The kind of a root is known when a key
+resolved the checkpoint's version, or when the checkpoint states it (an
+anchor); else (no key, or unsigned) either kind is accepted, and the walk
+builds both trees.
 """
 
 from __future__ import annotations
@@ -18,7 +25,12 @@ from otel_audit.engine.ledger import RawRow
 from otel_audit.errors import VerificationError
 from otel_audit.proof.chain import GENESIS, Checkpoint
 from otel_audit.proof.keys import verify_signature
-from otel_audit.proof.merkle import Frontier, leaf_hashes, node_hash, parent_level
+from otel_audit.proof.merkle import Frontier, node_hash, parent_level
+
+#: What a checkpoint's Merkle root is over: chain hashes, bodies, or not known.
+HASHES, BODIES, EITHER = "hashes", "bodies", "either"
+#: seq -> [(checkpoint or anchor, what it is, the kind of its root)] to check at seq.
+Due = dict[int, list[tuple[Checkpoint, str, str]]]
 
 
 @dataclass
@@ -36,6 +48,15 @@ class ChainReport:
     def unanchored(self) -> int:
         """Records after the last checkpoint: protected by the chain, not yet by a signature."""
         return self.last_seq - self.last_checkpoint_seq
+
+
+def leaf_kind(cp: Checkpoint, resolved: bool) -> str:
+    """The kind of ``cp``'s root; ``resolved``: its version was checked by a key."""
+    if cp.hash_leaves:
+        return HASHES
+    if cp.version == 2 or resolved:
+        return BODIES
+    return EITHER
 
 
 def damage(chain: str, seq: int, kind: str, detail: str) -> VerificationError:
@@ -75,9 +96,9 @@ def linked(batch: Sequence[RawRow], last_seq: int, expected: bytes) -> list[byte
 
 
 def merkle_batch(
-    nodes: list[bytes], size: int, batch: Sequence[RawRow], inside: list[int]
+    nodes: list[bytes], size: int, leaves: Sequence[bytes], inside: list[int]
 ) -> Iterator[tuple[int, list[bytes]]]:
-    """Extend the frontier ``nodes`` (of ``size`` leaves) with the bodies of ``batch``.
+    """Extend the frontier ``nodes`` (of ``size`` leaves) with the leaf hashes ``leaves``.
 
     Yields (seq, frontier nodes at seq) for each seq of ``inside`` (ascending,
     within the batch) before extending past it. The batch is cut into perfect
@@ -85,7 +106,6 @@ def merkle_batch(
     level; a frontier inside one is the old frontier plus the subtree's nodes
     that cover the prefix (the set bits of the offset).
     """
-    leaves = leaf_hashes([row[3] for row in batch])
     i, n, k = 0, len(leaves), 0
     while i < n:
         c = 1 << ((n - i).bit_length() - 1)
@@ -114,18 +134,29 @@ def merkle_batch(
             k += 1
 
 
+def frontiers(
+    nodes: list[bytes], size: int, leaves: Sequence[bytes], inside: list[int]
+) -> dict[int, list[bytes]]:
+    """``merkle_batch`` collected: seq -> a copy of the frontier at seq."""
+    return {seq: list(front) for seq, front in merkle_batch(nodes, size, leaves, inside)}
+
+
 def check_due(
     chain: str,
-    checks: list[tuple[Checkpoint, str]],
+    checks: list[tuple[Checkpoint, str, str]],
     seq: int,
     digest: bytes,
-    nodes: list[bytes],
+    hash_nodes: list[bytes] | None,
+    body_nodes: list[bytes] | None,
     public_key: Ed25519PublicKey | None,
     last_good_cp: int,
     rep: ChainReport,
 ) -> int:
-    """Check the checkpoints and anchors at ``seq`` against the walk; returns ``seq``."""
-    for cp, what in checks:
+    """Check the checkpoints and anchors at ``seq`` against the walk; returns ``seq``.
+
+    ``hash_nodes`` and ``body_nodes``: the frontiers at ``seq`` of the trees
+    over chain hashes and over bodies, None for a tree not built."""
+    for cp, what, kind in checks:
         check_signature(cp, public_key, what)
         if cp.head != digest:
             raise damage(
@@ -135,7 +166,15 @@ def check_due(
                 f"history rewritten between seq {last_good_cp + 1} and {seq}:"
                 f" record {seq} does not match the {what}",
             )
-        if cp.merkle_root is not None and Frontier(seq, nodes).root() != cp.merkle_root:
+        root = cp.merkle_root
+        if root is not None and not (
+            (kind != BODIES and hash_nodes is not None and Frontier(seq, hash_nodes).root() == root)
+            or (
+                kind != HASHES
+                and body_nodes is not None
+                and Frontier(seq, body_nodes).root() == root
+            )
+        ):
             raise damage(
                 chain, seq, "modified", f"merkle root of the {what} does not match records 1..{seq}"
             )
@@ -158,16 +197,31 @@ def extend(nodes: list[bytes], size: int, node: bytes, height: int) -> int:
 
 
 def due_checks(
-    stored: list[Checkpoint], anchors: list[Checkpoint]
-) -> tuple[dict[int, list[tuple[Checkpoint, str]]], int]:
-    """seq -> [(checkpoint, what)] to check against a walk (anchors are checkpoints
-    held by another system), and the last seq whose checks need a Merkle root."""
-    due: dict[int, list[tuple[Checkpoint, str]]] = {}
+    stored: list[Checkpoint],
+    anchors: list[Checkpoint],
+    *,
+    resolved: bool,
+) -> tuple[Due, int, int]:
+    """What to check against a walk (anchors are checkpoints held by another
+    system): seq -> [(checkpoint, what, kind of root)], and the last seq whose
+    checks need the tree over chain hashes, and over bodies (a root of either
+    kind needs both). ``resolved``: a key checked the versions."""
+    due: Due = {}
     for cp in stored:
-        due.setdefault(cp.seq, []).append((cp, f"checkpoint at seq {cp.seq}"))
+        due.setdefault(cp.seq, []).append(
+            (cp, f"checkpoint at seq {cp.seq}", leaf_kind(cp, resolved))
+        )
     for cp in anchors:
-        due.setdefault(cp.seq, []).append((cp, f"anchor at seq {cp.seq}"))
-    merkle_until = max(
-        (seq for seq, cps in due.items() if any(cp.merkle_root for cp, _ in cps)), default=0
-    )
-    return due, merkle_until
+        due.setdefault(cp.seq, []).append((cp, f"anchor at seq {cp.seq}", leaf_kind(cp, resolved)))
+
+    def until(kinds: tuple[str, ...]) -> int:
+        return max(
+            (
+                seq
+                for seq, cps in due.items()
+                if any(cp.merkle_root is not None and k in kinds for cp, _, k in cps)
+            ),
+            default=0,
+        )
+
+    return due, until((HASHES, EITHER)), until((BODIES, EITHER))

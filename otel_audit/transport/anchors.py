@@ -36,7 +36,7 @@ from typing import Any
 from opentelemetry._logs import LoggerProvider, SeverityNumber, get_logger_provider
 
 from otel_audit.errors import ConfigError
-from otel_audit.proof.chain import Checkpoint
+from otel_audit.proof.chain import CHECKPOINT_VERSIONS, Checkpoint
 
 _log = logging.getLogger("otel_audit.transport.anchors")
 
@@ -189,6 +189,9 @@ def checkpoint_from_attributes(attrs: dict[str, Any], where: str = "anchor") -> 
         version = int(attrs.get(VERSION, 1))
     except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"{where}: {VERSION} is not an integer") from None
+    if version not in CHECKPOINT_VERSIONS:
+        # The version says what the root is over (proof/walk.py, leaf_kind).
+        raise ConfigError(f"{where}: checkpoint version {version} is not supported")
     prev = _hex(attrs[PREV], PREV, where) if version >= 2 and attrs.get(PREV) else None
     return Checkpoint(
         chain=str(attrs[CHAIN]),

@@ -25,7 +25,7 @@ parsing every body again (a body without one is parsed, as before).
 
 Checkpoints hash their Merkle leaves from memory, not from the ledger: the
 writer cannot keep what it committed when positions are padded, so this
-wrapper keeps it instead (``committed_bodies``): the (seq, body) of each
+wrapper keeps it instead (``committed_records``): the (seq, body, hash) of each
 append whose bodies were all new, in seq order. An append that skipped a
 duplicate, or whose seqs are not one run after what is kept, or that
 failed, empties it (the checkpointer then reads the ledger back, as before);
@@ -42,7 +42,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from otel_audit.engine.checkpoints import drop_covered, keep_committed
+from otel_audit.engine.checkpoints import Kept, drop_covered, keep_committed
 from otel_audit.engine.ledger import Appended, Ledger
 from otel_audit.engine.ledger.base import SpanKey
 from otel_audit.proof.chain import GENESIS, Checkpoint
@@ -60,9 +60,9 @@ class IdempotentAppends:
         self._duplicates = 0
         # body -> its (trace id, span id), from ``expect`` until its append.
         self._keys: dict[bytes, SpanKey] = {}
-        # chain -> (seq, body) committed by this wrapper's appends since the
+        # chain -> (seq, body, hash) committed by this wrapper's appends since the
         # last checkpoint, strictly increasing seqs (see above).
-        self._committed: dict[str, list[tuple[int, bytes]]] = {}
+        self._committed: dict[str, list[Kept]] = {}
 
     @property
     def duplicates(self) -> int:
@@ -106,16 +106,16 @@ class IdempotentAppends:
     def _keep(
         self, chain: str, bodies: Sequence[bytes], stored: Sequence[Appended], missing: int
     ) -> None:
-        """Keep (seq, body) of an append whose every body was stored, in order."""
+        """Keep (seq, body, hash) of an append whose every body was stored, in order."""
         if not stored:
             return  # nothing appended: what is kept is still the chain's
         kept = self._committed.setdefault(chain, [])
         # With a duplicate skipped, which body each position holds is the ledger's secret.
-        if missing or not keep_committed(kept, stored[0].seq, stored[-1].seq, bodies):
+        if missing or not keep_committed(kept, stored, bodies):
             self._committed.pop(chain, None)
 
-    def committed_bodies(self, chain: str) -> list[tuple[int, bytes]]:
-        """(seq, body) this wrapper appended to ``chain`` since its last checkpoint, by seq.
+    def committed_records(self, chain: str) -> list[Kept]:
+        """(seq, body, hash) this wrapper appended to ``chain`` since its last checkpoint, by seq.
 
         Not necessarily every record of the range (another writer may have
         appended between them): the checkpointer uses them only when they

@@ -1,0 +1,212 @@
+"""Version 3 checkpoints: Merkle roots over the records' chain hashes (issue 13).
+
+A ledger an older otel-audit signed (version 2, roots over bodies) still
+verifies, with and without a key, in one process and in workers; its signer
+keeps signing version 2 roots, which extend the ones it signed provably; its
+bundles prove records by their bodies. A root of one kind dressed as the
+other is damage when a key tells the kind.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+import zipfile
+
+import pytest
+
+from otel_audit.cli import main
+from otel_audit.engine.checkpoints import SignerState
+from otel_audit.engine.ledger import open_ledger
+from otel_audit.engine.record import canonical_json
+from otel_audit.errors import ConfigError, VerificationError
+from otel_audit.proof.bundle import verify_bundle
+from otel_audit.proof.chain import GENESIS, Checkpoint, check_checkpoints
+from otel_audit.proof.keys import Signer, generate_keypair, load_public_key
+from otel_audit.proof.merkle import Tree, leaf_hashes, record_leaves, root_of
+from otel_audit.proof.verify import verify_ledger
+from otel_audit.transport.anchors import VERSION, checkpoint_attributes, checkpoint_from_attributes
+from tests.test_bundle import members, rehash, rezip
+from tests.test_checkpoint_links import bodies, run_writer
+
+
+@pytest.fixture
+def keys(tmp_path):
+    key, pub = tmp_path / "k.key", tmp_path / "k.pub"
+    generate_keypair(key, pub)
+    return key, pub
+
+
+def old_ledger(url: str, key, n: int = 6, every: int = 2) -> list[Checkpoint]:
+    """What otel-audit signed before version 3: linked version 2 checkpoints whose
+    roots are over bodies; the signer state remembers the last one, as it did."""
+    signer = Signer.from_file(key)
+    written = bodies(n)
+    out: list[Checkpoint] = []
+    with open_ledger(url) as ledger:
+        appended = ledger.append("shop", written)
+        prev = GENESIS
+        for upto in range(every, n + 1, every):
+            cp = Checkpoint("shop", upto, appended[upto - 1].hash, time.time_ns(),
+                            key_id=signer.key_id, merkle_root=root_of(written[:upto]),
+                            version=2, prev=prev)  # fmt: skip
+            cp = cp.signed(signer.sign(cp.message()), signer.key_id)
+            ledger.add_checkpoint(cp)
+            out.append(cp)
+            prev = cp.digest()
+    SignerState(signer.state_path).save(out[-1])
+    return out
+
+
+def test_a_version_2_ledger_verifies_and_its_signer_keeps_signing_version_2(
+    make_pipeline, tmp_path, keys, capsys
+):
+    key, pub = keys
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    old_ledger(url, key)
+    # The upgraded service signs on: its key last signed a root over bodies, so
+    # each new root is over bodies too (a consistency proof joins them).
+    run_writer(make_pipeline, url, key, 4)
+    public = load_public_key(pub)
+    with open_ledger(url, readonly=True) as ledger:
+        linked, damage = check_checkpoints(ledger.checkpoints("shop"), public)
+        assert damage == []
+        assert [(cp.seq, cp.version) for cp in linked] == [(2, 2), (4, 2), (6, 2), (8, 2), (10, 2)]
+        rows = list(ledger.scan("shop"))
+        for cp in linked:
+            assert cp.merkle_root == Tree(leaf_hashes(r.body for r in rows[: cp.seq])).root()
+        assert verify_ledger(ledger, public).chains[0].signatures_checked == 5
+        assert verify_ledger(ledger).records == 10  # no key: either kind of root
+    for args in (["--public-key", str(pub)], []):
+        assert main(["verify", "--ledger", url, "-q", "--jobs", "2", *args]) == 0
+    out = tmp_path / "e.zip"
+    assert main(["bundle", "--ledger", url, "-o", str(out), "--public-key", str(pub)]) == 0
+    capsys.readouterr()
+    # Proven by their bodies: no prev_hash beside the records, and one added is refused.
+    with zipfile.ZipFile(out) as zf:
+        lines = zf.read("records.jsonl").decode().splitlines()
+    assert all(set(json.loads(line)) == {"chain", "seq", "body"} for line in lines)
+    assert verify_bundle(str(out), public).records == 10
+
+
+def test_a_new_chain_signs_version_3_roots_over_chain_hashes(make_pipeline, tmp_path, keys):
+    key, pub = keys
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    run_writer(make_pipeline, url, key, 6)
+    public = load_public_key(pub)
+    with open_ledger(url, readonly=True) as ledger:
+        linked, damage = check_checkpoints(ledger.checkpoints("shop"), public)
+        assert damage == [] and {cp.version for cp in linked} == {3}
+        rows = list(ledger.scan("shop"))
+        for cp in linked:
+            assert cp.merkle_root == Tree(record_leaves(r.hash for r in rows[: cp.seq])).root()
+            # Not a root over bodies: the two kinds of tree differ.
+            assert cp.merkle_root != Tree(leaf_hashes(r.body for r in rows[: cp.seq])).root()
+
+
+def test_a_root_over_bodies_signed_as_version_3_is_damage_with_the_key(tmp_path, keys) -> None:
+    """The key tells the kind of a root: the other kind's root does not pass for it."""
+    key, pub = keys
+    signer = Signer.from_file(key)
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    written = bodies(4)
+    with open_ledger(url) as ledger:
+        appended = ledger.append("shop", written)
+        cp = Checkpoint("shop", 4, appended[-1].hash, time.time_ns(), key_id=signer.key_id,
+                        merkle_root=root_of(written), version=3, prev=GENESIS)  # fmt: skip
+        ledger.add_checkpoint(cp.signed(signer.sign(cp.message()), signer.key_id))
+    with open_ledger(url, readonly=True) as ledger:
+        with pytest.raises(
+            VerificationError, match="seq 4: modified: merkle root of the checkpoint"
+        ):
+            verify_ledger(ledger, load_public_key(pub))
+        # Without the key its version is unknown: a root over bodies is a root.
+        assert verify_ledger(ledger).records == 4
+
+
+def test_a_forged_root_matches_neither_tree_without_a_key(make_pipeline, tmp_path, keys) -> None:
+    key, _pub = keys
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    run_writer(make_pipeline, url, key, 6)
+    con = sqlite3.connect(tmp_path / "audit.db")
+    con.execute("UPDATE checkpoints SET merkle_root = ? WHERE seq = 4", (b"\x07" * 32,))
+    con.commit()
+    con.close()
+    for jobs in (1, 2):
+        with open_ledger(url, readonly=True) as ledger:
+            with pytest.raises(VerificationError, match="seq 4: modified: merkle root"):
+                verify_ledger(ledger, jobs=jobs)
+
+
+def test_unsigned_checkpoints_verify_without_a_key_before_and_after_the_upgrade(
+    make_pipeline, tmp_path
+) -> None:
+    """Unsigned roots an older version wrote are over bodies, the new ones over chain
+    hashes, and neither states which: verify without a key accepts each kind."""
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    written = bodies(4)
+    with open_ledger(url) as ledger:
+        appended = ledger.append("shop", written)
+        for upto in (2, 4):
+            ledger.add_checkpoint(
+                Checkpoint(
+                    "shop",
+                    upto,
+                    appended[upto - 1].hash,
+                    time.time_ns(),
+                    merkle_root=root_of(written[:upto]),
+                )  # fmt: skip
+            )
+    pipeline, _provider, _ = make_pipeline(url, checkpoint_every=2)
+    for i in range(4):
+        with pipeline.audit_action("order.update", resource=("order", str(i)), actor="alice"):
+            pass
+    pipeline.shutdown()
+    with open_ledger(url, readonly=True) as ledger:
+        cps = ledger.checkpoints("shop")
+        rows = list(ledger.scan("shop"))
+        assert [cp.seq for cp in cps] == [2, 4, 6, 8]
+        assert cps[-1].merkle_root == Tree(record_leaves(r.hash for r in rows)).root()
+        for jobs in (1, 2):
+            assert verify_ledger(ledger, jobs=jobs).records == 8
+
+
+def test_a_prev_hash_beside_a_record_proven_by_its_body_is_refused(
+    make_pipeline, tmp_path, keys, capsys
+):
+    key, pub = keys
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    old_ledger(url, key)
+    out = tmp_path / "e.zip"
+    assert main(["bundle", "--ledger", url, "-o", str(out), "--public-key", str(pub)]) == 0
+    capsys.readouterr()
+    files = members(out.read_bytes())
+    lines = files["records.jsonl"].decode().splitlines()
+    rec = json.loads(lines[0])
+    with open_ledger(url, readonly=True) as ledger:
+        rec["prev_hash"] = next(iter(ledger.scan("shop"))).prev_hash.hex()
+    lines[0] = canonical_json(rec)
+    damaged = rezip(rehash({**files, "records.jsonl": ("\n".join(lines) + "\n").encode()}))
+    with pytest.raises(VerificationError, match="prev_hash is not covered by its checkpoint"):
+        verify_bundle(damaged, load_public_key(pub))
+
+
+def test_an_anchor_of_an_unknown_version_is_refused(make_pipeline, tmp_path, keys) -> None:
+    """An anchor's version says what its root is over: one this version cannot read is
+    a clear error, not a guess."""
+    key, _pub = keys
+    emitted: list[Checkpoint] = []
+    pipeline, _provider, _ = make_pipeline(
+        f"sqlite:///{tmp_path / 'audit.db'}", signing_key=str(key), checkpoint_every=2
+    )
+    pipeline.writer.checkpoint_listeners.append(emitted.append)
+    for i in range(2):
+        with pipeline.audit_action("order.update", resource=("order", str(i)), actor="alice"):
+            pass
+    pipeline.shutdown()
+    attrs = checkpoint_attributes(emitted[-1])
+    assert checkpoint_from_attributes(attrs) == emitted[-1]
+    attrs[VERSION] = 4
+    with pytest.raises(ConfigError, match="anchor: checkpoint version 4 is not supported"):
+        checkpoint_from_attributes(attrs)
