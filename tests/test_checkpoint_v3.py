@@ -210,3 +210,73 @@ def test_an_anchor_of_an_unknown_version_is_refused(make_pipeline, tmp_path, key
     attrs[VERSION] = 4
     with pytest.raises(ConfigError, match="anchor: checkpoint version 4 is not supported"):
         checkpoint_from_attributes(attrs)
+
+
+def _unsigned_chain(url: str, kinds: str) -> None:
+    """One chain with an unsigned checkpoint every 2 records, its roots over chain
+    hashes (``h``) or bodies (``b``) in the order of ``kinds``."""
+    written = bodies(2 * len(kinds))
+    with open_ledger(url) as ledger:
+        appended = ledger.append("shop", written)
+        for i, kind in enumerate(kinds):
+            upto = 2 * (i + 1)
+            if kind == "h":
+                root = Tree(record_leaves(a.hash for a in appended[:upto])).root()
+            else:
+                root = root_of(written[:upto])
+            ledger.add_checkpoint(
+                Checkpoint("shop", upto, appended[upto - 1].hash, time.time_ns(), merkle_root=root)
+            )
+
+
+@pytest.mark.parametrize("kinds", ["hhhh", "bbhh", "hhbb", "hbhb"])
+def test_roots_of_either_kind_in_any_order_verify_without_a_key(tmp_path, kinds) -> None:
+    """Without a key the walk drops the tree over bodies once a root matched the one
+    over chain hashes; a root over bodies after that is walked again, not damage."""
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    _unsigned_chain(url, kinds)
+    with open_ledger(url, readonly=True) as ledger:
+        for jobs in (1, 2):
+            assert verify_ledger(ledger, jobs=jobs).chains[0].checkpoints == 4
+
+
+@pytest.mark.parametrize("kinds", ["hhhh", "hhbb"])
+def test_a_forged_root_after_the_tree_over_bodies_was_dropped_is_damage(tmp_path, kinds) -> None:
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    _unsigned_chain(url, kinds)
+    con = sqlite3.connect(tmp_path / "audit.db")
+    con.execute("UPDATE checkpoints SET merkle_root = ? WHERE seq = 6", (b"\x01" * 32,))
+    con.commit()
+    con.close()
+    with open_ledger(url, readonly=True) as ledger:
+        with pytest.raises(VerificationError, match="seq 6: modified: merkle root of the checkp"):
+            verify_ledger(ledger)
+
+
+def test_without_a_key_bodies_are_hashed_only_until_a_root_over_chain_hashes(
+    tmp_path, monkeypatch
+) -> None:
+    from otel_audit.proof import verify as verify_module
+
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    _unsigned_chain(url, "hhhh")
+    hashed: list[int] = []
+    real = verify_module.leaf_hashes
+
+    def counted(batch_bodies):  # type: ignore[no-untyped-def]
+        out = real(batch_bodies)
+        hashed.append(len(out))
+        return out
+
+    monkeypatch.setattr(verify_module, "leaf_hashes", counted)
+    with open_ledger(url, readonly=True) as ledger:
+        real_scan = ledger.scan_batches
+
+        def in_twos(chain, after_seq=0):  # type: ignore[no-untyped-def]
+            for batch in real_scan(chain, after_seq):
+                for i in range(0, len(batch), 2):
+                    yield batch[i : i + 2]
+
+        monkeypatch.setattr(ledger, "scan_batches", in_twos)
+        assert verify_ledger(ledger).records == 8
+    assert hashed == [2]  # the batch holding the first root, none after it

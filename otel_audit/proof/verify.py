@@ -22,12 +22,15 @@ from otel_audit.proof.chain import GENESIS, Checkpoint, check_checkpoints, link_
 from otel_audit.proof.keys import key_id
 from otel_audit.proof.merkle import leaf_hashes, record_leaves
 from otel_audit.proof.walk import (
+    BODIES,
     ChainReport,
+    NeedBodyLeaves,
     check_due,
     check_signature,
     damage,
     due_checks,
     frontiers,
+    last_root,
     linked,
 )
 
@@ -94,7 +97,14 @@ def verify_ledger(
             if found is None:
                 # A chain the workers tried had its progress told already.
                 told = None if chain in tried else progress
-                found = _verify_chain(ledger, chain, public_key, external.get(chain, []), told)
+                try:
+                    found = _verify_chain(ledger, chain, public_key, external.get(chain, []), told)
+                except NeedBodyLeaves:
+                    # Roots of either kind, over chain hashes and then over bodies
+                    # again: walked once more, building both trees to the end.
+                    found = _verify_chain(
+                        ledger, chain, public_key, external.get(chain, []), None, True
+                    )
             report.chains.append(found)
         except VerificationError as exc:
             # Every chain is checked; a chain with checkpoints is reported
@@ -152,6 +162,7 @@ def _verify_chain(
     public_key: Ed25519PublicKey | None,
     anchors: list[Checkpoint],
     progress: Callable[[int], None] | None,
+    both_trees: bool = False,
 ) -> ChainReport:
     rep = ChainReport(chain)
     # Signatures and links of the stored checkpoints (proof/chain.py); each
@@ -164,6 +175,10 @@ def _verify_chain(
     # (hashes_until, bodies_until) are compared with nothing: each tree stops
     # at the batch that reaches it.
     due, hashes_until, bodies_until = due_checks(stored, anchors, resolved=public_key is not None)
+    # Roots of either kind (no key) need the tree over bodies only until one of
+    # them matches the tree over chain hashes; roots known to be over bodies
+    # need it to the last of them. ``both_trees``: to the end, as parallel.py.
+    matched: set[str] | None = None if both_trees else set()
 
     # The hot path of verify (issue 13) works a batch of rows at a time with
     # list comprehensions, so the per-record work is the SHA-256 calls and
@@ -207,8 +222,11 @@ def _verify_chain(
         for seq in inside:
             last_good_cp = check_due(
                 chain, due.pop(seq), seq, digests[seq - first], by_hash.get(seq),
-                by_body.get(seq), public_key, last_good_cp, rep,
+                by_body.get(seq), public_key, last_good_cp, rep, matched,
             )  # fmt: skip
+        if matched:
+            bodies_until = min(bodies_until, last_root(due, (BODIES,)))
+            matched = None
         before = digests[-2] if n > 1 else expected
         expected, last_seq = digests[-1], last
         if progress is not None:

@@ -10,7 +10,11 @@ bodies (versions 1 and 2): ``leaf_kind`` says which, and the walk builds only
 the trees its checkpoints need. The kind of a root is known when a key
 resolved the checkpoint's version, or when the checkpoint states it (an
 anchor); else (no key, or unsigned) either kind is accepted, and the walk
-builds both trees.
+builds both trees. verify.py's single walk stops building the tree over
+bodies for such roots once one of them matched the tree over chain hashes
+(a chain's roots change kind only when its writer is upgraded); a later one
+that then matches nothing makes it walk the chain again with both
+(``NeedBodyLeaves``).
 """
 
 from __future__ import annotations
@@ -48,6 +52,11 @@ class ChainReport:
     def unanchored(self) -> int:
         """Records after the last checkpoint: protected by the chain, not yet by a signature."""
         return self.last_seq - self.last_checkpoint_seq
+
+
+class NeedBodyLeaves(VerificationError):
+    """A root of either kind matched no tree over chain hashes after the walk had
+    stopped building the tree over bodies: the chain must be walked with both."""
 
 
 def leaf_kind(cp: Checkpoint, resolved: bool) -> str:
@@ -151,11 +160,13 @@ def check_due(
     public_key: Ed25519PublicKey | None,
     last_good_cp: int,
     rep: ChainReport,
+    matched: set[str] | None = None,
 ) -> int:
     """Check the checkpoints and anchors at ``seq`` against the walk; returns ``seq``.
 
     ``hash_nodes`` and ``body_nodes``: the frontiers at ``seq`` of the trees
-    over chain hashes and over bodies, None for a tree not built."""
+    over chain hashes and over bodies, None for a tree not built. ``matched``
+    gets HASHES when a root of either kind matched the tree over chain hashes."""
     for cp, what, kind in checks:
         check_signature(cp, public_key, what)
         if cp.head != digest:
@@ -167,17 +178,21 @@ def check_due(
                 f" record {seq} does not match the {what}",
             )
         root = cp.merkle_root
-        if root is not None and not (
-            (kind != BODIES and hash_nodes is not None and Frontier(seq, hash_nodes).root() == root)
-            or (
-                kind != HASHES
-                and body_nodes is not None
-                and Frontier(seq, body_nodes).root() == root
-            )
+        if root is None:
+            pass
+        elif kind != BODIES and hash_nodes is not None and Frontier(seq, hash_nodes).root() == root:
+            if matched is not None and kind == EITHER:
+                matched.add(HASHES)
+        elif not (
+            kind != HASHES and body_nodes is not None and Frontier(seq, body_nodes).root() == root
         ):
-            raise damage(
-                chain, seq, "modified", f"merkle root of the {what} does not match records 1..{seq}"
-            )
+            detail = f"merkle root of the {what} does not match records 1..{seq}"
+            if kind == EITHER and body_nodes is None:
+                raise NeedBodyLeaves(
+                    f"chain {chain!r} seq {seq}: modified: {detail}", chain=chain, seq=seq,
+                    kind="modified",
+                )  # fmt: skip
+            raise damage(chain, seq, "modified", detail)
         if what.startswith("anchor"):
             rep.anchors_checked += 1
         elif public_key is not None:
@@ -213,15 +228,16 @@ def due_checks(
         )
     for cp in anchors:
         due.setdefault(cp.seq, []).append((cp, f"anchor at seq {cp.seq}", leaf_kind(cp, resolved)))
+    return due, last_root(due, (HASHES, EITHER)), last_root(due, (BODIES, EITHER))
 
-    def until(kinds: tuple[str, ...]) -> int:
-        return max(
-            (
-                seq
-                for seq, cps in due.items()
-                if any(cp.merkle_root is not None and k in kinds for cp, _, k in cps)
-            ),
-            default=0,
-        )
 
-    return due, until((HASHES, EITHER)), until((BODIES, EITHER))
+def last_root(due: Due, kinds: tuple[str, ...]) -> int:
+    """The last seq of ``due`` with a root of one of ``kinds`` (0 when none)."""
+    return max(
+        (
+            seq
+            for seq, cps in due.items()
+            if any(cp.merkle_root is not None and k in kinds for cp, _, k in cps)
+        ),
+        default=0,
+    )
