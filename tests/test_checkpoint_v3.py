@@ -86,7 +86,10 @@ def test_a_version_2_ledger_verifies_and_its_signer_keeps_signing_version_2(
     # Proven by their bodies: no prev_hash beside the records, and one added is refused.
     with zipfile.ZipFile(out) as zf:
         lines = zf.read("records.jsonl").decode().splitlines()
+        manifest = json.loads(zf.read("manifest.json"))
     assert all(set(json.loads(line)) == {"chain", "seq", "body"} for line in lines)
+    # Nothing in it needs bundle version 3: written as 2, which older verify-bundle reads.
+    assert manifest["version"] == 2
     assert verify_bundle(str(out), public).records == 10
 
 
@@ -187,9 +190,16 @@ def test_a_prev_hash_beside_a_record_proven_by_its_body_is_refused(
     with open_ledger(url, readonly=True) as ledger:
         rec["prev_hash"] = next(iter(ledger.scan("shop"))).prev_hash.hex()
     lines[0] = canonical_json(rec)
-    damaged = rezip(rehash({**files, "records.jsonl": ("\n".join(lines) + "\n").encode()}))
+    edited = {**files, "records.jsonl": ("\n".join(lines) + "\n").encode()}
+    # A version 2 bundle has no place for it; in a version 3 one no proof covers it.
+    with pytest.raises(VerificationError, match="line 1 does not have the expected fields"):
+        verify_bundle(rezip(rehash(edited)), load_public_key(pub))
+    manifest = json.loads(files["manifest.json"])
+    assert manifest["version"] == 2
+    manifest["version"] = 3
+    edited["manifest.json"] = canonical_json(manifest).encode()
     with pytest.raises(VerificationError, match="prev_hash is not covered by its checkpoint"):
-        verify_bundle(damaged, load_public_key(pub))
+        verify_bundle(rezip(rehash(edited)), load_public_key(pub))
 
 
 def test_an_anchor_of_an_unknown_version_is_refused(make_pipeline, tmp_path, keys) -> None:

@@ -36,14 +36,14 @@ import json
 import time
 import zipfile
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import IO, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from otel_audit._progress import Progress
-from otel_audit.engine.ledger import Ledger, Query, StoredRecord
+from otel_audit.engine.ledger import Ledger, Query, RawRow, StoredRecord
 from otel_audit.engine.record import canonical_json, decode
 from otel_audit.errors import ConfigError, VerificationError
 from otel_audit.proof.chain import GENESIS, LINKED_VERSIONS, Checkpoint, link_hash
@@ -59,7 +59,9 @@ from otel_audit.proof.merkle import (
 FORMAT = "otel-audit-evidence"
 VERSION = 3
 #: Bundle versions verify-bundle reads (1: records carried their chain hashes;
-#: 3: a record under a version 3 checkpoint carries its prev_hash).
+#: 3: a record under a version 3 checkpoint carries its prev_hash). A bundle
+#: none of whose records needs that is written as version 2, which older
+#: versions of verify-bundle read.
 VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
 RECORDS = "records.jsonl"
@@ -143,6 +145,14 @@ def _diagnose(ledger: Ledger, chain: str, newest: Checkpoint) -> VerificationErr
     )  # fmt: skip
 
 
+def _first(ledger: Ledger, chain: str, count: int) -> Iterator[RawRow]:
+    """Records 1..``count`` of ``chain`` (as far as they go)."""
+    for row in ledger.scan(chain):
+        if row.seq > count:
+            return
+        yield row
+
+
 def write_bundle(
     ledger: Ledger,
     query: Query,
@@ -167,6 +177,7 @@ def write_bundle(
     used: dict[tuple[str, int], Checkpoint] = {}
     consistency: list[dict[str, Any]] = []
     skipped: dict[str, int] = {}
+    version = 2  # until a record carries its prev_hash
     for chain in sorted(selected):
         rows = selected[chain]
         cps = _usable(ledger.checkpoints(chain))
@@ -181,7 +192,6 @@ def write_bundle(
         # The links are checked on the way: a bundle of damaged records would
         # only fail later, at the reviewer's, with a less precise message.
         by_hash: list[bytes] = []
-        by_body: list[bytes] = []
         prevs: dict[int, bytes] = {}
         wanted = {row.seq for row in rows}
         expected = GENESIS
@@ -197,7 +207,6 @@ def write_bundle(
                 intact = False
                 break
             by_hash.append(record_leaf(row.hash))
-            by_body.append(leaf_hash(row.body))
             if row.seq in wanted:
                 prevs[row.seq] = row.prev_hash
             expected = row.hash
@@ -210,8 +219,10 @@ def write_bundle(
         hashes = True
         tree = Tree(by_hash)
         if tree.root() != newest.merkle_root:
+            # A root over bodies (version 2): the same records, read again.
+            by_body = [leaf_hash(row.body) for row in _first(ledger, chain, newest.seq)]
             hashes, tree = False, Tree(by_body)
-            if tree.root() != newest.merkle_root:
+            if len(by_body) != newest.seq or tree.root() != newest.merkle_root:
                 raise _diagnose(ledger, chain, newest)
         cps = [cp for cp in cps if tree.mth(0, cp.seq) == cp.merkle_root]
         cp_index = 0
@@ -230,6 +241,7 @@ def write_bundle(
             }
             if hashes:
                 line["prev_hash"] = prevs[stored.seq].hex()
+                version = VERSION
             record_lines.append(canonical_json(line))
             proof_lines.append(
                 canonical_json(
@@ -293,7 +305,7 @@ def write_bundle(
         )
     manifest = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": version,
         "files": {name: hashlib.sha256(data).hexdigest() for name, data in sorted(files.items())},
     }
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
