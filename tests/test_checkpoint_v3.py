@@ -59,6 +59,14 @@ def old_ledger(url: str, key, n: int = 6, every: int = 2) -> list[Checkpoint]:
     return out
 
 
+def forge_root(db, seq: int) -> None:  # type: ignore[no-untyped-def]
+    """What an insider without the key does: write another root into a checkpoint."""
+    con = sqlite3.connect(db)
+    con.execute("UPDATE checkpoints SET merkle_root = ? WHERE seq = ?", (b"\x07" * 32, seq))
+    con.commit()
+    con.close()
+
+
 def test_a_version_2_ledger_verifies_and_its_signer_keeps_signing_version_2(
     make_pipeline, tmp_path, keys, capsys
 ):
@@ -132,10 +140,7 @@ def test_a_forged_root_matches_neither_tree_without_a_key(make_pipeline, tmp_pat
     key, _pub = keys
     url = f"sqlite:///{tmp_path / 'audit.db'}"
     run_writer(make_pipeline, url, key, 6)
-    con = sqlite3.connect(tmp_path / "audit.db")
-    con.execute("UPDATE checkpoints SET merkle_root = ? WHERE seq = 4", (b"\x07" * 32,))
-    con.commit()
-    con.close()
+    forge_root(tmp_path / "audit.db", 4)
     for jobs in (1, 2):
         with open_ledger(url, readonly=True) as ledger:
             with pytest.raises(VerificationError, match="seq 4: modified: merkle root"):
@@ -254,10 +259,7 @@ def test_roots_of_either_kind_in_any_order_verify_without_a_key(tmp_path, kinds)
 def test_a_forged_root_after_the_tree_over_bodies_was_dropped_is_damage(tmp_path, kinds) -> None:
     url = f"sqlite:///{tmp_path / 'audit.db'}"
     _unsigned_chain(url, kinds)
-    con = sqlite3.connect(tmp_path / "audit.db")
-    con.execute("UPDATE checkpoints SET merkle_root = ? WHERE seq = 6", (b"\x01" * 32,))
-    con.commit()
-    con.close()
+    forge_root(tmp_path / "audit.db", 6)
     with open_ledger(url, readonly=True) as ledger:
         with pytest.raises(VerificationError, match="seq 6: modified: merkle root of the checkp"):
             verify_ledger(ledger)
