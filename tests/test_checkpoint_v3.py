@@ -21,6 +21,7 @@ from otel_audit.engine.checkpoints import SignerState
 from otel_audit.engine.ledger import open_ledger
 from otel_audit.engine.record import canonical_json
 from otel_audit.errors import ConfigError, VerificationError
+from otel_audit.proof import parallel
 from otel_audit.proof.bundle import verify_bundle
 from otel_audit.proof.chain import GENESIS, Checkpoint, check_checkpoints
 from otel_audit.proof.keys import Signer, generate_keypair, load_public_key
@@ -227,14 +228,14 @@ def test_an_anchor_of_an_unknown_version_is_refused(make_pipeline, tmp_path, key
         checkpoint_from_attributes(attrs)
 
 
-def _unsigned_chain(url: str, kinds: str) -> None:
-    """One chain with an unsigned checkpoint every 2 records, its roots over chain
-    hashes (``h``) or bodies (``b``) in the order of ``kinds``."""
-    written = bodies(2 * len(kinds))
+def _unsigned_chain(url: str, kinds: str, every: int = 2) -> None:
+    """One chain with an unsigned checkpoint every ``every`` records, its roots over
+    chain hashes (``h``) or bodies (``b``) in the order of ``kinds``."""
+    written = bodies(every * len(kinds))
     with open_ledger(url) as ledger:
         appended = ledger.append("shop", written)
         for i, kind in enumerate(kinds):
-            upto = 2 * (i + 1)
+            upto = every * (i + 1)
             if kind == "h":
                 root = Tree(record_leaves(a.hash for a in appended[:upto])).root()
             else:
@@ -292,3 +293,26 @@ def test_without_a_key_bodies_are_hashed_only_until_a_root_over_chain_hashes(
         monkeypatch.setattr(ledger, "scan_batches", in_twos)
         assert verify_ledger(ledger).records == 8
     assert hashed == [2]  # the batch holding the first root, none after it
+
+
+@pytest.mark.parametrize("kinds", ["hhhh", "bbhh", "hhbb", "hbhb"])
+def test_workers_without_a_key_verify_roots_of_either_kind_like_one_process(
+    tmp_path, monkeypatch, kinds
+) -> None:
+    """``verify --jobs`` without a key: a chain whose first root is over chain hashes
+    is walked by workers with that tree only; any root over bodies after it sends the
+    chain to the single walk. Same answers as one process, intact or forged."""
+    monkeypatch.setattr(parallel, "MIN_RANGE", 64)
+    monkeypatch.setattr(parallel, "SHORT", 16)
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    _unsigned_chain(url, kinds, every=100)
+    with open_ledger(url, readonly=True) as ledger:
+        walked, _tried = parallel.walk_chains(ledger, ["shop"], None, {}, 2)
+        # Workers prove the chain when no root over bodies follows one over chain hashes.
+        assert ("shop" in walked) == (kinds in ("hhhh", "bbhh"))
+        assert verify_ledger(ledger, jobs=2).records == verify_ledger(ledger).records == 400
+    forge_root(tmp_path / "audit.db", 300)
+    with open_ledger(url, readonly=True) as ledger:
+        for jobs in (1, 2):
+            with pytest.raises(VerificationError, match="seq 300: modified: merkle root"):
+                verify_ledger(ledger, jobs=jobs)

@@ -14,7 +14,10 @@ a checkpoint inside a range is the frontier of the ranges before it plus the
 range's own prefix nodes. Signatures, checkpoint heads and Merkle roots are
 then checked here, in seq order, with the code the single walk uses. Workers
 build the trees the chain's checkpoints need: over chain hashes, over bodies,
-or both (proof/walk.py, ``leaf_kind``).
+or both (proof/walk.py, ``leaf_kind``). Roots of either kind (no key) need
+both, unless the chain's first root is over chain hashes: then, as in the
+single walk, the later ones are taken to be too, and a chain where one is
+not is walked again by the single walk.
 
 Only an intact chain is assembled from ranges. When a range is not intact (a
 link breaks, a row is missing, a value has the wrong type) or a checkpoint
@@ -40,13 +43,17 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from otel_audit.engine.ledger import Ledger, open_ledger
 from otel_audit.errors import VerificationError
 from otel_audit.proof.chain import GENESIS, Checkpoint, check_checkpoints
-from otel_audit.proof.merkle import leaf_hashes, record_leaves
+from otel_audit.proof.merkle import Frontier, leaf_hashes, record_leaves
 from otel_audit.proof.walk import (
+    BODIES,
+    EITHER,
+    HASHES,
     ChainReport,
     Due,
     check_due,
     due_checks,
     extend,
+    last_root,
     linked,
     merkle_batch,
 )
@@ -59,6 +66,9 @@ MIN_RANGE = 1 << 15
 #: Chains shorter than this are walked by the parent: planning them would cost
 #: more queries than walking them.
 SHORT = 1024
+#: Without a key, the parent reads a chain up to its first root, at most this
+#: far, to tell which tree the workers need (``_first_root_kind``).
+PROBE = 1 << 15
 
 
 def default_jobs() -> int:
@@ -218,10 +228,30 @@ def _plan(
     due, hashes_until, bodies_until = due_checks(stored, anchors, resolved=public_key is not None)
     if any(type(seq) is not int or seq < 1 for seq in due):
         return None
+    if bodies_until and _first_root_kind(ledger, chain, due) == HASHES:
+        bodies_until = last_root(due, (BODIES,))
     count = max(1, -(-head // size))  # a chain shorter than a range is one range
     ranges: list[tuple[int, int | None]] = [(k * size, (k + 1) * size) for k in range(count - 1)]
     ranges.append(((count - 1) * size, None))
     return _Plan(chain, ranges, due, hashes_until, bodies_until, len(stored), head)
+
+
+def _first_root_kind(ledger: Ledger, chain: str, due: Due) -> str | None:
+    """HASHES when the chain's first root is of either kind and over chain hashes
+    (read here: records 1 to it, at most PROBE of them), else None."""
+    seq = min((s for s, cps in due.items() if any(cp.merkle_root for cp, _, _ in cps)), default=0)
+    roots = [cp.merkle_root for cp, _, kind in due.get(seq, []) if cp.merkle_root]
+    if not 0 < seq <= PROBE or any(kind != EITHER for _, _, kind in due[seq]):
+        return None
+    tree, expected, last = Frontier(), GENESIS, 0
+    for batch in ledger.scan_batches(chain, 0, seq):
+        digests = linked(batch, last, expected) if batch else None
+        if digests is None:
+            return None  # damage: the single walk names it
+        for leaf in record_leaves(digests):
+            tree.append_leaf_hash(leaf)
+        expected, last = digests[-1], last + len(batch)
+    return HASHES if last == seq and all(root == tree.root() for root in roots) else None
 
 
 def _assemble(
