@@ -20,7 +20,7 @@ from otel_audit.cli import main
 from otel_audit.engine.checkpoints import SignerState
 from otel_audit.engine.ledger import open_ledger
 from otel_audit.engine.record import canonical_json
-from otel_audit.errors import ConfigError, VerificationError
+from otel_audit.errors import ConfigError, LedgerError, VerificationError
 from otel_audit.proof import parallel
 from otel_audit.proof.bundle import verify_bundle
 from otel_audit.proof.chain import GENESIS, Checkpoint, check_checkpoints
@@ -316,3 +316,60 @@ def test_workers_without_a_key_verify_roots_of_either_kind_like_one_process(
         for jobs in (1, 2):
             with pytest.raises(VerificationError, match="seq 300: modified: merkle root"):
                 verify_ledger(ledger, jobs=jobs)
+
+
+def _in_batches_of(ledger, size: int, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    real_scan = ledger.scan_batches
+
+    def small(chain, after_seq=0, until_seq=None):  # type: ignore[no-untyped-def]
+        for batch in real_scan(chain, after_seq, until_seq):
+            for i in range(0, len(batch), size):
+                yield batch[i : i + size]
+
+    monkeypatch.setattr(ledger, "scan_batches", small)
+
+
+@pytest.mark.parametrize("kinds", ["hhbb", "hbhb"])
+def test_a_root_over_bodies_after_the_drop_is_walked_again_and_told_once(
+    tmp_path, monkeypatch, kinds
+) -> None:
+    """Batches of 2 rows: the tree over bodies is dropped after the first root, so the
+    root over bodies after it sends the chain to a second walk with both trees. The
+    answer is the same as in one batch; the progress adds up to the records once."""
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    _unsigned_chain(url, kinds)
+    told: list[int] = []
+    with open_ledger(url, readonly=True) as ledger:
+        _in_batches_of(ledger, 2, monkeypatch)
+        assert verify_ledger(ledger, progress=told.append).chains[0].checkpoints == 4
+    assert sum(told) == 8
+    forge_root(tmp_path / "audit.db", 8)
+    with open_ledger(url, readonly=True) as ledger:
+        _in_batches_of(ledger, 2, monkeypatch)
+        with pytest.raises(VerificationError, match="seq 8: modified: merkle root"):
+            verify_ledger(ledger)
+
+
+def test_an_unreadable_row_before_the_first_root_is_named_alike_with_workers(
+    tmp_path, monkeypatch
+) -> None:
+    """The parent's read up to the first root (no key) stops quietly at a row it cannot
+    read; the walks name it, the same with and without workers."""
+    monkeypatch.setattr(parallel, "MIN_RANGE", 64)
+    monkeypatch.setattr(parallel, "SHORT", 16)
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    _unsigned_chain(url, "h", every=600)
+    with open_ledger(url) as ledger:
+        ledger.add_checkpoint(Checkpoint("shop", 5, b"\x05" * 32, time.time_ns()))
+    con = sqlite3.connect(tmp_path / "audit.db")
+    con.execute("UPDATE records SET prev_hash = CAST(x'ffff' AS TEXT) WHERE seq = 300")
+    con.commit()
+    con.close()
+    outcomes = []
+    for jobs in (1, 2):
+        with open_ledger(url, readonly=True) as ledger:
+            with pytest.raises((VerificationError, LedgerError)) as caught:
+                verify_ledger(ledger, jobs=jobs)
+        outcomes.append((type(caught.value), str(caught.value)))
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0][0] is LedgerError and "reading chain 'shop' failed" in outcomes[0][1]

@@ -66,9 +66,10 @@ MIN_RANGE = 1 << 15
 #: Chains shorter than this are walked by the parent: planning them would cost
 #: more queries than walking them.
 SHORT = 1024
-#: Without a key, the parent reads a chain up to its first root, at most this
-#: far, to tell which tree the workers need (``_first_root_kind``).
-PROBE = 1 << 15
+#: Without a key, the parent reads a chain up to its first root, when it is at
+#: most this far, to tell which tree the workers need (``_first_root_kind``):
+#: a few writers' checkpoints (1,000 records each by default), read in one process.
+PROBE = 4096
 
 
 def default_jobs() -> int:
@@ -238,7 +239,15 @@ def _plan(
 
 def _first_root_kind(ledger: Ledger, chain: str, due: Due) -> str | None:
     """HASHES when the chain's first root is of either kind and over chain hashes
-    (read here: records 1 to it, at most PROBE of them), else None."""
+    (read here: records 1 to it, at most PROBE of them), else None (also when
+    they cannot be read: the single walk names why)."""
+    try:
+        return _probe(ledger, chain, due)
+    except Exception:  # noqa: BLE001 - whatever it is, the walks name it
+        return None
+
+
+def _probe(ledger: Ledger, chain: str, due: Due) -> str | None:
     seq = min((s for s, cps in due.items() if any(cp.merkle_root for cp, _, _ in cps)), default=0)
     roots = [cp.merkle_root for cp, _, kind in due.get(seq, []) if cp.merkle_root]
     if not 0 < seq <= PROBE or any(kind != EITHER for _, _, kind in due[seq]):

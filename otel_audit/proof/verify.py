@@ -95,16 +95,14 @@ def verify_ledger(
         try:
             found = walked.get(chain)
             if found is None:
-                # A chain the workers tried had its progress told already.
-                told = None if chain in tried else progress
-                try:
-                    found = _verify_chain(ledger, chain, public_key, external.get(chain, []), told)
-                except NeedBodyLeaves:
-                    # Roots of either kind, over chain hashes and then over bodies
-                    # again: walked once more, building both trees to the end.
-                    found = _verify_chain(
-                        ledger, chain, public_key, external.get(chain, []), None, True
-                    )
+                # A chain the workers tried had its progress told already; one
+                # they could not prove without a key may hold roots over chain
+                # hashes and then over bodies: both trees from the start.
+                tried_here = chain in tried
+                found = _walk_chain(
+                    ledger, chain, public_key, external.get(chain, []),
+                    None if tried_here else progress, tried_here and public_key is None,
+                )  # fmt: skip
             report.chains.append(found)
         except VerificationError as exc:
             # Every chain is checked; a chain with checkpoints is reported
@@ -121,6 +119,39 @@ def verify_ledger(
         if check_columns is not None:
             check_columns()
     return report
+
+
+def _walk_chain(
+    ledger: Ledger,
+    chain: str,
+    public_key: Ed25519PublicKey | None,
+    anchors: list[Checkpoint],
+    progress: Callable[[int], None] | None,
+    both_trees: bool,
+) -> ChainReport:
+    """``_verify_chain``, walked again with both trees when a root over bodies came
+    after the tree over them was dropped; progress is told once per record."""
+    told = 0
+
+    def counted(n: int) -> None:
+        nonlocal told
+        told += n
+        if progress is not None:
+            progress(n)
+
+    try:
+        return _verify_chain(ledger, chain, public_key, anchors, counted, both_trees)
+    except NeedBodyLeaves:
+        pass
+
+    def rest(n: int) -> None:
+        nonlocal told
+        skip = min(n, told)
+        told -= skip
+        if n > skip and progress is not None:
+            progress(n - skip)
+
+    return _verify_chain(ledger, chain, public_key, anchors, rest, True)
 
 
 def _account_for_every_row(ledger: Ledger, report: VerifyReport) -> None:
