@@ -145,11 +145,14 @@ def run_mode(mode: str, sink: str, args: argparse.Namespace) -> float:
                 time.sleep(0.05)
             warm = [sys.executable, __file__, "--load", str(port), "--requests",
                     str(args.warmup), "--concurrency", str(args.concurrency)]  # fmt: skip
-            subprocess.run(warm, check=True, capture_output=True)
             measure = [sys.executable, __file__, "--load", str(port), "--requests",
                        str(args.requests), "--concurrency", str(args.concurrency)]  # fmt: skip
-            out = subprocess.run(measure, check=True, capture_output=True, text=True).stdout
-            return float(out.strip())
+            for argv in (warm, measure):
+                done = subprocess.run(argv, capture_output=True, text=True)
+                if done.returncode:
+                    said = (done.stderr.strip().splitlines() or ["(nothing)"])[-1]
+                    raise SystemExit(f"{mode}: the load generator failed: {said}")
+            return float(done.stdout.strip())
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(30)
