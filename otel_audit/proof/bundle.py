@@ -36,17 +36,17 @@ import json
 import time
 import zipfile
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import IO, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from otel_audit._progress import Progress
-from otel_audit.engine.ledger import Ledger, Query, RawRow, StoredRecord
+from otel_audit.engine.ledger import Ledger, Query, StoredRecord
 from otel_audit.engine.record import canonical_json, decode
 from otel_audit.errors import ConfigError, VerificationError
-from otel_audit.proof.chain import GENESIS, LINKED_VERSIONS, Checkpoint, link_hash
+from otel_audit.proof.chain import GENESIS, Checkpoint, link_hash, signed_linked
 from otel_audit.proof.keys import key_id, public_key_pem, verify_signature
 from otel_audit.proof.merkle import (
     Tree,
@@ -145,14 +145,6 @@ def _diagnose(ledger: Ledger, chain: str, newest: Checkpoint) -> VerificationErr
     )  # fmt: skip
 
 
-def _first(ledger: Ledger, chain: str, count: int) -> Iterator[RawRow]:
-    """Records 1..``count`` of ``chain`` (as far as they go)."""
-    for row in ledger.scan(chain):
-        if row.seq > count:
-            return
-        yield row
-
-
 def write_bundle(
     ledger: Ledger,
     query: Query,
@@ -220,7 +212,7 @@ def write_bundle(
         tree = Tree(by_hash)
         if tree.root() != newest.merkle_root:
             # A root over bodies (version 2): the same records, read again.
-            by_body = [leaf_hash(row.body) for row in _first(ledger, chain, newest.seq)]
+            by_body = [leaf_hash(row.body) for row in ledger.scan(chain, 0, newest.seq)]
             hashes, tree = False, Tree(by_body)
             if len(by_body) != newest.seq or tree.root() != newest.merkle_root:
                 raise _diagnose(ledger, chain, newest)
@@ -519,15 +511,7 @@ def _verify_contents(
         if version >= 2:
             # Signed as linked (the signature covers prev and the key id) or,
             # before links existed, as version 1: then prev is not proven.
-            prev = _hex(d, "prev", where)
-            signed_as = next(
-                (
-                    linked
-                    for linked in (replace(cp, version=n, prev=prev) for n in LINKED_VERSIONS)
-                    if verify_signature(public_key, cp.signature or b"", linked.message())
-                ),
-                None,
-            )
+            signed_as = signed_linked(public_key, cp, _hex(d, "prev", where))
             if signed_as is not None:
                 cp = signed_as
             elif verify_signature(public_key, cp.signature or b"", cp.message()):

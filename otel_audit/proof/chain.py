@@ -178,6 +178,16 @@ class CheckpointDamage:
         return f"chain {self.chain!r} seq {self.seq}: {self.kind}: {self.detail}"
 
 
+def signed_linked(public_key: Ed25519PublicKey, cp: Checkpoint, prev: bytes) -> Checkpoint | None:
+    """``cp`` as the linked version (newest first) its signature verifies as with the
+    link ``prev``, or None when it verifies as none of them."""
+    for version in LINKED_VERSIONS:
+        linked = replace(cp, version=version, prev=prev)
+        if _verifies(public_key, linked):
+            return linked
+    return None
+
+
 def _verifies(public_key: Ed25519PublicKey, cp: Checkpoint) -> bool:
     return cp.signature is not None and verify_signature(public_key, cp.signature, cp.message())
 
@@ -220,14 +230,9 @@ def check_checkpoints(
                 if cp.prev != link:
                     damage.append(_gap(cp, before))
         else:
-            for version in LINKED_VERSIONS:
-                linked = replace(cp, version=version, prev=link)
-                if _verifies(public_key, linked):
-                    resolved = linked
-                    break
-            else:
-                if _verifies(public_key, cp):
-                    resolved = cp
+            resolved = signed_linked(public_key, cp, link)
+            if resolved is None and _verifies(public_key, cp):
+                resolved = cp
         if resolved is None:
             prior = f" (seq {before.seq})" if before is not None else ""
             damage.append(

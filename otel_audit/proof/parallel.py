@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from otel_audit.engine.ledger import Ledger, open_ledger
 from otel_audit.errors import VerificationError
 from otel_audit.proof.chain import GENESIS, Checkpoint, check_checkpoints
-from otel_audit.proof.merkle import Frontier, leaf_hashes, record_leaves
+from otel_audit.proof.merkle import Frontier, advance, leaf_hashes, record_leaves
 from otel_audit.proof.walk import (
     BODIES,
     EITHER,
@@ -252,15 +252,11 @@ def _probe(ledger: Ledger, chain: str, due: Due) -> str | None:
     roots = [cp.merkle_root for cp, _, kind in due.get(seq, []) if cp.merkle_root]
     if not 0 < seq <= PROBE or any(kind != EITHER for _, _, kind in due[seq]):
         return None
-    tree, expected, last = Frontier(), GENESIS, 0
-    for batch in ledger.scan_batches(chain, 0, seq):
-        digests = linked(batch, last, expected) if batch else None
-        if digests is None:
-            return None  # damage: the single walk names it
-        for leaf in record_leaves(digests):
-            tree.append_leaf_hash(leaf)
-        expected, last = digests[-1], last + len(batch)
-    return HASHES if last == seq and all(root == tree.root() for root in roots) else None
+    # The tree the writer builds (damage in the rows is left to the walks).
+    tree = Frontier()
+    if not advance(tree, ledger, chain, seq, hashes=True):
+        return None
+    return HASHES if all(root == tree.root() for root in roots) else None
 
 
 def _assemble(
