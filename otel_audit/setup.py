@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import threading
 from typing import Any
 
 from opentelemetry import metrics, trace
@@ -29,6 +27,7 @@ from otel_audit.engine.remote import ProcessWriter
 from otel_audit.engine.writer import LedgerWriter, WriterStats
 from otel_audit.errors import ConfigError
 from otel_audit.proof.keys import Signer
+from otel_audit.sigterm import handle_sigterm
 from otel_audit.vocabulary import DEFAULT_KEPT_EFFECTS
 
 _log = logging.getLogger("otel_audit")
@@ -159,58 +158,6 @@ def _register_metrics(pipeline: AuditPipeline, meter_provider: Any = None) -> No
     )
 
 
-class _SigtermFlush:
-    """Flushes the audit pipelines when SIGTERM arrives and nobody else handles it.
-
-    The handler only re-arms the default action and wakes a thread through a
-    pipe (a signal handler may interrupt the main thread while it holds the
-    writer's locks: flushing there could deadlock). The thread shuts the
-    pipelines down, then sends SIGTERM again, which now ends the process.
-    Installed only when the handler is still the default and we are on the
-    main thread: servers such as gunicorn install their own handlers and exit
-    through atexit, which shuts the TracerProvider (and so the writer) down.
-    """
-
-    def __init__(self) -> None:
-        self.pipelines: list[AuditPipeline] = []
-        self._read, self._write = os.pipe()
-        os.set_blocking(self._write, False)
-        threading.Thread(target=self._run, name="otel-audit-sigterm", daemon=True).start()
-
-    def handler(self, signum: int, _frame: Any) -> None:
-        signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM ends the process at once
-        try:
-            os.write(self._write, b"T")
-        except OSError:
-            pass
-
-    def _run(self) -> None:
-        os.read(self._read, 1)
-        for pipeline in list(self.pipelines):
-            try:
-                pipeline.shutdown()
-            except Exception:
-                _log.exception("otel-audit: shutdown on SIGTERM failed")
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-_sigterm: _SigtermFlush | None = None
-
-
-def _handle_sigterm(pipeline: AuditPipeline) -> None:
-    global _sigterm
-    if threading.current_thread() is not threading.main_thread():
-        return
-    if _sigterm is not None and signal.getsignal(signal.SIGTERM) == _sigterm.handler:
-        _sigterm.pipelines.append(pipeline)
-        return
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        return
-    _sigterm = _SigtermFlush()
-    _sigterm.pipelines.append(pipeline)
-    signal.signal(signal.SIGTERM, _sigterm.handler)
-
-
 def _policy_source(spec: Any) -> str | None:
     """The policy file a writer process loads, so it redacts as this process would.
 
@@ -315,7 +262,7 @@ def configure(
     installed.install(provider, pipeline)
     installed.refuse_actions(None)  # a pipeline now records what is audited
     if options.get("handle_sigterm", True):
-        _handle_sigterm(pipeline)
+        handle_sigterm(pipeline)
     from otel_audit.transport.anchors import install_anchor_logging
     from otel_audit.transport.forward import start_forwarder_from_env
 
