@@ -22,7 +22,13 @@ SIGTERM. So the handler is not the only trigger:
   handler, which now ends the process.
 
 A forked child (``multiprocessing``) gets a pipe and a thread of its own:
-its SIGTERM flushes its own writers and ends it, never its parent.
+its SIGTERM flushes its own writers and ends it, never its parent. SIGTERM
+is blocked on the forking thread from before ``fork()`` until the child has
+its pipe, so a child terminated as soon as it exists neither wakes the
+parent's thread nor loses the signal. A child keeps no wakeup descriptor
+(one that closes every descriptor, as daemons do, would have signal numbers
+written into whatever file reuses the number), so it relies on the handler
+alone; an application's own wakeup descriptor stays as it is.
 """
 
 from __future__ import annotations
@@ -49,15 +55,30 @@ class _SigtermFlush:
     def __init__(self) -> None:
         self.pipelines: list[_Pipeline] = []
         self._wakeup = False  # the pipe is the signal module's wakeup descriptor
+        self._fork_masks: dict[int, set[int | signal.Signals]] = {}  # forking thread -> its mask
         self._open()
-        os.register_at_fork(after_in_child=self._after_fork)
+        os.register_at_fork(
+            before=self._before_fork,
+            after_in_parent=self._restore_mask,
+            after_in_child=self._after_fork,
+        )
 
     def _open(self) -> None:
         self._pid = os.getpid()
         self._done = False  # the pipelines are shut down: the next SIGTERM ends the process
         self._read, self._write = os.pipe()
         os.set_blocking(self._write, False)
+        stat = os.fstat(self._write)
+        self._identity = (stat.st_dev, stat.st_ino)
         threading.Thread(target=self._run, name="otel-audit-sigterm", daemon=True).start()
+
+    def _ours(self) -> bool:
+        """The pipe is still ours (a daemon closing every descriptor frees its number for reuse)."""
+        try:
+            stat = os.fstat(self._write)
+        except OSError:
+            return False
+        return (stat.st_dev, stat.st_ino) == self._identity
 
     def install(self) -> None:
         """On the main thread: our handler, and our pipe as the wakeup descriptor if it is free."""
@@ -74,19 +95,40 @@ class _SigtermFlush:
             return
         self._wakeup = True
 
+    # A child must never wake the parent's thread, and must not lose a SIGTERM
+    # sent as soon as it exists (multiprocessing's terminate() right after
+    # start()): SIGTERM stays blocked on the forking thread from before fork()
+    # until the child has its own pipe, then arrives there, pending.
+
+    def _before_fork(self) -> None:
+        if self._installed():
+            ident = threading.get_ident()
+            self._fork_masks[ident] = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def _restore_mask(self) -> None:
+        mask = self._fork_masks.pop(threading.get_ident(), None)
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
     def _after_fork(self) -> None:
-        if self._pid == os.getpid():
-            return
+        try:
+            if self._pid != os.getpid():
+                self._reopen_in_child()
+        finally:
+            self._restore_mask()
+
+    def _reopen_in_child(self) -> None:
         inherited = (self._read, self._write)
-        was_wakeup = self._wakeup
+        if self._wakeup:
+            # The child keeps no wakeup descriptor: it would still be the
+            # parent's pipe, and a child that closes every descriptor (a daemon)
+            # would have signal numbers written into whatever reuses the number.
+            # An application's own descriptor, set since, stays.
+            current = signal.set_wakeup_fd(-1)
+            if current != inherited[1]:
+                signal.set_wakeup_fd(current)
         self._wakeup = False
         self._open()
-        if was_wakeup:
-            # The parent's pipe must not hear this process's signals (its thread
-            # would shut the parent down): this pipe replaces it. CPython makes
-            # the forking thread the child's main thread, so this is allowed.
-            signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
-            self._wakeup = True
         for fd in inherited:
             try:
                 os.close(fd)
@@ -98,8 +140,8 @@ class _SigtermFlush:
 
     def handler(self, signum: int, _frame: Any) -> None:
         signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM ends the process at once
-        if self._done or self._pid != os.getpid():
-            os.kill(os.getpid(), signum)  # shut down already (or not ours to flush): end now
+        if self._done or self._pid != os.getpid() or not self._ours():
+            os.kill(os.getpid(), signum)  # shut down already (or no pipe to wake): end now
             return
         try:
             os.write(self._write, _WAKE)

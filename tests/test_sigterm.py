@@ -174,3 +174,104 @@ def test_an_application_that_handles_sigterm_itself_keeps_its_handler(tmp_path):
         out, err = proc.communicate(timeout=30)
         assert (proc.returncode, out.strip()) == (0, "stopped"), (how, err)
         assert names(db) == ["app.graceful_stop"]
+
+
+FORK_AND_TERMINATE_AT_ONCE = """
+    import multiprocessing, sys, threading, otel_audit
+    otel_audit.configure(ledger=sys.argv[1], service_name="shop", durability="async")
+    codes = []
+    for i in range(30):
+        child = multiprocessing.get_context("fork").Process(target=threading.Event().wait)
+        child.start()
+        child.terminate()  # as soon as it exists
+        child.join(30)
+        codes.append(child.exitcode)
+    print(sorted(set(map(str, codes))), flush=True)
+    with otel_audit.audit_action("parent.after"):
+        pass
+    print("parent audited", flush=True)
+"""
+
+
+def test_sigterm_to_a_child_as_soon_as_it_is_forked_ends_the_child_and_never_the_parent(tmp_path):
+    # Until the child has its own pipe, its signal handler would wake the
+    # parent's thread, which shut the parent down; and a signal taken before
+    # CPython's after-fork reset was forgotten, leaving the child running.
+    db = tmp_path / "audit.db"
+    proc = start(FORK_AND_TERMINATE_AT_ONCE, str(db))
+    out, err = proc.communicate(timeout=120)
+    assert (proc.returncode, out.splitlines()) == (0, [str(["-15"]), "parent audited"]), err
+    assert names(db) == ["parent.after"]
+
+
+DAEMON = """
+    import os, signal, sys, time, otel_audit
+    otel_audit.configure(ledger=sys.argv[1], service_name="shop")
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    os.closerange(3, 1024)  # as daemons do: every descriptor closed, numbers reused
+    logs = [os.open(f"{sys.argv[2]}.{i}", os.O_WRONLY | os.O_CREAT | os.O_APPEND) for i in range(8)]
+    signal.signal(signal.SIGHUP, lambda *_: None)  # reload, as daemons do
+    print(os.getpid(), flush=True)
+    while True:
+        time.sleep(0.1)
+"""
+
+
+def test_a_daemon_that_closes_every_descriptor_gets_no_signal_bytes_in_its_files(tmp_path):
+    import time
+
+    db, log = tmp_path / "audit.db", tmp_path / "log"
+    proc = start(DAEMON, str(db), str(log))
+    assert proc.stdout is not None
+    pid = int(proc.stdout.readline())
+    for _ in range(5):
+        os.kill(pid, signal.SIGHUP)
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        raise AssertionError("the daemon did not end on SIGTERM")
+    proc.communicate(timeout=30)
+    written = {p.name: p.read_bytes() for p in tmp_path.glob("log.*") if p.stat().st_size}
+    assert written == {}
+
+
+APP_WAKEUP_FD = """
+    import os, select, signal, socket, sys, otel_audit
+    otel_audit.configure(ledger=sys.argv[1], service_name="shop")
+    # A pre-fork server's own loop: its wakeup socket and SIGTERM handler.
+    wake_r, wake_w = socket.socketpair()
+    wake_w.setblocking(False)
+    signal.set_wakeup_fd(wake_w.fileno())
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    pid = os.fork()
+    if pid == 0:
+        print("child ready", flush=True)
+        ready, _, _ = select.select([wake_r], [], [], 20)
+        os._exit(7 if ready else 1)
+    sys.stdin.readline()
+    os.kill(pid, signal.SIGTERM)
+    _, status = os.waitpid(pid, 0)
+    print("child exit", os.waitstatus_to_exitcode(status), flush=True)
+"""
+
+
+def test_a_forked_child_keeps_the_applications_own_wakeup_descriptor(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(APP_WAKEUP_FD), str(tmp_path / "audit.db")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+    assert proc.stdout.readline().strip() == "child ready"
+    out, err = proc.communicate("go\n", timeout=60)
+    assert (proc.returncode, out.strip()) == (0, "child exit 7"), err
