@@ -90,9 +90,16 @@ class AuditPipeline:
         return AuditAction(action, pipeline=self, tracer=self.tracer, **options)
 
     def shutdown(self) -> None:
-        """Commit everything queued, write the final checkpoint, stop the writer."""
-        installed.uninstall(self.provider, self)
-        self.writer.shutdown()
+        """Commit everything queued, write the final checkpoint, stop the writer.
+
+        The pipeline stays installed until the writer has stopped: new actions
+        find it and are refused (fail closed) instead of running unaudited and
+        feeding a flush that, under load, would never see an empty queue.
+        """
+        try:
+            self.writer.shutdown()
+        finally:
+            installed.uninstall(self.provider, self)
 
 
 def _provider(given: Any, service_name: str | None) -> TracerProvider:

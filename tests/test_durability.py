@@ -161,6 +161,50 @@ def test_sigterm_flushes_the_queue_and_checkpoints(tmp_path):
     assert checkpoints and checkpoints[-1].seq == 3000
 
 
+UNDER_LOAD = """
+    import sys, threading, otel_audit
+    otel_audit.configure(ledger=sys.argv[1], service_name="shop", durability="async",
+                         checkpoint_every=100000, checkpoint_interval=3600)
+
+    def worker(n):
+        i = 0
+        while True:  # an ordinary job loop: nothing here knows about shutdown
+            with otel_audit.audit_action("job.run", resource=("job", f"{n}-{i}")):
+                pass
+            i += 1
+
+    for n in range(4):
+        threading.Thread(target=worker, args=(n,), daemon=True).start()
+    with otel_audit.audit_action("service.ready"):
+        pass
+    print("ready", flush=True)
+    threading.Event().wait()
+"""
+
+
+def test_sigterm_under_sustained_load_stops_new_actions_and_commits_every_record(tmp_path):
+    # Threads that never stop auditing kept the flush from ever seeing an
+    # empty queue: the process ended only at the 30 s shutdown timeout, with
+    # records left uncommitted. New actions are now refused once shutdown begins.
+    import time
+
+    db = tmp_path / "audit.db"
+    proc = python(UNDER_LOAD, str(db))
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGTERM
+    assert time.monotonic() - started < 15
+    with open_ledger(str(db), readonly=True) as ledger:
+        count = ledger.count()
+        verify_ledger(ledger)
+        checkpoints = ledger.checkpoints("shop")
+    assert count > 1 and checkpoints[-1].seq == count  # nothing left behind the last checkpoint
+
+
 def test_async_queue_blocks_instead_of_dropping(make_pipeline):
     pipeline, _, _ = make_pipeline(durability="async", max_queue_size=4)
     for i in range(500):

@@ -251,6 +251,7 @@ class ProcessWriter:
         self._thread: threading.Thread | None = None  # reads the worker's answers
         self._sender: threading.Thread | None = None
         self._closed = False
+        self._draining = False  # shutdown has begun: new actions are refused (``check``)
         self._stopped: str | None = None  # why the worker is gone
         self._healthy = True
         self._refuse_until = 0.0
@@ -539,7 +540,7 @@ class ProcessWriter:
 
     def check(self) -> None:
         """Raise LedgerUnavailable when new audited actions should be refused (as LedgerWriter)."""
-        if self._closed:
+        if self._closed or self._draining:
             raise LedgerUnavailable(f"audit writer for {self.url} is shut down")
         if self._stopped is not None:
             raise LedgerUnavailable(f"audit writer for {self.url} has stopped: {self._stopped}")
@@ -628,6 +629,7 @@ class ProcessWriter:
     def shutdown(self, timeout: float = 30.0) -> None:
         """Commit what is queued, let the worker write its final checkpoint, stop it."""
         deadline = time.monotonic() + timeout
+        self._draining = True  # a process under load must still stop: no new actions
         self.flush(timeout)
         with self._start_lock:
             if self._closed:

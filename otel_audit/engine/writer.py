@@ -227,6 +227,9 @@ class LedgerWriter:
         self._retry_at = 0.0  # inline: when the next attempt after a failure is due
         self._backoff = 0.05
         self._closed = False
+        # Shutdown has begun: new actions are refused (``check``) so that the
+        # flush ends; records of actions already running are still taken.
+        self._draining = False
         self._thread: threading.Thread | None = None
         self._healthy = True
         self._refuse_until = 0.0
@@ -282,7 +285,7 @@ class LedgerWriter:
         (a circuit breaker: no action proceeds unrecorded, and the writer
         recovers by itself once the ledger can be written again).
         """
-        if self._closed:
+        if self._closed or self._draining:
             raise LedgerUnavailable(f"audit writer for {self.url} is shut down")
         if self._thread_dead():
             raise LedgerUnavailable(f"audit writer for {self.url} has stopped: {self._last_error}")
@@ -621,6 +624,7 @@ class LedgerWriter:
         ``timeout`` bounds the whole shutdown (flush and join together).
         """
         deadline = time.monotonic() + timeout
+        self._draining = True  # a process under load must still stop: no new actions
         if self.inline:  # commit (and retry) what is queued, on this thread
             while self._busy() and time.monotonic() < deadline:
                 wait = self.turn()
