@@ -11,25 +11,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
-import textwrap
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from otel_audit.engine.ledger import Query, open_ledger
 from otel_audit.proof.verify import verify_ledger
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def start(code: str, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
-    )
+from .test_durability import python
 
 
 def names(db: Path) -> list[str]:
@@ -62,7 +50,7 @@ SERVICE = """
 
 
 def _stop_at_once(db: Path) -> tuple[int | None, str]:
-    proc = start(SERVICE, str(db))
+    proc = python(SERVICE, str(db))
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "ready"
     proc.send_signal(signal.SIGTERM)  # as the main thread is about to block
@@ -118,11 +106,7 @@ FORKING = """
 
 def test_sigterm_to_a_forked_child_flushes_and_ends_the_child_and_leaves_the_parent(tmp_path):
     db = tmp_path / "audit.db"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(FORKING), str(db)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
-    )  # fmt: skip
+    proc = python(FORKING, str(db), stdin=subprocess.PIPE)
     assert proc.stdin is not None and proc.stdout is not None
     try:
         assert proc.stdout.readline().strip() == "child working"
@@ -167,7 +151,7 @@ APP_HANDLER = """
 def test_an_application_that_handles_sigterm_itself_keeps_its_handler(tmp_path):
     for how in ("signal", "asyncio"):
         db = tmp_path / f"{how}.db"
-        proc = start(APP_HANDLER, str(db), how)
+        proc = python(APP_HANDLER, str(db), how)
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "ready"
         proc.send_signal(signal.SIGTERM)
@@ -198,7 +182,7 @@ def test_sigterm_to_a_child_as_soon_as_it_is_forked_ends_the_child_and_never_the
     # parent's thread, which shut the parent down; and a signal taken before
     # CPython's after-fork reset was forgotten, leaving the child running.
     db = tmp_path / "audit.db"
-    proc = start(FORK_AND_TERMINATE_AT_ONCE, str(db))
+    proc = python(FORK_AND_TERMINATE_AT_ONCE, str(db))
     out, err = proc.communicate(timeout=120)
     assert (proc.returncode, out.splitlines()) == (0, [str(["-15"]), "parent audited"]), err
     assert names(db) == ["parent.after"]
@@ -223,7 +207,7 @@ def test_a_daemon_that_closes_every_descriptor_gets_no_signal_bytes_in_its_files
     import time
 
     db, log = tmp_path / "audit.db", tmp_path / "log"
-    proc = start(DAEMON, str(db), str(log))
+    proc = python(DAEMON, str(db), str(log))
     assert proc.stdout is not None
     pid = int(proc.stdout.readline())
     for _ in range(5):
@@ -266,11 +250,7 @@ APP_WAKEUP_FD = """
 
 
 def test_a_forked_child_keeps_the_applications_own_wakeup_descriptor(tmp_path):
-    proc = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(APP_WAKEUP_FD), str(tmp_path / "audit.db")],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
-    )  # fmt: skip
+    proc = python(APP_WAKEUP_FD, str(tmp_path / "audit.db"), stdin=subprocess.PIPE)
     assert proc.stdin is not None and proc.stdout is not None
     assert proc.stdout.readline().strip() == "child ready"
     out, err = proc.communicate("go\n", timeout=60)
