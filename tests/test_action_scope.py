@@ -135,6 +135,73 @@ def test_effects_are_committed_before_the_action_returns_in_one_wait(make_pipeli
     assert names.count("INSERT orders") == 5 and "order.create" in names
 
 
+def test_an_actions_effects_are_committed_together(make_pipeline):
+    pipeline, provider, _ = make_pipeline()
+    with otel_audit.audit_action("warm.up"):
+        pass
+    before = pipeline.stats().batches
+    for i in range(20):
+        with otel_audit.audit_action("order.create", resource=("order", str(i))):
+            for _ in range(5):
+                _write_effect(provider)
+                time.sleep(0.002)  # a real service waits on I/O between its effects
+    # Two commits per action: its effects' records together, then its own
+    # (whose outcome says whether they were written); one per record before.
+    # A few more are allowed: the idle writer looks at its queue every second.
+    assert pipeline.stats().committed >= 121
+    assert pipeline.stats().batches - before <= 45
+    assert [r.name for r in _records(pipeline.ledger_url)].count("INSERT orders") == 100
+
+
+def test_an_async_actions_exit_starts_the_commit_of_its_effects(make_pipeline):
+    pipeline, provider, _ = make_pipeline()
+
+    @otel_audit.audit_action("order.read")
+    async def one() -> None:
+        for _ in range(5):
+            _write_effect(provider)
+        await asyncio.sleep(0)
+
+    async def main() -> None:
+        for _ in range(20):
+            await one()
+
+    started = time.monotonic()
+    asyncio.run(main())
+    # Waiting for the writer's one-second look at its queue would take 20 s.
+    assert time.monotonic() - started < 5
+    assert [r.name for r in _records(pipeline.ledger_url)].count("INSERT orders") == 100
+
+
+def test_the_effect_of_an_action_that_never_exits_is_still_committed(make_pipeline):
+    pipeline, provider, _ = make_pipeline()
+
+    def job():
+        with otel_audit.audit_action("report.build"):
+            _write_effect(provider)
+            yield
+
+    def committed() -> list[str]:
+        return [r.name for r in _records(pipeline.ledger_url)]
+
+    left_open = job()
+    next(left_open)  # the action stays open: nobody waits for its effect's record
+    deadline = time.monotonic() + 10
+    while "INSERT orders" not in committed():
+        assert time.monotonic() < deadline, "a record queued in an open action was never committed"
+        time.sleep(0.05)
+    # And a flush commits such a record at once.
+    second = job()
+    next(second)
+    started = time.monotonic()
+    assert pipeline.flush()
+    assert committed().count("INSERT orders") == 2
+    assert time.monotonic() - started < 0.9
+    second.close()  # innermost first: each restores the context it found
+    left_open.close()
+    assert committed().count("report.build") == 2
+
+
 def test_async_actions_share_commits_and_never_block_the_event_loop(make_pipeline, tmp_path):
     db = tmp_path / "audit.db"
     pipeline, provider, _ = make_pipeline(ledger=f"sqlite:///{db}?busy_timeout=20000")

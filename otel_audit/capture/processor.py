@@ -146,11 +146,14 @@ class AuditSpanProcessor(SpanProcessor):
                 else:
                     self.writer.submit(self._encode(span, extra, decision))
                 return
+            # Inside an action, the record waits for the action's exit (or its
+            # first waiter) to be committed, with the action's other records.
+            lazy = scope is not None
             if remote is not None:
-                ticket = remote.send_span(span, extra, _level(decision), durability, True)
+                ticket = remote.send_span(span, extra, _level(decision), durability, True, lazy)
                 assert ticket is not None
             else:
-                ticket = self.writer.enqueue(self._encode(span, extra, decision))
+                ticket = self.writer.enqueue(self._encode(span, extra, decision), lazy=lazy)
             if scope is not None:
                 own = span.context.span_id == scope.span_id
                 if scope.add_ticket(self.writer, ticket, own=own):

@@ -125,6 +125,9 @@ class ActionScope:
 
             for ticket in pending:
                 ticket.add_callback(one_done)
+            for writer, ticket in tickets:
+                if not ticket.done:
+                    writer.wake()  # records queued lazily (Ticket.wait does this for threads)
             await _wait_or_writer_gone(done, tickets)
         for writer, ticket in tickets:
             if not ticket.done:

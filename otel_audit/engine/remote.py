@@ -71,6 +71,9 @@ _WORKER = (
 _MAX_BATCH = 4096
 _WAKE_AT = 512  # async records queued before the sender is woken again
 _LINGER = 0.005  # seconds the sender waits for an async batch to fill
+# The longest the idle sender sleeps without looking at its queue: a record
+# queued lazily whose waiter never came (an action abandoned) is still sent.
+_LOOK = 1.0
 _INHERITED: list[object] = []  # pipes inherited across fork: kept, never flushed or closed
 
 #: Builds the canonical bytes of a span in this process (the processor's path),
@@ -349,7 +352,8 @@ class ProcessWriter:
     def _send(self) -> None:
         """The sender thread: writes what producers queued and did not write themselves."""
         while True:
-            self._wake.wait()
+            if not self._wake.wait(_LOOK) and self._queue:
+                self._urgent = True  # lazy records nobody asked for yet: send them
             self._wake.clear()
             if not self._urgent and len(self._queue) < _WAKE_AT and not self._closed:
                 time.sleep(_LINGER)  # let an async batch fill (no sync record is waiting)
@@ -547,7 +551,7 @@ class ProcessWriter:
         if not self._healthy and time.monotonic() < self._refuse_until:
             raise LedgerUnavailable(f"audit ledger {self.url} is unavailable: {self._last_error}")
 
-    def _put(self, item: _Queued) -> None:
+    def _put(self, item: _Queued, lazy: bool = False) -> None:
         if self._closed:
             raise LedgerUnavailable(f"audit writer for {self.url} is shut down")
         if self._stopped is not None:
@@ -574,7 +578,12 @@ class ProcessWriter:
                 pass
             else:
                 raise LedgerWriteError(f"audit writer for {self.url} has stopped: {self._stopped}")
-        if item.ticket is not None:
+        if lazy:
+            # Its waiter (Ticket.wait, settle_async) or a flush wakes the
+            # sender (``wake``): an action's effects travel in one frame.
+            if len(queue) < _WAKE_AT:
+                return
+        elif item.ticket is not None:
             self._urgent = True  # someone waits: the sender must not linger
             if self._write_lock.acquire(blocking=False):
                 # A sync record and nobody writing: write it now, from this thread.
@@ -584,7 +593,7 @@ class ProcessWriter:
                     self._write_lock.release()
                 if not queue:
                     return
-        elif len(queue) != 1 and len(queue) < _WAKE_AT:
+        elif len(queue) != 1 and len(queue) < _WAKE_AT and self._wake.is_set():
             # Async: the sender was woken by the first record of this batch
             # and lingers for more; waking it for each would cost a thread
             # switch per record.
@@ -593,16 +602,27 @@ class ProcessWriter:
             self._wake.set()
 
     def send_span(
-        self, span: Any, extra: dict[str, Any], level: str, durability: str, wait: bool
+        self,
+        span: Any,
+        extra: dict[str, Any],
+        level: str,
+        durability: str,
+        wait: bool,
+        lazy: bool = False,
     ) -> Ticket | None:
-        """Queue a selected span's record, built by the worker (``level``: the policy's decision)."""
+        """Queue a selected span's record, built by the worker (``level``: the policy's decision).
+
+        ``lazy``: as ``LedgerWriter.enqueue``: sent when its ticket is first waited for.
+        """
         ticket = Ticket() if wait else None
-        self._put(_Queued(next(self._ids), span, None, extra, level, durability, ticket))
+        record = _Queued(next(self._ids), span, None, extra, level, durability, ticket)
+        self._put(record, lazy and wait)
         return ticket
 
-    def enqueue(self, body: bytes) -> Ticket:
+    def enqueue(self, body: bytes, *, lazy: bool = False) -> Ticket:
+        """Queue ``body`` (sync); ``lazy`` as ``LedgerWriter.enqueue``."""
         ticket = Ticket()
-        self._put(_Queued(next(self._ids), None, body, None, "", "sync", ticket))
+        self._put(_Queued(next(self._ids), None, body, None, "", "sync", ticket), lazy)
         return ticket
 
     def submit(self, body: bytes) -> None:
@@ -610,6 +630,13 @@ class ProcessWriter:
 
     def write(self, body: bytes) -> Appended:
         return self.enqueue(body).wait(self)
+
+    def wake(self) -> None:
+        """Send what is queued now (records queued lazily wait for this)."""
+        if self._queue:  # a sync record was sent by its own thread: nothing to do
+            self._urgent = True
+            if not self._wake.is_set():
+                self._wake.set()
 
     def write_many(self, bodies: list[bytes]) -> list[Appended]:
         tickets = [self.enqueue(body) for body in bodies]
@@ -619,6 +646,7 @@ class ProcessWriter:
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything queued so far is committed (or failed)."""
+        self.wake()
         return wait_idle(
             self._cond,
             lambda: bool(self._queue or self._pending),

@@ -64,6 +64,8 @@ class Waitable(Protocol):
     url: str
     _thread: threading.Thread | None
 
+    def wake(self) -> None: ...
+
 
 class Ticket:
     """The fate of one queued record: resolved once by the writer thread.
@@ -108,13 +110,17 @@ class Ticket:
 
     def wait(self, writer: Waitable) -> Appended:
         """Block until resolved; raise its error (LedgerWriteError) if it was not committed."""
-        while not self.lock.acquire(timeout=1.0):
-            thread = writer._thread
-            if thread is None or not thread.is_alive():
-                # The writer is gone; it may have answered just before it went.
-                if self.lock.acquire(blocking=False):
-                    break
-                raise LedgerWriteError(f"audit writer for {writer.url} stopped before commit")
+        if not self.lock.acquire(blocking=False):
+            # A record queued without waking the writer (``enqueue(lazy=True)``)
+            # is committed no later than its first waiter asks for it.
+            writer.wake()
+            while not self.lock.acquire(timeout=1.0):
+                thread = writer._thread
+                if thread is None or not thread.is_alive():
+                    # The writer is gone; it may have answered just before it went.
+                    if self.lock.acquire(blocking=False):
+                        break
+                    raise LedgerWriteError(f"audit writer for {writer.url} stopped before commit")
         self.lock.release()  # a resolved ticket stays resolved for any later waiter
         if self.error is not None:
             raise self.error
@@ -135,6 +141,9 @@ class _Item:
 
 
 _MAX_BATCH = 8192
+# The longest an idle writer sleeps without looking at its queue: a record
+# queued lazily whose waiter never came (an action abandoned) still commits.
+_LINGER = 1.0
 
 
 @dataclass(frozen=True)
@@ -292,7 +301,9 @@ class LedgerWriter:
         if not self._healthy and time.monotonic() < self._refuse_until:
             raise LedgerUnavailable(f"audit ledger {self.url} is unavailable: {self._last_error}")
 
-    def _enqueue(self, body: bytes, wait: bool, retry: bool = False) -> Ticket | None:
+    def _enqueue(
+        self, body: bytes, wait: bool, retry: bool = False, wake: bool = True
+    ) -> Ticket | None:
         if self._closed:
             raise LedgerUnavailable(f"audit writer for {self.url} is shut down")
         if self._thread is None and not self.inline:
@@ -319,7 +330,7 @@ class LedgerWriter:
         ticket = Ticket() if wait else None
         item = _Item(body, ticket, retry or not wait)
         self._queue.append(item)  # atomic: no lock on the hot path
-        if not self._wake.is_set():
+        if wake and not self._wake.is_set():
             self._wake.set()
         if self._closed:
             # Shutdown raced this append: take the record back if the writer
@@ -336,21 +347,32 @@ class LedgerWriter:
         """Queue ``body`` for commit (async); blocks while the queue is full, never drops."""
         self._enqueue(body, False)
 
-    def enqueue(self, body: bytes, *, retry: bool = False) -> Ticket:
+    def enqueue(self, body: bytes, *, retry: bool = False, lazy: bool = False) -> Ticket:
         """Queue ``body`` and return its ticket without waiting (sync at the action boundary).
 
         ``retry``: a failed commit is retried like an async record's (the
         ticket resolves once it commits, or fails at shutdown) instead of
         failing the ticket at once; the writer process acknowledges async
         records this way.
+
+        ``lazy``: do not wake the writer for this record: it joins the next
+        commit, which the ticket's first waiter (``Ticket.wait``), any other
+        record, a flush or the writer's linger starts. An action's effects
+        are queued so, and committed with the action's own record in one
+        transaction at its exit instead of one each as they end.
         """
-        ticket = self._enqueue(body, True, retry)
+        ticket = self._enqueue(body, True, retry, not lazy)
         assert ticket is not None
         return ticket
 
     def write(self, body: bytes) -> Appended:
         """Commit ``body`` durably (sync); raises LedgerWriteError when it was not."""
         return self.enqueue(body).wait(self)
+
+    def wake(self) -> None:
+        """Start a commit of what is queued, if the writer is idle."""
+        if not self._wake.is_set():
+            self._wake.set()
 
     def write_many(self, bodies: list[bytes]) -> list[Appended]:
         """Commit ``bodies`` durably, in order, waiting once; raises on the first not committed."""
@@ -394,7 +416,7 @@ class LedgerWriter:
         self._wake.clear()
         if self._queue or self._closed:
             return
-        self._wake.wait(timeout)
+        self._wake.wait(_LINGER if timeout is None else min(timeout, _LINGER))
 
     def _run(self) -> None:
         backoff = 0.05
@@ -611,6 +633,7 @@ class LedgerWriter:
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything queued so far is committed (or failed)."""
+        self.wake()
         return wait_idle(
             self._cond,
             self._busy,
