@@ -20,18 +20,25 @@ through ``Ledger.append`` and waits for each commit. The gap between the two
 tables is the per-record Python cost of the audited application (span,
 record, policy, encode, writer hand-off), which bench_core.py breaks down.
 
+A third table shows where the PostgreSQL server's time goes per record:
+the same appends into the schema as it is, without its query indexes, and
+without the generated ``doc`` column the indexes and review queries use.
+
     .venv/bin/python benchmarks/bench_ledger.py [--seconds 4] [--writers 1,4,16] [--batch 32]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -237,6 +244,79 @@ def run(
     }
 
 
+# What the PostgreSQL server spends per record on the parts of the schema that
+# serve review queries: the same appends into the schema as it is, without its
+# six query indexes, and without the generated ``doc`` column (and the indexes
+# over it). The two variants are experiments made here, not supported schemas.
+_SCHEMA_VARIANTS = {
+    "as it is": [],
+    "no query indexes": [
+        f"DROP INDEX otel_audit.records_{name}"
+        for name in ("trace", "trail", "actor", "resource", "action", "start")
+    ],
+    "no doc column": ["ALTER TABLE otel_audit.records DROP COLUMN doc CASCADE"],
+}
+
+
+_BODY = (
+    b'{"attributes":{"audit.action":"order.update","audit.actor.id":"user%d",'
+    b'"audit.event":true,"audit.outcome":"success","audit.resource.id":"%d",'
+    b'"audit.resource.type":"order"},"end":2,"kind":"INTERNAL","name":"order.update",'
+    b'"parent_span_id":null,"service":"bench","span_id":"%016x","start":1,'
+    b'"status":"UNSET","trace_id":"%032x","v":1}'
+)
+
+
+def _copy_until(con: Any, chain: str, end_at: float, batch: int, counts: list[int]) -> None:
+    """Append chained rows to ``chain`` by COPY, ``batch`` per statement, until ``end_at``."""
+    cur, n, prev = con.cursor(), 0, b"\0" * 32
+    while time.time() < end_at:
+        copy = "COPY otel_audit.records (chain, seq, prev_hash, hash, body) FROM STDIN"
+        with cur.copy(copy) as rows:
+            for _ in range(batch):
+                n += 1
+                body = _BODY % (n, n, n, n)
+                digest = hashlib.sha256(prev + body).digest()
+                rows.write_row((chain, n, prev, digest, body))
+                prev = digest
+    counts.append(n)
+
+
+def schema_cost(
+    server: PostgresServer, seconds: float, threads: int, batch: int
+) -> dict[str, tuple[float, float]]:
+    """records/s and server CPU us per record for each schema variant (COPY of ready rows)."""
+    import psycopg
+
+    from otel_audit.engine.ledger import open_ledger
+
+    out = {}
+    for i, (variant, statements) in enumerate(_SCHEMA_VARIANTS.items()):
+        url = server.create_database(f"schema_{i}")
+        open_ledger(url).close()  # the schema this version creates
+        with psycopg.connect(url, autocommit=True) as con:
+            for statement in statements:
+                con.execute(statement)
+        conns = [psycopg.connect(url, autocommit=True) for _ in range(threads)]
+        counts: list[int] = []
+        end_at = time.time() + seconds
+        workers = [
+            threading.Thread(target=_copy_until, args=(con, f"s/{t}", end_at, batch, counts))
+            for t, con in enumerate(conns)
+        ]
+        began, served = time.time(), server_cpu(server)
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        elapsed, served = time.time() - began, server_cpu(server) - served
+        for con in conns:
+            con.close()
+        records = sum(counts)
+        out[variant] = (records / elapsed, served / max(1, records) * 1e6)
+    return out
+
+
 def _row(n: int, sqlite: dict[str, float], pg: dict[str, float]) -> None:
     print(
         f"{n:>7} {sqlite['rate']:>9.0f} {pg['rate']:>10.0f} {pg['rate'] / sqlite['rate']:>9.2f}"
@@ -256,6 +336,9 @@ def main() -> int:
         "--batch", type=int, default=32, help="records per append, ledger-only runs"
     )
     parser.add_argument("--no-raw", action="store_true", help="skip the ledger-only runs")
+    parser.add_argument(
+        "--no-schema-cost", action="store_true", help="skip the PostgreSQL schema breakdown"
+    )
     args = parser.parse_args()
     counts = [int(x) for x in args.writers.split(",")]
     started = time.monotonic()
@@ -291,6 +374,17 @@ def main() -> int:
                 pg_url = server.create_database(f"raw_{n}")
                 pg = run(pg_url, n, args.threads, args.seconds, args.batch, server=server)
                 _row(n, sqlite, pg)
+        if not args.no_schema_cost:
+            print(
+                f"\nwhere the PostgreSQL server's time goes: COPY of {args.batch} ready rows per"
+                f" statement, {args.threads} connections, one process; the review-query parts"
+                f" of the schema taken away (experiments, not supported schemas)"
+            )
+            print(f"{'schema':>18} {'records/s':>10} {'server CPU us/rec':>18}")
+            for variant, (rate, server_us) in schema_cost(
+                server, args.seconds, args.threads, args.batch
+            ).items():
+                print(f"{variant:>18} {rate:>10.0f} {server_us:>18.1f}", flush=True)
         fsync = fsync_latency(tmp)
         print(
             f"\nfsync of this disk: {fsync * 1000:.2f} ms (median). A SQLite commit holds the"
