@@ -460,6 +460,28 @@ def test_one_span_that_cannot_be_sent_fails_alone_and_is_counted(tmp_path: Path)
     assert stats.failed == 1 and stats.committed == 199
 
 
+def test_a_span_kind_given_as_an_int_is_recorded_by_both_writers_alike(tmp_path: Path) -> None:
+    """The SDK takes ``kind=2``; the worker's snapshot could not read it and failed its batch."""
+    ledgers = {}
+    for writer in ("thread", "process"):
+        db = tmp_path / f"{writer}.db"
+        provider, pipeline = pipeline_for(db, writer)
+        tracer = provider.get_tracer("t")
+        try:
+            with pipeline.audit_action("order.ship", resource_type="order", resource_id="7"):
+                for i, kind in enumerate((SpanKind.CLIENT, 2, SpanKind.CLIENT)):
+                    tracer.start_span(
+                        f"INSERT {i}", kind=kind, start_time=10 + i, attributes={"db.system": "x"}
+                    ).end(end_time=20 + i)
+        finally:
+            pipeline.shutdown()
+        ledgers[writer] = [b for b in bodies(db) if b"INSERT" in b]
+    # All three, and the same bytes (the in-process record reads a kind that
+    # is not a SpanKind as INTERNAL).
+    assert len(ledgers["thread"]) == 3
+    assert ledgers["process"] == ledgers["thread"]
+
+
 SIGPIPE_APP = textwrap.dedent(
     """
     import os, signal, sys, threading, time

@@ -146,16 +146,18 @@ class AuditSpanProcessor(SpanProcessor):
                 else:
                     self.writer.submit(self._encode(span, extra, decision))
                 return
-            # Inside an action, the record waits for the action's exit (or its
-            # first waiter) to be committed, with the action's other records.
-            lazy = scope is not None
+            # An effect's record waits for its action's exit (or its first
+            # waiter) to be committed, with the action's other effects. The
+            # action's own record is waited for at once: the writer is woken
+            # now, while the action finishes its exit.
+            own = scope is not None and span.context.span_id == scope.span_id
+            lazy = scope is not None and not own
             if remote is not None:
                 ticket = remote.send_span(span, extra, _level(decision), durability, True, lazy)
                 assert ticket is not None
             else:
                 ticket = self.writer.enqueue(self._encode(span, extra, decision), lazy=lazy)
             if scope is not None:
-                own = span.context.span_id == scope.span_id
                 if scope.add_ticket(self.writer, ticket, own=own):
                     return  # the action waits for it at its exit
             ticket.wait(self.writer)  # no action, or it is gone: commit before returning

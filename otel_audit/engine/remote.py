@@ -414,7 +414,7 @@ class ProcessWriter:
         try:
             batch = [self._entry(item) for item in items]
             data = orjson.dumps(["b", batch], option=_EXACT)
-        except (TypeError, ValueError):  # find the item, one by one
+        except Exception:  # a span this path cannot read or encode: find it, one by one
             data = b"null"
         if b"null" in data:
             kept = []
@@ -433,13 +433,15 @@ class ProcessWriter:
         return [item.ident, "s", snapshot(item.span), item.extra, item.level, item.durability]
 
     def _exact(self, item: _Queued) -> list[Any]:
-        entry = self._entry(item)
         if item.body is not None:  # finished bytes: their nulls are JSON's own
-            return entry
+            return self._entry(item)
         try:
+            # A span the snapshot cannot read (an int for its kind, which the
+            # SDK accepts) goes down the in-process path too.
+            entry = self._entry(item)
             if b"null" not in orjson.dumps(entry, option=_EXACT):
                 return entry
-        except TypeError:
+        except Exception:
             pass
         if self.fallback is None:
             raise LedgerWriteError("span values cannot be sent to the writer process")
@@ -633,10 +635,19 @@ class ProcessWriter:
 
     def wake(self) -> None:
         """Send what is queued now (records queued lazily wait for this)."""
-        if self._queue:  # a sync record was sent by its own thread: nothing to do
-            self._urgent = True
-            if not self._wake.is_set():
-                self._wake.set()
+        if not self._queue:  # a sync record was sent by its own thread: nothing to do
+            return
+        self._urgent = True
+        if self._write_lock.acquire(blocking=False):
+            # Nobody writing: send from this thread, as a sync record is (no hand-off).
+            try:
+                self._send_queued()
+            finally:
+                self._write_lock.release()
+            if not self._queue:
+                return
+        if not self._wake.is_set():
+            self._wake.set()
 
     def write_many(self, bodies: list[bytes]) -> list[Appended]:
         tickets = [self.enqueue(body) for body in bodies]
