@@ -202,6 +202,164 @@ def test_the_effect_of_an_action_that_never_exits_is_still_committed(make_pipeli
     assert committed().count("report.build") == 2
 
 
+def test_an_async_action_cancelled_in_its_exit_is_still_recorded(make_pipeline):
+    # A request timeout fires while the action's exit waits for its effects'
+    # commit (which starts there, since they are queued lazily).
+    pipeline, provider, _ = make_pipeline()
+
+    async def handler(i: int) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        async with otel_audit.audit_action(f"order.{i}"):
+            _write_effect(provider)
+            await asyncio.sleep(0.01)  # I/O
+            asyncio.get_running_loop().call_soon(task.cancel)
+
+    async def main() -> list[str]:
+        ends = []
+        for i in range(10):
+            try:
+                await asyncio.create_task(handler(i))
+                ends.append("returned")
+            except asyncio.CancelledError:
+                ends.append("cancelled")
+        return ends
+
+    assert "cancelled" in asyncio.run(main())
+    pipeline.flush()
+    records = {r.name: r for r in _records(pipeline.ledger_url)}
+    assert all(f"order.{i}" in records for i in range(10)), sorted(records)
+    assert [r.name for r in _records(pipeline.ledger_url)].count("INSERT orders") == 10
+
+
+def test_an_abandoned_coroutine_still_records_its_action(make_pipeline):
+    pipeline, provider, _ = make_pipeline()
+
+    async def job() -> None:
+        async with otel_audit.audit_action("report.build"):
+            _write_effect(provider)
+            await asyncio.Future()  # never resolves: the action stays open
+
+    async def main() -> None:
+        coroutine = job()
+        coroutine.send(None)  # driven by hand, as a framework may
+        await asyncio.sleep(0.05)
+        coroutine.close()  # closed while suspended: no await is possible in its exit
+
+    asyncio.run(main())
+    pipeline.flush()
+    (action,) = _records(pipeline.ledger_url, action="report.build")
+    assert (action.attr(v.OUTCOME), action.attr(v.REASON)) == ("unknown", "GeneratorExit")
+    assert "INSERT orders" in [r.name for r in _records(pipeline.ledger_url)]
+
+
+FORK_CHILD_EFFECT = textwrap.dedent(
+    """
+    import os, sys
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    import otel_audit
+
+    provider = TracerProvider(shutdown_on_exit=False)
+    otel_audit.configure(ledger=sys.argv[1], service_name="shop", tracer_provider=provider,
+                         handle_sigterm=False)
+    with otel_audit.audit_action("batch.run"):
+        pid = os.fork()
+        if pid == 0:  # a worker process, as multiprocessing starts one: ends with os._exit
+            with provider.get_tracer("app").start_as_current_span(
+                "INSERT child", kind=trace.SpanKind.CLIENT,
+                attributes={"db.system": "sqlite", "db.statement": "INSERT INTO t VALUES (1)"},
+            ):
+                pass
+            os._exit(0)
+        os.waitpid(pid, 0)
+    print("done", flush=True)
+    """
+)
+
+
+def test_an_effect_in_a_forked_child_of_an_open_action_is_committed_by_the_child(tmp_path):
+    db = tmp_path / "audit.db"
+    out = subprocess.run(
+        [sys.executable, "-c", FORK_CHILD_EFFECT, f"sqlite:///{db}"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.stdout.strip() == "done", out.stderr[-2000:]
+    names = [r.name for r in _records(f"sqlite:///{db}")]
+    assert "INSERT child" in names and "batch.run" in names
+
+
+def test_a_full_queue_of_an_actions_effects_does_not_stall_it(make_pipeline):
+    pipeline, provider, _ = make_pipeline(max_queue_size=100)
+    started = time.monotonic()
+    with otel_audit.audit_action("import.run"):
+        for _ in range(1000):
+            _write_effect(provider)
+    # Ten fills of the queue; waiting for the writer's one-second look at each took 9 s.
+    assert time.monotonic() - started < 5
+    assert [r.name for r in _records(pipeline.ledger_url)].count("INSERT orders") == 1000
+
+
+GC_ON_THE_WRITER_THREAD = textwrap.dedent(
+    """
+    import gc, sys, threading, time
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    import otel_audit
+
+    provider = TracerProvider(shutdown_on_exit=False)
+    otel_audit.configure(ledger=sys.argv[1], service_name="shop", tracer_provider=provider,
+                         handle_sigterm=False)
+
+    def query():
+        with provider.get_tracer("app").start_as_current_span(
+            "SELECT rows", kind=trace.SpanKind.CLIENT, attributes={"db.system": "sqlite"}
+        ):
+            pass
+
+    with otel_audit.audit_action("warm.up"):
+        query()
+
+    class Stream:  # holds an open action in a reference cycle: self -> generator -> self
+        def __init__(self):
+            self.rows = self.produce()
+        def produce(self):
+            with otel_audit.audit_action("export.stream"):
+                query()
+                yield 1
+                yield 2
+
+    stream = Stream()
+    next(stream.rows)
+    time.sleep(0.05)
+    gc.set_threshold(1, 1, 1)  # collect at almost every allocation, on whichever thread
+    stream = None  # abandoned: the collector finalizes it, here on otel-audit's own threads
+    for _ in range(6):
+        time.sleep(0.5)  # the application is idle
+    gc.set_threshold(700, 10, 10)
+    done = threading.Event()
+    def probe():
+        with otel_audit.audit_action("probe"):
+            query()
+        done.set()
+    threading.Thread(target=probe, daemon=True).start()
+    print("ok" if done.wait(10) else "hung", flush=True)
+    """
+)
+
+
+def test_an_action_finalized_on_the_writers_own_thread_hangs_nothing(tmp_path):
+    # The finalizer's exit must neither wait for the thread it runs on nor set
+    # the writer's wake-up event while that thread holds the event's lock.
+    db = tmp_path / "audit.db"
+    out = subprocess.run(
+        [sys.executable, "-c", GC_ON_THE_WRITER_THREAD, f"sqlite:///{db}"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]
+    assert "probe" in [r.name for r in _records(f"sqlite:///{db}")]
+
+
 def test_async_actions_share_commits_and_never_block_the_event_loop(make_pipeline, tmp_path):
     db = tmp_path / "audit.db"
     pipeline, provider, _ = make_pipeline(ledger=f"sqlite:///{db}?busy_timeout=20000")

@@ -235,7 +235,11 @@ class AuditAction:
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         scope = self._detach()
-        failure = scope.settle()  # the effects' records, all at once
+        try:
+            failure = scope.settle()  # the effects' records, all at once
+        except BaseException as interrupted:  # KeyboardInterrupt in the wait: still recorded
+            self._end(exc if exc is not None else interrupted)
+            raise
         self._end(exc, failure)
         failure = scope.settle()  # then the action's own record
         if failure is not None:
@@ -259,7 +263,16 @@ class AuditAction:
 
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         scope = self._detach()
-        failure = await scope.settle_async()
+        if isinstance(exc, GeneratorExit):
+            # Closed while suspended (an abandoned coroutine): it may not await.
+            # Recorded as it ends; its own record wakes the writer for all of them.
+            self._end(exc)
+            return
+        try:
+            failure = await scope.settle_async()
+        except BaseException as interrupted:  # cancelled while waiting: still recorded
+            self._end(exc if exc is not None else interrupted)
+            raise
         self._end(exc, failure)
         failure = await scope.settle_async()
         if failure is not None:

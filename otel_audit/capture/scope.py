@@ -20,6 +20,7 @@ Thread-safe.
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import threading
 from typing import TYPE_CHECKING
@@ -42,7 +43,8 @@ class ActionScope:
     """Pending records and failures of one audited action; see the module docstring."""
 
     __slots__ = (
-        "pipeline", "trail_id", "span_id", "parent", "_lock", "_tickets", "_failures", "_open"
+        "pipeline", "trail_id", "span_id", "parent", "_lock", "_tickets", "_failures", "_open",
+        "_pid",
     )  # fmt: skip
 
     def __init__(
@@ -63,14 +65,18 @@ class ActionScope:
         self._tickets: list[tuple[LedgerWriter, Ticket]] = []
         self._failures: list[AuditError] = []
         self._open = True
+        # A forked child inherits the context, and this scope with it, but not
+        # the action: nobody in the child would ever wait for its records.
+        self._pid = os.getpid()
 
     def add_ticket(self, writer: LedgerWriter, ticket: Ticket, own: bool = False) -> bool:
         """Hand a queued record to the action; False when the action has already exited.
 
         ``own``: the action's own record, accepted until the action has settled it.
+        False too in a forked child: the thread that ends the span waits for it.
         """
         with self._lock:
-            if not self._open and not own:
+            if (not self._open and not own) or self._pid != os.getpid():
                 return False
             self._tickets.append((writer, ticket))
             return True

@@ -560,6 +560,7 @@ class ProcessWriter:
             raise LedgerWriteError(f"audit writer for {self.url} has stopped: {self._stopped}")
         self._ensure_started()
         if len(self._queue) + len(self._pending) >= self.max_queue_size:
+            self.wake()  # lazy records held here: send them to make room
             with self._cond:  # full: block, never drop
                 while (
                     len(self._queue) + len(self._pending) >= self.max_queue_size
@@ -583,7 +584,7 @@ class ProcessWriter:
         if lazy:
             # Its waiter (Ticket.wait, settle_async) or a flush wakes the
             # sender (``wake``): an action's effects travel in one frame.
-            if len(queue) < _WAKE_AT:
+            if len(queue) < min(_WAKE_AT, self.max_queue_size // 2):
                 return
         elif item.ticket is not None:
             self._urgent = True  # someone waits: the sender must not linger
@@ -635,7 +636,9 @@ class ProcessWriter:
 
     def wake(self) -> None:
         """Send what is queued now (records queued lazily wait for this)."""
-        if not self._queue:  # a sync record was sent by its own thread: nothing to do
+        if not self._queue or threading.current_thread() is self._sender:
+            # Nothing held back (a sync record is sent by its own thread), or
+            # this is the sender: a finalizer run here may hold the event's lock.
             return
         self._urgent = True
         if self._write_lock.acquire(blocking=False):

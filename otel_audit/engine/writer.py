@@ -111,6 +111,12 @@ class Ticket:
     def wait(self, writer: Waitable) -> Appended:
         """Block until resolved; raise its error (LedgerWriteError) if it was not committed."""
         if not self.lock.acquire(blocking=False):
+            if writer._thread is threading.current_thread():
+                # A finalizer (garbage collection) run on the very thread that
+                # would answer: waiting would hang it, and every action with it.
+                raise LedgerWriteError(
+                    f"audit record waited for on the writer thread of {writer.url}"
+                )
             # A record queued without waking the writer (``enqueue(lazy=True)``)
             # is committed no later than its first waiter asks for it.
             writer.wake()
@@ -318,6 +324,7 @@ class LedgerWriter:
             # Full: block (never drop) until the writer has made room. The
             # bound is approximate: producers woken together may pass it by
             # at most their number.
+            self.wake()  # lazy records wake nobody: a full queue must
             with self._cond:
                 while len(self._queue) >= self.max_queue_size and not self._closed:
                     if self._thread_dead():
@@ -330,7 +337,7 @@ class LedgerWriter:
         ticket = Ticket() if wait else None
         item = _Item(body, ticket, retry or not wait)
         self._queue.append(item)  # atomic: no lock on the hot path
-        if wake and not self._wake.is_set():
+        if wake and not self._wake.is_set() and threading.current_thread() is not self._thread:
             self._wake.set()
         if self._closed:
             # Shutdown raced this append: take the record back if the writer
@@ -371,6 +378,9 @@ class LedgerWriter:
 
     def wake(self) -> None:
         """Start a commit of what is queued, if the writer is idle."""
+        if threading.current_thread() is self._thread:
+            # It is running; a finalizer run here may hold the event's own lock.
+            return
         if not self._wake.is_set():
             self._wake.set()
 
