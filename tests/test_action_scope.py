@@ -278,14 +278,18 @@ FORK_CHILD_EFFECT = textwrap.dedent(
 )
 
 
-def test_an_effect_in_a_forked_child_of_an_open_action_is_committed_by_the_child(tmp_path):
-    db = tmp_path / "audit.db"
+def _run_app(script: str, db: Path, says: str) -> list[str]:
+    """Run ``script`` on the ledger ``db``; check it printed ``says``; the names it recorded."""
     out = subprocess.run(
-        [sys.executable, "-c", FORK_CHILD_EFFECT, f"sqlite:///{db}"],
+        [sys.executable, "-c", script, f"sqlite:///{db}"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    assert out.stdout.strip() == "done", out.stderr[-2000:]
-    names = [r.name for r in _records(f"sqlite:///{db}")]
+    assert out.stdout.strip() == says, out.stderr[-2000:]
+    return [r.name for r in _records(f"sqlite:///{db}")]
+
+
+def test_an_effect_in_a_forked_child_of_an_open_action_is_committed_by_the_child(tmp_path):
+    names = _run_app(FORK_CHILD_EFFECT, tmp_path / "audit.db", "done")
     assert "INSERT child" in names and "batch.run" in names
 
 
@@ -351,13 +355,7 @@ GC_ON_THE_WRITER_THREAD = textwrap.dedent(
 def test_an_action_finalized_on_the_writers_own_thread_hangs_nothing(tmp_path):
     # The finalizer's exit must neither wait for the thread it runs on nor set
     # the writer's wake-up event while that thread holds the event's lock.
-    db = tmp_path / "audit.db"
-    out = subprocess.run(
-        [sys.executable, "-c", GC_ON_THE_WRITER_THREAD, f"sqlite:///{db}"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert out.stdout.strip() == "ok", out.stderr[-2000:]
-    assert "probe" in [r.name for r in _records(f"sqlite:///{db}")]
+    assert "probe" in _run_app(GC_ON_THE_WRITER_THREAD, tmp_path / "audit.db", "ok")
 
 
 def test_async_actions_share_commits_and_never_block_the_event_loop(make_pipeline, tmp_path):
