@@ -337,8 +337,8 @@ class LedgerWriter:
         ticket = Ticket() if wait else None
         item = _Item(body, ticket, retry or not wait)
         self._queue.append(item)  # atomic: no lock on the hot path
-        if wake and not self._wake.is_set() and threading.current_thread() is not self._thread:
-            self._wake.set()
+        if wake:
+            self.wake()
         if self._closed:
             # Shutdown raced this append: take the record back if the writer
             # has not; if it has, the writer (or the final drain) answers it.
@@ -365,8 +365,8 @@ class LedgerWriter:
         ``lazy``: do not wake the writer for this record: it joins the next
         commit, which the ticket's first waiter (``Ticket.wait``), any other
         record, a flush or the writer's linger starts. An action's effects
-        are queued so, and committed with the action's own record in one
-        transaction at its exit instead of one each as they end.
+        are queued so, and committed together in one transaction at its exit
+        instead of one each as they end.
         """
         ticket = self._enqueue(body, True, retry, not lazy)
         assert ticket is not None
@@ -378,10 +378,9 @@ class LedgerWriter:
 
     def wake(self) -> None:
         """Start a commit of what is queued, if the writer is idle."""
-        if threading.current_thread() is self._thread:
-            # It is running; a finalizer run here may hold the event's own lock.
-            return
-        if not self._wake.is_set():
+        # Not from the writer thread: it is running, and a finalizer run there
+        # may hold the event's own lock.
+        if not self._wake.is_set() and threading.current_thread() is not self._thread:
             self._wake.set()
 
     def write_many(self, bodies: list[bytes]) -> list[Appended]:
