@@ -156,7 +156,14 @@ class AuditSpanProcessor(SpanProcessor):
                 ticket = remote.send_span(span, extra, _level(decision), durability, True, lazy)
                 assert ticket is not None
             else:
-                ticket = self.writer.enqueue(self._encode(span, extra, decision), lazy=lazy)
+                body = self._encode(span, extra, decision)
+                writer = self.writer
+                if own and scope is not None and scope.together:
+                    # Committed with its effects, never without them.
+                    assert isinstance(writer, LedgerWriter)
+                    ticket = writer.enqueue(body, after=scope.pending(writer))
+                else:
+                    ticket = writer.enqueue(body, lazy=lazy)
             if scope is not None:
                 if scope.add_ticket(self.writer, ticket, own=own):
                     return  # the action waits for it at its exit
@@ -175,6 +182,17 @@ class AuditSpanProcessor(SpanProcessor):
             scope.fail(error)  # the action is recorded as failed and raises
         else:
             _log.error("otel-audit: audit record of span %r not written: %s", span.name, error)
+
+    @property
+    def commits_together(self) -> bool:
+        """An action's own record can be committed with its effects, and refused
+        without them (``LedgerWriter.enqueue(after=)``): the thread writer."""
+        return isinstance(self.writer, LedgerWriter)
+
+    def adopt(self, span: Any, scope: ActionScope) -> None:
+        """File the record of ``span``, started before ``scope`` existed, under it
+        as the action's own record (the Flask request's server span)."""
+        self._scopes[span.get_span_context().span_id] = scope
 
     def queue_intent(self, span: Any, default: str | None = None) -> Ticket | None:
         """Queue the intent record of an action whose durability is ``blocking``.

@@ -44,7 +44,7 @@ class ActionScope:
 
     __slots__ = (
         "pipeline", "trail_id", "span_id", "parent", "_lock", "_tickets", "_failures", "_open",
-        "_pid",
+        "_pid", "together", "_settled",
     )  # fmt: skip
 
     def __init__(
@@ -65,6 +65,13 @@ class ActionScope:
         self._tickets: list[tuple[LedgerWriter, Ticket]] = []
         self._failures: list[AuditError] = []
         self._open = True
+        #: The action's own record is committed with its effects, in one
+        #: transaction, and is never written when one of them was not (the
+        #: Flask request's scope with the thread writer; ``pending``).
+        self.together = False
+        # The action has waited for its own record: a later one is the ending
+        # thread's to wait for (a streamed response ends after its request).
+        self._settled = False
         # A forked child inherits the context, and this scope with it, but not
         # the action: nobody in the child would ever wait for its records.
         self._pid = os.getpid()
@@ -76,7 +83,7 @@ class ActionScope:
         False too in a forked child: the thread that ends the span waits for it.
         """
         with self._lock:
-            if (not self._open and not own) or self._pid != os.getpid():
+            if (not self._open and not own) or (own and self._settled) or self._pid != os.getpid():
                 return False
             self._tickets.append((writer, ticket))
             return True
@@ -85,6 +92,18 @@ class ActionScope:
         """Note that a record of this action (or one of its effects) was not written."""
         with self._lock:
             self._failures.append(error)
+
+    def pending(self, writer: LedgerWriter) -> list[Ticket]:
+        """The tickets handed in so far for ``writer`` and not yet answered: what
+        the action's own record is written after (``LedgerWriter.enqueue(after=)``)."""
+        with self._lock:
+            return [t for w, t in self._tickets if w is writer and not t.done]
+
+    def finish(self) -> None:
+        """The action has waited for its own record; one ending later is not handed in."""
+        with self._lock:
+            self._open = False
+            self._settled = True
 
     def _take(self) -> list[tuple[LedgerWriter, Ticket]]:
         with self._lock:

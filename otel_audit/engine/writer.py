@@ -137,13 +137,17 @@ class Ticket:
 class _Item:
     """One queued record; compared by identity, so a producer can take back its own."""
 
-    __slots__ = ("body", "ticket", "retry")
+    __slots__ = ("body", "ticket", "retry", "after")
 
-    def __init__(self, body: bytes, ticket: Ticket | None, retry: bool) -> None:
+    def __init__(
+        self, body: bytes, ticket: Ticket | None, retry: bool, after: list[Ticket] | None = None
+    ) -> None:
         self.body = body
         self.ticket = ticket
         #: Kept for a retry when a commit fails (async records), instead of failed at once.
         self.retry = retry
+        #: Records queued before this one that it must not be written without.
+        self.after = after
 
 
 _MAX_BATCH = 8192
@@ -308,7 +312,12 @@ class LedgerWriter:
             raise LedgerUnavailable(f"audit ledger {self.url} is unavailable: {self._last_error}")
 
     def _enqueue(
-        self, body: bytes, wait: bool, retry: bool = False, wake: bool = True
+        self,
+        body: bytes,
+        wait: bool,
+        retry: bool = False,
+        wake: bool = True,
+        after: list[Ticket] | None = None,
     ) -> Ticket | None:
         if self._closed:
             raise LedgerUnavailable(f"audit writer for {self.url} is shut down")
@@ -335,7 +344,7 @@ class LedgerWriter:
             if self._closed:
                 raise LedgerUnavailable(f"audit writer for {self.url} is shut down")
         ticket = Ticket() if wait else None
-        item = _Item(body, ticket, retry or not wait)
+        item = _Item(body, ticket, retry or not wait, after)
         self._queue.append(item)  # atomic: no lock on the hot path
         if wake:
             self.wake()
@@ -354,7 +363,14 @@ class LedgerWriter:
         """Queue ``body`` for commit (async); blocks while the queue is full, never drops."""
         self._enqueue(body, False)
 
-    def enqueue(self, body: bytes, *, retry: bool = False, lazy: bool = False) -> Ticket:
+    def enqueue(
+        self,
+        body: bytes,
+        *,
+        retry: bool = False,
+        lazy: bool = False,
+        after: list[Ticket] | None = None,
+    ) -> Ticket:
         """Queue ``body`` and return its ticket without waiting (sync at the action boundary).
 
         ``retry``: a failed commit is retried like an async record's (the
@@ -367,8 +383,15 @@ class LedgerWriter:
         record, a flush or the writer's linger starts. An action's effects
         are queued so, and committed together in one transaction at its exit
         instead of one each as they end.
+
+        ``after``: tickets of records queued earlier on this writer that this
+        one must not be written without. Records queued earlier are committed
+        in the same transaction or an earlier one; if one of those failed,
+        this record is not written either and its ticket fails. An action's
+        own record is queued so after its effects: a record that says the
+        action succeeded never stands in the ledger without them.
         """
-        ticket = self._enqueue(body, True, retry, not lazy)
+        ticket = self._enqueue(body, True, retry, not lazy, after)
         assert ticket is not None
         return ticket
 
@@ -510,8 +533,40 @@ class LedgerWriter:
         with self._cond:
             self._cond.notify_all()
 
+    def _refuse_orphans(self, items: list[_Item]) -> list[_Item]:
+        """``items`` without those queued ``after`` a record that failed; those fail now.
+
+        What they depend on was queued before them: it is in this batch (one
+        transaction with them) or an earlier one, whose tickets are answered.
+        """
+        kept: list[_Item] = []
+        refused: list[_Item] = []
+        for item in items:
+            after = item.after
+            if after and any(ticket.error is not None for ticket in after):
+                refused.append(item)
+            else:
+                kept.append(item)
+        if refused:
+            error = LedgerWriteError(
+                "audit record not written: a record it must be written with"
+                " (an effect of the same action) was not"
+            )
+            with self._cond:
+                self._counts["failed"] += len(refused)
+                self._inflight -= len(refused)
+                self._cond.notify_all()
+            for item in refused:
+                if item.ticket is not None:
+                    item.ticket.resolve(None, error)
+        return kept
+
     def _commit(self, items: list[_Item]) -> bool:
         assert self._ledger is not None
+        if self._counts["failed"] and any(item.after for item in items):
+            items = self._refuse_orphans(items)
+            if not items:
+                return True
         started = time.perf_counter()
         try:
             bodies = [item.body for item in items]

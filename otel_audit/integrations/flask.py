@@ -65,6 +65,7 @@ from otel_audit.integrations.actors import (
     jwt_issued_identity,
     session_user,
 )
+from otel_audit.integrations.wsgi import PENDING_KEY, CommitBeforeReply
 from otel_audit.settings import (
     OTEL_AUDIT_ACTOR_RESOLVER,
     OTEL_AUDIT_FLASK_METHODS,
@@ -603,6 +604,8 @@ class AuditFlask:
 
             FlaskInstrumentor.instrument_app(app)  # type: ignore[no-untyped-call]
         app.extensions[_EXTENSION] = self
+        # Outermost: the response leaves once the request's records are durable.
+        app.wsgi_app = CommitBeforeReply(app.wsgi_app)  # type: ignore[method-assign]
         app.before_request(self._before_request)
         app.teardown_request(self._teardown_request)
         # weak=False: the receivers are bound methods of an object the app keeps.
@@ -810,6 +813,13 @@ class AuditFlask:
                 state.scope = ActionScope(
                     pipeline, str(trail), span.get_span_context().span_id, current_scope(ctx)
                 )
+                pending = request.environ.get(PENDING_KEY)
+                if isinstance(pending, list) and pipeline.processor.commits_together:
+                    # The request's own record is committed with its effects and
+                    # waited for, before the response leaves, by CommitBeforeReply.
+                    state.scope.together = True
+                    pipeline.processor.adopt(span, state.scope)
+                    pending.append(state.scope)
                 ctx = with_scope(state.scope, ctx)
         state.token = otel_context.attach(ctx)
         setattr(g, _G_KEY, state)
@@ -838,10 +848,11 @@ class AuditFlask:
             result = original()
         finally:
             if state is not None and state.scope is not None:
-                # The records of the view's effects, also when the view raised.
-                lost = state.scope.settle()
-                if lost is not None and state.lost is None:
-                    state.lost = lost
+                if not state.scope.together:
+                    # The records of the view's effects, also when the view raised.
+                    lost = state.scope.settle()
+                    if lost is not None and state.lost is None:
+                        state.lost = lost
                 state.scope.close()
             if token is not None:
                 otel_context.detach(token)
@@ -939,6 +950,10 @@ class AuditFlask:
             if actor is not None and actor.auth == "basic" and status == 401:
                 actor = None  # the app refused the credentials: the name is only a claim
             actor = actor or state.peer_actor
+        if state.lost is None and state.scope is not None and state.scope.together:
+            # An effect whose record could not even be queued (the commit's
+            # own failures refuse this record instead: ``enqueue(after=)``).
+            state.lost = state.scope.failure()
         if state.lost is not None:
             outcome, reason = v.FAILURE, type(state.lost).__name__
         span = state.span

@@ -278,6 +278,10 @@ class SQLiteLedger(Ledger):
         dedupe: bool = False,
         keys: Sequence[SpanKey | None] | None = None,
     ) -> list[Appended]:
+        # Before, so nothing is written to a file swapped since the last commit
+        # (its WAL, which keeps the path's name, would show it at the path);
+        # and after (below), for a swap during the commit.
+        self._check_file()
         if (
             not dedupe
             and 0 < len(bodies) <= _ROWS_PER_INSERT

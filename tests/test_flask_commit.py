@@ -1,0 +1,164 @@
+"""A Flask request's effects and its own record: one commit, and no reply before it.
+
+A real Flask app instrumented by FlaskInstrumentor and AuditFlask, served
+over real HTTP on loopback by werkzeug in a thread, recorded by a real audit
+pipeline into a real SQLite file.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import flask
+import pytest
+import requests
+from opentelemetry.instrumentation.flask import FlaskInstrumentor
+from werkzeug.serving import make_server
+
+from otel_audit import vocabulary as v
+from otel_audit.capture.effects import effect_span
+from otel_audit.engine.ledger import open_ledger
+from otel_audit.engine.record import decode
+from otel_audit.engine.writer import LedgerWriter
+from otel_audit.errors import LedgerWriteError
+from otel_audit.integrations.flask import AuditFlask
+
+
+@pytest.fixture
+def serve() -> Iterator[Any]:
+    servers = []
+
+    def start(app: flask.Flask) -> str:
+        server = make_server("127.0.0.1", 0, app, threaded=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+def make_app(provider: Any, on_view: Any = None) -> flask.Flask:
+    """An ordinary app: a view that sends three notifications, one that streams."""
+    app = flask.Flask("orders")
+    FlaskInstrumentor.instrument_app(app, tracer_provider=provider)
+
+    @app.post("/orders/<order_id>/ship")
+    def ship(order_id: str) -> Any:
+        if on_view is not None:
+            on_view()
+        for who in ("warehouse", "customer", "billing"):
+            with effect_span(f"notify {who}", v.NOTIFICATION):
+                pass
+        return {"shipped": order_id}
+
+    @app.post("/orders/export")
+    def export() -> Any:
+        with effect_span("notify auditor", v.NOTIFICATION):
+            pass
+
+        def rows() -> Iterator[str]:
+            yield "id\n"
+            yield "1\n"
+
+        return flask.Response(flask.stream_with_context(rows()), mimetype="text/csv")
+
+    AuditFlask(app)
+    return app
+
+
+def ledger_rows(path: str) -> list[Any]:
+    with open_ledger(path, readonly=True) as ledger:
+        return [decode(row.body) for chain in ledger.chains() for row in ledger.scan(chain)]
+
+
+def test_a_requests_effects_and_own_record_are_committed_together(make_pipeline, serve, tmp_path):
+    pipeline, provider, _ = make_pipeline(writer="thread")
+    url = serve(make_app(provider))
+    assert requests.post(url + "/orders/1/ship").ok  # warm up: the writer starts
+    before = pipeline.writer.stats().batches
+    for i in range(10):
+        assert requests.post(url + f"/orders/{i}/ship").json() == {"shipped": str(i)}
+    # Two commits per request: the request record before the view, then the
+    # three notifications and the request's own record (three before).
+    assert pipeline.writer.stats().batches - before == 20
+    records = ledger_rows(str(tmp_path / "audit.db"))
+    last = records[-5:]  # the last request: intent, three effects, its own record
+    assert [r.attr(v.INTENT) for r in last] == [True, None, None, None, None]
+    assert [r.attr(v.EFFECT) for r in last[1:4]] == [v.NOTIFICATION] * 3
+    own = last[4]
+    assert (own.attr(v.ACTION), own.attr(v.OUTCOME), own.span_id) == (
+        "order.ship", v.SUCCESS, last[0].span_id,
+    )  # fmt: skip
+
+
+def test_a_streamed_response_still_has_its_own_record(make_pipeline, serve, tmp_path):
+    pipeline, provider, _ = make_pipeline()
+    url = serve(make_app(provider))
+    reply = requests.post(url + "/orders/export")
+    assert (reply.status_code, reply.text) == (200, "id\n1\n")
+    pipeline.flush()
+    names = [
+        (r.name, r.attr(v.INTENT), r.attr(v.OUTCOME))
+        for r in ledger_rows(str(tmp_path / "audit.db"))
+    ]
+    assert names[0] == ("POST /orders/export", True, None)
+    assert ("notify auditor", None, None) in names
+    assert names[-1] == ("POST /orders/export", None, v.SUCCESS)
+
+
+def test_a_ledger_replaced_during_the_view_gets_a_503_and_no_record_of_success(
+    make_pipeline, serve, tmp_path
+):
+    """An insider swaps the ledger file while a request runs: its records go to
+    the orphaned file, so the client must not be told the change was made."""
+    path = str(tmp_path / "audit.db")
+    pipeline, provider, _ = make_pipeline()
+    swapped = threading.Event()
+
+    def swap() -> None:
+        if not swapped.is_set():
+            swapped.set()
+            copy = str(tmp_path / "copy.db")
+            with sqlite3.connect(path) as src, sqlite3.connect(copy) as dst:
+                src.backup(dst)
+            os.replace(copy, path)
+
+    url = serve(make_app(provider, on_view=swap))
+    reply = requests.post(url + "/orders/7/ship")
+    assert (reply.status_code, reply.text) == (503, "audit record of a change not written\n")
+    records = ledger_rows(path)
+    # The request record before the view is there (written before the swap);
+    # nothing in the ledger says the request succeeded.
+    assert [r.attr(v.INTENT) for r in records if r.name == "POST /orders/<order_id>/ship"] == [True]
+
+
+def test_a_record_queued_after_one_that_failed_is_not_written(tmp_path):
+    """The writer never commits a record without one it was queued after (an
+    action's own record without its effects), even when the ledger recovers."""
+    path = str(tmp_path / "audit.db")
+    writer = LedgerWriter(f"sqlite:///{path}", "main")
+    writer.write(b'{"v":1,"n":0}')
+    # An insider's trigger refuses one record: its batch fails, the next commits.
+    with sqlite3.connect(path) as con:
+        con.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON records"
+            " WHEN instr(CAST(NEW.body AS TEXT), 'refused') > 0"
+            " BEGIN SELECT RAISE(ABORT, 'refused by trigger'); END"
+        )
+    effect = writer.enqueue(b'{"v":1,"n":"refused"}')
+    with pytest.raises(LedgerWriteError):
+        effect.wait(writer)
+    own = writer.enqueue(b'{"v":1,"n":2}', after=[effect])
+    alone = writer.enqueue(b'{"v":1,"n":3}')
+    with pytest.raises(LedgerWriteError, match="must be written with"):
+        own.wait(writer)
+    assert alone.wait(writer).seq == 2
+    writer.shutdown()
+    with open_ledger(path, readonly=True) as ledger:
+        assert [row.body for row in ledger.scan("main")] == [b'{"v":1,"n":0}', b'{"v":1,"n":3}']
