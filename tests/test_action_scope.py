@@ -125,6 +125,28 @@ def test_a_lost_record_fails_the_enclosing_action_even_when_the_inner_error_is_c
                 pass  # the application swallows it; the outer action must not
 
 
+def test_an_action_whose_effects_fail_at_its_exit_leaves_no_record_of_success(
+    make_pipeline, tmp_path
+):
+    """An insider locks the ledger while an action runs: its effects' records,
+    still queued, fail at its exit, and nothing says the action succeeded."""
+    db = tmp_path / "audit.db"
+    pipeline, provider, _ = make_pipeline(ledger=f"sqlite:///{db}?busy_timeout=50")
+    with otel_audit.audit_action("warm.up"):
+        pass
+    locker = _Locker(db)
+    with pytest.raises(LedgerWriteError):
+        with otel_audit.audit_action("order.pay"):
+            for _ in range(3):
+                _write_effect(provider)  # queued lazily: committed at the exit
+            locker.__enter__()  # held until after the exit
+    locker.__exit__()
+    pipeline.flush()
+    assert "INSERT orders" not in [r.name for r in _records(pipeline.ledger_url)]
+    pay = _records(pipeline.ledger_url, action="order.pay")
+    assert all(r.attr(v.OUTCOME) == v.FAILURE for r in pay)
+
+
 def test_effects_are_committed_before_the_action_returns_in_one_wait(make_pipeline):
     pipeline, provider, _ = make_pipeline()
     with otel_audit.audit_action("order.create", resource=("order", "1")):
@@ -145,11 +167,14 @@ def test_an_actions_effects_are_committed_together(make_pipeline):
             for _ in range(5):
                 _write_effect(provider)
                 time.sleep(0.002)  # a real service waits on I/O between its effects
-    # Two commits per action: its effects' records together, then its own
-    # (whose outcome says whether they were written); one per record before.
-    # A few more are allowed: the idle writer looks at its queue every second.
+    # One commit per action with the thread writer: its effects' records and
+    # its own, queued after them (never written without them); two with the
+    # writer process (the effects, then the own record, whose outcome says
+    # whether they were written); one per record before either. A few more
+    # are allowed: the idle writer looks at its queue every second.
     assert pipeline.stats().committed >= 121
-    assert pipeline.stats().batches - before <= 45
+    per_action = 1 if pipeline.processor.commits_together else 2
+    assert pipeline.stats().batches - before <= 20 * per_action + 5
     assert [r.name for r in _records(pipeline.ledger_url)].count("INSERT orders") == 100
 
 

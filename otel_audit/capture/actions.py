@@ -167,6 +167,8 @@ class AuditAction:
             pipeline.tracer if pipeline is not None else trace.get_tracer("otel_audit")
         )
         scope = ActionScope(pipeline, trail or "", 0, parent=current_scope(ctx))
+        # Its own record goes in one commit with its effects (thread writer).
+        scope.together = pipeline is not None and pipeline.processor.commits_together
         # The scope is in the span's parent context so the processor files the
         # action's own record under it.
         span = tracer.start_span(
@@ -235,6 +237,15 @@ class AuditAction:
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         scope = self._detach()
+        if scope.together:
+            # The own record is queued after the effects still pending and
+            # committed with them (never without them): one wait for all.
+            self._end(exc, scope.known_failure())
+            failure = scope.settle()
+            if failure is not None:
+                scope.propagate(failure)
+                raise failure
+            return
         try:
             failure = scope.settle()  # the effects' records, all at once
         except BaseException as interrupted:  # KeyboardInterrupt in the wait: still recorded
@@ -267,6 +278,13 @@ class AuditAction:
             # Closed while suspended (an abandoned coroutine): it may not await.
             # Recorded as it ends; its own record wakes the writer for all of them.
             self._end(exc)
+            return
+        if scope.together:
+            self._end(exc, scope.known_failure())  # see __exit__
+            failure = await scope.settle_async()
+            if failure is not None:
+                scope.propagate(failure)
+                raise failure
             return
         try:
             failure = await scope.settle_async()

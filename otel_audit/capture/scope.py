@@ -8,9 +8,11 @@ copied context. The processor finds the scope of each span it ends and puts
 there the ticket of the span's record (sync durability) or its failure.
 
 At the action's exit the scope is *settled*: the action waits once for every
-record of its effects (one fsync wait per action, not per record, with group
-commit shared between actions), and an action returns normally only if every
-one of them is durable; otherwise the action is recorded as failed and raises
+record of its effects and its own (one commit per action, not per record,
+with group commit shared between actions; its own record is queued after
+the effects still pending and never written without them, ``pending``), and
+an action returns normally only if every one of them is durable; otherwise
+it raises, and an outcome record written for it says it failed
 (docs/design.md, rule 2). A record that ends after its action has exited (a
 fire-and-forget thread) is written synchronously by the thread that ends it.
 
@@ -163,6 +165,17 @@ class ActionScope:
     def propagate(self, error: AuditError) -> None:
         if self.parent is not None:
             self.parent.fail(error)
+
+    def known_failure(self) -> AuditError | None:
+        """The first failure known without waiting: a record that could not be
+        built, or one whose commit has already failed."""
+        with self._lock:
+            if self._failures:
+                return self._failures[0]
+            for _writer, ticket in self._tickets:
+                if ticket.done and ticket.error is not None:
+                    return ticket.error
+        return None
 
     def failure(self) -> AuditError | None:
         with self._lock:

@@ -951,9 +951,10 @@ class AuditFlask:
                 actor = None  # the app refused the credentials: the name is only a claim
             actor = actor or state.peer_actor
         if state.lost is None and state.scope is not None and state.scope.together:
-            # An effect whose record could not even be queued (the commit's
-            # own failures refuse this record instead: ``enqueue(after=)``).
-            state.lost = state.scope.failure()
+            # An effect whose record could not be built, or whose commit has
+            # already failed (one still pending refuses this record if it
+            # fails: ``enqueue(after=)``).
+            state.lost = state.scope.known_failure()
         if state.lost is not None:
             outcome, reason = v.FAILURE, type(state.lost).__name__
         span = state.span
