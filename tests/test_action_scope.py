@@ -147,6 +147,27 @@ def test_an_action_whose_effects_fail_at_its_exit_leaves_no_record_of_success(
     assert all(r.attr(v.OUTCOME) == v.FAILURE for r in pay)
 
 
+def test_an_action_whose_effect_the_ledger_refuses_is_recorded_as_failed(make_pipeline, tmp_path):
+    """An insider's trigger refuses one effect's record: the action raises, and
+    its record (refused with the effect when it said success) says failure."""
+    db = tmp_path / "audit.db"
+    pipeline, provider, _ = make_pipeline(ledger=f"sqlite:///{db}")
+    with otel_audit.audit_action("warm.up"):
+        pass
+    with sqlite3.connect(db) as con:
+        con.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON records"
+            " WHEN instr(CAST(NEW.body AS TEXT), 'INSERT orders') > 0"
+            " BEGIN SELECT RAISE(ABORT, 'refused by trigger'); END"
+        )
+    with pytest.raises(LedgerWriteError):
+        with otel_audit.audit_action("order.pay"):
+            _write_effect(provider)
+    pipeline.flush()
+    (pay,) = _records(pipeline.ledger_url, action="order.pay")
+    assert (pay.attr(v.OUTCOME), pay.attr(v.REASON)) == ("failure", "LedgerWriteError")
+
+
 def test_effects_are_committed_before_the_action_returns_in_one_wait(make_pipeline):
     pipeline, provider, _ = make_pipeline()
     with otel_audit.audit_action("order.create", resource=("order", "1")):

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -43,10 +46,12 @@ def serve() -> Iterator[Any]:
         server.shutdown()
 
 
-def make_app(provider: Any, on_view: Any = None) -> flask.Flask:
+def make_app(provider: Any, on_view: Any = None, middleware: Any = None) -> flask.Flask:
     """An ordinary app: a view that sends three notifications, one that streams."""
     app = flask.Flask("orders")
     FlaskInstrumentor.instrument_app(app, tracer_provider=provider)
+    if middleware is not None:
+        app.wsgi_app = middleware(app.wsgi_app)  # type: ignore[method-assign]
 
     @app.post("/orders/<order_id>/ship")
     def ship(order_id: str) -> Any:
@@ -68,8 +73,25 @@ def make_app(provider: Any, on_view: Any = None) -> flask.Flask:
 
         return flask.Response(flask.stream_with_context(rows()), mimetype="text/csv")
 
+    @app.post("/orders/<order_id>/cancel")
+    def cancel(order_id: str) -> Any:
+        with effect_span(f"refund {order_id}", v.DATA_WRITE):
+            pass
+        time.sleep(1.3)  # a slow view: the idle writer commits the refund meanwhile
+        return {"cancelled": order_id}
+
     AuditFlask(app)
     return app
+
+
+def refuse(path: str, marker: str) -> None:
+    """An insider's trigger: the ledger refuses records whose body holds ``marker``."""
+    with sqlite3.connect(path) as con:
+        con.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON records"
+            f" WHEN instr(CAST(NEW.body AS TEXT), '{marker}') > 0"
+            " BEGIN SELECT RAISE(ABORT, 'refused by trigger'); END"
+        )
 
 
 def ledger_rows(path: str) -> list[Any]:
@@ -162,3 +184,100 @@ def test_a_record_queued_after_one_that_failed_is_not_written(tmp_path):
     writer.shutdown()
     with open_ledger(path, readonly=True) as ledger:
         assert [row.body for row in ledger.scan("main")] == [b'{"v":1,"n":0}', b'{"v":1,"n":3}']
+
+
+@pytest.mark.parametrize(
+    "path, refused",
+    [
+        # committed with the request's own record, which is refused with it
+        ("/orders/9/ship", "notify billing"),
+        # committed alone while the view still runs (the idle writer's look)
+        ("/orders/9/cancel", "refund 9"),
+    ],
+)
+def test_an_effect_refused_by_the_ledger_leaves_a_failure_not_a_success(
+    make_pipeline, serve, tmp_path, path, refused
+):
+    ledger = str(tmp_path / "audit.db")
+    pipeline, provider, _ = make_pipeline()
+    url = serve(make_app(provider))
+    assert requests.post(url + "/orders/1/ship").ok
+    refuse(ledger, refused)
+    reply = requests.post(url + path)
+    assert (reply.status_code, reply.text) == (503, "audit record of a change not written\n")
+    pipeline.flush()
+    outcomes = [
+        (r.attr(v.INTENT), r.attr(v.OUTCOME), r.attr(v.REASON))
+        for r in ledger_rows(ledger)
+        if r.span_id == ledger_rows(ledger)[-1].span_id
+    ]
+    assert outcomes == [(True, None, None), (None, v.FAILURE, "LedgerWriteError")]
+
+
+def test_a_middleware_that_starts_the_response_at_its_first_chunk(make_pipeline, serve, tmp_path):
+    """A generator middleware applied before AuditFlask calls start_response only
+    when its body is iterated: the records are waited for there."""
+
+    def lazily(app: Any) -> Any:
+        def middleware(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+            yield from app(environ, start_response)
+
+        return middleware
+
+    pipeline, provider, _ = make_pipeline()
+    url = serve(make_app(provider, middleware=lazily))
+    reply = requests.post(url + "/orders/3/ship")
+    assert reply.json() == {"shipped": "3"}
+    # No flush: the reply came after the records were durable.
+    own = [r for r in ledger_rows(str(tmp_path / "audit.db")) if r.attr(v.ACTION) == "order.ship"]
+    assert [r.attr(v.OUTCOME) for r in own] == [None, v.SUCCESS]
+
+
+def test_a_request_refused_before_its_view_keeps_its_answer(make_pipeline, serve, tmp_path):
+    path = str(tmp_path / "audit.db")
+    pipeline, provider, _ = make_pipeline()
+    url = serve(make_app(provider))
+    assert requests.post(url + "/orders/1/ship").ok
+    refuse(path, "orders/2/ship")  # its request record and its outcome record
+    reply = requests.post(url + "/orders/2/ship")
+    assert (reply.status_code, reply.text) == (503, "audit ledger unavailable\n")
+
+
+_TWO_PIPELINES = """
+import gc, sys
+import flask
+from opentelemetry import trace
+from opentelemetry.instrumentation.flask import FlaskInstrumentor
+from opentelemetry.sdk.trace import TracerProvider
+import otel_audit
+from otel_audit.capture.scope import ActionScope
+from otel_audit.integrations.flask import AuditFlask
+
+first, second = TracerProvider(), TracerProvider()
+trace.set_tracer_provider(first)
+for name, provider in (("first", first), ("second", second)):
+    otel_audit.configure(ledger=f"sqlite:///{sys.argv[1]}/{name}.db", service_name=name,
+                         tracer_provider=provider, handle_sigterm=False)
+app = flask.Flask("orders")
+FlaskInstrumentor.instrument_app(app, tracer_provider=second)
+
+@app.post("/orders/<order_id>/ship")
+def ship(order_id):
+    return {"shipped": order_id}
+
+AuditFlask(app)
+client = app.test_client()
+assert all(client.post(f"/orders/{i}/ship").status_code == 200 for i in range(50))
+gc.collect()
+print(sum(isinstance(o, ActionScope) for o in gc.get_objects()))
+"""
+
+
+def test_requests_recorded_by_a_second_pipeline_leave_nothing_behind(tmp_path):
+    """Two pipelines in one process, the app instrumented on the second one:
+    nothing is kept per request (the first pipeline's processor adopted each)."""
+    out = subprocess.run(
+        [sys.executable, "-c", _TWO_PIPELINES, str(tmp_path)],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    assert int(out.stdout.strip().splitlines()[-1]) < 5

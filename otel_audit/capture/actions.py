@@ -16,8 +16,10 @@ decorated function may run on many threads or tasks at once.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -37,6 +39,8 @@ from otel_audit.capture.context import (
 from otel_audit.capture.installed import check_refusal, global_pipeline
 from otel_audit.capture.scope import ActionScope, current_scope, random_trail_id, with_scope
 from otel_audit.errors import AuditError
+
+_log = logging.getLogger("otel_audit")
 
 if TYPE_CHECKING:
     from otel_audit.engine.remote import ProcessWriter
@@ -243,6 +247,7 @@ class AuditAction:
             self._end(exc, scope.known_failure())
             failure = scope.settle()
             if failure is not None:
+                record_lost(scope, self._span, failure)
                 scope.propagate(failure)
                 raise failure
             return
@@ -283,6 +288,8 @@ class AuditAction:
             self._end(exc, scope.known_failure())  # see __exit__
             failure = await scope.settle_async()
             if failure is not None:
+                if scope.own_record_lost():
+                    await asyncio.to_thread(record_lost, scope, self._span, failure)
                 scope.propagate(failure)
                 raise failure
             return
@@ -338,3 +345,17 @@ class AuditAction:
 
 
 audit_action = AuditAction
+
+
+def record_lost(scope: ActionScope, span: Any, failure: AuditError) -> None:
+    """After a failed commit of an action's effects and own record: when its own
+    record was not written (refused without its effects, or failed with them),
+    write it now with outcome ``failure``, so the ledger says the action failed.
+    If that fails too (the ledger is down), it is logged; the action raises anyway."""
+    pipeline = scope.pipeline
+    if pipeline is None or span is None or not scope.own_record_lost():
+        return
+    try:
+        pipeline.processor.write_lost(span, failure)
+    except AuditError as exc:
+        _log.error("otel-audit: the failure of action %r not recorded either: %s", span.name, exc)

@@ -194,6 +194,29 @@ class AuditSpanProcessor(SpanProcessor):
         as the action's own record (the Flask request's server span)."""
         self._scopes[span.get_span_context().span_id] = scope
 
+    def forget(self, span: Any) -> None:
+        """Undo ``adopt`` for a span that has not ended here (or ended elsewhere)."""
+        self._scopes.pop(span.get_span_context().span_id, None)
+
+    def write_lost(self, span: ReadableSpan, error: AuditError) -> None:
+        """Write the record of an action whose own record was not written with its
+        effects (``enqueue(after=)``): the same record, with outcome ``failure`` and
+        the error's type as reason, committed now. Raises LedgerWriteError."""
+        extra = self.select(span)
+        if extra is None:
+            return
+        decision: Decision | None = None
+        if self.policy is not None:
+            decision = self.policy.decide(span, extra)
+            if decision is None:
+                return
+            extra.update(decision.attributes)
+        extra[v.OUTCOME] = v.FAILURE
+        extra[v.REASON] = type(error).__name__
+        writer = self.writer
+        assert isinstance(writer, LedgerWriter)
+        writer.write(self._encode(span, extra, decision))
+
     def queue_intent(self, span: Any, default: str | None = None) -> Ticket | None:
         """Queue the intent record of an action whose durability is ``blocking``.
 

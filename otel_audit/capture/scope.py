@@ -46,7 +46,7 @@ class ActionScope:
 
     __slots__ = (
         "pipeline", "trail_id", "span_id", "parent", "_lock", "_tickets", "_failures", "_open",
-        "_pid", "together", "_settled",
+        "_pid", "together", "_settled", "own_ticket",
     )  # fmt: skip
 
     def __init__(
@@ -74,6 +74,8 @@ class ActionScope:
         # The action has waited for its own record: a later one is the ending
         # thread's to wait for (a streamed response ends after its request).
         self._settled = False
+        #: The ticket of the action's own record, once handed in.
+        self.own_ticket: Ticket | None = None
         # A forked child inherits the context, and this scope with it, but not
         # the action: nobody in the child would ever wait for its records.
         self._pid = os.getpid()
@@ -88,6 +90,8 @@ class ActionScope:
             if (not self._open and not own) or (own and self._settled) or self._pid != os.getpid():
                 return False
             self._tickets.append((writer, ticket))
+            if own:
+                self.own_ticket = ticket
             return True
 
     def fail(self, error: AuditError) -> None:
@@ -96,10 +100,15 @@ class ActionScope:
             self._failures.append(error)
 
     def pending(self, writer: LedgerWriter) -> list[Ticket]:
-        """The tickets handed in so far for ``writer`` and not yet answered: what
-        the action's own record is written after (``LedgerWriter.enqueue(after=)``)."""
+        """What the action's own record is written after (``LedgerWriter.enqueue(after=)``):
+        the tickets handed in so far for ``writer`` not yet answered, or failed."""
         with self._lock:
-            return [t for w, t in self._tickets if w is writer and not t.done]
+            return [t for w, t in self._tickets if w is writer and (not t.done or t.error)]
+
+    def own_record_lost(self) -> bool:
+        """The action's own record was handed in and not written (refused or failed)."""
+        ticket = self.own_ticket
+        return ticket is not None and ticket.done and ticket.error is not None
 
     def finish(self) -> None:
         """The action has waited for its own record; one ending later is not handed in."""

@@ -819,7 +819,7 @@ class AuditFlask:
                     # waited for, before the response leaves, by CommitBeforeReply.
                     state.scope.together = True
                     pipeline.processor.adopt(span, state.scope)
-                    pending.append(state.scope)
+                    pending.append((state.scope, span))
                 ctx = with_scope(state.scope, ctx)
         state.token = otel_context.attach(ctx)
         setattr(g, _G_KEY, state)
@@ -885,6 +885,15 @@ class AuditFlask:
             state.lost = exc
             _log.error("otel-audit: request record not written, %s %s refused: %s",
                        request.method, request.path, exc)  # fmt: skip
+            if state.scope is not None and state.scope.together:
+                # Refused before the view: this answer stands, and the outcome
+                # record is the ending thread's to write (and log if it cannot).
+                pending = request.environ.get(PENDING_KEY)
+                if isinstance(pending, list):
+                    pending[:] = [p for p in pending if p[0] is not state.scope]
+                pipeline.processor.forget(span)
+                state.scope.together = False
+                state.scope.finish()
             return _unavailable("audit ledger unavailable")
         return None
 
