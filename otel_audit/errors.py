@@ -46,6 +46,12 @@ class LedgerWriteError(LedgerError):
     """A record was not committed; the audited action must be treated as failed."""
 
 
+class CommitUncertain(LedgerWriteError):
+    """The commit went through, but the ledger could not confirm it is where it
+    should be (the SQLite file at its path was replaced during the commit): the
+    action is treated as failed, and its record is not written a second time."""
+
+
 class VerificationError(AuditError):
     """The ledger is damaged: ``chain``, ``seq`` and ``kind`` name the first damage."""
 

@@ -278,6 +278,47 @@ def test_an_async_action_cancelled_in_its_exit_is_still_recorded(make_pipeline):
     assert [r.name for r in _records(pipeline.ledger_url)].count("INSERT orders") == 10
 
 
+def test_an_async_action_cancelled_in_its_exit_whose_effect_is_refused_says_failure(
+    make_pipeline, tmp_path
+):
+    """As above, with an insider's trigger refusing the effects' records: the
+    cancelled actions' records say failure once the commit is answered."""
+    db = tmp_path / "audit.db"
+    pipeline, provider, _ = make_pipeline(ledger=f"sqlite:///{db}")
+    with otel_audit.audit_action("warm.up"):
+        pass
+    with sqlite3.connect(db) as con:
+        con.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON records"
+            " WHEN instr(CAST(NEW.body AS TEXT), 'INSERT orders') > 0"
+            " BEGIN SELECT RAISE(ABORT, 'refused by trigger'); END"
+        )
+    pipeline.writer.probe_interval = 0.0
+
+    async def handler(i: int) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        async with otel_audit.audit_action(f"order.{i}"):
+            _write_effect(provider)
+            await asyncio.sleep(0.01)
+            asyncio.get_running_loop().call_soon(task.cancel)
+
+    async def main() -> None:
+        for i in range(10):
+            with pytest.raises((asyncio.CancelledError, LedgerWriteError)):
+                await asyncio.create_task(handler(i))
+
+    asyncio.run(main())
+    deadline = time.monotonic() + 10
+    while True:
+        pipeline.flush()
+        outcomes = {r.name: r.attr(v.OUTCOME) for r in _records(pipeline.ledger_url)}
+        if all(f"order.{i}" in outcomes for i in range(10)) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert {outcomes.get(f"order.{i}") for i in range(10)} == {v.FAILURE}, outcomes
+
+
 def test_an_abandoned_coroutine_still_records_its_action(make_pipeline):
     pipeline, provider, _ = make_pipeline()
 

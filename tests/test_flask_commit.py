@@ -281,3 +281,48 @@ def test_requests_recorded_by_a_second_pipeline_leave_nothing_behind(tmp_path):
         capture_output=True, text=True, timeout=120, check=True,
     )  # fmt: skip
     assert int(out.stdout.strip().splitlines()[-1]) < 5
+
+
+def test_a_ledger_renamed_away_and_back_never_gets_two_records_for_one_request(
+    make_pipeline, serve, tmp_path
+):
+    """A backup tool renames the ledger away and back, again and again, while 8
+    clients send requests. A commit confirmed in a gap is answered as failed
+    (503) but is in the ledger: it must not be written a second time saying
+    failure, and every request answered 200 has all its records."""
+    path = str(tmp_path / "audit.db")
+    pipeline, provider, _ = make_pipeline()
+    url = serve(make_app(provider))
+    status: dict[str, int] = {}
+    stop = threading.Event()
+
+    def client(k: int) -> None:
+        with requests.Session() as session:
+            i = k
+            while not stop.is_set():
+                status[str(i)] = session.post(url + f"/orders/{i}/ship", timeout=60).status_code
+                i += 8
+
+    clients = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for thread in clients:
+        thread.start()
+    end = time.monotonic() + 3.0
+    while time.monotonic() < end:
+        time.sleep(0.003)
+        os.rename(path, path + ".away")
+        time.sleep(0.0005)
+        os.rename(path + ".away", path)
+    stop.set()
+    for thread in clients:
+        thread.join()
+    pipeline.flush()
+    outcomes: dict[str, list[Any]] = {}
+    for r in ledger_rows(path):
+        if r.attr(v.ACTION) == "order.ship" and not r.attr(v.INTENT):
+            request = str(r.attr("http.target") or r.attr("url.path")).split("/")[2]
+            outcomes.setdefault(request, []).append(r.attr(v.OUTCOME))
+    assert 503 in status.values()  # the dance did hit commits
+    assert all(len(found) == 1 for found in outcomes.values()), {
+        k: found for k, found in outcomes.items() if len(found) > 1
+    }
+    assert all(outcomes.get(i) == [v.SUCCESS] for i, code in status.items() if code == 200)

@@ -20,6 +20,7 @@ import asyncio
 import functools
 import inspect
 import logging
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -38,7 +39,7 @@ from otel_audit.capture.context import (
 )
 from otel_audit.capture.installed import check_refusal, global_pipeline
 from otel_audit.capture.scope import ActionScope, current_scope, random_trail_id, with_scope
-from otel_audit.errors import AuditError
+from otel_audit.errors import AuditError, CommitUncertain
 
 _log = logging.getLogger("otel_audit")
 
@@ -286,7 +287,12 @@ class AuditAction:
             return
         if scope.together:
             self._end(exc, scope.known_failure())  # see __exit__
-            failure = await scope.settle_async()
+            try:
+                failure = await scope.settle_async()
+            except BaseException:
+                # Cancelled while it waits: its records still commit (or fail).
+                record_lost_later(scope, self._span)
+                raise
             if failure is not None:
                 if scope.own_record_lost():
                     await asyncio.to_thread(record_lost, scope, self._span, failure)
@@ -355,7 +361,34 @@ def record_lost(scope: ActionScope, span: Any, failure: AuditError) -> None:
     pipeline = scope.pipeline
     if pipeline is None or span is None or not scope.own_record_lost():
         return
-    try:
-        pipeline.processor.write_lost(span, failure)
-    except AuditError as exc:
-        _log.error("otel-audit: the failure of action %r not recorded either: %s", span.name, exc)
+    for attempt in (1, 2):
+        try:
+            pipeline.processor.write_lost(span, failure)
+            return
+        except CommitUncertain:
+            return  # written, unconfirmed: never a second copy
+        except AuditError as exc:
+            # Once more, in a commit of its own: under group commit another
+            # action's refused record may have failed the first one's batch.
+            if attempt == 2:
+                _log.error(
+                    "otel-audit: the failure of action %r not recorded either: %s", span.name, exc
+                )
+
+
+def record_lost_later(scope: ActionScope, span: Any) -> None:
+    """``record_lost`` once the action's own record is answered, when nobody waits
+    for it any more (the waiting task was cancelled): on a thread of its own,
+    since the answer comes on the writer's thread, which must not wait."""
+    ticket = scope.own_ticket
+    if ticket is None:
+        return
+
+    def answered(done: Any) -> None:
+        if scope.own_record_lost():
+            error = done.error
+            threading.Thread(
+                target=record_lost, args=(scope, span, error), name="otel-audit-lost", daemon=True
+            ).start()
+
+    ticket.add_callback(answered)

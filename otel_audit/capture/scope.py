@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 
-from otel_audit.errors import AuditError, LedgerWriteError
+from otel_audit.errors import AuditError, CommitUncertain, LedgerWriteError
 
 if TYPE_CHECKING:
     from otel_audit.engine.writer import Ticket
@@ -106,9 +106,15 @@ class ActionScope:
             return [t for w, t in self._tickets if w is writer and (not t.done or t.error)]
 
     def own_record_lost(self) -> bool:
-        """The action's own record was handed in and not written (refused or failed)."""
+        """The action's own record was handed in and not written (refused, or its
+        commit failed; not a commit that went through unconfirmed)."""
         ticket = self.own_ticket
-        return ticket is not None and ticket.done and ticket.error is not None
+        return (
+            ticket is not None
+            and ticket.done
+            and ticket.error is not None
+            and not isinstance(ticket.error, CommitUncertain)
+        )
 
     def finish(self) -> None:
         """The action has waited for its own record; one ending later is not handed in."""

@@ -96,14 +96,15 @@ class _Reply:
             failure = failure or lost
         return failure
 
-    def send(self, result: Iterable[bytes]) -> Iterable[bytes]:
-        """The app's response once its records are durable, else a 503."""
+    def send(self, result: Iterable[bytes], close: bool = True) -> Iterable[bytes]:
+        """The app's response once its records are durable, else a 503 (and the
+        app's body closed, unless ``close`` is False: its owner closes it)."""
         failure = self.settle()
         self.sent = True
         if failure is not None:
-            close = getattr(result, "close", None)
-            if close is not None:
-                close()
+            closing = getattr(result, "close", None) if close else None
+            if closing is not None:
+                closing()
             _log.error(
                 "otel-audit: %s %s: %s",
                 self.environ.get("REQUEST_METHOD"),
@@ -148,7 +149,7 @@ class _FirstChunk:
         except BaseException:
             self.reply.settle()
             raise
-        body = self.reply.send(self.result)
+        body = self.reply.send(self.result, close=False)  # the server calls our close()
         if body is not self.result:  # the 503
             yield from body
             return

@@ -39,7 +39,7 @@ from otel_audit.engine.ledger.base import (
     filter_clauses,
     span_keys,
 )
-from otel_audit.errors import LedgerError, LedgerWriteError
+from otel_audit.errors import CommitUncertain, LedgerError, LedgerWriteError
 from otel_audit.proof.chain import GENESIS, Checkpoint, link_hash
 
 SCHEMA_VERSION = 1
@@ -211,8 +211,9 @@ class SQLiteLedger(Ledger):
             self._con.close()
             raise
 
-    def _check_file(self) -> None:
-        """Raise LedgerWriteError when the path no longer names the file this connection writes."""
+    def _check_file(self, committed: bool = True) -> None:
+        """Raise LedgerWriteError when the path no longer names the file this connection
+        writes; CommitUncertain when found right after a commit (``committed``)."""
         if self._identity is None:
             return
         try:
@@ -220,7 +221,7 @@ class SQLiteLedger(Ledger):
         except OSError:
             now = None
         if now != self._identity:
-            raise LedgerWriteError(
+            raise (CommitUncertain if committed else LedgerWriteError)(
                 f"sqlite ledger: {self.path!r} was deleted or replaced while open;"
                 " records committed now would be lost with the old file (reopen the ledger)"
             )
@@ -281,7 +282,7 @@ class SQLiteLedger(Ledger):
         # Before, so nothing is written to a file swapped since the last commit
         # (its WAL, which keeps the path's name, would show it at the path);
         # and after (below), for a swap during the commit.
-        self._check_file()
+        self._check_file(committed=False)
         if (
             not dedupe
             and 0 < len(bodies) <= _ROWS_PER_INSERT
