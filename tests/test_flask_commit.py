@@ -326,3 +326,39 @@ def test_a_ledger_renamed_away_and_back_never_gets_two_records_for_one_request(
         k: found for k, found in outcomes.items() if len(found) > 1
     }
     assert all(outcomes.get(i) == [v.SUCCESS] for i, code in status.items() if code == 200)
+
+
+def test_the_apps_body_is_closed_once_when_the_reply_becomes_a_503(make_pipeline, serve, tmp_path):
+    """WSGI: close() once. A middleware inside AuditFlask that starts its response
+    at the first chunk counts the closes of the body it passes on."""
+    closed: list[int] = []
+
+    class Counted:
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+            outer = self
+
+            class Body:
+                def __iter__(self) -> Iterator[bytes]:
+                    yield from outer.app(environ, start_response)
+
+                def close(self) -> None:
+                    closed.append(1)
+
+            return Body()
+
+    path = str(tmp_path / "audit.db")
+    pipeline, provider, _ = make_pipeline()
+    url = serve(make_app(provider, middleware=Counted))
+    assert requests.post(url + "/orders/1/ship").ok
+    refuse(path, "notify billing")
+    closed.clear()
+    reply = requests.post(url + "/orders/2/ship")
+    assert reply.status_code == 503
+    deadline = time.monotonic() + 5
+    while not closed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    assert closed == [1]
