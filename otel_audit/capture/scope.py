@@ -46,7 +46,7 @@ class ActionScope:
 
     __slots__ = (
         "pipeline", "trail_id", "span_id", "parent", "_lock", "_tickets", "_failures", "_open",
-        "_pid", "together", "_settled", "own_ticket",
+        "_pid", "together", "_settled", "own_ticket", "_effects",
     )  # fmt: skip
 
     def __init__(
@@ -76,6 +76,8 @@ class ActionScope:
         self._settled = False
         #: The ticket of the action's own record, once handed in.
         self.own_ticket: Ticket | None = None
+        # Every effect's ticket (kept after settling: own_record_lost asks later).
+        self._effects: list[Ticket] = []
         # A forked child inherits the context, and this scope with it, but not
         # the action: nobody in the child would ever wait for its records.
         self._pid = os.getpid()
@@ -92,6 +94,8 @@ class ActionScope:
             self._tickets.append((writer, ticket))
             if own:
                 self.own_ticket = ticket
+            elif self.together:
+                self._effects.append(ticket)
             return True
 
     def fail(self, error: AuditError) -> None:
@@ -106,15 +110,18 @@ class ActionScope:
             return [t for w, t in self._tickets if w is writer and (not t.done or t.error)]
 
     def own_record_lost(self) -> bool:
-        """The action's own record was handed in and not written (refused, or its
-        commit failed; not a commit that went through unconfirmed)."""
-        ticket = self.own_ticket
-        return (
-            ticket is not None
-            and ticket.done
-            and ticket.error is not None
-            and not isinstance(ticket.error, CommitUncertain)
-        )
+        """The action's own record was not written (refused after its effects, or
+        failed with them), and a record of one of its effects was not written
+        either: the action's record must then say so. Not for a commit that went
+        through unconfirmed (``CommitUncertain``), nor for an own record that
+        failed alone (its action raises; there is nothing more to say)."""
+        own = self.own_ticket
+        if own is None or not own.done or own.error is None:
+            return False
+        if isinstance(own.error, CommitUncertain):
+            return False
+        with self._lock:
+            return any(t.done and t.error is not None for t in self._effects)
 
     def finish(self) -> None:
         """The action has waited for its own record; one ending later is not handed in."""
