@@ -57,6 +57,16 @@ class _Locker:
         self.thread.join()
 
 
+def _refuse_effects(db: Path) -> None:
+    """An insider's trigger: the ledger refuses the records of ``_write_effect``'s spans."""
+    with sqlite3.connect(db) as con:
+        con.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON records"
+            " WHEN instr(CAST(NEW.body AS TEXT), 'INSERT orders') > 0"
+            " BEGIN SELECT RAISE(ABORT, 'refused by trigger'); END"
+        )
+
+
 def _wait_failed(pipeline, at_least: int = 1) -> None:
     deadline = time.monotonic() + 10
     while pipeline.stats().failed < at_least:
@@ -154,12 +164,7 @@ def test_an_action_whose_effect_the_ledger_refuses_is_recorded_as_failed(make_pi
     pipeline, provider, _ = make_pipeline(ledger=f"sqlite:///{db}")
     with otel_audit.audit_action("warm.up"):
         pass
-    with sqlite3.connect(db) as con:
-        con.execute(
-            "CREATE TRIGGER refuse BEFORE INSERT ON records"
-            " WHEN instr(CAST(NEW.body AS TEXT), 'INSERT orders') > 0"
-            " BEGIN SELECT RAISE(ABORT, 'refused by trigger'); END"
-        )
+    _refuse_effects(db)
     with pytest.raises(LedgerWriteError):
         with otel_audit.audit_action("order.pay"):
             _write_effect(provider)
@@ -287,12 +292,7 @@ def test_an_async_action_cancelled_in_its_exit_whose_effect_is_refused_says_fail
     pipeline, provider, _ = make_pipeline(ledger=f"sqlite:///{db}")
     with otel_audit.audit_action("warm.up"):
         pass
-    with sqlite3.connect(db) as con:
-        con.execute(
-            "CREATE TRIGGER refuse BEFORE INSERT ON records"
-            " WHEN instr(CAST(NEW.body AS TEXT), 'INSERT orders') > 0"
-            " BEGIN SELECT RAISE(ABORT, 'refused by trigger'); END"
-        )
+    _refuse_effects(db)
     pipeline.writer.probe_interval = 0.0
 
     async def handler(i: int) -> None:

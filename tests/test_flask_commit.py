@@ -20,7 +20,6 @@ import flask
 import pytest
 import requests
 from opentelemetry.instrumentation.flask import FlaskInstrumentor
-from werkzeug.serving import make_server
 
 from otel_audit import vocabulary as v
 from otel_audit.capture.effects import effect_span
@@ -29,21 +28,6 @@ from otel_audit.engine.record import decode
 from otel_audit.engine.writer import LedgerWriter
 from otel_audit.errors import LedgerWriteError
 from otel_audit.integrations.flask import AuditFlask
-
-
-@pytest.fixture
-def serve() -> Iterator[Any]:
-    servers = []
-
-    def start(app: flask.Flask) -> str:
-        server = make_server("127.0.0.1", 0, app, threaded=True)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_port}"
-
-    yield start
-    for server in servers:
-        server.shutdown()
 
 
 def make_app(provider: Any, on_view: Any = None, middleware: Any = None) -> flask.Flask:

@@ -6,8 +6,6 @@ loopback by werkzeug in a thread, recorded by a real audit pipeline.
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
 from typing import Any
 
 import flask
@@ -15,27 +13,11 @@ import pytest
 import requests
 from opentelemetry.instrumentation.flask import FlaskInstrumentor
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
-from werkzeug.serving import make_server
 
 import otel_audit
 from otel_audit import vocabulary as v
 from otel_audit.engine.ledger import Query, open_ledger
 from otel_audit.integrations.flask import AuditFlask
-
-
-@pytest.fixture
-def serve() -> Iterator[Any]:
-    servers = []
-
-    def start(app: flask.Flask) -> str:
-        server = make_server("127.0.0.1", 0, app, threaded=True)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_port}"
-
-    yield start
-    for server in servers:
-        server.shutdown()
 
 
 def make_app(provider, **options: Any) -> flask.Flask:
