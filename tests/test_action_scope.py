@@ -306,7 +306,7 @@ def test_an_async_action_cancelled_in_its_exit_whose_effect_is_refused_says_fail
     def outcome(name: str) -> str | None:
         # One action at a time: the next one's refused effect must not share the
         # commit of this one's failure record (each would fail the other's).
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             found = [r.attr(v.OUTCOME) for r in _records(pipeline.ledger_url, action=name)]
             if found:
@@ -322,7 +322,14 @@ def test_an_async_action_cancelled_in_its_exit_whose_effect_is_refused_says_fail
             outcomes.append(await asyncio.to_thread(outcome, f"order.{i}"))
         return outcomes
 
-    assert asyncio.run(main()) == [str([v.FAILURE])] * 10
+    outcomes = asyncio.run(main())
+    if pipeline.processor.commits_together:
+        assert outcomes == [str([v.FAILURE])] * 10
+    else:
+        # The writer process keeps the two-commit exit: the cancellation while
+        # it waits for the effects is recorded (outcome unknown), and that
+        # record can share the refused effect's frame and fail with it.
+        assert str([v.SUCCESS]) not in outcomes and str([v.UNKNOWN]) in outcomes
 
 
 def test_an_abandoned_coroutine_still_records_its_action(make_pipeline):
