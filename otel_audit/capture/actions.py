@@ -246,7 +246,11 @@ class AuditAction:
             # The own record is queued after the effects still pending and
             # committed with them (never without them): one wait for all.
             self._end(exc, scope.known_failure())
-            failure = scope.settle()
+            try:
+                failure = scope.settle()
+            except BaseException:  # KeyboardInterrupt in the wait: its records still commit
+                record_lost_later(scope, self._span)
+                raise
             if failure is not None:
                 record_lost(scope, self._span, failure)
                 scope.propagate(failure)
