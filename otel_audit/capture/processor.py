@@ -122,20 +122,30 @@ class AuditSpanProcessor(SpanProcessor):
         name = resource.attributes.get("service.name") if resource is not None else None
         return str(name) if name else "unknown_service"
 
+    def _chosen(self, span: ReadableSpan) -> tuple[dict[str, Any], Decision | None] | None:
+        """The record's extra attributes and the policy's decision, or None when
+        the span is not audited (not selected, or dropped by the policy)."""
+        extra = self.select(span)
+        if extra is None:
+            return None
+        if self.policy is None:
+            return extra, None
+        decision = self.policy.decide(span, extra)
+        if decision is None:
+            self.dropped_by_policy += 1
+            return None
+        extra.update(decision.attributes)
+        return extra, decision
+
     def on_end(self, span: ReadableSpan) -> None:
         scope = self._scopes.pop(span.context.span_id, None) if self._scopes else None
         try:
-            extra = self.select(span)
-            if extra is None:
+            chosen = self._chosen(span)
+            if chosen is None:
                 return
+            extra, decision = chosen
             durability = self.durability
-            decision: Decision | None = None
-            if self.policy is not None:
-                decision = self.policy.decide(span, extra)
-                if decision is None:
-                    self.dropped_by_policy += 1
-                    return
-                extra.update(decision.attributes)
+            if decision is not None:
                 durability = decision.durability or durability
             # One path for both writers: the writer process is sent the span
             # (it builds the record there), the thread writer the record's bytes.
@@ -202,15 +212,10 @@ class AuditSpanProcessor(SpanProcessor):
         """Write the record of an action whose own record was not written with its
         effects (``enqueue(after=)``): the same record, with outcome ``failure`` and
         the error's type as reason, committed now. Raises LedgerWriteError."""
-        extra = self.select(span)
-        if extra is None:
+        chosen = self._chosen(span)
+        if chosen is None:
             return
-        decision: Decision | None = None
-        if self.policy is not None:
-            decision = self.policy.decide(span, extra)
-            if decision is None:
-                return
-            extra.update(decision.attributes)
+        extra, decision = chosen
         extra[v.OUTCOME] = v.FAILURE
         extra[v.REASON] = type(error).__name__
         writer = self.writer

@@ -122,11 +122,7 @@ class _Reply:
             return [_NOT_WRITTEN]
         if self.held is not None:
             status, headers, exc_info = self.held
-            write = (
-                self.start_response(status, headers)
-                if exc_info is None
-                else self.start_response(status, headers, exc_info)
-            )
+            write = self.start_response(status, headers, exc_info)
             if self.early:
                 write(b"".join(self.early))
         return result
