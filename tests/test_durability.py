@@ -238,6 +238,74 @@ def test_group_commit_shares_fsyncs_between_threads(make_pipeline):
     assert stats.commit_latency_p99_ms > 0
 
 
+def test_a_waiting_thread_leads_the_commit_when_the_writer_is_idle(make_pipeline):
+    import threading
+
+    # Where each commit ran: a sync action on a worker thread commits its
+    # records itself (no hand-over to the writer thread and back); on the
+    # main thread the writer thread commits them (a signal's exception must
+    # never stop a commit halfway). The thread writer's way (a writer process
+    # commits in its worker).
+    pipeline, _, _ = make_pipeline(writer="thread")
+    ran_on: list[str] = []
+    pipeline.writer.commit_listeners.append(
+        lambda _seconds, _n: ran_on.append(threading.current_thread().name)
+    )
+
+    def work() -> None:
+        for i in range(20):
+            with otel_audit.audit_action("order.update", resource=("order", i)):
+                pass
+
+    worker = threading.Thread(target=work, name="request-worker")
+    worker.start()
+    worker.join()
+    assert ran_on and set(ran_on) == {"request-worker"}
+    ran_on.clear()
+    with otel_audit.audit_action("order.update", resource=("order", "main")):
+        pass
+    assert ran_on == ["otel-audit-writer"]
+    with open_ledger(pipeline.ledger_url, readonly=True) as ledger:
+        assert verify_ledger(ledger).records == 21
+
+
+def test_waiting_for_a_record_on_the_thread_leading_a_commit_fails_instead_of_hanging(
+    make_pipeline,
+):
+    import threading
+
+    # A finalizer (garbage collection) can run any code on the thread that is
+    # in the middle of a commit, including an action's exit: its wait could
+    # never end (the commit it waits for is its own thread's). It fails.
+    pipeline, _, _ = make_pipeline(writer="thread")
+    errors: list[BaseException] = []
+
+    def nested(_seconds: float, _n: int) -> None:
+        if threading.current_thread().name == "request-worker" and not errors:
+            record = Record("ab" * 16, "cd" * 8, None, "nested", "INTERNAL", "shop", 1, 2)
+            try:
+                pipeline.writer.write(encode(record))
+            except BaseException as exc:  # noqa: BLE001 - the test inspects it
+                errors.append(exc)
+
+    pipeline.writer.commit_listeners.append(nested)
+
+    def work() -> None:
+        with otel_audit.audit_action("order.update"):
+            pass
+
+    worker = threading.Thread(target=work, name="request-worker")
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], otel_audit.LedgerWriteError)
+    assert "waited for on the thread committing" in str(errors[0])
+    assert pipeline.flush(10)
+    with open_ledger(pipeline.ledger_url, readonly=True) as ledger:
+        # The action's record, and the nested one (committed by the writer thread later).
+        assert verify_ledger(ledger).records == 2
+
+
 def test_shutdown_writes_a_final_checkpoint(make_pipeline, tmp_path):
     pipeline, _, _ = make_pipeline(checkpoint_every=1000, checkpoint_interval=3600)
     for _ in range(7):

@@ -171,9 +171,9 @@ class AuditSpanProcessor(SpanProcessor):
                 if own and scope is not None and scope.together:
                     # Committed with its effects, never without them.
                     assert isinstance(writer, LedgerWriter)
-                    ticket = writer.enqueue(body, after=scope.pending(writer))
+                    ticket = writer.enqueue(body, lazy=True, after=scope.pending(writer))
                 else:
-                    ticket = writer.enqueue(body, lazy=lazy)
+                    ticket = writer.enqueue(body, lazy=True)
             if scope is not None:
                 if scope.add_ticket(self.writer, ticket, own=own):
                     return  # the action waits for it at its exit
@@ -240,7 +240,7 @@ class AuditSpanProcessor(SpanProcessor):
         extra = dict(decision.attributes)
         extra[v.INTENT] = True
         record = self.policy.apply(record_from_span(span, self.service_of(span), extra), decision)
-        return self.writer.enqueue(encode(record))
+        return self.writer.enqueue(encode(record), lazy=True)
 
     def shutdown(self) -> None:
         self.writer.shutdown()

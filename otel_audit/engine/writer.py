@@ -63,8 +63,12 @@ class Waitable(Protocol):
 
     url: str
     _thread: threading.Thread | None
+    #: The thread leading a commit (``lead``), by ``threading.get_ident()``.
+    _committer: int | None
 
     def wake(self) -> None: ...
+
+    def lead(self, ticket: Ticket) -> bool: ...
 
 
 class Ticket:
@@ -75,7 +79,7 @@ class Ticket:
     Thread-safe.
     """
 
-    __slots__ = ("lock", "error", "appended", "_callbacks", "_done")
+    __slots__ = ("lock", "error", "appended", "_callbacks", "_done", "queued")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -84,6 +88,8 @@ class Ticket:
         self.appended: Appended | None = None
         self._callbacks: list[Callable[[Ticket], None]] | None = None
         self._done = False
+        #: Still in the writer's queue (not yet taken into a commit).
+        self.queued = True
 
     @property
     def done(self) -> bool:
@@ -111,15 +117,18 @@ class Ticket:
     def wait(self, writer: Waitable) -> Appended:
         """Block until resolved; raise its error (LedgerWriteError) if it was not committed."""
         if not self.lock.acquire(blocking=False):
-            if writer._thread is threading.current_thread():
+            if writer._thread is threading.current_thread() or writer._committer == _ident():
                 # A finalizer (garbage collection) run on the very thread that
-                # would answer: waiting would hang it, and every action with it.
+                # would answer (the writer thread, or one leading a commit):
+                # waiting would hang it, and every action with it.
                 raise LedgerWriteError(
-                    f"audit record waited for on the writer thread of {writer.url}"
+                    f"audit record waited for on the thread committing to {writer.url}"
                 )
             # A record queued without waking the writer (``enqueue(lazy=True)``)
-            # is committed no later than its first waiter asks for it.
-            writer.wake()
+            # is committed no later than its first waiter asks for it: by the
+            # waiter itself where it can (LedgerWriter.lead), else by the writer.
+            if not writer.lead(self):
+                writer.wake()
             while not self.lock.acquire(timeout=1.0):
                 thread = writer._thread
                 if thread is None or not thread.is_alive():
@@ -151,6 +160,7 @@ class _Item:
 
 
 _MAX_BATCH = 8192
+_ident = threading.get_ident
 # The longest an idle writer sleeps without looking at its queue: a record
 # queued lazily whose waiter never came (an action abandoned) still commits.
 _LINGER = 1.0
@@ -240,6 +250,10 @@ class LedgerWriter:
         self._cond = threading.Condition(threading.Lock())
         self._start_lock = threading.Lock()
         self._queue: deque[_Item] = deque()
+        # Held by whoever commits (the writer thread or a leading waiter) and
+        # around checkpoints: one commit at a time, in queue order.
+        self._commit_lock = threading.Lock()
+        self._committer: int | None = None
         self._wake = threading.Event()
         self._retry: list[_Item] | None = None
         self._inflight = 0
@@ -406,6 +420,43 @@ class LedgerWriter:
         if not self._wake.is_set() and threading.current_thread() is not self._thread:
             self._wake.set()
 
+    def lead(self, ticket: Ticket) -> bool:
+        """Commit what is queued, ``ticket``'s record with it, on the calling thread
+        when no commit is under way (no hand-over to the writer thread and
+        back). True once ``ticket`` is answered or taken into a commit (its
+        committer answers it); False when the caller should wake the writer
+        thread and wait: a commit is under way (the writer thread's next one
+        takes all that queued meanwhile, in one transaction), a retry is
+        pending, or this is the main thread, where a signal's exception
+        (KeyboardInterrupt) could stop a commit between the ledger and the
+        tickets it answers.
+        """
+        if self.inline or threading.current_thread() is threading.main_thread():
+            return False
+        if not self._commit_lock.acquire(blocking=False):
+            return False
+        self._committer = _ident()
+        try:
+            if not ticket.queued or ticket._done:
+                return True
+            if self._closed or self._retry is not None or self._thread_dead():
+                return False
+            items = self._drain()
+            if not items:
+                return False
+            try:
+                self._commit(items, checkpoint=False)
+            except Exception as exc:  # as the writer thread: outlive any bug
+                self._loop_failed(exc)
+        finally:
+            self._committer = None
+            self._commit_lock.release()
+        # Records queued meanwhile are their waiters' to lead (or the writer's,
+        # woken by them); a retry and a checkpoint are the writer thread's.
+        if self._retry is not None or self._since_checkpoint >= self.checkpoint_every:
+            self.wake()
+        return True
+
     def write_many(self, bodies: list[bytes]) -> list[Appended]:
         """Commit ``bodies`` durably, in order, waiting once; raises on the first not committed."""
         tickets = [self.enqueue(body) for body in bodies]
@@ -429,10 +480,13 @@ class LedgerWriter:
             # sees a moment where a record is in neither.
             self._inflight += 1
             try:
-                items.append(queue.popleft())
+                item = queue.popleft()
             except IndexError:  # a producer took its item back meanwhile
                 self._inflight -= 1
                 break
+            if item.ticket is not None:
+                item.ticket.queued = False
+            items.append(item)
         return items
 
     def _idle_wait(self) -> None:
@@ -441,7 +495,8 @@ class LedgerWriter:
         if self._since_checkpoint:
             timeout = self._last_checkpoint + self.checkpoint_interval - time.monotonic()
             if timeout <= 0:
-                self._checkpoint()
+                with self._commit_lock:
+                    self._checkpoint()
                 return
         # Clear, then look again: a producer that appended after the look sees
         # the flag down and raises it, so no wake-up is ever lost.
@@ -506,28 +561,30 @@ class LedgerWriter:
         due = self._last_checkpoint + self.checkpoint_interval - time.monotonic()
         if due > 0:
             return due
-        self._checkpoint()
+        with self._commit_lock:
+            self._checkpoint()
         return self.checkpoint_interval if self._since_checkpoint else None
 
     def _step(self) -> bool | None:
         """One round: commit what is queued, or idle. False when a commit failed,
         None when the writer is closed and has nothing left to do."""
-        if self._retry is not None:
-            # Retried async records first, in order; records queued since go
-            # with them, so a sync record fails at once instead of waiting out
-            # the outage behind the retry.
-            items, self._retry = self._retry, None
-            items += self._drain()
-        else:
-            items = self._drain()
-        if not items:
+        with self._commit_lock:
+            if self._retry is not None:
+                # Retried async records first, in order; records queued since go
+                # with them, so a sync record fails at once instead of waiting out
+                # the outage behind the retry.
+                items, self._retry = self._retry, None
+                items += self._drain()
+            else:
+                items = self._drain()
+            if items:
+                return self._commit(items)
             if self._closed and not self._queue:
                 self._checkpoint()
                 self._notify()
                 return None
-            self._idle_wait()
-            return True
-        return self._commit(items)
+        self._idle_wait()
+        return True
 
     def _notify(self) -> None:
         with self._cond:
@@ -561,7 +618,7 @@ class LedgerWriter:
                     item.ticket.resolve(None, error)
         return kept
 
-    def _commit(self, items: list[_Item]) -> bool:
+    def _commit(self, items: list[_Item], checkpoint: bool = True) -> bool:
         assert self._ledger is not None
         if self._counts["failed"] and any(item.after for item in items):
             items = self._refuse_orphans(items)
@@ -605,7 +662,7 @@ class LedgerWriter:
                     item.ticket.resolve(where, None)
             for resolved in self.resolved_listeners:
                 safe(resolved)
-            if self._since_checkpoint >= self.checkpoint_every:
+            if checkpoint and self._since_checkpoint >= self.checkpoint_every:
                 self._checkpoint()
             return True
         return self._fail(items, error)
