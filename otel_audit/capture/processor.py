@@ -239,8 +239,7 @@ class AuditSpanProcessor(SpanProcessor):
         self.writer.check()
         extra = dict(decision.attributes)
         extra[v.INTENT] = True
-        record = self.policy.apply(record_from_span(span, self.service_of(span), extra), decision)
-        return self.writer.enqueue(encode(record), lazy=True)
+        return self.writer.enqueue(self._encode(span, extra, decision), lazy=True)
 
     def shutdown(self) -> None:
         self.writer.shutdown()
