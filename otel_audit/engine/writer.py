@@ -437,17 +437,16 @@ class LedgerWriter:
             return False
         self._committer = _ident()
         try:
-            if not ticket.queued or ticket._done:
-                return True
-            if self._closed or self._retry is not None or self._thread_dead():
-                return False
-            items = self._drain()
-            if not items:
-                return False
-            try:
-                self._commit(items, checkpoint=False)
-            except Exception as exc:  # as the writer thread: outlive any bug
-                self._loop_failed(exc)
+            if ticket.queued and not ticket._done:
+                if self._closed or self._retry is not None or self._thread_dead():
+                    return False
+                items = self._drain()
+                if not items:
+                    return False
+                try:
+                    self._commit(items, checkpoint=False)
+                except Exception as exc:  # as the writer thread: outlive any bug
+                    self._loop_failed(exc)
         finally:
             self._committer = None
             self._commit_lock.release()
@@ -788,7 +787,8 @@ class LedgerWriter:
         if thread is not None:
             thread.join(max(0.0, deadline - time.monotonic()))
         elif self._since_checkpoint:
-            self._checkpoint()
+            with self._commit_lock:
+                self._checkpoint()
         if thread is not None and thread.is_alive():
             pending = len(self._queue) + self._inflight
             _log.error(
