@@ -49,6 +49,11 @@ def run_sql(name: str, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[
 def init_db(name: str, schema: str) -> None:
     con = sqlite3.connect(os.path.join(data_dir(), name), timeout=30)
     try:
+        # WAL (kept in the file): many request threads in several worker
+        # processes read and write at once. In the default rollback-journal
+        # mode, commits under that load (benchmarks/bench_flask.py, with or
+        # without OpenTelemetry) sometimes failed with "disk I/O error".
+        con.execute("PRAGMA journal_mode=WAL")
         con.executescript(schema)
         con.commit()
     finally:
