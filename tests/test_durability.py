@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import otel_audit
@@ -269,6 +270,84 @@ def test_a_waiting_thread_leads_the_commit_when_the_writer_is_idle(make_pipeline
         assert verify_ledger(ledger).records == 21
 
 
+def test_checkpoints_every_n_records_when_waiters_lead_the_commits(make_pipeline):
+    import threading
+
+    # Count-based checkpoints are the writer thread's: commits led by waiting
+    # threads hand them over instead of leaving the records unsealed until
+    # the (here hour-long) interval.
+    pipeline, _, _ = make_pipeline(writer="thread", checkpoint_every=10, checkpoint_interval=3600)
+
+    def work() -> None:
+        for i in range(200):
+            with otel_audit.audit_action("order.update", resource=("order", i)):
+                pass
+
+    worker = threading.Thread(target=work, name="request-worker")
+    worker.start()
+    worker.join()
+    assert pipeline.flush(10)
+    deadline = time.monotonic() + 10
+    while pipeline.stats().checkpoints < 15 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert pipeline.stats().checkpoints >= 15  # about one per 10 records
+    with open_ledger(pipeline.ledger_url, readonly=True) as ledger:
+        assert verify_ledger(ledger).records == 200
+
+
+def test_a_waiter_whose_record_lies_beyond_one_batch_commits_it_too(make_pipeline):
+    import threading
+
+    # A commit takes at most 8192 records; the waiter of the 9000th leads a
+    # second commit for the rest instead of leaving them to the writer
+    # thread's one-second look.
+    pipeline, _, _ = make_pipeline(writer="thread", max_queue_size=50_000, checkpoint_every=100_000)
+    writer = pipeline.writer
+    commits: list[tuple[str, int]] = []
+    writer.commit_listeners.append(
+        lambda _seconds, n: commits.append((threading.current_thread().name, n))
+    )
+    record = Record("ab" * 16, "cd" * 8, None, "bulk", "INTERNAL", "shop", 1, 2)
+    tickets = [writer.enqueue(encode(record), lazy=True) for _ in range(9000)]
+    waiter = threading.Thread(target=tickets[-1].wait, args=(writer,), name="waiter")
+    waiter.start()
+    waiter.join(60)
+    assert commits == [("waiter", 8192), ("waiter", 808)]
+    assert all(t.done and t.error is None for t in tickets)
+
+
+def test_queueing_into_a_full_queue_on_the_thread_leading_a_commit_does_not_hang(make_pipeline):
+    import threading
+
+    # A finalizer run in the middle of a commit may queue records (an action
+    # ending there): into a full queue it must not wait for room that only
+    # its own thread's commit can make.
+    pipeline, _, _ = make_pipeline(writer="thread", max_queue_size=2)
+    writer = pipeline.writer
+    record = Record("ab" * 16, "cd" * 8, None, "nested", "INTERNAL", "shop", 1, 2)
+    queued: list[int] = []
+
+    def nested(_seconds: float, _n: int) -> None:
+        if threading.current_thread().name == "request-worker" and not queued:
+            for _ in range(5):
+                writer.submit(encode(record))
+            queued.append(5)
+
+    writer.commit_listeners.append(nested)
+
+    def work() -> None:
+        with otel_audit.audit_action("order.update"):
+            pass
+
+    worker = threading.Thread(target=work, name="request-worker", daemon=True)
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive() and queued == [5]
+    assert pipeline.flush(10)
+    with open_ledger(pipeline.ledger_url, readonly=True) as ledger:
+        assert verify_ledger(ledger).records == 6
+
+
 def test_waiting_for_a_record_on_the_thread_leading_a_commit_fails_instead_of_hanging(
     make_pipeline,
 ):
@@ -294,7 +373,7 @@ def test_waiting_for_a_record_on_the_thread_leading_a_commit_fails_instead_of_ha
         with otel_audit.audit_action("order.update"):
             pass
 
-    worker = threading.Thread(target=work, name="request-worker")
+    worker = threading.Thread(target=work, name="request-worker", daemon=True)
     worker.start()
     worker.join(10)
     assert not worker.is_alive()

@@ -286,8 +286,11 @@ class AuditAction:
         scope = self._detach()
         if isinstance(exc, GeneratorExit):
             # Closed while suspended (an abandoned coroutine): it may not await.
-            # Recorded as it ends; its own record wakes the writer for all of them.
+            # Recorded as it ends; nobody will wait for its records (queued
+            # lazily, for a waiter), so the writer is woken for them now.
             self._end(exc)
+            if scope.pipeline is not None:
+                scope.pipeline.writer.wake()
             return
         if scope.together:
             self._end(exc, scope.known_failure())  # see __exit__

@@ -252,7 +252,6 @@ class ProcessWriter:
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None  # frames to the worker
         self._thread: threading.Thread | None = None  # reads the worker's answers
-        self._committer: int | None = None  # never set: the worker commits
         self._sender: threading.Thread | None = None
         self._closed = False
         self._draining = False  # shutdown has begun: new actions are refused (``check``)
@@ -638,6 +637,10 @@ class ProcessWriter:
     def lead(self, ticket: Ticket) -> bool:
         """Never: the worker process commits (``wake`` sends from this thread)."""
         return False
+
+    def answers_here(self) -> bool:
+        """The reader thread resolves tickets: a wait there could never end."""
+        return self._thread is threading.current_thread()
 
     def wake(self) -> None:
         """Send what is queued now (records queued lazily wait for this)."""

@@ -63,10 +63,10 @@ class Waitable(Protocol):
 
     url: str
     _thread: threading.Thread | None
-    #: The thread leading a commit (``lead``), by ``threading.get_ident()``.
-    _committer: int | None
 
     def wake(self) -> None: ...
+
+    def answers_here(self) -> bool: ...
 
     def lead(self, ticket: Ticket) -> bool: ...
 
@@ -117,7 +117,7 @@ class Ticket:
     def wait(self, writer: Waitable) -> Appended:
         """Block until resolved; raise its error (LedgerWriteError) if it was not committed."""
         if not self.lock.acquire(blocking=False):
-            if writer._thread is threading.current_thread() or writer._committer == _ident():
+            if writer.answers_here():
                 # A finalizer (garbage collection) run on the very thread that
                 # would answer (the writer thread, or one leading a commit):
                 # waiting would hang it, and every action with it.
@@ -160,7 +160,6 @@ class _Item:
 
 
 _MAX_BATCH = 8192
-_ident = threading.get_ident
 # The longest an idle writer sleeps without looking at its queue: a record
 # queued lazily whose waiter never came (an action abandoned) still commits.
 _LINGER = 1.0
@@ -253,7 +252,8 @@ class LedgerWriter:
         # Held by whoever commits (the writer thread or a leading waiter) and
         # around checkpoints: one commit at a time, in queue order.
         self._commit_lock = threading.Lock()
-        self._committer: int | None = None
+        # Set on a thread for as long as it may hold _commit_lock in ``lead``.
+        self._leading = threading.local()
         self._wake = threading.Event()
         self._retry: list[_Item] | None = None
         self._inflight = 0
@@ -281,6 +281,7 @@ class LedgerWriter:
             0,
         )
         self._since_checkpoint = 0
+        self._checkpoint_due = False
         self._last_checkpoint = time.monotonic()
         self._last_checkpoint_error: str | None = None
         self._last_appended: Appended | None = None
@@ -343,7 +344,11 @@ class LedgerWriter:
                     raise LedgerUnavailable(f"audit writer for {self.url} is shut down")
                 if self._thread is None:
                     self._start()
-        if len(self._queue) >= self.max_queue_size and not self.inline:
+        if (
+            len(self._queue) >= self.max_queue_size
+            and not self.inline
+            and not self.answers_here()  # a finalizer there: it would wait for itself
+        ):
             # Full: block (never drop) until the writer has made room. The
             # bound is approximate: producers woken together may pass it by
             # at most their number.
@@ -433,28 +438,41 @@ class LedgerWriter:
         """
         if self.inline or threading.current_thread() is threading.main_thread():
             return False
-        if not self._commit_lock.acquire(blocking=False):
-            return False
-        self._committer = _ident()
+        # Raised before the lock is tried and lowered after it is released: a
+        # finalizer run on this thread in between never waits for a commit
+        # this thread holds up (Ticket.wait raises instead).
+        leading = self._leading
+        leading.on = True
         try:
-            if ticket.queued and not ticket._done:
-                if self._closed or self._retry is not None or self._thread_dead():
-                    return False
-                items = self._drain()
-                if not items:
-                    return False
-                try:
-                    self._commit(items, checkpoint=False)
-                except Exception as exc:  # as the writer thread: outlive any bug
-                    self._loop_failed(exc)
+            if not self._commit_lock.acquire(blocking=False):
+                return False
+            try:
+                # In turns until the ticket is taken: a batch holds at most
+                # _MAX_BATCH records, and the ticket's may lie beyond.
+                while ticket.queued and not ticket._done:
+                    if self._closed or self._retry is not None or self._thread_dead():
+                        return False
+                    items = self._drain()
+                    if not items:
+                        return False
+                    try:
+                        self._commit(items, checkpoint=False)
+                    except Exception as exc:  # as the writer thread: outlive any bug
+                        self._loop_failed(exc)
+            finally:
+                self._commit_lock.release()
         finally:
-            self._committer = None
-            self._commit_lock.release()
+            leading.on = False
         # Records queued meanwhile are their waiters' to lead (or the writer's,
         # woken by them); a retry and a checkpoint are the writer thread's.
-        if self._retry is not None or self._since_checkpoint >= self.checkpoint_every:
+        if self._retry is not None or self._checkpoint_due:
             self.wake()
         return True
+
+    def answers_here(self) -> bool:
+        """The calling thread is the one that would answer a ticket: the writer
+        thread, or one leading a commit. A wait here could never end."""
+        return self._thread is threading.current_thread() or getattr(self._leading, "on", False)
 
     def write_many(self, bodies: list[bytes]) -> list[Appended]:
         """Commit ``bodies`` durably, in order, waiting once; raises on the first not committed."""
@@ -582,6 +600,9 @@ class LedgerWriter:
                 self._checkpoint()
                 self._notify()
                 return None
+            if self._checkpoint_due:  # by count, after commits led by waiters (``lead``)
+                self._checkpoint()
+                return True
         self._idle_wait()
         return True
 
@@ -661,8 +682,11 @@ class LedgerWriter:
                     item.ticket.resolve(where, None)
             for resolved in self.resolved_listeners:
                 safe(resolved)
-            if checkpoint and self._since_checkpoint >= self.checkpoint_every:
-                self._checkpoint()
+            if self._since_checkpoint >= self.checkpoint_every:
+                if checkpoint:
+                    self._checkpoint()
+                else:  # the writer thread's (``lead`` wakes it): once per such commit
+                    self._checkpoint_due = True
             return True
         return self._fail(items, error)
 
@@ -709,6 +733,7 @@ class LedgerWriter:
         )
 
     def _checkpoint(self) -> None:
+        self._checkpoint_due = False
         head = self._last_appended
         if head is None or self._since_checkpoint == 0 or self._ledger is None:
             self._last_checkpoint = time.monotonic()
