@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -239,9 +240,22 @@ def test_group_commit_shares_fsyncs_between_threads(make_pipeline):
     assert stats.commit_latency_p99_ms > 0
 
 
-def test_a_waiting_thread_leads_the_commit_when_the_writer_is_idle(make_pipeline):
-    import threading
+def _actions_on_a_request_thread(count: int = 1, timeout: float = 60) -> threading.Thread:
+    """``count`` sync audit actions on a thread named ``request-worker`` (not the
+    main thread, as a server's request threads), joined; returned to check it ended."""
 
+    def work() -> None:
+        for i in range(count):
+            with otel_audit.audit_action("order.update", resource=("order", i)):
+                pass
+
+    worker = threading.Thread(target=work, name="request-worker", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    return worker
+
+
+def test_a_waiting_thread_leads_the_commit_when_the_writer_is_idle(make_pipeline):
     # Where each commit ran: a sync action on a worker thread commits its
     # records itself (no hand-over to the writer thread and back); on the
     # main thread the writer thread commits them (a signal's exception must
@@ -253,14 +267,7 @@ def test_a_waiting_thread_leads_the_commit_when_the_writer_is_idle(make_pipeline
         lambda _seconds, _n: ran_on.append(threading.current_thread().name)
     )
 
-    def work() -> None:
-        for i in range(20):
-            with otel_audit.audit_action("order.update", resource=("order", i)):
-                pass
-
-    worker = threading.Thread(target=work, name="request-worker")
-    worker.start()
-    worker.join()
+    _actions_on_a_request_thread(20)
     assert ran_on and set(ran_on) == {"request-worker"}
     ran_on.clear()
     with otel_audit.audit_action("order.update", resource=("order", "main")):
@@ -271,21 +278,13 @@ def test_a_waiting_thread_leads_the_commit_when_the_writer_is_idle(make_pipeline
 
 
 def test_checkpoints_every_n_records_when_waiters_lead_the_commits(make_pipeline):
-    import threading
 
     # Count-based checkpoints are the writer thread's: commits led by waiting
     # threads hand them over instead of leaving the records unsealed until
     # the (here hour-long) interval.
     pipeline, _, _ = make_pipeline(writer="thread", checkpoint_every=10, checkpoint_interval=3600)
 
-    def work() -> None:
-        for i in range(200):
-            with otel_audit.audit_action("order.update", resource=("order", i)):
-                pass
-
-    worker = threading.Thread(target=work, name="request-worker")
-    worker.start()
-    worker.join()
+    _actions_on_a_request_thread(200)
     assert pipeline.flush(10)
     deadline = time.monotonic() + 10
     while pipeline.stats().checkpoints < 15 and time.monotonic() < deadline:
@@ -296,8 +295,6 @@ def test_checkpoints_every_n_records_when_waiters_lead_the_commits(make_pipeline
 
 
 def test_a_waiter_whose_record_lies_beyond_one_batch_commits_it_too(make_pipeline):
-    import threading
-
     # A commit takes at most 8192 records; the waiter of the 9000th leads a
     # second commit for the rest instead of leaving them to the writer
     # thread's one-second look.
@@ -317,8 +314,6 @@ def test_a_waiter_whose_record_lies_beyond_one_batch_commits_it_too(make_pipelin
 
 
 def test_queueing_into_a_full_queue_on_the_thread_leading_a_commit_does_not_hang(make_pipeline):
-    import threading
-
     # A finalizer run in the middle of a commit may queue records (an action
     # ending there): into a full queue it must not wait for room that only
     # its own thread's commit can make.
@@ -335,13 +330,7 @@ def test_queueing_into_a_full_queue_on_the_thread_leading_a_commit_does_not_hang
 
     writer.commit_listeners.append(nested)
 
-    def work() -> None:
-        with otel_audit.audit_action("order.update"):
-            pass
-
-    worker = threading.Thread(target=work, name="request-worker", daemon=True)
-    worker.start()
-    worker.join(10)
+    worker = _actions_on_a_request_thread(timeout=10)
     assert not worker.is_alive() and queued == [5]
     assert pipeline.flush(10)
     with open_ledger(pipeline.ledger_url, readonly=True) as ledger:
@@ -351,8 +340,6 @@ def test_queueing_into_a_full_queue_on_the_thread_leading_a_commit_does_not_hang
 def test_waiting_for_a_record_on_the_thread_leading_a_commit_fails_instead_of_hanging(
     make_pipeline,
 ):
-    import threading
-
     # A finalizer (garbage collection) can run any code on the thread that is
     # in the middle of a commit, including an action's exit: its wait could
     # never end (the commit it waits for is its own thread's). It fails.
@@ -369,13 +356,7 @@ def test_waiting_for_a_record_on_the_thread_leading_a_commit_fails_instead_of_ha
 
     pipeline.writer.commit_listeners.append(nested)
 
-    def work() -> None:
-        with otel_audit.audit_action("order.update"):
-            pass
-
-    worker = threading.Thread(target=work, name="request-worker", daemon=True)
-    worker.start()
-    worker.join(10)
+    worker = _actions_on_a_request_thread(timeout=10)
     assert not worker.is_alive()
     assert len(errors) == 1 and isinstance(errors[0], otel_audit.LedgerWriteError)
     assert "waited for on the thread committing" in str(errors[0])
