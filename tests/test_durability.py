@@ -337,6 +337,61 @@ def test_queueing_into_a_full_queue_on_the_thread_leading_a_commit_does_not_hang
         assert verify_ledger(ledger).records == 6
 
 
+def test_a_checkpoint_that_keeps_failing_is_retried_once_per_interval(make_pipeline, tmp_path):
+    import sqlite3
+
+    # A checkpoint the ledger refuses (here a trigger; a refusing signer
+    # alike) is tried again at the interval, not after every commit: 200
+    # records with checkpoint_every=10 make one attempt in the hour.
+    pipeline, _, _ = make_pipeline(writer="thread", checkpoint_every=10, checkpoint_interval=3600)
+    with sqlite3.connect(tmp_path / "audit.db") as con:
+        con.execute(
+            "CREATE TRIGGER refuse_checkpoints BEFORE INSERT ON checkpoints"
+            " BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        )
+    _actions_on_a_request_thread(100)
+    for i in range(100):
+        with otel_audit.audit_action("order.update", resource=("order", i)):
+            pass
+    assert pipeline.flush(10)
+    stats = pipeline.stats()
+    assert (stats.committed, stats.checkpoints, stats.checkpoint_errors) == (200, 0, 1)
+
+
+STARTING_FINALIZER = """
+    import gc, sys, otel_audit
+    from otel_audit.engine.record import Record, encode
+    pipeline = otel_audit.configure(ledger=sys.argv[1], service_name="shop",
+                                    durability="async", handle_sigterm=False, writer="thread")
+    writer = pipeline.writer
+    body = encode(Record("ab" * 16, "cd" * 8, None, "finalizer", "INTERNAL", "shop", 1, 2))
+    done = []
+
+    def finalizer(phase, info):
+        # A collection run while this thread starts the writer (its first
+        # record) runs a finalizer that queues a record of its own.
+        if phase == "start" and not done and writer._start_lock.locked():
+            done.append(1)
+            writer.submit(body)
+
+    gc.callbacks.append(finalizer)
+    gc.set_threshold(1)
+    writer.submit(body)
+    gc.set_threshold(700)
+    gc.callbacks.remove(finalizer)
+    assert pipeline.flush(10)
+    pipeline.shutdown()
+    print(len(done), pipeline.stats().committed)
+"""
+
+
+def test_a_finalizer_queueing_while_its_thread_starts_the_writer_does_not_hang(tmp_path):
+    proc = python(STARTING_FINALIZER, str(tmp_path / "audit.db"))
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert out.split() == ["1", "2"]
+
+
 def test_waiting_for_a_record_on_the_thread_leading_a_commit_fails_instead_of_hanging(
     make_pipeline,
 ):

@@ -282,6 +282,7 @@ class LedgerWriter:
         )
         self._since_checkpoint = 0
         self._checkpoint_due = False
+        self._checkpoint_failed = False
         self._last_checkpoint = time.monotonic()
         self._last_checkpoint_error: str | None = None
         self._last_appended: Appended | None = None
@@ -336,14 +337,21 @@ class LedgerWriter:
     ) -> Ticket | None:
         if self._closed:
             raise LedgerUnavailable(f"audit writer for {self.url} is shut down")
-        if self._thread is None and not self.inline:
+        if self._thread is None and not self.inline and not self.answers_here():
             # Started before the record is queued: if the ledger cannot be
-            # opened, the caller is told and nothing is left behind.
-            with self._start_lock:
-                if self._closed:
-                    raise LedgerUnavailable(f"audit writer for {self.url} is shut down")
-                if self._thread is None:
-                    self._start()
+            # opened, the caller is told and nothing is left behind. A
+            # finalizer run on this thread while it starts the writer queues
+            # its record for that writer (waiting for it raises).
+            leading = self._leading
+            leading.on = True
+            try:
+                with self._start_lock:
+                    if self._closed:
+                        raise LedgerUnavailable(f"audit writer for {self.url} is shut down")
+                    if self._thread is None:
+                        self._start()
+            finally:
+                leading.on = False
         if (
             len(self._queue) >= self.max_queue_size
             and not self.inline
@@ -471,7 +479,8 @@ class LedgerWriter:
 
     def answers_here(self) -> bool:
         """The calling thread is the one that would answer a ticket: the writer
-        thread, or one leading a commit. A wait here could never end."""
+        thread, or one leading a commit (or starting the writer). A wait here
+        could never end."""
         return self._thread is threading.current_thread() or getattr(self._leading, "on", False)
 
     def write_many(self, bodies: list[bytes]) -> list[Appended]:
@@ -682,7 +691,7 @@ class LedgerWriter:
                     item.ticket.resolve(where, None)
             for resolved in self.resolved_listeners:
                 safe(resolved)
-            if self._since_checkpoint >= self.checkpoint_every:
+            if self._since_checkpoint >= self.checkpoint_every and not self._checkpoint_backoff():
                 if checkpoint:
                     self._checkpoint()
                 else:  # the writer thread's (``lead`` wakes it): once per such commit
@@ -732,6 +741,14 @@ class LedgerWriter:
             self._last_error,
         )
 
+    def _checkpoint_backoff(self) -> bool:
+        """A checkpoint failed less than an interval ago: the next try is the timed
+        one, not one after every commit (a refusing signer would alert on each)."""
+        return (
+            self._checkpoint_failed
+            and time.monotonic() - self._last_checkpoint < self.checkpoint_interval
+        )
+
     def _checkpoint(self) -> None:
         self._checkpoint_due = False
         head = self._last_appended
@@ -747,6 +764,7 @@ class LedgerWriter:
         try:
             checkpoint = checkpointer.make(self._ledger, head, self._io_lock, self._recent)
         except Exception as exc:  # any failure: count, back off, never kill the writer
+            self._checkpoint_failed = True
             with self._cond:
                 self._counts["checkpoint_errors"] += 1
             # Try again after the interval, not at once: a timed checkpoint that
@@ -761,6 +779,7 @@ class LedgerWriter:
                            self.checkpoint_interval, exc)  # fmt: skip
             return
         self._last_checkpoint_error = None
+        self._checkpoint_failed = False
         self._since_checkpoint = 0
         drop_covered(self._recent, head.seq)
         self._last_checkpoint = time.monotonic()
