@@ -157,23 +157,23 @@ class AuditSpanProcessor(SpanProcessor):
                     self.writer.submit(self._encode(span, extra, decision))
                 return
             # An effect's record waits for its action's exit (or its first
-            # waiter) to be committed, with the action's other effects. The
-            # action's own record is waited for at once: the writer is woken
-            # now, while the action finishes its exit.
+            # waiter) to be committed, with the action's other effects. With
+            # the thread writer every sync record is queued so: its first
+            # waiter (the action's exit, or the wait below) commits it
+            # (LedgerWriter.lead), and an action's own record goes with its
+            # effects, never without them (``after``).
             own = scope is not None and span.context.span_id == scope.span_id
-            lazy = scope is not None and not own
             if remote is not None:
+                lazy = scope is not None and not own
                 ticket = remote.send_span(span, extra, _level(decision), durability, True, lazy)
                 assert ticket is not None
             else:
-                body = self._encode(span, extra, decision)
                 writer = self.writer
-                if own and scope is not None and scope.together:
-                    # Committed with its effects, never without them.
-                    assert isinstance(writer, LedgerWriter)
-                    ticket = writer.enqueue(body, lazy=True, after=scope.pending(writer))
-                else:
-                    ticket = writer.enqueue(body, lazy=True)
+                assert isinstance(writer, LedgerWriter)
+                after = (
+                    scope.pending(writer) if own and scope is not None and scope.together else None
+                )
+                ticket = writer.enqueue(self._encode(span, extra, decision), lazy=True, after=after)
             if scope is not None:
                 if scope.add_ticket(self.writer, ticket, own=own):
                     return  # the action waits for it at its exit

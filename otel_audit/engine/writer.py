@@ -30,7 +30,8 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -252,7 +253,8 @@ class LedgerWriter:
         # Held by whoever commits (the writer thread or a leading waiter) and
         # around checkpoints: one commit at a time, in queue order.
         self._commit_lock = threading.Lock()
-        # Set on a thread for as long as it may hold _commit_lock in ``lead``.
+        # Set on a thread for as long as it may hold _commit_lock in ``lead``
+        # or _start_lock while it starts the writer (``_answering``).
         self._leading = threading.local()
         self._wake = threading.Event()
         self._retry: list[_Item] | None = None
@@ -342,16 +344,11 @@ class LedgerWriter:
             # opened, the caller is told and nothing is left behind. A
             # finalizer run on this thread while it starts the writer queues
             # its record for that writer (waiting for it raises).
-            leading = self._leading
-            leading.on = True
-            try:
-                with self._start_lock:
-                    if self._closed:
-                        raise LedgerUnavailable(f"audit writer for {self.url} is shut down")
-                    if self._thread is None:
-                        self._start()
-            finally:
-                leading.on = False
+            with self._answering(), self._start_lock:
+                if self._closed:
+                    raise LedgerUnavailable(f"audit writer for {self.url} is shut down")
+                if self._thread is None:
+                    self._start()
         if (
             len(self._queue) >= self.max_queue_size
             and not self.inline
@@ -446,12 +443,7 @@ class LedgerWriter:
         """
         if self.inline or threading.current_thread() is threading.main_thread():
             return False
-        # Raised before the lock is tried and lowered after it is released: a
-        # finalizer run on this thread in between never waits for a commit
-        # this thread holds up (Ticket.wait raises instead).
-        leading = self._leading
-        leading.on = True
-        try:
+        with self._answering():
             if not self._commit_lock.acquire(blocking=False):
                 return False
             try:
@@ -469,13 +461,23 @@ class LedgerWriter:
                         self._loop_failed(exc)
             finally:
                 self._commit_lock.release()
-        finally:
-            leading.on = False
         # Records queued meanwhile are their waiters' to lead (or the writer's,
         # woken by them); a retry and a checkpoint are the writer thread's.
         if self._retry is not None or self._checkpoint_due:
             self.wake()
         return True
+
+    @contextmanager
+    def _answering(self) -> Iterator[None]:
+        """Mark this thread as the one that answers (``answers_here``) for the
+        block: raised before a lock is tried and lowered after it is released,
+        so a finalizer run here in between never waits for what this thread
+        holds up (Ticket.wait raises instead)."""
+        self._leading.on = True
+        try:
+            yield
+        finally:
+            self._leading.on = False
 
     def answers_here(self) -> bool:
         """The calling thread is the one that would answer a ticket: the writer
