@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 import otel_audit
 from otel_audit.engine.ledger import Query, open_ledger
 from otel_audit.engine.record import Record, encode
+from otel_audit.engine.writer import Ticket
 from otel_audit.proof.verify import verify_ledger
 
 REPO = Path(__file__).resolve().parents[1]
@@ -392,33 +394,43 @@ def test_a_finalizer_queueing_while_its_thread_starts_the_writer_does_not_hang(t
     assert out.split() == ["1", "2"]
 
 
-def test_waiting_for_a_record_on_the_thread_leading_a_commit_fails_instead_of_hanging(
+def test_waiting_for_a_record_on_the_thread_leading_a_commit_fails_and_it_is_never_written(
     make_pipeline,
 ):
     # A finalizer (garbage collection) can run any code on the thread that is
     # in the middle of a commit, including an action's exit: its wait could
-    # never end (the commit it waits for is its own thread's). It fails.
+    # never end (the commit it waits for is its own thread's). It fails, and
+    # its record (and one queued after it) is taken back: a record its
+    # waiter was told failed is never written later.
     pipeline, _, _ = make_pipeline(writer="thread")
+    writer = pipeline.writer
     errors: list[BaseException] = []
+    dependent: list[Ticket] = []
 
     def nested(_seconds: float, _n: int) -> None:
         if threading.current_thread().name == "request-worker" and not errors:
             record = Record("ab" * 16, "cd" * 8, None, "nested", "INTERNAL", "shop", 1, 2)
+            ticket = writer.enqueue(encode(record), lazy=True)
+            dependent.append(writer.enqueue(encode(record), lazy=True, after=[ticket]))
             try:
-                pipeline.writer.write(encode(record))
+                ticket.wait(writer)
             except BaseException as exc:  # noqa: BLE001 - the test inspects it
                 errors.append(exc)
 
-    pipeline.writer.commit_listeners.append(nested)
+    writer.commit_listeners.append(nested)
 
     worker = _actions_on_a_request_thread(timeout=10)
     assert not worker.is_alive()
     assert len(errors) == 1 and isinstance(errors[0], otel_audit.LedgerWriteError)
-    assert "waited for on the thread committing" in str(errors[0])
+    assert "not written: waited for on the thread committing" in str(errors[0])
     assert pipeline.flush(10)
+    assert dependent[0].done and isinstance(dependent[0].error, otel_audit.LedgerWriteError)
+    assert pipeline.stats().failed == 2
     with open_ledger(pipeline.ledger_url, readonly=True) as ledger:
-        # The action's record, and the nested one (committed by the writer thread later).
-        assert verify_ledger(ledger).records == 2
+        # Only the action's record: neither the refused one nor the one after it.
+        assert verify_ledger(ledger).records == 1
+        names = [json.loads(row.body)["name"] for row in ledger.scan(writer.chain)]
+        assert names == ["order.update"]
 
 
 def test_shutdown_writes_a_final_checkpoint(make_pipeline, tmp_path):

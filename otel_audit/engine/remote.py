@@ -642,6 +642,10 @@ class ProcessWriter:
         """The reader thread resolves tickets: a wait there could never end."""
         return self._thread is threading.current_thread()
 
+    def withdraw(self, ticket: Ticket) -> bool:
+        """Never: a record queued here may already be on its way to the worker."""
+        return False
+
     def wake(self) -> None:
         """Send what is queued now (records queued lazily wait for this)."""
         if not self._queue or threading.current_thread() is self._sender:

@@ -71,6 +71,8 @@ class Waitable(Protocol):
 
     def lead(self, ticket: Ticket) -> bool: ...
 
+    def withdraw(self, ticket: Ticket) -> bool: ...
+
 
 class Ticket:
     """The fate of one queued record: resolved once by the writer thread.
@@ -121,9 +123,15 @@ class Ticket:
             if writer.answers_here():
                 # A finalizer (garbage collection) run on the very thread that
                 # would answer (the writer thread, or one leading a commit):
-                # waiting would hang it, and every action with it.
+                # waiting would hang it, and every action with it. Its record
+                # is taken back and failed, so it is not written later (a
+                # failed record never is); one a commit already holds may be.
+                if writer.withdraw(self):
+                    assert self.error is not None
+                    raise self.error
                 raise LedgerWriteError(
-                    f"audit record waited for on the thread committing to {writer.url}"
+                    f"audit record waited for on the thread committing to {writer.url},"
+                    " in the commit that holds it: it may still be stored"
                 )
             # A record queued without waking the writer (``enqueue(lazy=True)``)
             # is committed no later than its first waiter asks for it: by the
@@ -465,6 +473,27 @@ class LedgerWriter:
         # woken by them); a retry and a checkpoint are the writer thread's.
         if self._retry is not None or self._checkpoint_due:
             self.wake()
+        return True
+
+    def withdraw(self, ticket: Ticket) -> bool:
+        """Take ``ticket``'s record out of the queue and fail its ticket (records
+        queued ``after`` it fail with it): True, unless a commit has taken it."""
+        item = next((i for i in list(self._queue) if i.ticket is ticket), None)
+        if item is None:
+            return False
+        try:
+            self._queue.remove(item)
+        except ValueError:  # drained meanwhile (the writer thread, starting)
+            return False
+        with self._cond:
+            self._counts["failed"] += 1
+            self._cond.notify_all()
+        ticket.resolve(
+            None,
+            LedgerWriteError(
+                f"audit record not written: waited for on the thread committing to {self.url}"
+            ),
+        )
         return True
 
     @contextmanager
