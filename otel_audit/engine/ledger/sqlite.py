@@ -52,6 +52,12 @@ def _attr(name: str) -> str:
     return f"""json_extract(CAST(body AS TEXT), '$.attributes."{name}"')"""
 
 
+# The query indexes but the trace one are partial: a record without the field
+# (an effect has no action or resource; an anonymous actor no actor id) adds
+# no entry, so a commit writes fewer index pages. A filter ``col = ?``
+# implies ``col IS NOT NULL``, so every search still uses them. Files made
+# before hold full indexes under the same names: those answer the same
+# queries, and ``schema_problems`` accepts them (_FORMER_INDEXES).
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS records (
@@ -73,10 +79,11 @@ CREATE TABLE IF NOT EXISTS records (
     PRIMARY KEY (chain, seq)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS records_trace ON records (trace_id, span_id);
-CREATE INDEX IF NOT EXISTS records_trail ON records (trail_id);
-CREATE INDEX IF NOT EXISTS records_actor ON records (actor_id);
-CREATE INDEX IF NOT EXISTS records_resource ON records (resource_type, resource_id);
-CREATE INDEX IF NOT EXISTS records_action ON records (action);
+CREATE INDEX IF NOT EXISTS records_trail ON records (trail_id) WHERE trail_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS records_actor ON records (actor_id) WHERE actor_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS records_resource ON records (resource_type, resource_id)
+    WHERE resource_type IS NOT NULL;
+CREATE INDEX IF NOT EXISTS records_action ON records (action) WHERE action IS NOT NULL;
 CREATE TABLE IF NOT EXISTS checkpoints (
     chain TEXT NOT NULL,
     seq INTEGER NOT NULL,
@@ -127,6 +134,17 @@ _ROW_TYPES = {
     "prev_hash": "blob",
     "hash": "blob",
     "body": "blob",
+}
+
+
+#: Index definitions of earlier versions that still answer every query the same.
+_FORMER_INDEXES = {
+    ("index", "records_trail"): "CREATE INDEX records_trail ON records (trail_id)",
+    ("index", "records_actor"): "CREATE INDEX records_actor ON records (actor_id)",
+    ("index", "records_resource"): (
+        "CREATE INDEX records_resource ON records (resource_type, resource_id)"
+    ),
+    ("index", "records_action"): "CREATE INDEX records_action ON records (action)",
 }
 
 
@@ -576,7 +594,7 @@ class SQLiteLedger(Ledger):
                 # existed lack it until opened for writing); anything else is gone.
                 if kind != "index":
                     problems.append(f"{kind} {name} is missing")
-            elif found[key] != sql:
+            elif found[key] != sql and found[key] != _FORMER_INDEXES.get(key):
                 problems.append(f"{kind} {name} differs from the one this version creates")
         for kind, name in sorted(set(found) - set(expected)):
             problems.append(f"{kind} {name} is not part of the ledger schema")
