@@ -345,6 +345,10 @@ def _word(segment: str) -> str:
     return segment.lower().replace("-", "_")
 
 
+# Names from routes are pure functions of (rule, method, endpoint): each is
+# worked out once per route, not on every request (a cache bounded well
+# above any app's number of routes; a client's odd methods only cycle it).
+@functools.lru_cache(maxsize=4096)
 def auth_event(rule: str | None, endpoint: str | None) -> str | None:
     """``user.login`` / ``user.logout`` when the route is a login or logout, else None.
 
@@ -364,6 +368,7 @@ def auth_event(rule: str | None, endpoint: str | None) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=4096)
 def default_action(rule: str | None, method: str, endpoint: str | None = None) -> str:
     """An ``audit.action`` from a route, ``noun.verb``, documented in docs/flask.md.
 
@@ -404,26 +409,34 @@ def default_action(rule: str | None, method: str, endpoint: str | None = None) -
     return f"{_singular(nouns[-1])}.{verb}"
 
 
-def _default_resource(rule: str | None, view_args: Mapping[str, Any]) -> tuple[str, str] | None:
-    """``<order_id>`` -> (order, value); ``/orders/<id>`` -> (order, value); else None."""
-    if not view_args or not rule:
-        return None
+@functools.lru_cache(maxsize=4096)
+def _resource_params(rule: str) -> tuple[tuple[str, str], ...]:
+    """(parameter, resource type) of the rule's parameters that name a resource, in order."""
     segments = [s for s in rule.strip("/").split("/") if s]
-    found: tuple[str, str] | None = None
+    params = []
     for i, seg in enumerate(segments):
         if not _is_param(seg):
             continue
         name = _param_name(seg)
-        if name not in view_args:
-            continue
         if name.endswith("_id") and len(name) > 3:
-            found = (name[:-3], str(view_args[name]))
+            params.append((name, name[:-3]))
         elif (
             name in ("id", "pk", "key", "name", "sku", "uuid", "slug")
             and i > 0
             and not _is_param(segments[i - 1])
         ):
-            found = (_singular(segments[i - 1]), str(view_args[name]))
+            params.append((name, _singular(segments[i - 1])))
+    return tuple(params)
+
+
+def _default_resource(rule: str | None, view_args: Mapping[str, Any]) -> tuple[str, str] | None:
+    """``<order_id>`` -> (order, value); ``/orders/<id>`` -> (order, value); else None."""
+    if not view_args or not rule:
+        return None
+    found: tuple[str, str] | None = None
+    for name, rtype in _resource_params(rule):
+        if name in view_args:
+            found = (rtype, str(view_args[name]))  # the last one named wins
     return found
 
 
@@ -718,9 +731,10 @@ class AuditFlask:
         return None
 
     def _forwarded(self) -> str | None:
-        """Every X-Forwarded-For header, joined: a proxy may add its own header line."""
-        values = request.headers.getlist("X-Forwarded-For")
-        return ",".join(values) if values else None
+        """The X-Forwarded-For header. A proxy may add its own header line: the
+        server joins them into the one WSGI value (``HTTP_X_FORWARDED_FOR``),
+        read directly rather than by walking every header."""
+        return request.headers.get("X-Forwarded-For") or None
 
     # -- hooks -------------------------------------------------------------------
 
