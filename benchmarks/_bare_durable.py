@@ -8,7 +8,9 @@ each commit an autocommit INSERT into a plain SQLite table in WAL mode with
 synchronous=FULL (one fsync), the file shared by every worker process like
 the ledger. Nothing else: no records built from spans, no policy, no hash
 chain, no query index, no checks. What the audit's durability alone costs
-this service; no design that keeps it can be cheaper.
+this service, done barely: each request commits on its own (at this load the
+audited writer groups little across requests either: about 2.5 records per
+commit), so a design grouping more could come in a little under it.
 """
 
 from __future__ import annotations

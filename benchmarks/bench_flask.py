@@ -17,8 +17,8 @@ and the notification's outbox row) and a background job. Three runs:
 - floor: instrumented, plus the two durable commits an audited request needs
   and nothing else (``_bare_durable.py``: one row before the view, four
   after it, autocommit INSERTs into a plain SQLite table, WAL,
-  synchronous=FULL), shared by the workers like the ledger: the ceiling of
-  any design with the audited run's durability.
+  synchronous=FULL), shared by the workers like the ledger: what the audited
+  run's durability costs done barely (each request's commits on their own).
 
 Besides the ratio it prints, per request and per record, what auditing
 costs the service: the records each request wrote (counted in the ledger)

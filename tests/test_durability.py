@@ -433,6 +433,73 @@ def test_waiting_for_a_record_on_the_thread_leading_a_commit_fails_and_it_is_nev
         assert names == ["order.update"]
 
 
+def test_a_record_queued_after_a_withdrawn_one_is_never_written_while_commits_race(
+    make_pipeline,
+):
+    # The race a review found: a withdrawal on a thread that answers (here
+    # held in that state, as ``lead`` and the writer's start hold it; a real
+    # finalizer cannot be timed) while another thread keeps the writer
+    # committing. A record queued ``after`` the withdrawn one must be refused
+    # whichever commit drains it, and the withdrawn one never written.
+    pipeline, _, _ = make_pipeline(writer="thread", durability="async")
+    writer = pipeline.writer
+    stop = threading.Event()
+
+    def noise() -> None:
+        while not stop.is_set():
+            writer.submit(encode(Record("ab" * 16, "cd" * 8, None, "noise", "INTERNAL", "s", 1, 2)))
+            time.sleep(0)
+
+    written_after_withdrawn: list[int] = []
+    withdrawn = 0
+
+    def answering_thread() -> None:
+        nonlocal withdrawn
+        for i in range(3000):
+            with writer._answering():
+                first = writer.enqueue(
+                    encode(Record("ab" * 16, "cd" * 8, None, f"T{i}", "INTERNAL", "s", 1, 2)),
+                    lazy=True,
+                )
+                then = writer.enqueue(
+                    encode(Record("ab" * 16, "cd" * 8, None, f"D{i}", "INTERNAL", "s", 1, 2)),
+                    lazy=True,
+                    after=[first],
+                )
+                try:
+                    first.wait(writer)
+                    continue
+                except otel_audit.LedgerWriteError as exc:
+                    if "not written" not in str(exc):
+                        continue  # a commit held it already: it may be stored
+                    withdrawn += 1
+            try:
+                then.wait(writer)
+                written_after_withdrawn.append(i)
+            except otel_audit.LedgerWriteError:
+                pass
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threading.Thread(target=noise, daemon=True).start()
+        worker = threading.Thread(target=answering_thread)
+        worker.start()
+        worker.join(120)
+    finally:
+        stop.set()
+        sys.setswitchinterval(old)
+    assert not worker.is_alive() and withdrawn > 1000
+    assert written_after_withdrawn == []
+    assert pipeline.flush(10)
+    stats = pipeline.stats()
+    assert stats.submitted == stats.committed + stats.failed
+    with open_ledger(pipeline.ledger_url, readonly=True) as ledger:
+        names = {json.loads(row.body)["name"] for row in ledger.scan(writer.chain)}
+    # Every record stored that was queued after another has that one stored too.
+    assert all(f"T{name[1:]}" in names for name in names if name.startswith("D"))
+
+
 def test_shutdown_writes_a_final_checkpoint(make_pipeline, tmp_path):
     pipeline, _, _ = make_pipeline(checkpoint_every=1000, checkpoint_interval=3600)
     for _ in range(7):

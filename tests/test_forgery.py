@@ -275,6 +275,33 @@ def test_objects_added_to_the_schema(shop: Shop, ddl) -> None:
     assert_verify_fails(shop, "is not part of the ledger schema")
 
 
+def test_rows_planted_behind_an_index_whose_definition_was_edited(shop: Shop) -> None:
+    # The attacker (review of 2026-12-01) builds the action index over only
+    # some rows, then edits its stored SQL (writable_schema) to a form the
+    # schema check accepts, without rebuilding it: SQLite would count the
+    # rows from that index, so rows planted outside the chain's sequence, as
+    # many as it lacks, would make the count match the walk. The count
+    # verify compares is the table's own.
+    con = sqlite3.connect(shop.db)
+    total = con.execute("SELECT count(*) FROM records").fetchone()[0]
+    con.execute("DROP INDEX records_action")
+    con.execute("CREATE INDEX records_action ON records (action) WHERE seq > 3")
+    con.execute("PRAGMA writable_schema = ON")
+    con.execute(
+        "UPDATE sqlite_master SET sql = 'CREATE INDEX records_action ON records (action)'"
+        " WHERE name = 'records_action'"
+    )
+    con.commit()
+    con.close()
+    con = sqlite3.connect(shop.db)
+    lacking = total - con.execute("SELECT count(*) FROM records").fetchone()[0]
+    con.close()
+    assert lacking == 3  # what SQLite's own count now says, through the index
+    for k in range(lacking):
+        plant(shop.db, -k)
+    assert_verify_fails(shop, "chain 'shop' seq ", "inserted")
+
+
 def test_verify_api_names_planted_row(shop: Shop) -> None:
     plant(shop.db, 0)
     with open_ledger(str(shop.db), readonly=True) as ledger:

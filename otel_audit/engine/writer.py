@@ -82,7 +82,7 @@ class Ticket:
     Thread-safe.
     """
 
-    __slots__ = ("lock", "error", "appended", "_callbacks", "_done", "queued")
+    __slots__ = ("lock", "error", "appended", "_callbacks", "_done", "queued", "withdrawn")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -93,6 +93,8 @@ class Ticket:
         self._done = False
         #: Still in the writer's queue (not yet taken into a commit).
         self.queued = True
+        #: Its waiter was refused (``LedgerWriter.withdraw``): never written from then on.
+        self.withdrawn = False
 
     @property
     def done(self) -> bool:
@@ -167,6 +169,12 @@ class _Item:
         #: Records queued before this one that it must not be written without.
         self.after = after
 
+
+_WITHDRAWN = "audit record not written: waited for on the thread committing to {url}"
+_ORPHAN = (
+    "audit record not written: a record it must be written with"
+    " (an effect of the same action) was not"
+)
 
 _MAX_BATCH = 8192
 # The longest an idle writer sleeps without looking at its queue: a record
@@ -267,6 +275,10 @@ class LedgerWriter:
         self._wake = threading.Event()
         self._retry: list[_Item] | None = None
         self._inflight = 0
+        # Tickets ``withdraw`` failed (counted as failed); and whether any
+        # ever was, so every commit looks for withdrawn records from then on.
+        self._withdrawn: deque[None] = deque()  # one entry per withdrawal: len() counts them
+        self._withdrawals = False
         self._retry_at = 0.0  # inline: when the next attempt after a failure is due
         self._backoff = 0.05
         self._closed = False
@@ -476,24 +488,26 @@ class LedgerWriter:
         return True
 
     def withdraw(self, ticket: Ticket) -> bool:
-        """Take ``ticket``'s record out of the queue and fail its ticket (records
-        queued ``after`` it fail with it): True, unless a commit has taken it."""
+        """Take ``ticket``'s record out of the queue and fail its ticket: True,
+        unless a commit has taken it. Records queued ``after`` it are refused
+        when drained, as is the record itself if a commit drains it first.
+
+        Called on the thread that answers tickets (a finalizer there), which
+        may hold ``_cond`` below it: no lock is taken here. The ticket is
+        marked before it leaves the queue, so a commit that drains it or a
+        record queued after it sees the mark (``_refuse_orphans``).
+        """
+        ticket.withdrawn = True
+        self._withdrawals = True
         item = next((i for i in list(self._queue) if i.ticket is ticket), None)
         if item is None:
             return False
         try:
             self._queue.remove(item)
-        except ValueError:  # drained meanwhile (the writer thread, starting)
+        except ValueError:  # drained meanwhile: its commit refuses it, or has written it
             return False
-        with self._cond:
-            self._counts["failed"] += 1
-            self._cond.notify_all()
-        ticket.resolve(
-            None,
-            LedgerWriteError(
-                f"audit record not written: waited for on the thread committing to {self.url}"
-            ),
-        )
+        self._withdrawn.append(None)  # counted as failed (stats); atomic, no lock
+        ticket.resolve(None, LedgerWriteError(_WITHDRAWN.format(url=self.url)))
         return True
 
     @contextmanager
@@ -651,36 +665,37 @@ class LedgerWriter:
             self._cond.notify_all()
 
     def _refuse_orphans(self, items: list[_Item]) -> list[_Item]:
-        """``items`` without those queued ``after`` a record that failed; those fail now.
+        """``items`` without those queued ``after`` a record that failed or was
+        withdrawn, and without withdrawn ones; those fail now.
 
         What they depend on was queued before them: it is in this batch (one
-        transaction with them) or an earlier one, whose tickets are answered.
+        transaction with them) or an earlier one, whose tickets are answered,
+        or it was withdrawn (marked before it left the queue).
         """
         kept: list[_Item] = []
-        refused: list[_Item] = []
+        refused: list[tuple[_Item, str]] = []
         for item in items:
+            own = item.ticket
             after = item.after
-            if after and any(ticket.error is not None for ticket in after):
-                refused.append(item)
+            if own is not None and own.withdrawn:
+                refused.append((item, _WITHDRAWN.format(url=self.url)))
+            elif after and any(t.error is not None or t.withdrawn for t in after):
+                refused.append((item, _ORPHAN))
             else:
                 kept.append(item)
         if refused:
-            error = LedgerWriteError(
-                "audit record not written: a record it must be written with"
-                " (an effect of the same action) was not"
-            )
             with self._cond:
                 self._counts["failed"] += len(refused)
                 self._inflight -= len(refused)
                 self._cond.notify_all()
-            for item in refused:
+            for item, message in refused:
                 if item.ticket is not None:
-                    item.ticket.resolve(None, error)
+                    item.ticket.resolve(None, LedgerWriteError(message))
         return kept
 
     def _commit(self, items: list[_Item], checkpoint: bool = True) -> bool:
         assert self._ledger is not None
-        if self._counts["failed"] and any(item.after for item in items):
+        if self._withdrawals or (self._counts["failed"] and any(item.after for item in items)):
             items = self._refuse_orphans(items)
             if not items:
                 return True
@@ -900,6 +915,7 @@ class LedgerWriter:
         with self._cond:
             counts = dict(self._counts)
             depth = len(self._queue) + self._inflight
+        counts["failed"] += len(self._withdrawn)
         ordered = sorted(list(self._latencies)) if latencies else []
         counts["submitted"] = counts["committed"] + counts["failed"] + depth
         return WriterStats(
