@@ -275,9 +275,10 @@ class LedgerWriter:
         self._wake = threading.Event()
         self._retry: list[_Item] | None = None
         self._inflight = 0
-        # Tickets ``withdraw`` failed (counted as failed); and whether any
-        # ever was, so every commit looks for withdrawn records from then on.
-        self._withdrawn: deque[None] = deque()  # one entry per withdrawal: len() counts them
+        # One entry per record ``withdraw`` failed (stats counts them as
+        # failed; appending needs no lock); and whether any record was ever
+        # withdrawn, so that every commit from then on looks for the marks.
+        self._withdrawn: deque[None] = deque()
         self._withdrawals = False
         self._retry_at = 0.0  # inline: when the next attempt after a failure is due
         self._backoff = 0.05
