@@ -242,6 +242,11 @@ def test_group_commit_shares_fsyncs_between_threads(make_pipeline):
     assert stats.commit_latency_p99_ms > 0
 
 
+def _body(name: str) -> bytes:
+    """A record's canonical bytes, named ``name``, for queueing on a writer directly."""
+    return encode(Record("ab" * 16, "cd" * 8, None, name, "INTERNAL", "shop", 1, 2))
+
+
 def _actions_on_a_request_thread(count: int = 1, timeout: float = 60) -> threading.Thread:
     """``count`` sync audit actions on a thread named ``request-worker`` (not the
     main thread, as a server's request threads), joined; returned to check it ended."""
@@ -306,8 +311,7 @@ def test_a_waiter_whose_record_lies_beyond_one_batch_commits_it_too(make_pipelin
     writer.commit_listeners.append(
         lambda _seconds, n: commits.append((threading.current_thread().name, n))
     )
-    record = Record("ab" * 16, "cd" * 8, None, "bulk", "INTERNAL", "shop", 1, 2)
-    tickets = [writer.enqueue(encode(record), lazy=True) for _ in range(9000)]
+    tickets = [writer.enqueue(_body("bulk"), lazy=True) for _ in range(9000)]
     waiter = threading.Thread(target=tickets[-1].wait, args=(writer,), name="waiter")
     waiter.start()
     waiter.join(60)
@@ -321,13 +325,12 @@ def test_queueing_into_a_full_queue_on_the_thread_leading_a_commit_does_not_hang
     # its own thread's commit can make.
     pipeline, _, _ = make_pipeline(writer="thread", max_queue_size=2)
     writer = pipeline.writer
-    record = Record("ab" * 16, "cd" * 8, None, "nested", "INTERNAL", "shop", 1, 2)
     queued: list[int] = []
 
     def nested(_seconds: float, _n: int) -> None:
         if threading.current_thread().name == "request-worker" and not queued:
             for _ in range(5):
-                writer.submit(encode(record))
+                writer.submit(_body("nested"))
             queued.append(5)
 
     writer.commit_listeners.append(nested)
@@ -409,9 +412,8 @@ def test_waiting_for_a_record_on_the_thread_leading_a_commit_fails_and_it_is_nev
 
     def nested(_seconds: float, _n: int) -> None:
         if threading.current_thread().name == "request-worker" and not errors:
-            record = Record("ab" * 16, "cd" * 8, None, "nested", "INTERNAL", "shop", 1, 2)
-            ticket = writer.enqueue(encode(record), lazy=True)
-            dependent.append(writer.enqueue(encode(record), lazy=True, after=[ticket]))
+            ticket = writer.enqueue(_body("nested"), lazy=True)
+            dependent.append(writer.enqueue(_body("nested"), lazy=True, after=[ticket]))
             try:
                 ticket.wait(writer)
             except BaseException as exc:  # noqa: BLE001 - the test inspects it
@@ -447,7 +449,7 @@ def test_a_record_queued_after_a_withdrawn_one_is_never_written_while_commits_ra
 
     def noise() -> None:
         while not stop.is_set():
-            writer.submit(encode(Record("ab" * 16, "cd" * 8, None, "noise", "INTERNAL", "s", 1, 2)))
+            writer.submit(_body("noise"))
             time.sleep(0)
 
     written_after_withdrawn: list[int] = []
@@ -457,15 +459,8 @@ def test_a_record_queued_after_a_withdrawn_one_is_never_written_while_commits_ra
         nonlocal withdrawn
         for i in range(3000):
             with writer._answering():
-                first = writer.enqueue(
-                    encode(Record("ab" * 16, "cd" * 8, None, f"T{i}", "INTERNAL", "s", 1, 2)),
-                    lazy=True,
-                )
-                then = writer.enqueue(
-                    encode(Record("ab" * 16, "cd" * 8, None, f"D{i}", "INTERNAL", "s", 1, 2)),
-                    lazy=True,
-                    after=[first],
-                )
+                first = writer.enqueue(_body(f"T{i}"), lazy=True)
+                then = writer.enqueue(_body(f"D{i}"), lazy=True, after=[first])
                 try:
                     first.wait(writer)
                     continue
